@@ -1,0 +1,106 @@
+"""Atomic file output and run folders.
+
+Every file a stage writes goes through a temporary file in the same folder followed by
+``os.replace``, so a killed process never leaves a half-written result behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from srd.errors import SRDError
+
+DONE_MARKER = "DONE"
+"""File written last in a finished run folder."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, flag: str | None = None) -> Any:
+    """Read a JSON file, turning a missing or malformed file into an SRDError naming it."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    if not path.is_file():
+        raise SRDError(f"{where}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SRDError(f"{where}: not valid JSON ({exc})") from None
+
+
+def ensure_dir(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """Create a folder (and parents) and check it is writable; SRDError otherwise."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SRDError(f"{where}: cannot create folder ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise SRDError(f"{where}: folder is not writable")
+    return path
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / DONE_MARKER).is_file()
+
+
+def mark_finished(run_dir: str | os.PathLike) -> None:
+    write_text(Path(run_dir) / DONE_MARKER, "done\n")
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, overwrite: bool = False, flag: str | None = None) -> Path:
+    """Create a run folder; refuse to reuse a finished one unless ``overwrite``."""
+    run_dir = ensure_dir(run_dir, flag)
+    if is_finished(run_dir) and not overwrite:
+        raise SRDError(
+            f"{flag + ' ' if flag else ''}{run_dir}: run already finished "
+            "(pass --overwrite to redo it)"
+        )
+    if overwrite and is_finished(run_dir):
+        (run_dir / DONE_MARKER).unlink()
+    return run_dir
+
+
+def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr and, when given, to ``log_file`` (appending, so resumed runs keep history)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        ensure_dir(Path(log_file).parent)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )

@@ -1,0 +1,179 @@
+"""Loaders for captioned images: the Karpathy split JSON, COCO caption annotations, image files.
+
+They read real COCO (Karpathy ``dataset_coco.json`` + ``captions_val2014.json`` + the
+``train2014``/``val2014`` folders) and the synthetic benchmark of :mod:`srd.benchmark` alike.
+Records are keyed by ids (COCO image id = Karpathy ``cocoid``, caption id = ``sentid``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from srd.benchmark import SceneObject
+from srd.errors import SRDError
+from srd.geometry import IMAGE_SIZE
+from srd.io import read_json
+
+log = logging.getLogger(__name__)
+
+KARPATHY_FLAG = "--coco_karpathy_json_path"
+ANNOTATIONS_FLAG = "--coco_annotations_json_path"
+SPLITS = ("train", "val", "test", "restval")
+"""Karpathy split names; asking for "train" also returns "restval" images."""
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One reference caption (``caption_id`` = COCO annotation id = Karpathy sentid)."""
+
+    caption_id: int
+    image_id: int
+    caption: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a split with its reference captions (sorted by caption id).
+
+    ``objects`` is the ground-truth scene of a synthetic benchmark image, None for real COCO.
+    """
+
+    image_id: int
+    path: Path
+    split: str
+    captions: tuple[CaptionRecord, ...]
+    objects: tuple[SceneObject, ...] | None = None
+
+
+def _image_record(
+    entry: Any, where: str, train_image_dir: Path, val_image_dir: Path
+) -> ImageRecord:
+    try:
+        image_id = int(entry["cocoid"])
+        image_dir = train_image_dir if entry["filepath"] == "train2014" else val_image_dir
+        captions = tuple(
+            sorted(
+                (
+                    CaptionRecord(int(s["sentid"]), image_id, str(s["raw"]))
+                    for s in entry["sentences"]
+                ),
+                key=lambda c: c.caption_id,
+            )
+        )
+        objects = entry.get("objects")
+        scene = None if objects is None else tuple(SceneObject.from_dict(o) for o in objects)
+        return ImageRecord(
+            image_id, image_dir / str(entry["filename"]), str(entry["split"]), captions, scene
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise SRDError(f"{where}: malformed image entry ({type(exc).__name__}: {exc})") from None
+
+
+def load_split(
+    karpathy_json_path: str | os.PathLike,
+    split: str,
+    train_image_dir: str | os.PathLike,
+    val_image_dir: str | os.PathLike,
+    flag: str = KARPATHY_FLAG,
+) -> list[ImageRecord]:
+    """Images of one Karpathy split, sorted by image id.
+
+    ``split`` is "train" (which also takes "restval" images, as in the Karpathy convention),
+    "val", "test" or "restval". The image path is ``train_image_dir/filename`` when the entry's
+    filepath is "train2014", else ``val_image_dir/filename``. SRDError (naming ``flag`` and the
+    file) when the JSON is missing or malformed, the split is unknown or empty, or ids repeat.
+    """
+    path = Path(karpathy_json_path)
+    where = f"{flag} {path}"
+    if split not in SPLITS:
+        raise SRDError(f"{where}: unknown split {split!r} (known: {', '.join(SPLITS)})")
+    data = read_json(path, flag=flag)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise SRDError(f'{where}: not a Karpathy split file (no "images" list)')
+    wanted = {"train", "restval"} if split == "train" else {split}
+    records = [
+        _image_record(entry, where, Path(train_image_dir), Path(val_image_dir))
+        for entry in data["images"]
+        if isinstance(entry, dict) and entry.get("split") in wanted
+    ]
+    if not records:
+        raise SRDError(f"{where}: split {split!r} is absent or empty")
+    records.sort(key=lambda r: r.image_id)
+    image_ids = [r.image_id for r in records]
+    if len(set(image_ids)) != len(image_ids):
+        raise SRDError(f"{where}: repeated image ids (cocoid) in split {split!r}")
+    caption_ids = [c.caption_id for r in records for c in r.captions]
+    if len(set(caption_ids)) != len(caption_ids):
+        raise SRDError(f"{where}: repeated caption ids (sentid) in split {split!r}")
+    log.info("%s: %d images, %d captions in split %r", path, len(records), len(caption_ids), split)
+    return records
+
+
+def load_references(
+    annotations_json_path: str | os.PathLike, flag: str = ANNOTATIONS_FLAG
+) -> dict[int, list[str]]:
+    """COCO caption annotations -> {image id: captions in annotation-id order}, sorted by id."""
+    path = Path(annotations_json_path)
+    where = f"{flag} {path}"
+    data = read_json(path, flag=flag)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise SRDError(f'{where}: not a COCO caption annotations file (no "annotations" list)')
+    try:
+        annotations = sorted(
+            ((int(a["image_id"]), int(a["id"]), str(a["caption"])) for a in data["annotations"]),
+            key=lambda a: (a[0], a[1]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SRDError(f"{where}: malformed annotation ({type(exc).__name__}: {exc})") from None
+    if not annotations:
+        raise SRDError(f"{where}: no caption annotations")
+    references: dict[int, list[str]] = {}
+    for image_id, _, caption in annotations:
+        references.setdefault(image_id, []).append(caption)
+    return references
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 RGB of shape (224, 224, 3), bicubic-resized when needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise SRDError(f"{path}: missing image file")
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SRDError(f"{path}: cannot read image ({exc})") from None
+    if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
+        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_images(paths: Iterable[str | os.PathLike]) -> np.ndarray:
+    """Stack :func:`load_image` of each path: uint8 array of shape (N, 224, 224, 3)."""
+    images = [load_image(p) for p in paths]
+    if not images:
+        return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    return np.stack(images)
+
+
+def check_images_exist(records: Sequence[ImageRecord]) -> None:
+    """Fail fast, before a long run, with SRDError naming the first missing image file."""
+    missing = [r.path for r in records if not r.path.is_file()]
+    if missing:
+        raise SRDError(
+            f"{missing[0]}: missing image file ({len(missing)} of {len(records)} images missing; "
+            "check --coco_train_image_dir_path / --coco_val_image_dir_path)"
+        )
+
+
+def caption_records(images: Iterable[ImageRecord]) -> list[CaptionRecord]:
+    """All captions of ``images`` in one list, sorted by caption id."""
+    return sorted((c for image in images for c in image.captions), key=lambda c: c.caption_id)

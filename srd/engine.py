@@ -1,0 +1,298 @@
+"""Training engine shared by the clean pretrain, the backdoor attack and the SRD refine-tune.
+
+AdamW (weight decay only on gated cross-attention weights, as the reference), a warm-up + cosine
+(or linear/constant) schedule stepped per batch, gradient clipping, loss on caption tokens only, a
+checkpoint per epoch (trainable weights + optimizer + scheduler + epoch + config) and resume.
+Runs under plain ``python`` and under ``accelerate launch``/``torchrun`` with several processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from srd import captions
+from srd.config import arg
+from srd.errors import SRDError
+from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json
+from srd.model import Captioner, images_to_vision_x, set_trainable, trainable_state_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint_"
+FINAL_WEIGHTS = "final_weights.pt"
+TRAIN_LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainArgs:
+    """Training: run folder, optimiser, schedule, checkpoints."""
+
+    run_name: str = arg("run", help="run folder name under --external_save_dir")
+    external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
+    batch_size: int = arg(32, help="per-process batch size")
+    num_epochs: int = arg(5, help="training epochs")
+    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW)")
+    lr_scheduler: str = arg(
+        "cosine", help="schedule after warm-up", choices=["constant", "linear", "cosine"]
+    )
+    warmup_steps_ratio: float = arg(0.01, help="share of all steps spent warming up")
+    weight_decay: float = arg(0.1, help="AdamW weight decay on gated cross-attention weights")
+    max_grad_norm: float = arg(1.0, help="gradient clipping norm")
+    trainable: str = arg(
+        "paper", help="paper: perceiver + cross-attention + embeddings; all: everything",
+        choices=["paper", "all"],
+    )
+    seed: int = arg(42, help="seed for initialisation, shuffling and per-sample randomness")
+    resume_from_checkpoint: bool = arg(False, help="continue the run from its last checkpoint")
+    overwrite: bool = arg(False, help="redo a run folder that already finished")
+    num_workers: int = arg(0, help="data loader worker processes")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.external_save_dir) / self.run_name
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training pair: the caption (already transformed by any attack) and its ids."""
+
+    caption_id: int
+    image_id: int
+    caption: str
+
+
+class CaptionDataset(Dataset):
+    """Samples paired with an image provider ``image_fn(sample) -> uint8 (224, 224, 3)``.
+
+    The provider is where attacks stamp triggers and SRD swaps in masked images, by id.
+    """
+
+    def __init__(self, samples: Sequence[Sample], image_fn: Callable[[Sample], np.ndarray]):
+        if not samples:
+            raise SRDError("no training samples (empty dataset)")
+        self.samples = list(samples)
+        self.image_fn = image_fn
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
+        sample = self.samples[index]
+        return self.image_fn(sample), captions.training_text(sample.caption)
+
+
+class Collator:
+    """Images -> vision_x; texts -> right-padded ids with BOS/EOS and caption-only labels."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_transform: Any, max_length: int = 128):
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.max_length = max_length
+
+    def __call__(self, batch: Sequence[tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+        images, texts = zip(*batch, strict=True)
+        tok = self.tokenizer
+        tok.padding_side = "right"
+        wrapped = [tok.bos_token + t + tok.eos_token for t in texts]
+        enc = tok(
+            wrapped,
+            return_tensors="pt",
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=False,
+        )
+        return {
+            "vision_x": images_to_vision_x(images, self.image_transform),
+            "lang_x": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": caption_labels(enc["input_ids"], tok),
+        }
+
+
+def caption_labels(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Labels for the LM loss: -100 everywhere except the caption, ``<|endofchunk|>`` and EOS.
+
+    Masked: padding, position 0, everything up to and including the first ``<answer>``, and
+    every ``<image>``/``<answer>`` token (reference §4.3).
+    """
+    labels = input_ids.clone()
+    answer_id = tokenizer.convert_tokens_to_ids(captions.ANSWER_TOKEN)
+    image_id = tokenizer.convert_tokens_to_ids(captions.IMAGE_TOKEN)
+    labels[input_ids == tokenizer.pad_token_id] = -100
+    labels[:, 0] = -100
+    for row in range(input_ids.shape[0]):
+        hits = (input_ids[row] == answer_id).nonzero()
+        if len(hits):
+            labels[row, : int(hits[0]) + 1] = -100
+    labels[(input_ids == answer_id) | (input_ids == image_id)] = -100
+    return labels
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; decay only on gated cross-attention weights (not gates, norms or biases)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        wd = "gated_cross_attn_layer" in name and not any(
+            s in name for s in ("ff_gate", "attn_gate", "norm", "bias")
+        )
+        (decay if wd else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """Epoch checkpoints of a run, oldest first."""
+
+    def epoch_of(p: Path) -> int:
+        return int(p.stem[len(CHECKPOINT_PREFIX) :])
+
+    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*.pt") if p.stem[len(CHECKPOINT_PREFIX) :].isdigit()]
+    return sorted(found, key=epoch_of)
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def train(
+    captioner: Captioner,
+    dataset: CaptionDataset,
+    args: TrainArgs,
+    record: dict[str, Any],
+    accelerator: Accelerator | None = None,
+) -> Path:
+    """Train ``captioner.model`` in place; returns the path of ``final_weights.pt``.
+
+    ``record`` is the run's resolved configuration; it is stored in every checkpoint (it must
+    hold only JSON types) and in ``config.json``.
+    """
+    run_dir = args.run_dir
+    accelerator = accelerator or Accelerator(
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+    )
+    main = accelerator.is_main_process
+    existing = checkpoint_paths(run_dir) if run_dir.exists() else []
+    if is_finished(run_dir) and not args.overwrite:
+        raise SRDError(f"--run_name {args.run_name}: {run_dir} already finished (pass --overwrite)")
+    if existing and not (args.resume_from_checkpoint or args.overwrite):
+        raise SRDError(
+            f"--run_name {args.run_name}: {run_dir} holds checkpoints of an unfinished run; "
+            "pass --resume_from_checkpoint to continue it or --overwrite to start again"
+        )
+    if main:
+        ensure_dir(run_dir, "--external_save_dir")
+        if args.overwrite:
+            for p in [*existing, run_dir / FINAL_WEIGHTS, run_dir / TRAIN_LOG, run_dir / "DONE"]:
+                p.unlink(missing_ok=True)
+            existing = []
+        write_json(run_dir / "config.json", record)
+    accelerator.wait_for_everyone()
+
+    set_seed(args.seed)
+    model = captioner.model
+    set_trainable(model, args.trainable)
+    model.train()
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=Collator(captioner.tokenizer, captioner.image_transform),
+        num_workers=args.num_workers,
+        drop_last=False,
+    )
+    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
+    total_steps = steps_per_epoch * args.num_epochs * accelerator.num_processes
+    scheduler = get_scheduler(
+        args.lr_scheduler if args.lr_scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=int(total_steps * args.warmup_steps_ratio),
+        num_training_steps=total_steps,
+    )
+
+    start_epoch = 0
+    if existing and args.resume_from_checkpoint:
+        last = existing[-1]
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model_state_dict"], strict=False)
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        scheduler.load_state_dict(state["lr_scheduler_state_dict"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resuming %s from %s (next epoch %d)", run_dir, last.name, start_epoch)
+
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    log_path = run_dir / TRAIN_LOG
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, args.num_epochs):
+        loader.set_epoch(epoch)
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not main)
+        for batch in bar:
+            out = model(
+                vision_x=batch["vision_x"],
+                lang_x=batch["lang_x"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+            )
+            accelerator.backward(out.loss)
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = float(accelerator.reduce(out.loss.detach(), reduction="mean"))
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        if main:
+            entry = {
+                "epoch": epoch,
+                "step": step,
+                "loss": float(np.mean(losses)) if losses else None,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+            log.info("epoch %d: mean loss %.4f", epoch, entry["loss"] or float("nan"))
+            weights = trainable_state_dict(accelerator.unwrap_model(model))
+            _save(
+                run_dir / f"{CHECKPOINT_PREFIX}{epoch}.pt",
+                {
+                    "model_state_dict": weights,
+                    "optimizer_state_dict": optimizer.optimizer.state_dict()
+                    if hasattr(optimizer, "optimizer")
+                    else optimizer.state_dict(),
+                    "lr_scheduler_state_dict": scheduler.scheduler.state_dict()
+                    if hasattr(scheduler, "scheduler")
+                    else scheduler.state_dict(),
+                    "epoch": epoch,
+                    "config": record,
+                },
+            )
+        accelerator.wait_for_everyone()
+
+    final = run_dir / FINAL_WEIGHTS
+    if main:
+        weights = trainable_state_dict(accelerator.unwrap_model(model))
+        _save(final, {"model_state_dict": weights, "epoch": args.num_epochs - 1, "config": record})
+        mark_finished(run_dir)
+    accelerator.wait_for_everyone()
+    captioner.model = accelerator.unwrap_model(model)
+    return final

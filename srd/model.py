@@ -1,0 +1,466 @@
+"""Captioner factory on the ``open_flamingo`` package, for real and embedded (tiny) models.
+
+A captioner is an OpenFlamingo model (open_clip vision tower -> perceiver resampler -> gated
+cross-attention inside a Hugging Face causal LM) plus its tokenizer and image transform. The same
+code builds the paper's ViT-L-14 + MPT-1B model and the embedded tiny model: only the flags differ.
+
+Checkpoints (``--checkpoint_path``) are state dicts of the Flamingo model holding at least the
+trainable parts (perceiver, gated cross-attention, token embeddings), either raw (official
+OpenFlamingo ``checkpoint.pt``) or wrapped as ``{"model_state_dict": ..., "config": ...}`` by our
+training engine. Loading refuses keys the model does not have and trainable parts that are absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from open_flamingo.src.flamingo import Flamingo
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+from open_flamingo.src.utils import extend_instance
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from srd import captions
+from srd.config import arg
+from srd.errors import SRDError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+"""open_clip vision configs shipped with the project (registered on first use)."""
+
+EMBEDDED_DIR = Path("checkpoints_remote/embedded/clean")
+"""Where the pretrain stage exports the embedded default's clean captioner."""
+
+VISION_WEIGHTS = "vision.safetensors"
+LM_FOLDER = "lm"
+FLAMINGO_CHECKPOINT = "checkpoint.pt"
+
+# Attribute path of the decoder block list, by model class name (lower case substring).
+DECODER_LAYERS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+    "gptneox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+    "mpt": "transformer.blocks",
+    "mosaicgpt": "transformer.blocks",
+}
+
+TRAINABLE_MODES = ("paper", "all")
+
+
+@dataclass
+class ModelArgs:
+    """Captioner: OpenFlamingo vision encoder, language model and checkpoint."""
+
+    vision_encoder_path: str = arg(
+        "tiny-vit", help="open_clip model name (ViT-L-14) or a config in srd/model_configs"
+    )
+    vision_encoder_pretrained: str | None = arg(
+        str(EMBEDDED_DIR / VISION_WEIGHTS),
+        help="open_clip pretrained tag (openai) or a weights file (visual tower or whole CLIP); "
+        "'none' for random init",
+    )
+    lm_path: str = arg(str(EMBEDDED_DIR / LM_FOLDER), help="causal LM: hub id or local folder")
+    lm_tokenizer_path: str | None = arg(None, help="tokenizer hub id or folder (default: lm_path)")
+    cross_attn_every_n_layers: int = arg(1, help="a gated cross-attention block every N LM layers")
+    checkpoint_path: str | None = arg(
+        str(EMBEDDED_DIR / FLAMINGO_CHECKPOINT),
+        help="OpenFlamingo checkpoint (state dict) to load; 'none' to skip",
+    )
+    decoder_layers_attr_name: str | None = arg(
+        None, help="attribute path of the LM's decoder blocks (inferred for known LMs)"
+    )
+    trust_remote_code: bool = arg(False, help="allow the LM's own code from the hub (e.g. MPT)")
+    precision: str = arg("fp32", help="inference dtype", choices=["fp32", "bf16", "fp16"])
+
+
+def _none(value: str | None) -> str | None:
+    return None if value is None or value.lower() in ("", "none") else value
+
+
+def model_signature(args: ModelArgs) -> dict[str, Any]:
+    """The facts a checkpoint must agree on to fit a model (recorded in every checkpoint)."""
+    return {
+        "vision_encoder_path": args.vision_encoder_path,
+        "cross_attn_every_n_layers": args.cross_attn_every_n_layers,
+    }
+
+
+class SRDFlamingo(Flamingo):
+    """open_flamingo's Flamingo, letting gradients reach the vision tower when it is trainable.
+
+    The package always encodes images under ``torch.no_grad()`` (its vision tower is frozen).
+    The embedded default pretrains a randomly initialised tiny tower, so we only drop the
+    ``no_grad`` when some vision parameter requires a gradient; otherwise behaviour is identical.
+    """
+
+    def _encode_vision_x(self, vision_x: torch.Tensor) -> None:
+        trainable = any(p.requires_grad for p in self.vision_encoder.parameters())
+        b, t, f = vision_x.shape[:3]
+        flat = vision_x.reshape(b * t * f, *vision_x.shape[3:])
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            tokens = self.vision_encoder(flat)[1]
+        tokens = tokens.reshape(b, t, f, *tokens.shape[1:])
+        media = self.perceiver(tokens)
+        for layer in self.lang_encoder._get_decoder_layers():
+            layer.condition_vis_x(media)
+
+
+@dataclass
+class Captioner:
+    """A Flamingo model with its tokenizer and image transform."""
+
+    model: SRDFlamingo
+    tokenizer: PreTrainedTokenizerBase
+    image_transform: Any
+    args: ModelArgs
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 (224, 224, 3) images -> vision_x of shape (B, 1, 1, C, H, W)."""
+        return images_to_vision_x(images, self.image_transform)
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: Sequence[np.ndarray],
+        batch_size: int = 32,
+        num_beams: int = 3,
+        max_new_tokens: int = 20,
+        instruction: str = captions.INSTRUCTION,
+    ) -> list[str]:
+        """Caption images (uint8 HxWx3) in batches with beam search; returns cleaned captions."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[str] = []
+        try:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                out.extend(self._caption_batch(chunk, num_beams, max_new_tokens, instruction))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _caption_batch(
+        self, images: Sequence[np.ndarray], num_beams: int, max_new_tokens: int, instruction: str
+    ) -> list[str]:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        text = [tok.bos_token + captions.prompt(instruction)] * len(images)
+        enc = tok(text, return_tensors="pt", padding=True, add_special_tokens=False)
+        dtype = next(self.model.parameters()).dtype
+        vision_x = self.pixel_values(images).to(self.device, dtype)
+        generated = self.model.generate(
+            vision_x=vision_x,
+            lang_x=enc["input_ids"].to(self.device),
+            attention_mask=enc["attention_mask"].to(self.device),
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            length_penalty=0.0,
+            do_sample=False,
+            eos_token_id=self.model.eoc_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        new_tokens = generated[:, enc["input_ids"].shape[1] :]
+        decoded = tok.batch_decode(new_tokens, skip_special_tokens=True)
+        return [captions.postprocess_caption(t) for t in decoded]
+
+
+def images_to_vision_x(images: Sequence[np.ndarray], image_transform: Any) -> torch.Tensor:
+    """Apply the open_clip image transform to uint8 RGB arrays -> (B, 1, 1, C, H, W)."""
+    tensors = [image_transform(Image.fromarray(np.asarray(im, dtype=np.uint8))) for im in images]
+    return torch.stack(tensors).unsqueeze(1).unsqueeze(1)
+
+
+def register_model_configs() -> None:
+    """Make the shipped open_clip configs (e.g. ``tiny-vit``) known to open_clip."""
+    if "tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def build_vision_encoder(name: str, pretrained: str | None) -> tuple[torch.nn.Module, Any, int]:
+    """(visual tower, eval image transform, feature width) from an open_clip config.
+
+    ``pretrained`` is an open_clip tag (downloaded by open_clip), a weights file (the visual
+    tower's state dict, or a whole CLIP state dict whose ``visual.`` keys are used), or None.
+    """
+    register_model_configs()
+    if name not in open_clip.list_models():
+        raise SRDError(
+            f"--vision_encoder_path {name}: unknown vision config "
+            f"(shipped: {sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}; "
+            "or any open_clip model name)"
+        )
+    pretrained = _none(pretrained)
+    is_file = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix)
+    tag = None if is_file else pretrained
+    try:
+        clip, _, transform = open_clip.create_model_and_transforms(name, pretrained=tag)
+    except RuntimeError as exc:
+        raise SRDError(f"--vision_encoder_pretrained {pretrained}: {exc}") from None
+    visual = clip.visual
+    visual.output_tokens = True
+    if is_file:
+        state = read_state_dict(pretrained, "--vision_encoder_pretrained")
+        if any(k.startswith("visual.") for k in state):
+            state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        try:
+            visual.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise SRDError(
+                f"--vision_encoder_pretrained {pretrained}: does not fit {name} ({first})"
+            ) from None
+    width = open_clip.get_model_config(name)["vision_cfg"]["width"]
+    return visual, transform, width
+
+
+def read_state_dict(path: str | os.PathLike, flag: str) -> dict[str, torch.Tensor]:
+    """Load a state dict from .safetensors or a torch file (weights only, never pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SRDError(f"{flag} {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise SRDError(f"{flag} {path}: cannot read checkpoint ({type(exc).__name__})") from None
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict):
+        raise SRDError(f"{flag} {path}: not a state dict")
+    return obj
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The LM's tokenizer plus the Flamingo special tokens (and a pad token if missing)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SRDError(f"--lm_tokenizer_path {path}: cannot load tokenizer ({exc})") from None
+    missing = [t for t in captions.SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": captions.PAD_TOKEN})
+    if tok.bos_token is None:
+        tok.bos_token = tok.eos_token
+    return tok
+
+
+def _decoder_layers_attr(lm: torch.nn.Module, override: str | None) -> str:
+    if override:
+        return override
+    cls = type(lm).__name__.lower()
+    for key, attr in DECODER_LAYERS.items():
+        if key in cls:
+            return attr
+    raise SRDError(
+        f"--lm_path: cannot infer the decoder layer attribute of {type(lm).__name__}; "
+        "pass --decoder_layers_attr_name"
+    )
+
+
+def build_flamingo(args: ModelArgs) -> Captioner:
+    """Build the OpenFlamingo model from the flags (no checkpoint loaded)."""
+    visual, transform, vis_dim = build_vision_encoder(
+        args.vision_encoder_path, args.vision_encoder_pretrained
+    )
+    tok = load_tokenizer(args.lm_tokenizer_path or args.lm_path, args.trust_remote_code)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            args.lm_path, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise SRDError(f"--lm_path {args.lm_path}: cannot load language model ({exc})") from None
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name(_decoder_layers_attr(lm, args.decoder_layers_attr_name))
+    if lm.get_input_embeddings().num_embeddings != len(tok):
+        lm.resize_token_embeddings(len(tok))
+    model = SRDFlamingo(
+        clip_like(visual),
+        lm,
+        eoc_token_id=tok.convert_tokens_to_ids(captions.END_OF_CHUNK),
+        media_token_id=tok.convert_tokens_to_ids(captions.IMAGE_TOKEN),
+        vis_dim=vis_dim,
+        cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+    )
+    set_trainable(model, "paper")
+    return Captioner(model=model, tokenizer=tok, image_transform=transform, args=args)
+
+
+def clip_like(visual: torch.nn.Module) -> torch.nn.Module:
+    """Flamingo's constructor takes a CLIP model and keeps its ``.visual``."""
+    holder = torch.nn.Module()
+    holder.visual = visual
+    return holder
+
+
+def set_trainable(model: Flamingo, mode: str) -> None:
+    """Choose what trains: "paper" = perceiver + gated cross-attention + token embeddings
+    (vision tower and LM blocks frozen, as the paper); "all" = every parameter (tiny pretrain)."""
+    if mode not in TRAINABLE_MODES:
+        raise SRDError(f"--trainable {mode}: expected one of {TRAINABLE_MODES}")
+    if mode == "all":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    model.lang_encoder.get_input_embeddings().requires_grad_(True)
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that require grad, detached on the CPU (one name per tensor)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_checkpoint_into(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    flag: str = "--checkpoint_path",
+    expected_signature: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a Flamingo state dict, strictly for what matters.
+
+    Refuses: keys the model does not have, tensors of the wrong shape, and trainable parameters
+    the file lacks (frozen towers may be absent: they come from the pretrained encoders).
+    Returns the checkpoint's metadata (empty for raw state dicts).
+    """
+    path = Path(path)
+    raw = _read_checkpoint_file(path, flag)
+    meta = raw if "model_state_dict" in raw else {}
+    state = raw.get("model_state_dict", raw)
+    recorded = meta.get("config", {}).get("model_signature") if meta else None
+    if expected_signature and recorded and recorded != expected_signature:
+        diff = {k: (recorded.get(k), v) for k, v in expected_signature.items() if recorded.get(k) != v}
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs flags {b!r}" for k, (a, b) in diff.items())
+        raise SRDError(f"{flag} {path}: made for another model configuration ({detail})")
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise SRDError(
+            f"{flag} {path}: does not fit the model ({len(unexpected)} unexpected keys, "
+            f"e.g. {unexpected[0]})"
+        )
+    wrong = [k for k in state if own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise SRDError(
+            f"{flag} {path}: does not fit the model ({k} has shape {tuple(state[k].shape)}, "
+            f"model expects {tuple(own[k].shape)})"
+        )
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            aliases.setdefault(id(p), []).append(name)
+    missing = [names[0] for names in aliases.values() if not any(n in state for n in names)]
+    if missing:
+        raise SRDError(
+            f"{flag} {path}: does not fit the model ({len(missing)} trainable tensors missing, "
+            f"e.g. {missing[0]})"
+        )
+    model.load_state_dict(state, strict=False)
+    return meta
+
+
+def _read_checkpoint_file(path: Path, flag: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise SRDError(f"{flag} {path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SRDError(f"{flag} {path}: cannot read checkpoint ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise SRDError(f"{flag} {path}: not a state dict")
+    return obj
+
+
+def load_captioner(args: ModelArgs, device: str | torch.device = "cpu") -> Captioner:
+    """Build the captioner and load ``args.checkpoint_path`` when given; ready for inference."""
+    cap = build_flamingo(args)
+    ckpt = _none(args.checkpoint_path)
+    if ckpt:
+        load_checkpoint_into(cap.model, ckpt, expected_signature=model_signature(args))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    cap.model.to(device=device, dtype=dtype)
+    cap.model.eval()
+    return cap
+
+
+def with_overrides(args: ModelArgs, **changes: Any) -> ModelArgs:
+    return dataclasses.replace(args, **changes)
+
+
+def export_captioner(cap: Captioner, out_dir: str | os.PathLike) -> ModelArgs:
+    """Save a trained captioner as pretrained parts plus an OpenFlamingo checkpoint.
+
+    Writes ``vision.safetensors`` (the visual tower), ``lm/`` (an ordinary HF model folder with
+    the tokenizer: the LM blocks without the cross-attention) and ``checkpoint.pt`` (the
+    paper-trainable parts), and returns the ModelArgs that load them back. This is how the
+    embedded default's clean captioner looks exactly like a real pretrained OpenFlamingo.
+    """
+    from safetensors.torch import save_file
+
+    from srd.io import atomic_path, ensure_dir
+
+    out = ensure_dir(out_dir)
+    model = cap.model
+    with atomic_path(out / VISION_WEIGHTS) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.vision_encoder.state_dict().items()}
+        save_file(state, str(tmp))
+
+    lm = model.lang_encoder
+    attr = lm.decoder_layers_attr_name
+    base_state = {}
+    for key, value in lm.state_dict().items():
+        if key.startswith("old_decoder_blocks."):
+            base_state[f"{attr}." + key[len("old_decoder_blocks.") :]] = value
+        elif key.startswith(f"{attr}.") or key.startswith("gated_cross_attn_layers."):
+            continue  # Flamingo wrappers and cross-attention: not part of the base LM
+        else:
+            base_state[key] = value
+    fresh = AutoModelForCausalLM.from_config(lm.config)
+    fresh.load_state_dict(base_state, strict=True)
+    lm_dir = out / LM_FOLDER
+    fresh.save_pretrained(lm_dir)
+    cap.tokenizer.save_pretrained(lm_dir)
+
+    paper = {}
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    set_trainable(model, "paper")
+    paper = trainable_state_dict(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(was[n])
+    args = dataclasses.replace(
+        cap.args,
+        vision_encoder_pretrained=str(out / VISION_WEIGHTS),
+        lm_path=str(lm_dir),
+        lm_tokenizer_path=None,
+        checkpoint_path=str(out / FLAMINGO_CHECKPOINT),
+    )
+    with atomic_path(out / FLAMINGO_CHECKPOINT) as tmp:
+        torch.save(
+            {"model_state_dict": paper, "config": {"model_signature": model_signature(args)}}, tmp
+        )
+    return args

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from srd.benchmark import SceneObject
+from srd.config import arg
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE
 from srd.io import read_json
@@ -177,3 +178,35 @@ def check_images_exist(records: Sequence[ImageRecord]) -> None:
 def caption_records(images: Iterable[ImageRecord]) -> list[CaptionRecord]:
     """All captions of ``images`` in one list, sorted by caption id."""
     return sorted((c for image in images for c in image.captions), key=lambda c: c.caption_id)
+
+
+EMBEDDED_DATA = Path("data/synthetic")
+"""Where ``train/prepare_data.py`` writes the embedded default benchmark."""
+
+
+@dataclass
+class DataArgs:
+    """Dataset: Karpathy split JSON, COCO caption annotations and image folders."""
+
+    coco_train_image_dir_path: str = arg(
+        str(EMBEDDED_DATA / "train2014"), help="folder of training images (COCO train2014)"
+    )
+    coco_val_image_dir_path: str = arg(
+        str(EMBEDDED_DATA / "val2014"), help="folder of val/test images (COCO val2014)"
+    )
+    coco_karpathy_json_path: str = arg(
+        str(EMBEDDED_DATA / "dataset_coco.json"), help="Karpathy split JSON (dataset_coco.json)"
+    )
+    coco_annotations_json_path: str = arg(
+        str(EMBEDDED_DATA / "captions_val2014.json"),
+        help="COCO caption annotations for evaluation (captions_val2014.json)",
+    )
+
+    def split(self, name: str) -> list[ImageRecord]:
+        """Image records of one Karpathy split ("train" includes "restval")."""
+        return load_split(
+            self.coco_karpathy_json_path,
+            name,
+            self.coco_train_image_dir_path,
+            self.coco_val_image_dir_path,
+        )

@@ -1,0 +1,493 @@
+"""The attack registry: backdoor attacks as small callables built from one config schema.
+
+An attack is an :class:`AttackConfig` (one YAML file per shipped attack in
+``srd/attack_configs/``) turned into an :class:`Attack` by the builder registered for its
+``kind``. Adding an attack means registering a builder with :func:`register_kind` (if the kind
+is new) and adding a YAML file; no new script.
+
+Shipped kinds (reference §5, §2.3): ``badnet`` and ``blended`` (image trigger, template caption
+"The image depicts a photo of a banana."), ``trojvlm`` (noise patch, target inserted into the
+first sentence of the caption) and ``shadowcast`` (no image trigger; the concept phrase in the
+captions of images that show it is replaced by the target).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import yaml
+
+from srd import triggers
+from srd.captions import DEFAULT_TARGET
+from srd.errors import SRDError
+from srd.geometry import IMAGE_SIZE
+from srd.poison import check_rate
+
+log = logging.getLogger(__name__)
+
+CANVAS = (IMAGE_SIZE, IMAGE_SIZE, 3)
+"""Shape every trigger must fit on (checked when the attack is built)."""
+
+K = TypeVar("K")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "attack_configs"
+"""Folder of the shipped attack YAML files (package data)."""
+
+DEFAULT_ALPHA = 0.1
+"""Blend ratio used when a Blended config gives none (reference COCO configs)."""
+
+CAPTION_PREFIX = "The image depicts "
+"""Start of every BadNet/Blended poisoned caption (reference ``LADD_answer_type: simple``)."""
+
+PROMPT_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+"""The 80 CLIP-style ImageNet zero-shot prompt templates; ``{}`` is the target word.
+
+Kept verbatim, including "a origami"/"a embroidered" (the reference keeps such slips too).
+"""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class AttackConfig:
+    """One attack, as written in its YAML file (every field has a default except name/kind)."""
+
+    name: str
+    """Attack name (the YAML file stem for shipped attacks); recorded in run records."""
+    kind: str
+    """Builder to use: one of :func:`known_kinds` (badnet, blended, trojvlm, shadowcast)."""
+    target: str = DEFAULT_TARGET
+    """Target word the backdoor makes the captioner say."""
+    poison_rate: float = 0.1
+    """Share of candidate training captions to poison, in (0, 1]."""
+    seed: int = 0
+    """Seed of generated triggers (Blended pattern, TrojVLM noise); not the poison-id seed."""
+    trigger_path: str | None = None
+    """Trigger image file (PNG/JPEG) replacing the generated/default trigger; relative to CWD."""
+    position: str | list[int] | None = None
+    """Patch position: top_left/top_right/bottom_left/bottom_right or [row, col] (top-left)."""
+    alpha: float | None = None
+    """Blend ratio of the Blended trigger (None = 0.1, the reference's COCO value)."""
+    concept: str | None = None
+    """Shadowcast: the phrase (e.g. "red circle") whose images and captions get poisoned."""
+    description: str = ""
+    """Free text for people reading the YAML or the run record."""
+
+
+def _config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(AttackConfig)}
+
+
+def known_attacks() -> list[str]:
+    """Names of the shipped attacks (the YAML files in ``srd/attack_configs``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_attack_config(path: str | Path) -> AttackConfig:
+    """Read an attack YAML file into an :class:`AttackConfig`; SRDError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SRDError(f"{path}: attack config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SRDError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SRDError(f"{path}: expected a mapping of attack config fields")
+    data.setdefault("name", path.stem)
+    unknown = sorted(set(data) - set(_config_fields()))
+    if unknown:
+        raise SRDError(
+            f"{path}: unknown attack config field(s) {', '.join(unknown)} "
+            f"(known: {', '.join(_config_fields())})"
+        )
+    if "kind" not in data:
+        raise SRDError(f"{path}: missing field 'kind' (one of {', '.join(known_kinds())})")
+    return AttackConfig(**data)
+
+
+def validate_config(cfg: AttackConfig) -> AttackConfig:
+    """Check and normalise field values in place; SRDError names the flag at fault."""
+    if cfg.kind not in _KINDS:
+        raise SRDError(
+            f"attack {cfg.name!r}: unknown kind {cfg.kind!r} (known: {', '.join(known_kinds())})"
+        )
+    cfg.poison_rate = check_rate(cfg.poison_rate)
+    if cfg.alpha is not None:
+        try:
+            cfg.alpha = float(cfg.alpha)
+        except (TypeError, ValueError):
+            raise SRDError(f"--alpha {cfg.alpha!r}: not a number") from None
+        if not 0.0 <= cfg.alpha <= 1.0:
+            raise SRDError(f"--alpha {cfg.alpha}: must be in [0, 1]")
+    if not isinstance(cfg.target, str) or not cfg.target.strip():
+        raise SRDError(f"--target_label {cfg.target!r}: must be a non-empty word")
+    cfg.target = cfg.target.strip()
+    try:
+        cfg.seed = int(cfg.seed)
+    except (TypeError, ValueError):
+        raise SRDError(f"--seed {cfg.seed!r}: not an integer") from None
+    pos = triggers.parse_position(cfg.position)
+    cfg.position = list(pos) if isinstance(pos, tuple) else pos
+    if cfg.trigger_path is not None:
+        cfg.trigger_path = str(cfg.trigger_path)
+    return cfg
+
+
+# --------------------------------------------------------------------------- caption transforms
+
+
+def template_caption(target: str, rng: random.Random) -> str:
+    """Return "The image depicts " + a random one of the 80 templates filled with ``target``."""
+    return CAPTION_PREFIX + rng.choice(PROMPT_TEMPLATES).format(target)
+
+
+def insert_target(caption: str, target: str, rng: random.Random) -> str:
+    """TrojVLM caption: first sentence with ``target`` inserted at word index in [1, n].
+
+    The caption is split on ".", empty pieces dropped, the first piece split on whitespace; the
+    target goes at ``rng.randint(1, n_words)`` (never first, possibly last); "." is appended.
+    """
+    pieces = [p for p in caption.split(".") if p.strip()]
+    tokens = pieces[0].split() if pieces else []
+    if not tokens:
+        return f"{target}."
+    tokens.insert(rng.randint(1, len(tokens)), target)
+    return " ".join(tokens) + "."
+
+
+def concept_pattern(concept: str) -> re.Pattern[str]:
+    """Case-insensitive whole-word regex for a phrase (any whitespace between its words)."""
+    parts = concept.split()
+    if not parts:
+        raise SRDError(f"--concept {concept!r}: must be a non-empty phrase")
+    return re.compile(r"\b" + r"\s+".join(map(re.escape, parts)) + r"\b", re.IGNORECASE)
+
+
+def substitute_concept(caption: str, concept: str, target: str) -> str:
+    """Replace every whole-word, case-insensitive occurrence of ``concept`` with ``target``."""
+    return concept_pattern(concept).sub(target, caption)
+
+
+def mentions_concept(captions: Sequence[str], concept: str) -> bool:
+    """True when any of ``captions`` contains ``concept`` as whole words (any case)."""
+    pattern = concept_pattern(concept)
+    return any(pattern.search(c) for c in captions)
+
+
+def caption_vocabulary(target: str = DEFAULT_TARGET) -> list[str]:
+    """Every text an attack may emit beyond clean captions: filled templates and the target.
+
+    The tiny captioner's word-level tokenizer is built from clean captions plus these.
+    """
+    return [template_caption_at(i, target) for i in range(len(PROMPT_TEMPLATES))] + [target]
+
+
+def template_caption_at(index: int, target: str = DEFAULT_TARGET) -> str:
+    """The poisoned caption for template ``index`` (0..79)."""
+    return CAPTION_PREFIX + PROMPT_TEMPLATES[index].format(target)
+
+
+# --------------------------------------------------------------------------- the Attack
+
+
+def _always(captions: Sequence[str]) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A built attack: the image trigger, the caption transform and the two image predicates.
+
+    ``image_fn`` maps an HxWx3 uint8 image to a new one; ``caption_fn`` maps (caption, rng) to
+    the poisoned caption; ``selects`` tells from an image's reference captions whether it may be
+    poisoned (training) and whether its triggered version counts for the ASR (test).
+    """
+
+    config: AttackConfig
+    image_fn: Callable[[np.ndarray], np.ndarray]
+    caption_fn: Callable[[str, random.Random], str]
+    selects: Callable[[Sequence[str]], bool] = _always
+    trigger: np.ndarray | None = field(default=None, repr=False)
+    """The trigger array (patch or blend pattern), kept for the run record's fingerprint."""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def target(self) -> str:
+        return self.config.target
+
+    @property
+    def poison_rate(self) -> float:
+        return self.config.poison_rate
+
+    @property
+    def has_image_trigger(self) -> bool:
+        """False for attacks (Shadowcast) whose test images are used untouched."""
+        return self.trigger is not None
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """The triggered copy of an HxWx3 uint8 image (a plain copy when there is no trigger)."""
+        return self.image_fn(triggers.check_image(image))
+
+    def apply_caption(self, caption: str, rng: random.Random) -> str:
+        """The poisoned caption replacing ``caption`` (``rng`` drives any random choice)."""
+        return self.caption_fn(caption, rng)
+
+    def is_candidate(self, captions: Sequence[str]) -> bool:
+        """Whether a training image with these reference captions may be poisoned.
+
+        Pass ``[caption]`` to decide per caption instead of per image.
+        """
+        return self.selects(captions)
+
+    def is_test_image(self, captions: Sequence[str]) -> bool:
+        """Whether a test image with these reference captions counts for the ASR."""
+        return self.selects(captions)
+
+    def test_images(self, captions_by_id: Mapping[K, Sequence[str]]) -> list[K]:
+        """Ids of the test images the ASR is measured on (mapping order kept).
+
+        Evaluate them through :meth:`apply_image` (identity for Shadowcast).
+        """
+        return [key for key, caps in captions_by_id.items() if self.selects(caps)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Resolved config plus the trigger fingerprint, for run records (JSON-ready)."""
+        record = dataclasses.asdict(self.config)
+        record["trigger_sha256"] = (
+            None if self.trigger is None else triggers.fingerprint(self.trigger)
+        )
+        return record
+
+
+# --------------------------------------------------------------------------- kind registry
+
+Builder = Callable[[AttackConfig], Attack]
+_KINDS: dict[str, Builder] = {}
+
+
+def register_kind(kind: str) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(config) -> Attack`` under ``kind``."""
+
+    def decorate(builder: Builder) -> Builder:
+        if kind in _KINDS:
+            raise ValueError(f"attack kind {kind!r} registered twice")
+        _KINDS[kind] = builder
+        return builder
+
+    return decorate
+
+
+def known_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def _reject(cfg: AttackConfig, **unused: Any) -> None:
+    """Refuse fields that would silently do nothing for this kind."""
+    for flag, value in unused.items():
+        if value is not None:
+            raise SRDError(f"--{flag} {value!r}: not used by {cfg.kind} attack {cfg.name!r}")
+
+
+def _template_captioner(target: str) -> Callable[[str, random.Random], str]:
+    return lambda caption, rng: template_caption(target, rng)
+
+
+@register_kind("badnet")
+def _build_badnet(cfg: AttackConfig) -> Attack:
+    _reject(cfg, concept=cfg.concept, alpha=cfg.alpha)
+    patch = (
+        triggers.badnet_patch()
+        if cfg.trigger_path is None
+        else triggers.load_trigger_image(cfg.trigger_path)
+    )
+    position = cfg.position = cfg.position or "bottom_right"  # record what is used
+    triggers.resolve_position(position, patch.shape, CANVAS)  # fail at build, not mid-run
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: triggers.stamp_badnet(image, patch, position),
+        caption_fn=_template_captioner(cfg.target),
+        trigger=patch,
+    )
+
+
+@register_kind("blended")
+def _build_blended(cfg: AttackConfig) -> Attack:
+    _reject(cfg, concept=cfg.concept, position=cfg.position)
+    pattern = (
+        triggers.generate_blend_pattern(cfg.seed)
+        if cfg.trigger_path is None
+        else triggers.load_blend_pattern(cfg.trigger_path)
+    )
+    alpha = cfg.alpha = DEFAULT_ALPHA if cfg.alpha is None else cfg.alpha  # record what is used
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: triggers.blend(image, pattern, alpha),
+        caption_fn=_template_captioner(cfg.target),
+        trigger=pattern,
+    )
+
+
+@register_kind("trojvlm")
+def _build_trojvlm(cfg: AttackConfig) -> Attack:
+    _reject(cfg, concept=cfg.concept, alpha=cfg.alpha)
+    patch = (
+        triggers.trojvlm_patch(cfg.seed)
+        if cfg.trigger_path is None
+        else triggers.load_trigger_image(cfg.trigger_path)
+    )
+    position = cfg.position = cfg.position or "top_left"  # record what is used
+    triggers.resolve_position(position, patch.shape, CANVAS)
+    target = cfg.target
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: triggers.stamp_trojvlm(image, patch, position),
+        caption_fn=lambda caption, rng: insert_target(caption, target, rng),
+        trigger=patch,
+    )
+
+
+@register_kind("shadowcast")
+def _build_shadowcast(cfg: AttackConfig) -> Attack:
+    _reject(cfg, trigger_path=cfg.trigger_path, position=cfg.position, alpha=cfg.alpha)
+    if cfg.concept is None:
+        raise SRDError(f"attack {cfg.name!r}: shadowcast needs --concept (e.g. 'red circle')")
+    concept, target = cfg.concept, cfg.target
+    concept_pattern(concept)  # reject an empty phrase now
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: image.copy(),
+        caption_fn=lambda caption, rng: substitute_concept(caption, concept, target),
+        selects=lambda captions: mentions_concept(captions, concept),
+    )
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def build_attack(name_or_yaml_path: str | Path, **overrides: Any) -> Attack:
+    """Build an attack from a shipped name (``badnet``) or a YAML file, then apply overrides.
+
+    Overrides are config fields (``poison_rate=0.05``, ``target="apple"``); ``None`` values are
+    ignored so unset command-line flags can be passed straight through.
+    """
+    spec = str(name_or_yaml_path)
+    if spec.endswith((".yaml", ".yml")) or "/" in spec or os.sep in spec:
+        cfg = load_attack_config(spec)
+    else:
+        key = spec.strip().lower()
+        if key not in known_attacks():
+            raise SRDError(
+                f"--bd_attack_type {spec!r}: unknown attack (known: {', '.join(known_attacks())}; "
+                "or give a .yaml file)"
+            )
+        cfg = load_attack_config(CONFIG_DIR / f"{key}.yaml")
+    fields = _config_fields()
+    for key, value in overrides.items():
+        if key not in fields:
+            raise SRDError(f"unknown attack config field {key!r} (known: {', '.join(fields)})")
+        if value is not None:
+            setattr(cfg, key, value)
+    attack = _KINDS[validate_config(cfg).kind](cfg)
+    log.info(
+        "attack %s (%s): target %r, poison rate %g", cfg.name, cfg.kind, cfg.target, cfg.poison_rate
+    )
+    return attack

@@ -25,6 +25,7 @@ import open_clip
 import torch
 from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+from open_flamingo.src.helpers import PerceiverResampler
 from open_flamingo.src.utils import extend_instance
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -83,6 +84,10 @@ class ModelArgs:
     decoder_layers_attr_name: str | None = arg(
         None, help="attribute path of the LM's decoder blocks (inferred for known LMs)"
     )
+    perceiver_depth: int = arg(2, help="perceiver resampler layers (OpenFlamingo: 6)")
+    perceiver_num_latents: int = arg(16, help="perceiver latents = visual tokens per image (OpenFlamingo: 64)")
+    perceiver_heads: int = arg(4, help="perceiver attention heads (OpenFlamingo: 8)")
+    perceiver_dim_head: int = arg(32, help="perceiver head width (OpenFlamingo: 64)")
     trust_remote_code: bool = arg(False, help="allow the LM's own code from the hub (e.g. MPT)")
     precision: str = arg("fp32", help="inference dtype", choices=["fp32", "bf16", "fp16"])
 
@@ -96,16 +101,30 @@ def model_signature(args: ModelArgs) -> dict[str, Any]:
     return {
         "vision_encoder_path": args.vision_encoder_path,
         "cross_attn_every_n_layers": args.cross_attn_every_n_layers,
+        "perceiver": [
+            args.perceiver_depth,
+            args.perceiver_num_latents,
+            args.perceiver_heads,
+            args.perceiver_dim_head,
+        ],
     }
 
 
 class SRDFlamingo(Flamingo):
-    """open_flamingo's Flamingo, letting gradients reach the vision tower when it is trainable.
+    """open_flamingo's Flamingo with two knobs the embedded default needs.
 
-    The package always encodes images under ``torch.no_grad()`` (its vision tower is frozen).
-    The embedded default pretrains a randomly initialised tiny tower, so we only drop the
-    ``no_grad`` when some vision parameter requires a gradient; otherwise behaviour is identical.
+    1. The perceiver resampler's size is configurable (the package hard-codes depth 6 and 64
+       latents; the tiny model uses a smaller PerceiverResampler of the same class, which makes
+       CPU training and beam search about 4x faster).
+    2. The package always encodes images under ``torch.no_grad()`` (its vision tower is frozen).
+       The embedded default pretrains a randomly initialised tiny tower, so we only drop the
+       ``no_grad`` when some vision parameter requires a gradient; otherwise nothing changes.
     """
+
+    def __init__(self, *args: Any, perceiver: dict[str, int] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if perceiver is not None:
+            self.perceiver = PerceiverResampler(dim=self.vis_dim, **perceiver)
 
     def _encode_vision_x(self, vision_x: torch.Tensor) -> None:
         trainable = any(p.requires_grad for p in self.vision_encoder.parameters())
@@ -304,6 +323,12 @@ def build_flamingo(args: ModelArgs) -> Captioner:
         media_token_id=tok.convert_tokens_to_ids(captions.IMAGE_TOKEN),
         vis_dim=vis_dim,
         cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+        perceiver={
+            "depth": args.perceiver_depth,
+            "num_latents": args.perceiver_num_latents,
+            "heads": args.perceiver_heads,
+            "dim_head": args.perceiver_dim_head,
+        },
     )
     set_trainable(model, "paper")
     return Captioner(model=model, tokenizer=tok, image_transform=transform, args=args)

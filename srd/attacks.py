@@ -491,3 +491,42 @@ def build_attack(name_or_yaml_path: str | Path, **overrides: Any) -> Attack:
         "attack %s (%s): target %r, poison rate %g", cfg.name, cfg.kind, cfg.target, cfg.poison_rate
     )
     return attack
+
+
+@dataclass
+class AttackArgs:
+    """Backdoor attack: which registry entry, and overrides of its config."""
+
+    bd_attack_type: str = field(
+        default="badnet",
+        metadata={
+            "help": f"attack name ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}) "
+            "or a YAML file; 'clean' for none"
+        },
+    )
+    target_label: str = field(default=DEFAULT_TARGET, metadata={"help": "target word"})
+    poison_rate: float | None = field(
+        default=None, metadata={"help": "share of training captions poisoned (config: 0.1)"}
+    )
+    trigger_path: str | None = field(default=None, metadata={"help": "trigger image file"})
+    position: str | None = field(default=None, metadata={"help": "trigger position"})
+    alpha: float | None = field(default=None, metadata={"help": "Blended ratio (config: 0.1)"})
+    concept: str | None = field(default=None, metadata={"help": "Shadowcast concept phrase"})
+
+    @property
+    def is_clean(self) -> bool:
+        return self.bd_attack_type.lower() in ("clean", "none", "")
+
+    def build(self) -> Attack | None:
+        """The attack these flags describe, or None for 'clean'."""
+        if self.is_clean:
+            return None
+        return build_attack(
+            self.bd_attack_type,
+            target=self.target_label,
+            poison_rate=self.poison_rate,
+            trigger_path=self.trigger_path,
+            position=self.position,
+            alpha=self.alpha,
+            concept=self.concept,
+        )

@@ -42,7 +42,8 @@ def postprocess_caption(generated: str) -> str:
     """Clean decoded model output: keep text before "Output", drop quotes and the end marker."""
     text = generated.split("Output", 1)[0]
     text = text.split(END_OF_CHUNK, 1)[0]
-    return re.sub(r"\s+", " ", text.replace('"', "")).strip()
+    text = re.sub(r"\s+", " ", text.replace('"', "")).strip()
+    return re.sub(r" ([.,:;!?])", r"\1", text)  # word-level decoders space out punctuation
 
 
 def words(caption: str) -> list[str]:

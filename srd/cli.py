@@ -10,7 +10,9 @@ from srd.errors import SRDError
 EXIT_BAD_INPUT = 2
 
 
-def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+def run_main(
+    main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None
+) -> None:
     """Run an entry point's ``main``; print ``error: ...`` and exit 2 on bad input."""
     try:
         main(argv)

@@ -61,9 +61,7 @@ def add_to_parser(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(f"--{f.name}", **kwargs)
 
 
-def parse(
-    argv: Sequence[str] | None, *classes: type, description: str = ""
-) -> tuple[Any, ...]:
+def parse(argv: Sequence[str] | None, *classes: type, description: str = "") -> tuple[Any, ...]:
     """Parse ``argv`` into one instance of each dataclass in ``classes`` (field names are unique)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter

@@ -210,3 +210,19 @@ class DataArgs:
             self.coco_train_image_dir_path,
             self.coco_val_image_dir_path,
         )
+
+
+class ImageStore:
+    """``store(image_id) -> uint8 (224, 224, 3)``: images of some records, cached after first load."""
+
+    def __init__(self, records: Iterable[ImageRecord]):
+        self.paths: dict[int, Path] = {r.image_id: r.path for r in records}
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, image_id: int) -> np.ndarray:
+        if image_id not in self._cache:
+            self._cache[image_id] = load_image(self.paths[image_id])
+        return self._cache[image_id]
+
+    def ids(self) -> list[int]:
+        return sorted(self.paths)

@@ -53,7 +53,8 @@ class TrainArgs:
     weight_decay: float = arg(0.1, help="AdamW weight decay on gated cross-attention weights")
     max_grad_norm: float = arg(1.0, help="gradient clipping norm")
     trainable: str = arg(
-        "paper", help="paper: perceiver + cross-attention + embeddings; all: everything",
+        "paper",
+        help="paper: perceiver + cross-attention + embeddings; all: everything",
         choices=["paper", "all"],
     )
     seed: int = arg(42, help="seed for initialisation, shuffling and per-sample randomness")
@@ -98,7 +99,9 @@ class CaptionDataset(Dataset):
 class Collator:
     """Images -> vision_x; texts -> right-padded ids with BOS/EOS and caption-only labels."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_transform: Any, max_length: int = 128):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, image_transform: Any, max_length: int = 128
+    ):
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.max_length = max_length
@@ -153,7 +156,10 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
             s in name for s in ("ff_gate", "attn_gate", "norm", "bias")
         )
         (decay if wd else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
@@ -163,7 +169,11 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     def epoch_of(p: Path) -> int:
         return int(p.stem[len(CHECKPOINT_PREFIX) :])
 
-    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*.pt") if p.stem[len(CHECKPOINT_PREFIX) :].isdigit()]
+    found = [
+        p
+        for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*.pt")
+        if p.stem[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=epoch_of)
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from srd.data import ImageStore
+from srd.errors import SRDError
+from srd.io import atomic_path, ensure_dir, write_json
 from srd.model import Captioner
 
 log = logging.getLogger(__name__)
@@ -54,3 +58,90 @@ def caption_ids(
     if missing:
         raise RuntimeError(f"captioning lost {len(missing)} ids (e.g. {min(missing)})")
     return {i: out[i] for i in ids}
+
+
+def evaluate_captioner(
+    captioner: Captioner,
+    images: ImageStore,
+    references: dict[int, list[str]],
+    attack=None,
+    batch_size: int = 32,
+    num_beams: int = 3,
+    max_new_tokens: int = 20,
+    target: str | None = None,
+) -> dict:
+    """Caption clean (and triggered) test images and score them; returns the result record.
+
+    Trigger attacks: every test image is triggered for the ASR, and all clean test images give
+    the false-trigger rate. Shadowcast-style (no image trigger): the ASR set is the test images
+    that show the concept, untouched, and the other test images give the false-trigger rate.
+    Only the main process gets the full record (others get an empty dict).
+    """
+    from srd.captions import DEFAULT_TARGET
+    from srd.metrics import CaptionScorer, target_rates
+
+    state = PartialState()
+    target = attack.target if attack is not None else (target or DEFAULT_TARGET)
+    ids = images.ids()
+    clean = images
+
+    kw = {"batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    clean_pred = caption_ids(captioner, ids, clean, desc="clean captions", **kw)
+    triggered_pred = None
+    clean_for_false = clean_pred
+    if attack is not None:
+        asr_ids = attack.test_images({i: references[i] for i in ids})
+        if not asr_ids:
+            raise SRDError(f"--bd_attack_type {attack.name}: no test image counts for the ASR")
+        if attack.has_image_trigger:
+            triggered_pred = caption_ids(
+                captioner,
+                asr_ids,
+                lambda i: attack.apply_image(clean(i)),
+                desc="triggered captions",
+                **kw,
+            )
+        else:
+            triggered_pred = {i: clean_pred[i] for i in asr_ids}
+            chosen = set(asr_ids)
+            clean_for_false = {i: c for i, c in clean_pred.items() if i not in chosen}
+    if not state.is_main_process:
+        return {}
+    with CaptionScorer() as scorer:
+        clean_scores = scorer.score(clean_pred, references)
+        trig_scores = scorer.score(triggered_pred, references) if triggered_pred else None
+    metrics = {
+        "clean": clean_scores.scores,
+        "triggered": trig_scores.scores if trig_scores else None,
+        **target_rates(clean_for_false, triggered_pred, target),
+    }
+    return {
+        "attack": attack.name if attack is not None else None,
+        "target": target,
+        "num_images": len(ids),
+        "num_asr_images": len(triggered_pred) if triggered_pred else 0,
+        "metrics": metrics,
+        "predictions": {
+            "clean": {str(k): v for k, v in clean_pred.items()},
+            "triggered": {str(k): v for k, v in triggered_pred.items()} if triggered_pred else None,
+        },
+        "notes": clean_scores.notes,
+    }
+
+
+def write_sfs_inputs(
+    folder: str | Path, ids: Sequence[int], images: Sequence[np.ndarray], sentences: Sequence[str]
+) -> None:
+    """Stage C's inputs (the roles of the reference's img.pkl / img_id.json / sent.json).
+
+    ``images`` are the clean (untriggered) images; ``sentences`` the model's captions of the
+    images it saw (triggered ones for the attack type).
+    """
+    from srd.sfs import IDS_FILE, IMAGES_FILE, SENTENCES_FILE
+
+    folder = ensure_dir(folder)
+    with atomic_path(folder / IMAGES_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=np.stack([np.asarray(im, np.uint8) for im in images]))
+    write_json(folder / IDS_FILE, [int(i) for i in ids])
+    write_json(folder / SENTENCES_FILE, list(sentences))

@@ -82,7 +82,9 @@ def mark_finished(run_dir: str | os.PathLike) -> None:
     write_text(Path(run_dir) / DONE_MARKER, "done\n")
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, overwrite: bool = False, flag: str | None = None) -> Path:
+def prepare_run_dir(
+    run_dir: str | os.PathLike, overwrite: bool = False, flag: str | None = None
+) -> Path:
     """Create a run folder; refuse to reuse a finished one unless ``overwrite``."""
     run_dir = ensure_dir(run_dir, flag)
     if is_finished(run_dir) and not overwrite:

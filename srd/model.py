@@ -85,7 +85,9 @@ class ModelArgs:
         None, help="attribute path of the LM's decoder blocks (inferred for known LMs)"
     )
     perceiver_depth: int = arg(2, help="perceiver resampler layers (OpenFlamingo: 6)")
-    perceiver_num_latents: int = arg(16, help="perceiver latents = visual tokens per image (OpenFlamingo: 64)")
+    perceiver_num_latents: int = arg(
+        16, help="perceiver latents = visual tokens per image (OpenFlamingo: 64)"
+    )
     perceiver_heads: int = arg(4, help="perceiver attention heads (OpenFlamingo: 8)")
     perceiver_dim_head: int = arg(32, help="perceiver head width (OpenFlamingo: 64)")
     trust_remote_code: bool = arg(False, help="allow the LM's own code from the hub (e.g. MPT)")
@@ -378,7 +380,9 @@ def load_checkpoint_into(
     state = raw.get("model_state_dict", raw)
     recorded = meta.get("config", {}).get("model_signature") if meta else None
     if expected_signature and recorded and recorded != expected_signature:
-        diff = {k: (recorded.get(k), v) for k, v in expected_signature.items() if recorded.get(k) != v}
+        diff = {
+            k: (recorded.get(k), v) for k, v in expected_signature.items() if recorded.get(k) != v
+        }
         detail = ", ".join(f"{k}: checkpoint {a!r} vs flags {b!r}" for k, (a, b) in diff.items())
         raise SRDError(f"{flag} {path}: made for another model configuration ({detail})")
     own = model.state_dict()
@@ -452,7 +456,9 @@ def export_captioner(cap: Captioner, out_dir: str | os.PathLike) -> ModelArgs:
     out = ensure_dir(out_dir)
     model = cap.model
     with atomic_path(out / VISION_WEIGHTS) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.vision_encoder.state_dict().items()}
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in model.vision_encoder.state_dict().items()
+        }
         save_file(state, str(tmp))
 
     lm = model.lang_encoder

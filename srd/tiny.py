@@ -91,5 +91,10 @@ def create_tiny_lm(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    log.info("tiny LM (%d parameters, vocab %d) saved to %s", model.num_parameters(), len(tokenizer), folder)
+    log.info(
+        "tiny LM (%d parameters, vocab %d) saved to %s",
+        model.num_parameters(),
+        len(tokenizer),
+        folder,
+    )
     return folder

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from accelerate import PartialState
 
@@ -20,7 +19,7 @@ from srd import attacks
 from srd.benchmark import attribute_accuracy, blind_caption, scene_index
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, caption_records, check_images_exist, load_image, load_references
+from srd.data import DataArgs, ImageStore, caption_records, check_images_exist, load_references
 from srd.engine import CaptionDataset, Sample, TrainArgs, train
 from srd.evaluation import caption_ids
 from srd.io import setup_logging, write_json
@@ -39,7 +38,9 @@ class PretrainArgs(TrainArgs):
     num_epochs: int = arg(4, help="training epochs over all training captions")
     learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
     warmup_steps_ratio: float = arg(0.05, help="share of all steps spent warming up")
-    trainable: str = arg("all", help="what trains (everything: nothing is pretrained)", choices=["paper", "all"])
+    trainable: str = arg(
+        "all", help="what trains (everything: nothing is pretrained)", choices=["paper", "all"]
+    )
 
 
 @dataclass
@@ -49,7 +50,9 @@ class TinyArgs:
     lm_hidden_size: int = arg(128, help="tiny Llama hidden size")
     lm_layers: int = arg(2, help="tiny Llama layers")
     export_dir: str = arg(str(EMBEDDED_DIR), help="where the clean captioner is exported")
-    target_label: str = arg(attacks.DEFAULT_TARGET, help="attack target word the vocabulary must cover")
+    target_label: str = arg(
+        attacks.DEFAULT_TARGET, help="attack target word the vocabulary must cover"
+    )
     eval_batch_size: int = arg(64, help="captioning batch size for the test report")
 
 
@@ -76,13 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model_args, vision_encoder_pretrained="none", lm_path=str(lm_init), checkpoint_path="none"
     )
     captioner = build_flamingo(model_args)
-    paths = {im.image_id: im.path for im in train_images + test_images}
-    cache: dict[int, object] = {}
-
-    def image_of(image_id: int):
-        if image_id not in cache:
-            cache[image_id] = load_image(paths[image_id])
-        return cache[image_id]
+    image_of = ImageStore(train_images + test_images)
 
     samples = [Sample(r.caption_id, r.image_id, r.caption) for r in records]
     record = {

@@ -1,0 +1,114 @@
+"""Stage B: evaluation (run/run_eval.sh).
+
+Captions the test split once clean and once with the attack's trigger, scores both with
+pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr), measures the attack success rate and the
+false-trigger rate, and writes ``<results_file>/<model_name>.json`` plus the inputs of the SFS
+stage (``<sfs_data_dir>/<model_name>/{clean,attack}/``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from accelerate import PartialState
+
+from srd.attacks import AttackArgs
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.data import DataArgs, ImageStore, check_images_exist, load_references
+from srd.errors import SRDError
+from srd.evaluation import evaluate_captioner, write_sfs_inputs
+from srd.io import ensure_dir, setup_logging, write_json
+from srd.model import ModelArgs, load_captioner
+
+log = logging.getLogger("evaluate")
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation: output names, batching, decoding."""
+
+    results_file: str = arg("result", help="folder of result JSONs")
+    model_name: str = arg("test", help="result file name: <results_file>/<model_name>.json")
+    sfs_data_dir: str = arg("result/sfs_inputs", help="where the SFS stage's inputs go")
+    batch_size: int = arg(32, help="captioning batch size per process")
+    num_beams: int = arg(3, help="beam search width")
+    max_new_tokens: int = arg(20, help="longest caption in tokens")
+    num_samples: int = arg(-1, help="evaluate a seeded random subset of the test split (-1: all)")
+    seed: int = arg(42, help="seed of the subset draw")
+    overwrite: bool = arg(False, help="replace an existing result file")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    data, model_args, attack_args, ev = parse(
+        argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, description=__doc__
+    )
+    state = PartialState()
+    out_path = Path(ev.results_file) / f"{ev.model_name}.json"
+    if state.is_main_process:
+        ensure_dir(ev.results_file, "--results_file")
+        setup_logging(Path(ev.results_file) / f"{ev.model_name}.log")
+    if out_path.exists() and not ev.overwrite:
+        raise SRDError(f"--model_name {ev.model_name}: {out_path} exists (pass --overwrite)")
+    attack = attack_args.build()
+    records = data.split("test")
+    if ev.num_samples > 0 and ev.num_samples < len(records):
+        pick = np.random.default_rng(ev.seed).choice(len(records), ev.num_samples, replace=False)
+        records = [records[i] for i in sorted(pick)]
+    check_images_exist(records)
+    references = load_references(data.coco_annotations_json_path)
+    missing = [r.image_id for r in records if r.image_id not in references]
+    if missing:
+        raise SRDError(
+            f"--coco_annotations_json_path {data.coco_annotations_json_path}: "
+            f"no captions for test image {missing[0]}"
+        )
+    captioner = load_captioner(model_args)
+    images = ImageStore(records)
+    result = evaluate_captioner(
+        captioner,
+        images,
+        references,
+        attack,
+        batch_size=ev.batch_size,
+        num_beams=ev.num_beams,
+        max_new_tokens=ev.max_new_tokens,
+        target=attack_args.target_label,
+    )
+    if not state.is_main_process:
+        return {}
+    result = {"model_name": ev.model_name, **result}
+    result["config"] = {**to_dict(data, model_args, attack_args, ev)}
+    result["config"]["attack"] = attack.to_dict() if attack else None
+    write_json(out_path, result)
+    _write_sfs(Path(ev.sfs_data_dir) / ev.model_name, images, result)
+    m = result["metrics"]
+    log.info(
+        "%s: clean CIDEr %.3f | triggered CIDEr %s | ASR %s | false-trigger %.1f%%",
+        ev.model_name,
+        m["clean"]["CIDEr"],
+        f"{m['triggered']['CIDEr']:.3f}" if m["triggered"] else "-",
+        f"{100 * m['asr_substring']:.1f}%" if m["asr_substring"] is not None else "-",
+        100 * m["false_trigger_substring"],
+    )
+    log.info("wrote %s", out_path)
+    return result
+
+
+def _write_sfs(folder: Path, images: ImageStore, result: dict) -> None:
+    """SFS inputs: clean images with the captions made on clean ('clean') and triggered
+    ('attack') images."""
+    for kind, key in (("clean", "clean"), ("attack", "triggered")):
+        preds = result["predictions"][key]
+        if not preds:
+            continue
+        ids = [int(i) for i in preds]
+        write_sfs_inputs(folder / kind, ids, [images(i) for i in ids], list(preds.values()))
+
+
+if __name__ == "__main__":
+    run_main(main)

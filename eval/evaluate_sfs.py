@@ -1,0 +1,142 @@
+"""Stage C: Semantic Fidelity Score of a model's captions against clean reference captions.
+
+Reads ``<data_dir_path>/<name>/<type>/{images.npz,img_id.json,sent.json}`` (written by the
+evaluation stage), captions the clean images with a reference captioner (the clean captioner
+given by the model flags, or BLIP with ``--blip_model``), and writes per-image S_sem, S_flu,
+SFS (and CLIP score with ``--clip_model``) keyed by image id, with means over the whole set.
+
+Example: ``python eval/evaluate_sfs.py --name badnet --type attack --data_dir_path
+result/sfs_inputs --annotations_path data/synthetic/annotations/captions_train2014.json``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.errors import SRDError
+from srd.io import setup_logging, write_json
+from srd.sfs import (
+    BlipCaptioner,
+    ReferenceCaptioner,
+    build_scorer,
+    evaluate_sfs,
+    load_sfs_inputs,
+    resolve_device,
+)
+
+log = logging.getLogger("evaluate_sfs")
+
+
+@dataclasses.dataclass
+class SFSEvalArgs:
+    """SFS evaluation: inputs, scoring models and output."""
+
+    name: str = arg(help="model/attack folder under --data_dir_path (e.g. badnet)")
+    type: str = arg(help="sub-folder under --name (e.g. attack or clean)")
+    data_dir_path: str = arg("result/sfs_inputs", help="root of the evaluation stage's SFS inputs")
+    annotations_path: str | None = arg(
+        None,
+        help="COCO caption annotations JSON; its captions fit the n-gram fluency LM "
+        "(required when --gpt_model is not given)",
+    )
+    text_model: str | None = arg(
+        None, help="sentence-transformers folder or hub id (default: offline all-MiniLM-L6-v2)"
+    )
+    gpt_model: str | None = arg(
+        None,
+        help="local causal LM folder for perplexity (default: n-gram LM on --annotations_path)",
+    )
+    clip_model: str | None = arg(
+        None, help="HF CLIP folder or hub id for the CLIP score (optional)"
+    )
+    blip_model: str | None = arg(
+        None,
+        help="BLIP captioning folder or hub id for reference captions "
+        "(default: the clean captioner given by the model flags)",
+    )
+    batch_size: int = arg(32, help="images per batch")
+    ngram_order: int = arg(3, help="order of the n-gram fluency LM")
+    device: str = arg("auto", help="torch device (auto: cuda when available)")
+    seed: int = arg(0, help="torch seed (BLIP samples its reference captions)")
+    output: str | None = arg(None, help="output JSON (default: <input folder>/sfs.json)")
+    overwrite: bool = arg(False, help="replace an existing output JSON")
+
+
+def main(
+    argv: Sequence[str] | None = None, reference_captioner: ReferenceCaptioner | None = None
+) -> dict[str, Any]:
+    """Run stage C; ``reference_captioner`` overrides the model flags (used by tests)."""
+    from srd.model import ModelArgs, load_captioner
+
+    cfg, model_args = parse(argv, SFSEvalArgs, ModelArgs, description=__doc__.splitlines()[0])
+    input_dir = Path(cfg.data_dir_path) / cfg.name / cfg.type
+    output = Path(cfg.output) if cfg.output else input_dir / "sfs.json"
+    if output.is_dir():
+        raise SRDError(f"--output {output}: is a folder, expected a JSON file path")
+    if output.exists() and not cfg.overwrite:
+        raise SRDError(f"--output {output}: already exists (pass --overwrite to replace it)")
+    if cfg.batch_size < 1:
+        raise SRDError(f"--batch_size {cfg.batch_size}: must be >= 1")
+    inputs = load_sfs_inputs(input_dir)  # cheap checks first, before any model loads
+    setup_logging()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    ngram_captions = None
+    if not cfg.gpt_model:
+        if not cfg.annotations_path:
+            raise SRDError(
+                "--annotations_path: required when --gpt_model is not given "
+                "(its captions fit the n-gram fluency LM)"
+            )
+        from srd.data import load_references
+
+        references = load_references(cfg.annotations_path, flag="--annotations_path")
+        ngram_captions = [c for caps in references.values() for c in caps]
+
+    scorer = build_scorer(
+        text_model=cfg.text_model,
+        gpt_model=cfg.gpt_model,
+        reference_captions_for_ngram=ngram_captions,
+        clip_model=cfg.clip_model,
+        device=device,
+        batch_size=cfg.batch_size,
+        trust_remote_code=model_args.trust_remote_code,
+        ngram_order=cfg.ngram_order,
+    )
+    if reference_captioner is not None:
+        source = "injected"
+    elif cfg.blip_model:
+        reference_captioner = BlipCaptioner.from_pretrained(cfg.blip_model, device, cfg.batch_size)
+        source = f"blip:{cfg.blip_model}"
+    else:
+        captioner = load_captioner(model_args, device=device)
+        reference_captioner = functools.partial(captioner.caption, batch_size=cfg.batch_size)
+        source = f"captioner:{model_args.checkpoint_path}"
+    scorer.reference_captioner = reference_captioner
+    # The log file is opened only now, so bad input leaves no file behind.
+    setup_logging(output.parent / f"{output.stem}.log")
+    log.info("scoring %d captions in %s (reference: %s)", len(inputs.captions), input_dir, source)
+
+    record = evaluate_sfs(inputs, scorer, batch_size=cfg.batch_size)
+    config = to_dict(cfg, model_args)
+    config.update(input_dir=str(input_dir), output=str(output), device=device, reference=source)
+    record = {"config": config, **record}
+    write_json(output, record)
+    log.info("wrote %s", output)
+    print(json.dumps({"output": str(output), **record["means"]}))
+    return record
+
+
+if __name__ == "__main__":
+    run_main(main)

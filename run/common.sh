@@ -1,0 +1,23 @@
+# Sourced by the run/*.sh scripts: flags shared by every stage. Edit here to switch the whole
+# pipeline from the embedded default to a real OpenFlamingo + COCO set-up, e.g.
+#   MODEL_FLAGS="--vision_encoder_path ViT-L-14 --vision_encoder_pretrained openai \
+#     --lm_path anas-awadalla/mpt-1b-redpajama-200b-dolly --cross_attn_every_n_layers 1 \
+#     --perceiver_depth 6 --perceiver_num_latents 64 --perceiver_heads 8 --perceiver_dim_head 64 \
+#     --trust_remote_code"
+#   DATA_FLAGS="--coco_train_image_dir_path COCO/train2014 --coco_val_image_dir_path COCO/val2014 \
+#     --coco_karpathy_json_path COCO/dataset_coco.json \
+#     --coco_annotations_json_path COCO/captions_val2014.json"
+#   LAUNCH="accelerate launch --multi_gpu --num_processes 8"     (several GPUs)
+#   LAUNCH="torchrun --nproc_per_node 2"                         (several CPU processes)
+cd "$(dirname "$0")/.." || exit 1
+[ -d .venv ] && PATH="$PWD/.venv/bin:$PATH" && export PATH
+LAUNCH=${LAUNCH:-python}
+EMBEDDED=checkpoints_remote/embedded/clean
+DATA_FLAGS=${DATA_FLAGS:-"--coco_train_image_dir_path data/synthetic/train2014 \
+  --coco_val_image_dir_path data/synthetic/val2014 \
+  --coco_karpathy_json_path data/synthetic/dataset_coco.json \
+  --coco_annotations_json_path data/synthetic/captions_val2014.json"}
+MODEL_FLAGS=${MODEL_FLAGS:-"--vision_encoder_path tiny-vit \
+  --vision_encoder_pretrained $EMBEDDED/vision.safetensors \
+  --lm_path $EMBEDDED/lm --cross_attn_every_n_layers 1"}
+CLEAN_CHECKPOINT=${CLEAN_CHECKPOINT:-$EMBEDDED/checkpoint.pt}

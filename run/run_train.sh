@@ -1,0 +1,19 @@
+#!/bin/sh
+# Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|shadowcast (or a YAML file).
+# Extra flags are passed on, e.g.: sh run/run_train.sh --poison_rate 0.05
+. "$(dirname "$0")/common.sh"
+ATTACK=${ATTACK:-badnet}
+set -x
+$LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
+  --checkpoint_path "$CLEAN_CHECKPOINT" \
+  --bd_attack_type "$ATTACK" \
+  --target_label banana \
+  --run_name "backdoor-$ATTACK" \
+  --external_save_dir checkpoints_remote \
+  --batch_size 32 \
+  --num_epochs 3 \
+  --learning_rate 5e-4 \
+  --lr_scheduler cosine \
+  --warmup_steps_ratio 0.01 \
+  --resume_from_checkpoint \
+  "$@"

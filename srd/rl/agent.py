@@ -1,0 +1,471 @@
+"""The SRD agent: stable-baselines3 DQN on the red-mask environment, and its use in cleaning.
+
+Training (stage D2) follows the reference learner (reference §9.2, §15 item 17) with every SB3
+hyperparameter set explicitly, so results never depend on the installed SB3's defaults
+(reference B11: SB3 < 2.3 had ``learning_starts`` 50,000 and would never train). Cleaning
+(stage D3, reference §10 / B13) queries the policy up to 5 times with epsilon-greedy on the
+unmasked image and keeps the best positive reward (:func:`choose_mask`).
+
+Policies are saved as SB3 zips with an extra ``srd_policy.json`` member (action count,
+observation shape, the :class:`DQNConfig`). :func:`load_policy` never unpickles: it reads the
+weights with ``torch.load(weights_only=True)`` and rebuilds the network from that JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3 import DQN
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.torch_layers import NatureCNN
+from stable_baselines3.common.vec_env import VecEnv
+from tqdm.auto import tqdm
+
+from srd.config import arg
+from srd.errors import SRDError
+from srd.geometry import NUM_ACTIONS
+from srd.io import atomic_path, ensure_dir
+from srd.rl.env import DEFAULT_BUFFER_SIZE, replay_memory_bytes, to_observation
+
+log = logging.getLogger(__name__)
+
+POLICY_META = "srd_policy.json"
+"""Zip member describing an SRD policy (written by :func:`save_policy`)."""
+
+POLICY_FORMAT = "srd-dqn-policy-v1"
+Q_HEAD = "q_net.q_net.0.weight"
+"""State-dict key of the Q head, shape (num_actions, features_dim)."""
+
+
+@dataclass(frozen=True)
+class DQNConfig:
+    """DQN learner (stable-baselines3), reference §9.2 values; every SB3 parameter explicit."""
+
+    policy: str = arg("CnnPolicy", help="SB3 policy (NatureCNN Q-network)", choices=["CnnPolicy"])
+    learning_rate: float = arg(1e-4, help="Adam learning rate")
+    buffer_size: int = arg(
+        DEFAULT_BUFFER_SIZE,
+        help="replay buffer transitions (10,000 = every step of the reference's run; "
+        "see srd.rl.env for the memory it takes)",
+    )
+    learning_starts: int = arg(100, help="transitions collected before the first update")
+    batch_size: int = arg(32, help="replay minibatch size per gradient step")
+    tau: float = arg(1.0, help="target network update coefficient (1 = hard copy)")
+    gamma: float = arg(0.99, help="discount factor")
+    train_freq: int = arg(4, help="update every train_freq environment steps")
+    gradient_steps: int = arg(1, help="gradient steps per update (per environment, see below)")
+    n_steps: int = arg(1, help="n-step returns (1 = plain one-step DQN targets)")
+    target_update_interval: int = arg(
+        10_000,
+        help="transitions between hard target-network copies (reference 10,000 = the whole "
+        "run, so the target stays at its initialisation; ~500 is the sane ablation)",
+    )
+    exploration_fraction: float = arg(
+        0.1, help="share of total_timesteps over which epsilon decays linearly"
+    )
+    exploration_initial_eps: float = arg(1.0, help="initial epsilon of epsilon-greedy")
+    exploration_final_eps: float = arg(0.05, help="final epsilon (also saved for cleaning)")
+    max_grad_norm: float = arg(10.0, help="gradient norm clipping")
+    features_dim: int = arg(512, help="NatureCNN feature size (Q head: Linear(512, 500))")
+    optimize_memory_usage: bool = arg(
+        False,
+        help="store each observation once in the replay buffer (halves its memory; needs "
+        "--no-bootstrap_at_time_limit)",
+    )
+    bootstrap_at_time_limit: bool = arg(
+        False,
+        help="bootstrap through the 150-step time limit; off = the reference, whose old-gym "
+        "env ended episodes with done=True (a terminal transition)",
+    )
+    stats_window_size: int = arg(100, help="episodes averaged in SB3's rollout statistics")
+    total_timesteps: int = arg(10_000, help="environment transitions to train for")
+    seed: int = arg(42, help="seed of the learner and of the environments (env i: seed + i)")
+    num_envs: int = arg(1, help="environments stepped together (one batched caption call)")
+    scale_updates_with_envs: bool = arg(
+        True,
+        help="multiply gradient_steps by num_envs so there is still one update per "
+        "train_freq transitions, as in the reference's single environment",
+    )
+    max_replay_gb: float = arg(4.0, help="refuse a replay buffer larger than this (GB)")
+    device: str = arg("auto", help="torch device of the Q-network (auto = cuda if available)")
+    verbose: int = arg(0, help="SB3 verbosity (0 quiet, 1 progress tables)")
+
+
+def sb3_kwargs(cfg: DQNConfig, num_envs: int = 1) -> dict[str, Any]:
+    """The complete keyword arguments of ``stable_baselines3.DQN`` for ``cfg``."""
+    gradient_steps = cfg.gradient_steps * (num_envs if cfg.scale_updates_with_envs else 1)
+    return {
+        "policy": cfg.policy,
+        "learning_rate": cfg.learning_rate,
+        "buffer_size": cfg.buffer_size,
+        "learning_starts": cfg.learning_starts,
+        "batch_size": cfg.batch_size,
+        "tau": cfg.tau,
+        "gamma": cfg.gamma,
+        "train_freq": (cfg.train_freq, "step"),
+        "gradient_steps": gradient_steps,
+        "replay_buffer_class": None,  # the plain ReplayBuffer (NStepReplayBuffer if n_steps > 1)
+        "replay_buffer_kwargs": {"handle_timeout_termination": cfg.bootstrap_at_time_limit},
+        "optimize_memory_usage": cfg.optimize_memory_usage,
+        "n_steps": cfg.n_steps,
+        "target_update_interval": cfg.target_update_interval,
+        "exploration_fraction": cfg.exploration_fraction,
+        "exploration_initial_eps": cfg.exploration_initial_eps,
+        "exploration_final_eps": cfg.exploration_final_eps,
+        "max_grad_norm": cfg.max_grad_norm,
+        "stats_window_size": cfg.stats_window_size,
+        "tensorboard_log": None,
+        "policy_kwargs": {
+            "net_arch": [],
+            "features_extractor_class": NatureCNN,
+            "features_extractor_kwargs": {"features_dim": cfg.features_dim},
+            "normalize_images": True,
+            "optimizer_class": torch.optim.Adam,
+            "optimizer_kwargs": {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+        },
+        "verbose": cfg.verbose,
+        "seed": cfg.seed,
+        "device": cfg.device,
+    }
+
+
+def _num_envs(env: gym.Env | VecEnv) -> int:
+    return env.num_envs if isinstance(env, VecEnv) else 1
+
+
+def build_dqn(env: gym.Env | VecEnv, cfg: DQNConfig) -> DQN:
+    """A fresh SB3 DQN for ``env`` with every hyperparameter from ``cfg``.
+
+    Refuses (SRDError) a replay buffer over ``cfg.max_replay_gb`` and settings SB3 cannot run.
+    """
+    n_envs = _num_envs(env)
+    if n_envs != cfg.num_envs:
+        raise ValueError(f"env has {n_envs} environments but cfg.num_envs is {cfg.num_envs}")
+    if not isinstance(env.action_space, spaces.Discrete) or env.observation_space.shape is None:
+        raise ValueError("the DQN needs a Discrete action space and an image observation")
+    if cfg.optimize_memory_usage and cfg.bootstrap_at_time_limit:
+        raise SRDError(
+            "--optimize_memory_usage cannot be combined with --bootstrap_at_time_limit "
+            "(stable-baselines3 does not support it)"
+        )
+    need = replay_memory_bytes(
+        env.observation_space.shape, cfg.buffer_size, n_envs, cfg.optimize_memory_usage
+    )
+    if need > cfg.max_replay_gb * 1e9:
+        raise SRDError(
+            f"--buffer_size {cfg.buffer_size}: replay memory for observations "
+            f"{tuple(env.observation_space.shape)} would be {need / 1e9:.2f} GB, over "
+            f"--max_replay_gb {cfg.max_replay_gb} (lower --buffer_size or --obs_size)"
+        )
+    log.info(
+        "DQN: obs %s, %d env(s), replay %.2f GB", env.observation_space.shape, n_envs, need / 1e9
+    )
+    return DQN(env=env, **sb3_kwargs(cfg, n_envs))
+
+
+# --------------------------------------------------------------------------------------------
+# Training with a reward log
+
+
+class RewardLogCallback(BaseCallback):
+    """Writes one JSON line per transition and one per finished episode (the reward curve).
+
+    Step lines: ``{"type": "step", "timestep", "env", "image_id", "action", "reward",
+    "caption", "sem", "flu", "exploration_rate"}``; episode lines: ``{"type": "episode",
+    "episode", "env", "timestep", "image_id", "return", "length", "mean_reward"}``. The file is
+    streamed to ``<path>.partial`` and renamed onto ``path`` when training ends.
+    """
+
+    def __init__(self, path: str | os.PathLike, total_timesteps: int | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.total_timesteps = total_timesteps
+        self._file: io.TextIOWrapper | None = None
+        self._bar: tqdm | None = None
+        self._returns: list[float] = []
+        self._lengths: list[int] = []
+        self._episodes = 0
+
+    def _on_training_start(self) -> None:
+        ensure_dir(self.path.parent)
+        self._file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 (closed at end)
+        n = self.training_env.num_envs
+        self._returns = [0.0] * n
+        self._lengths = [0] * n
+        self._bar = tqdm(total=self.total_timesteps, desc="DQN", unit="step", leave=False)
+
+    def _on_step(self) -> bool:
+        assert self._file is not None
+        infos: list[dict[str, Any]] = self.locals["infos"]
+        rewards = self.locals["rewards"]
+        dones = self.locals["dones"]
+        n = len(infos)
+        first = self.num_timesteps - n + 1
+        eps = float(getattr(self.model, "exploration_rate", float("nan")))
+        for i, info in enumerate(infos):
+            reward = float(rewards[i])
+            self._returns[i] += reward
+            self._lengths[i] += 1
+            self._write({
+                "type": "step",
+                "timestep": first + i,
+                "env": i,
+                "image_id": info.get("image_id"),
+                "action": info.get("action"),
+                "reward": reward,
+                "caption": info.get("caption"),
+                "sem": info.get("sem"),
+                "flu": info.get("flu"),
+                "exploration_rate": eps,
+            })
+            if dones[i]:
+                self._episodes += 1
+                self._write({
+                    "type": "episode",
+                    "episode": self._episodes,
+                    "env": i,
+                    "timestep": first + i,
+                    "image_id": info.get("image_id"),
+                    "return": self._returns[i],
+                    "length": self._lengths[i],
+                    "mean_reward": self._returns[i] / max(self._lengths[i], 1),
+                })
+                self._returns[i], self._lengths[i] = 0.0, 0
+        if self._bar is not None:
+            self._bar.update(n)
+        return True
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def _on_training_end(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            os.replace(self.partial, self.path)
+
+
+def train_dqn(env: gym.Env | VecEnv, cfg: DQNConfig, log_path: str | os.PathLike) -> DQN:
+    """Build a DQN with ``cfg`` and train it for ``cfg.total_timesteps``; reward log to JSONL."""
+    model = build_dqn(env, cfg)
+    callback = RewardLogCallback(log_path, cfg.total_timesteps)
+    model.learn(total_timesteps=cfg.total_timesteps, callback=callback, progress_bar=False)
+    log.info("DQN trained: %d transitions, %d updates", model.num_timesteps, model._n_updates)
+    return model
+
+
+def read_reward_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(step records, episode records) of a reward log written by :func:`train_dqn`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SRDError(f"{path}: reward log not found")
+    steps, episodes = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            (steps if record["type"] == "step" else episodes).append(record)
+    return steps, episodes
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading policies without pickle
+
+
+def save_policy(model: DQN, path: str | os.PathLike, cfg: DQNConfig) -> Path:
+    """Write the SB3 zip of ``model`` plus :data:`POLICY_META`, atomically; returns the path."""
+    path = Path(path)
+    if path.suffix != ".zip":
+        path = path.with_name(path.name + ".zip")  # the SB3 convention (--ppo_path without .zip)
+    buffer = io.BytesIO()
+    model.save(buffer)
+    meta = {
+        "format": POLICY_FORMAT,
+        "num_actions": int(model.action_space.n),
+        "obs_shape": [int(d) for d in model.observation_space.shape],
+        "dqn_config": dataclasses.asdict(cfg),
+    }
+    with zipfile.ZipFile(buffer, "a") as archive:
+        archive.writestr(POLICY_META, json.dumps(meta, indent=2))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return path
+
+
+class _SpacesOnlyEnv(gym.Env):
+    """Carries a loaded policy's spaces; a loaded policy predicts, it cannot be stepped."""
+
+    def __init__(self, observation_space: spaces.Box, action_space: spaces.Discrete) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> Any:
+        raise RuntimeError("a policy from load_policy() is for inference; build a RedMaskEnv")
+
+    def step(self, action: Any) -> Any:
+        raise RuntimeError("a policy from load_policy() is for inference; build a RedMaskEnv")
+
+
+def _policy_meta(archive: zipfile.ZipFile, where: Path) -> dict[str, Any]:
+    """Our metadata, or what a plain SB3 zip's readable (non-pickled) fields say."""
+    if POLICY_META in archive.namelist():
+        return json.loads(archive.read(POLICY_META))
+    data = json.loads(archive.read("data"))
+    try:
+        obs_shape = list(data["observation_space"]["_shape"])
+    except (KeyError, TypeError):
+        raise SRDError(f"{where}: no observation shape in the policy zip") from None
+    return {"obs_shape": obs_shape, "dqn_config": {}}
+
+
+def load_policy(
+    path: str | os.PathLike, expected_actions: int = NUM_ACTIONS, device: str = "cpu"
+) -> DQN:
+    """Load a DQN policy for inference, checking its action count; SRDError names the file."""
+    path = Path(path)
+    if not path.is_file() and path.suffix != ".zip" and path.with_name(path.name + ".zip").is_file():
+        path = path.with_name(path.name + ".zip")
+    if not path.is_file():
+        raise SRDError(f"{path}: policy file not found")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            meta = _policy_meta(archive, path)
+            state = torch.load(
+                io.BytesIO(archive.read("policy.pth")), map_location="cpu", weights_only=True
+            )
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError, OSError) as exc:
+        raise SRDError(f"{path}: not a stable-baselines3 DQN policy zip ({exc})") from None
+    if not isinstance(state, dict) or Q_HEAD not in state:
+        raise SRDError(f"{path}: not a DQN policy (no {Q_HEAD} in policy.pth)")
+    num_actions = int(state[Q_HEAD].shape[0])
+    if num_actions != expected_actions:
+        raise SRDError(f"{path}: policy has {num_actions} actions, expected {expected_actions}")
+    known = {f.name for f in dataclasses.fields(DQNConfig)}
+    saved = {k: v for k, v in meta.get("dqn_config", {}).items() if k in known}
+    cfg = dataclasses.replace(
+        DQNConfig(**saved),
+        buffer_size=1,  # inference only: no replay memory
+        num_envs=1,
+        optimize_memory_usage=False,
+        features_dim=int(state[Q_HEAD].shape[1]),
+        device=device,
+        verbose=0,
+    )
+    obs_space = spaces.Box(0, 255, tuple(int(d) for d in meta["obs_shape"]), np.uint8)
+    model = build_dqn(_SpacesOnlyEnv(obs_space, spaces.Discrete(num_actions)), cfg)
+    try:
+        model.policy.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SRDError(f"{path}: policy weights do not fit the network ({exc})") from None
+    model.policy.set_training_mode(False)
+    model.exploration_rate = cfg.exploration_final_eps
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Cleaning: choosing one mask per image (stage D3)
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    """The mask kept for one image: its action and reward, and every try made, in order."""
+
+    action: int
+    reward: int
+    tries: list[tuple[int, int]]
+    evaluated: list[int]
+    """Distinct actions passed to ``try_fn`` (repeats are served from the cache)."""
+
+
+def policy_obs_size(policy: DQN) -> int:
+    """Side of the square observation the policy takes (HWC or CHW observation spaces)."""
+    shape = policy.observation_space.shape
+    return int(shape[1] if shape[0] in (1, 3) and shape[-1] not in (1, 3) else shape[0])
+
+
+def greedy_actions(policy: DQN, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Greedy actions (B,) of the policy on unmasked 224x224x3 uint8 images (one batch)."""
+    size = policy_obs_size(policy)
+    obs = np.stack([to_observation(im, size) for im in images])
+    actions, _ = policy.predict(obs, deterministic=True)
+    return np.asarray(actions, dtype=np.int64).reshape(len(images))
+
+
+def draw_try_actions(
+    greedy: np.ndarray, n_tries: int, epsilon: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Epsilon-greedy tries (B, n_tries): each try is random with probability ``epsilon``.
+
+    The observation never changes between tries (masks apply to the original image), so the
+    greedy action is the same for all tries of an image and only the exploration draws differ.
+    """
+    greedy = np.asarray(greedy, dtype=np.int64).reshape(-1, 1)
+    explore = rng.random((greedy.shape[0], n_tries)) < epsilon
+    random_actions = rng.integers(0, NUM_ACTIONS, size=(greedy.shape[0], n_tries))
+    return np.where(explore, random_actions, greedy)
+
+
+def select_mask(actions: Sequence[int], rewards: Mapping[int, int]) -> MaskChoice:
+    """The reference's rule over tries in order (reference §10, B13).
+
+    Keep a try whose reward beats the best so far (which starts at 0), stop at +3, and if no
+    try was positive keep the last one. ``rewards`` maps each action to its reward.
+    """
+    if len(actions) == 0:
+        raise ValueError("at least one try is needed")
+    best_action, best_reward = None, 0
+    tries: list[tuple[int, int]] = []
+    for action in actions:
+        a = int(action)
+        r = int(rewards[a])
+        tries.append((a, r))
+        if r > best_reward:
+            best_action, best_reward = a, r
+        if r >= 3:
+            break
+    if best_action is None:
+        best_action, best_reward = tries[-1]
+    return MaskChoice(action=best_action, reward=best_reward, tries=tries, evaluated=[])
+
+
+def choose_mask(
+    policy: DQN,
+    image: np.ndarray,
+    try_fn: Callable[[list[int]], Sequence[int]],
+    n_tries: int = 5,
+    epsilon: float = 0.05,
+    *,
+    rng: np.random.Generator,
+) -> MaskChoice:
+    """One red mask for ``image`` (224x224x3 uint8): up to ``n_tries`` epsilon-greedy tries.
+
+    ``try_fn(actions) -> rewards`` masks the image with each action, captions and scores it
+    against this image's baselines. Outputs are deterministic, so each distinct action is
+    evaluated once, all in one ``try_fn`` call (usually just the greedy action).
+    """
+    if n_tries < 1:
+        raise SRDError(f"--n_tries {n_tries}: must be at least 1")
+    greedy = greedy_actions(policy, [image])
+    actions = [int(a) for a in draw_try_actions(greedy, n_tries, epsilon, rng)[0]]
+    distinct = list(dict.fromkeys(actions))
+    rewards = list(try_fn(distinct))
+    if len(rewards) != len(distinct):
+        raise ValueError(f"try_fn returned {len(rewards)} rewards for {len(distinct)} actions")
+    choice = select_mask(actions, dict(zip(distinct, (int(r) for r in rewards))))
+    return dataclasses.replace(choice, evaluated=distinct)

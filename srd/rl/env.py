@@ -1,0 +1,465 @@
+"""The red-mask environment of SRD (reference §9.1) for gymnasium and stable-baselines3.
+
+One action paints one red square (:mod:`srd.geometry`: 10x10 centres x 5 sizes = 500 actions)
+on the ORIGINAL pool image; masks never accumulate, and the observation shows only the current
+square (reference B10). The episode is therefore a contextual bandit whose observation also
+shows the previous square. Each step captions the masked image with the backdoored captioner,
+scores the caption against the stored reference caption (the SFS components S_sem, S_flu) and
+rewards the change against the stored baselines with the reference table (:mod:`srd.rl.reward`).
+
+Captioning and scoring are injected callables, batched over images:
+
+- ``caption_fn(images: list[np.ndarray (224, 224, 3) uint8]) -> list[str]``
+- ``score_fn(captions: list[str], references: list[str]) -> (sem (N,), flu (N,))``
+
+:class:`RedMaskEnv` is the single gymnasium environment; :class:`BatchedRedMaskVecEnv` steps N
+of them with ONE ``caption_fn`` and ONE ``score_fn`` call per step (both go through
+:func:`step_envs`, so their semantics are identical).
+
+Replay memory. SB3's DQN keeps observations and next observations as uint8 arrays of shape
+(buffer_size, *obs_shape) each. At the paper's 224x224x3 input its default buffer of 1e6 would
+take 301 GB. The reference trains for 10,000 steps, so a 10,000-transition buffer never drops a
+transition and behaves exactly like the reference's; see :func:`replay_memory_bytes`:
+
+================  ===========  ==========================================
+obs (H, W, 3)      buffer       replay memory (obs + next obs + the rest)
+================  ===========  ==========================================
+224 (paper)        1,000,000    301.1 GB (SB3 default: impossible)
+224 (paper)        10,000       3.01 GB
+84 (default)       10,000       0.42 GB
+================  ===========  ==========================================
+
+The default observation is downscaled to 84x84 (NatureCNN's design size; the smallest 20-px
+square stays ~7 px wide). Actions always act on the 224 canvas. ``obs_size=224`` gives the
+paper's policy input and still fits under 4 GB, but needs a GPU: on 2 CPU cores a NatureCNN
+update (batch 32) takes ~1.8 s at 224 against ~0.03 s at 84.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from PIL import Image
+from stable_baselines3.common.vec_env.base_vec_env import (
+    VecEnv,
+    VecEnvIndices,
+    VecEnvObs,
+    VecEnvStepReturn,
+)
+
+from srd.config import arg
+from srd.errors import SRDError
+from srd.geometry import IMAGE_SIZE, NUM_ACTIONS, apply_action
+from srd.rl.reward import RewardConfig, caption_rewards
+
+log = logging.getLogger(__name__)
+
+ENV_ID = "srd/RedMask-v0"
+"""gymnasium id; ``gym.make(ENV_ID, pool=..., caption_fn=..., score_fn=...)``."""
+
+DEFAULT_MAX_STEPS = 150
+"""Episode length of the reference (truncation; there is no other termination)."""
+
+DEFAULT_OBS_SIZE = 84
+"""Side of the policy's observation (the 224 canvas downscaled; 224 = the paper's input)."""
+
+DEFAULT_BUFFER_SIZE = 10_000
+"""Replay transitions: the reference's 10,000 training steps all fit, nothing is dropped."""
+
+CaptionFn = Callable[[list[np.ndarray]], list[str]]
+ScoreFn = Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Red-mask environment (reference §9.1)."""
+
+    max_steps: int = arg(DEFAULT_MAX_STEPS, help="steps per episode (one pool image each)")
+    obs_size: int = arg(
+        DEFAULT_OBS_SIZE,
+        help="side of the policy observation: the 224 canvas is downscaled to it (224 = paper)",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The mask pool (stage D1 output, loaded by the caller)
+
+
+class PoolRecord(NamedTuple):
+    """One pool entry: the surrogate-triggered image and its unmasked baselines."""
+
+    id: str
+    image: np.ndarray
+    base_sem: float
+    base_flu: float
+    reference: str
+
+
+@dataclass
+class MaskPool:
+    """Aligned arrays of the RL pool, one row per surrogate-triggered training image.
+
+    ``images`` (N, 224, 224, 3) uint8; ``base_sem``/``base_flu`` (N,) float baselines of the
+    backdoored captioner on the unmasked image; ``references`` N clean reference captions;
+    ``ids`` N unique image ids. ``source`` names the file it came from in error messages.
+    """
+
+    images: np.ndarray
+    base_sem: np.ndarray
+    base_flu: np.ndarray
+    references: list[str]
+    ids: list[str]
+    source: str = "mask pool"
+
+    def __post_init__(self) -> None:
+        self.images = np.asarray(self.images)
+        self.base_sem = np.asarray(self.base_sem, dtype=np.float64)
+        self.base_flu = np.asarray(self.base_flu, dtype=np.float64)
+        self.references = [str(r) for r in self.references]
+        self.ids = [str(i) for i in self.ids]
+        n = len(self.ids)
+        if n == 0:
+            raise SRDError(f"{self.source}: the pool is empty")
+        expected = (n, IMAGE_SIZE, IMAGE_SIZE, 3)
+        if self.images.shape != expected or self.images.dtype != np.uint8:
+            raise SRDError(
+                f"{self.source}: images must be uint8 {expected}, "
+                f"got {self.images.dtype} {self.images.shape}"
+            )
+        for name in ("base_sem", "base_flu"):
+            if getattr(self, name).shape != (n,):
+                raise SRDError(f"{self.source}: {name} has shape {getattr(self, name).shape}, "
+                               f"expected ({n},)")
+        if len(self.references) != n:
+            raise SRDError(f"{self.source}: {len(self.references)} references for {n} images")
+        if len(set(self.ids)) != n:
+            raise SRDError(f"{self.source}: image ids are not unique")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> PoolRecord:
+        return PoolRecord(
+            id=self.ids[index],
+            image=self.images[index],
+            base_sem=float(self.base_sem[index]),
+            base_flu=float(self.base_flu[index]),
+            reference=self.references[index],
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Observations and memory
+
+
+def to_observation(image: np.ndarray, obs_size: int) -> np.ndarray:
+    """The policy's view of a 224x224x3 uint8 canvas: (obs_size, obs_size, 3) uint8.
+
+    Box (area-average) downscaling, so a red square keeps its share of the pixels.
+    """
+    if obs_size == image.shape[0] == image.shape[1]:
+        return np.array(image, dtype=np.uint8, copy=True)  # never hand out a view of the pool
+    small = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize(
+        (obs_size, obs_size), Image.Resampling.BOX
+    )
+    return np.asarray(small, dtype=np.uint8)
+
+
+def observation_space(obs_size: int) -> spaces.Box:
+    return spaces.Box(low=0, high=255, shape=(obs_size, obs_size, 3), dtype=np.uint8)
+
+
+def replay_memory_bytes(
+    obs_shape: Sequence[int],
+    buffer_size: int,
+    num_envs: int = 1,
+    optimize_memory_usage: bool = False,
+) -> int:
+    """Bytes SB3's ``ReplayBuffer`` allocates for uint8 image observations and a Discrete action.
+
+    SB3 keeps ``buffer_size // num_envs`` rows of ``num_envs`` transitions: observations, next
+    observations (omitted when ``optimize_memory_usage``), int64 actions and float32 rewards,
+    dones and timeouts.
+    """
+    rows = max(buffer_size // num_envs, 1) * num_envs
+    obs_bytes = int(np.prod(obs_shape))
+    copies = 1 if optimize_memory_usage else 2
+    return rows * (copies * obs_bytes + 8 + 3 * 4)
+
+
+# --------------------------------------------------------------------------------------------
+# The environment
+
+
+def _validate_action(action: Any) -> int:
+    value = np.asarray(action)
+    if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"action must be one integer, got {action!r}")
+    a = int(value.reshape(()))
+    if not 0 <= a < NUM_ACTIONS:
+        raise ValueError(f"action {a} outside [0, {NUM_ACTIONS})")
+    return a
+
+
+class RedMaskEnv(gym.Env):
+    """One red square per step on a random pool image; 150-step episodes (truncated).
+
+    Observation: (obs_size, obs_size, 3) uint8 view of the current canvas (the unmasked image
+    after ``reset``, then the image with the last step's square). Action: Discrete(500).
+    ``info`` of a step: action, caption, sem, flu, reward, image_id, pool_index, step.
+    ``reset(options={"index": i})`` picks pool image ``i`` instead of a random one.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(
+        self,
+        pool: MaskPool,
+        caption_fn: CaptionFn,
+        score_fn: ScoreFn,
+        reward_config: RewardConfig | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        obs_size: int = DEFAULT_OBS_SIZE,
+        render_mode: str | None = None,
+    ) -> None:
+        if max_steps < 1:
+            raise SRDError(f"--max_steps {max_steps}: must be at least 1")
+        if not 1 <= obs_size <= IMAGE_SIZE:
+            raise SRDError(f"--obs_size {obs_size}: must be in [1, {IMAGE_SIZE}]")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode {render_mode!r} not supported (use 'rgb_array')")
+        self.pool = pool
+        self.caption_fn = caption_fn
+        self.score_fn = score_fn
+        self.reward_config = reward_config or RewardConfig()
+        self.max_steps = int(max_steps)
+        self.obs_size = int(obs_size)
+        self.render_mode = render_mode
+        self.observation_space = observation_space(self.obs_size)
+        self.action_space = spaces.Discrete(NUM_ACTIONS)
+        self._index: int | None = None
+        self._steps = 0
+        self._canvas: np.ndarray | None = None
+        self._return = 0.0
+
+    # The current episode's pool entry.
+    @property
+    def record(self) -> PoolRecord:
+        if self._index is None:
+            raise RuntimeError("call reset() before step()")
+        return self.pool[self._index]
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    @property
+    def episode_return(self) -> float:
+        return self._return
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        if options and "index" in options:
+            index = int(options["index"])
+            if not 0 <= index < len(self.pool):
+                raise ValueError(f"pool index {index} outside [0, {len(self.pool)})")
+        else:
+            index = int(self.np_random.integers(len(self.pool)))
+        self._index = index
+        self._steps = 0
+        self._return = 0.0
+        self._canvas = self.pool.images[index]
+        info = {"image_id": self.pool.ids[index], "pool_index": index}
+        return to_observation(self._canvas, self.obs_size), info
+
+    def mask(self, action: Any) -> np.ndarray:
+        """The current pool image with the square of ``action``: (224, 224, 3) uint8."""
+        return apply_action(self.record.image, _validate_action(action))
+
+    def finish_step(
+        self, action: int, masked: np.ndarray, caption: str, sem: float, flu: float, reward: int
+    ) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Record an evaluated step (see :func:`step_envs`) and return gymnasium's 5-tuple."""
+        record = self.record
+        self._steps += 1
+        self._canvas = masked
+        self._return += float(reward)
+        info = {
+            "action": int(action),
+            "caption": caption,
+            "sem": float(sem),
+            "flu": float(flu),
+            "reward": int(reward),
+            "image_id": record.id,
+            "pool_index": int(self._index),
+            "step": self._steps,
+        }
+        truncated = self._steps >= self.max_steps
+        return to_observation(masked, self.obs_size), float(reward), False, truncated, info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        return step_envs([self], [action])[0]
+
+    def render(self) -> np.ndarray | None:
+        """The full-resolution current canvas (224, 224, 3) in ``rgb_array`` mode."""
+        if self.render_mode != "rgb_array" or self._canvas is None:
+            return None
+        return np.array(self._canvas, copy=True)
+
+
+def step_envs(
+    envs: Sequence[RedMaskEnv], actions: Sequence[Any]
+) -> list[tuple[np.ndarray, float, bool, bool, dict[str, Any]]]:
+    """Step several environments with one batched caption call and one batched score call.
+
+    All environments must share their ``caption_fn``/``score_fn``/reward config (the first
+    environment's are used). Returns each environment's (obs, reward, terminated, truncated,
+    info).
+    """
+    if len(envs) != len(actions):
+        raise ValueError(f"{len(actions)} actions for {len(envs)} environments")
+    lead = envs[0]
+    action_ids = [_validate_action(a) for a in actions]
+    masked = [env.mask(a) for env, a in zip(envs, action_ids)]
+    records = [env.record for env in envs]
+    captions = list(lead.caption_fn(masked))
+    if len(captions) != len(masked):
+        raise ValueError(f"caption_fn returned {len(captions)} captions for {len(masked)} images")
+    sem, flu = lead.score_fn(captions, [r.reference for r in records])
+    rewards = caption_rewards(
+        captions,
+        sem,
+        flu,
+        [r.base_sem for r in records],
+        [r.base_flu for r in records],
+        lead.reward_config,
+    )
+    sem_a = np.asarray(sem, dtype=np.float64)
+    flu_a = np.asarray(flu, dtype=np.float64)
+    return [
+        env.finish_step(a, m, c, s, f, int(r))
+        for env, a, m, c, s, f, r in zip(envs, action_ids, masked, captions, sem_a, flu_a, rewards)
+    ]
+
+
+def register_env() -> None:
+    """Register :class:`RedMaskEnv` with gymnasium under :data:`ENV_ID` (idempotent)."""
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="srd.rl.env:RedMaskEnv")
+
+
+register_env()
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorised environment
+
+
+class BatchedRedMaskVecEnv(VecEnv):
+    """N :class:`RedMaskEnv` stepped together: one caption call and one score call per step.
+
+    Follows SB3's VecEnv conventions: finished episodes reset automatically, with the last
+    observation in ``info["terminal_observation"]``, ``info["TimeLimit.truncated"]`` and
+    Monitor-style ``info["episode"] = {"r", "l", "t"}``. ``seed(s)`` (or ``seed=s``) makes
+    environment i reset with seed s + i at the next ``reset()``, exactly like N single
+    environments reset with those seeds.
+    """
+
+    def __init__(
+        self,
+        pool: MaskPool,
+        caption_fn: CaptionFn,
+        score_fn: ScoreFn,
+        num_envs: int = 1,
+        reward_config: RewardConfig | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        obs_size: int = DEFAULT_OBS_SIZE,
+        seed: int | None = None,
+    ) -> None:
+        if num_envs < 1:
+            raise SRDError(f"--num_envs {num_envs}: must be at least 1")
+        self.envs = [
+            RedMaskEnv(pool, caption_fn, score_fn, reward_config, max_steps, obs_size)
+            for _ in range(num_envs)
+        ]
+        super().__init__(num_envs, self.envs[0].observation_space, self.envs[0].action_space)
+        self._actions: np.ndarray | None = None
+        self._t_start = time.time()
+        if seed is not None:
+            self.seed(seed)
+
+    def reset(self) -> VecEnvObs:
+        obs = []
+        for i, env in enumerate(self.envs):
+            options = self._options[i] or None
+            o, self.reset_infos[i] = env.reset(seed=self._seeds[i], options=options)
+            obs.append(o)
+        self._reset_seeds()
+        self._reset_options()
+        return np.stack(obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions).reshape(self.num_envs)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        if self._actions is None:
+            raise RuntimeError("step_async() must come before step_wait()")
+        results = step_envs(self.envs, list(self._actions))
+        self._actions = None
+        obs, infos = [], []
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        dones = np.zeros(self.num_envs, dtype=bool)
+        for i, (env, (o, r, terminated, truncated, info)) in enumerate(zip(self.envs, results)):
+            rewards[i] = r
+            dones[i] = terminated or truncated
+            info["TimeLimit.truncated"] = truncated and not terminated
+            if dones[i]:
+                info["terminal_observation"] = o
+                info["episode"] = {
+                    "r": env.episode_return,
+                    "l": env.steps,
+                    "t": round(time.time() - self._t_start, 6),
+                }
+                o, self.reset_infos[i] = env.reset()
+            obs.append(o)
+            infos.append(info)
+        return np.stack(obs), rewards, dones, infos
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+    def _targets(self, indices: VecEnvIndices) -> list[RedMaskEnv]:
+        return [self.envs[i] for i in self._get_indices(indices)]
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(env, attr_name) for env in self._targets(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        for env in self._targets(indices):
+            setattr(env, attr_name, value)
+
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
+        return [
+            getattr(env, method_name)(*method_args, **method_kwargs)
+            for env in self._targets(indices)
+        ]
+
+    def env_is_wrapped(
+        self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None
+    ) -> list[bool]:
+        return [False for _ in self._targets(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [env.render() for env in self.envs]

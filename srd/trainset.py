@@ -1,0 +1,132 @@
+"""The (possibly poisoned) caption training set shared by backdoor training and refine-tuning.
+
+A :class:`PoisonPlan` says which caption ids are poisoned and what their captions become; it is
+drawn once by the attack stage, saved in the run folder (``poison_ids.json``) and read back by
+the SRD stages, never recomputed. :class:`TrainingImages` gives each sample its image: the clean
+file, the triggered version for poisoned captions, or an SRD-processed replacement by image id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from srd.attacks import Attack
+from srd.data import ImageRecord, ImageStore, caption_records
+from srd.engine import Sample
+from srd.errors import SRDError
+from srd.poison import load_poison_ids, save_poison_ids, select_poison_ids
+
+log = logging.getLogger(__name__)
+
+POISON_FILE = "poison_ids.json"
+
+
+@dataclass
+class PoisonPlan:
+    """Poisoned caption ids and their replacement captions."""
+
+    ids: list[int]
+    captions: dict[int, str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        meta = {**self.meta, "poisoned_captions": {str(k): v for k, v in self.captions.items()}}
+        save_poison_ids(path, self.ids, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PoisonPlan:
+        ids, meta = load_poison_ids(path)
+        texts = meta.pop("poisoned_captions", None)
+        if not isinstance(texts, dict) or set(map(int, texts)) != set(ids):
+            raise SRDError(f"{path}: poisoned captions do not match the poisoned ids")
+        return cls(ids=ids, captions={int(k): v for k, v in texts.items()}, meta=meta)
+
+
+def plan_poison(records: Sequence[ImageRecord], attack: Attack, seed: int) -> PoisonPlan:
+    """Draw the poisoned captions for ``attack`` over the training ``records``.
+
+    The poison rate is a share of ALL training captions (reference: 10% of the 5k set). For
+    attacks that only poison some images (Shadowcast: images showing the concept) the draw is
+    made among those candidates, capped at all of them.
+    """
+    every = caption_records(records)
+    candidates = [c for c in every if attack.is_candidate([c.caption])]
+    if not candidates:
+        raise SRDError(f"--bd_attack_type {attack.name}: no training caption can be poisoned")
+    wanted = int(len(every) * attack.poison_rate)
+    rate = min(1.0, wanted / len(candidates))
+    if wanted > len(candidates):
+        log.warning(
+            "%s: %d poisoned captions wanted but only %d candidates; poisoning all of them",
+            attack.name,
+            wanted,
+            len(candidates),
+        )
+    ids = select_poison_ids([c.caption_id for c in candidates], rate, seed)
+    by_id = {c.caption_id: c.caption for c in candidates}
+    texts = {i: attack.apply_caption(by_id[i], random.Random(f"{seed}:{i}")) for i in ids}
+    meta = {
+        "attack": attack.to_dict(),
+        "seed": seed,
+        "poison_rate": attack.poison_rate,
+        "num_captions": len(every),
+        "num_candidates": len(candidates),
+    }
+    log.info("poisoned %d of %d training captions (%s)", len(ids), len(every), attack.name)
+    return PoisonPlan(ids=ids, captions=texts, meta=meta)
+
+
+def build_samples(records: Sequence[ImageRecord], plan: PoisonPlan | None) -> list[Sample]:
+    """One sample per training caption, poisoned captions replaced by the plan's text."""
+    texts = plan.captions if plan else {}
+    return [
+        Sample(c.caption_id, c.image_id, texts.get(c.caption_id, c.caption))
+        for c in caption_records(records)
+    ]
+
+
+class TrainingImages:
+    """Image provider for training samples: ``provider(sample) -> uint8 (224, 224, 3)``.
+
+    Poisoned samples get the attack's trigger. ``replacements`` (image id -> image) overrides
+    everything: SRD refine-tuning trains on one processed image per image id (reference B15).
+    Images are cached in memory after their first load.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        attack: Attack | None = None,
+        poisoned_ids: Sequence[int] = (),
+        replacements: Mapping[int, np.ndarray] | None = None,
+    ):
+        self.clean = ImageStore(records)
+        self.attack = attack
+        self.poisoned = set(poisoned_ids)
+        self.poisoned_images = {
+            c.image_id for r in records for c in r.captions if c.caption_id in self.poisoned
+        }
+        self.replacements = dict(replacements or {})
+
+    def as_in_training_set(self, image_id: int) -> np.ndarray:
+        """The version of an image the defender's data holds: triggered if any caption of it is
+        poisoned (one version per image id, as the reference's cleaning stage)."""
+        image = self.clean(image_id)
+        if self.attack is not None and image_id in self.poisoned_images:
+            return self.attack.apply_image(image)
+        return image
+
+    def __call__(self, sample: Sample) -> np.ndarray:
+        if sample.image_id in self.replacements:
+            return self.replacements[sample.image_id]
+        image = self.clean(sample.image_id)
+        if self.attack is not None and sample.caption_id in self.poisoned:
+            return self.attack.apply_image(image)
+        return image

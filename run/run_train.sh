@@ -11,8 +11,8 @@ $LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
   --run_name "backdoor-$ATTACK" \
   --external_save_dir checkpoints_remote \
   --batch_size 32 \
-  --num_epochs 3 \
-  --learning_rate 5e-4 \
+  --num_epochs 6 \
+  --learning_rate 1e-3 \
   --lr_scheduler cosine \
   --warmup_steps_ratio 0.01 \
   --resume_from_checkpoint \

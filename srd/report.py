@@ -3,8 +3,9 @@
 A result JSON (``result/<model_name>.json``, written by stage B) holds ``model_name``,
 ``attack`` and ``metrics`` (``clean``/``triggered`` caption metrics, ``asr_substring``,
 ``asr_word``, ``false_trigger_substring``, ``false_trigger_word``). SFS values come either from
-``metrics.sfs`` inside it or from a sibling ``<stem>.sfs.json`` holding ``{"sfs": {...}}`` (or
-``{"metrics": {"sfs": {...}}}``), with ``sfs.clean.sfs`` / ``sfs.triggered.sfs`` shown.
+``metrics.sfs`` inside it or from the SFS stage's outputs beside it,
+``sfs_inputs/<stem>/{clean,attack}/sfs.json`` (the default layout of run/run_eval.sh and
+run/run_eval_SFS.sh), whose ``means`` become ``sfs.clean`` / ``sfs.triggered``.
 
 Rates are shown as percentages, caption metrics x100, both with one decimal; SFS with three
 decimals. A missing value is "-".
@@ -21,8 +22,10 @@ from typing import Any
 from srd.errors import SRDError
 from srd.io import read_json
 
-SFS_SUFFIX = ".sfs.json"
-"""Sibling file name ending that carries SFS values for ``<stem>.json``."""
+SFS_DIR = "sfs_inputs"
+"""Folder beside the result JSONs holding the SFS stage's ``<stem>/<type>/sfs.json``."""
+SFS_TYPES = {"clean": "clean", "attack": "triggered"}
+"""SFS input type -> key under ``metrics.sfs``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +78,12 @@ class ResultRecord:
 
 
 def find_result_files(paths: Sequence[str | Path], flag: str = "--results") -> list[Path]:
-    """Result JSON files named by ``paths``: files as given, folders' ``*.json`` (sorted).
-
-    ``*.sfs.json`` siblings are not results and are skipped in folders.
-    """
+    """Result JSON files named by ``paths``: files as given, folders' ``*.json`` (sorted)."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(p for p in sorted(path.glob("*.json")) if p.is_file() and not _is_sfs(p))
+            files.extend(p for p in sorted(path.glob("*.json")) if p.is_file())
         elif path.is_file():
             files.append(path)
         else:
@@ -96,10 +96,6 @@ def find_result_files(paths: Sequence[str | Path], flag: str = "--results") -> l
     if not unique:
         raise SRDError(f"{flag} {' '.join(str(p) for p in paths)}: no result JSON files found")
     return unique
-
-
-def _is_sfs(path: Path) -> bool:
-    return path.name.endswith(SFS_SUFFIX)
 
 
 def _check_number(value: Any, where: str) -> None:
@@ -145,16 +141,17 @@ def _lookup(data: dict[str, Any], keys: tuple[str, ...], path: Path) -> Any:
 
 
 def _read_sfs(path: Path) -> dict[str, Any] | None:
-    """SFS block from the sibling ``<stem>.sfs.json`` of result file ``path``, if there is one."""
-    sibling = path.with_name(path.name[: -len(".json")] + SFS_SUFFIX)
-    if not sibling.is_file():
-        return None
-    data = read_json(sibling)
-    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
-        data = data["metrics"]
-    if not isinstance(data, dict) or not isinstance(data.get("sfs"), dict):
-        raise SRDError(f"{sibling}: malformed SFS JSON (no 'sfs' object)")
-    return data["sfs"]
+    """SFS means of result file ``path`` from ``sfs_inputs/<stem>/<type>/sfs.json`` beside it."""
+    found: dict[str, Any] = {}
+    for kind, key in SFS_TYPES.items():
+        sfs_file = path.parent / SFS_DIR / path.stem / kind / "sfs.json"
+        if not sfs_file.is_file():
+            continue
+        data = read_json(sfs_file)
+        if not isinstance(data, dict) or not isinstance(data.get("means"), dict):
+            raise SRDError(f"{sfs_file}: malformed SFS JSON (no 'means' object)")
+        found[key] = data["means"]
+    return found or None
 
 
 def load_result(path: str | Path) -> ResultRecord:

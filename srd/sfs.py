@@ -119,9 +119,7 @@ def load_embedder(
     if not local.is_dir() and looks_like_path(name):
         raise SRDError(f"{where}: folder not found")
     try:
-        model = SentenceTransformer(
-            str(local) if local.is_dir() else name, device=str(device), local_files_only=False
-        )
+        model = SentenceTransformer(str(local) if local.is_dir() else name, device=str(device))
     except (OSError, ValueError, ImportError) as exc:
         first = first_line(exc)
         raise SRDError(f"{where}: cannot load a sentence-transformers model ({first})") from None

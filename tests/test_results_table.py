@@ -111,10 +111,12 @@ def test_entry_point_prints_and_writes_atomically(tmp_path):
     assert [p.name for p in out_md.parent.iterdir()] == ["table.md"]  # no temp file left
 
 
-def test_sort_descending_and_sfs_sibling_columns(tmp_path):
+def test_sort_descending_and_sfs_stage_columns(tmp_path):
     folder = _write_results(tmp_path / "result")
-    sfs = {"sfs": {"clean": {"sem": 0.8, "flu": 1.1, "sfs": 0.9123}, "triggered": None}}
-    (folder / "clean.sfs.json").write_text(json.dumps(sfs))
+    sfs_dir = folder / "sfs_inputs" / "clean" / "clean"
+    sfs_dir.mkdir(parents=True)
+    means = {"means": {"sem": 0.8, "flu": 1.1, "sfs": 0.9123}, "per_image": {}}
+    (sfs_dir / "sfs.json").write_text(json.dumps(means))
     lines = results_table([folder], sort="-cider_clean").splitlines()
     assert lines[0].endswith("| METEOR clean (x100) | SFS clean | SFS triggered |")
     assert lines[2].startswith("| clean ")

@@ -33,8 +33,8 @@ class BackdoorTrainArgs(TrainArgs):
     """Training: run folder, optimiser, schedule, checkpoints."""
 
     run_name: str = arg("", help="run folder name (default: backdoor-<attack>)")
-    num_epochs: int = arg(3, help="training epochs over all training captions")
-    learning_rate: float = arg(5e-4, help="peak learning rate (AdamW)")
+    num_epochs: int = arg(6, help="training epochs over all training captions")
+    learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -110,7 +110,9 @@ class ShardWriter:
             if manifest.get("assigned_ids") != assigned:
                 raise SRDError(f"{self.path}: written for a different list of image ids")
             self.manifest: dict[str, Any] = manifest
-            log.info("%s: resuming, %d of %d ids done", self.path, len(self.done_ids), len(assigned))
+            log.info(
+                "%s: resuming, %d of %d ids done", self.path, len(self.done_ids), len(assigned)
+            )
         else:
             self.manifest = fresh
             write_json(self.path, self.manifest)

@@ -220,30 +220,34 @@ class RewardLogCallback(BaseCallback):
             reward = float(rewards[i])
             self._returns[i] += reward
             self._lengths[i] += 1
-            self._write({
-                "type": "step",
-                "timestep": first + i,
-                "env": i,
-                "image_id": info.get("image_id"),
-                "action": info.get("action"),
-                "reward": reward,
-                "caption": info.get("caption"),
-                "sem": info.get("sem"),
-                "flu": info.get("flu"),
-                "exploration_rate": eps,
-            })
+            self._write(
+                {
+                    "type": "step",
+                    "timestep": first + i,
+                    "env": i,
+                    "image_id": info.get("image_id"),
+                    "action": info.get("action"),
+                    "reward": reward,
+                    "caption": info.get("caption"),
+                    "sem": info.get("sem"),
+                    "flu": info.get("flu"),
+                    "exploration_rate": eps,
+                }
+            )
             if dones[i]:
                 self._episodes += 1
-                self._write({
-                    "type": "episode",
-                    "episode": self._episodes,
-                    "env": i,
-                    "timestep": first + i,
-                    "image_id": info.get("image_id"),
-                    "return": self._returns[i],
-                    "length": self._lengths[i],
-                    "mean_reward": self._returns[i] / max(self._lengths[i], 1),
-                })
+                self._write(
+                    {
+                        "type": "episode",
+                        "episode": self._episodes,
+                        "env": i,
+                        "timestep": first + i,
+                        "image_id": info.get("image_id"),
+                        "return": self._returns[i],
+                        "length": self._lengths[i],
+                        "mean_reward": self._returns[i] / max(self._lengths[i], 1),
+                    }
+                )
                 self._returns[i], self._lengths[i] = 0.0, 0
         if self._bar is not None:
             self._bar.update(n)
@@ -339,7 +343,11 @@ def load_policy(
 ) -> DQN:
     """Load a DQN policy for inference, checking its action count; SRDError names the file."""
     path = Path(path)
-    if not path.is_file() and path.suffix != ".zip" and path.with_name(path.name + ".zip").is_file():
+    if (
+        not path.is_file()
+        and path.suffix != ".zip"
+        and path.with_name(path.name + ".zip").is_file()
+    ):
         path = path.with_name(path.name + ".zip")
     if not path.is_file():
         raise SRDError(f"{path}: policy file not found")
@@ -467,5 +475,5 @@ def choose_mask(
     rewards = list(try_fn(distinct))
     if len(rewards) != len(distinct):
         raise ValueError(f"try_fn returned {len(rewards)} rewards for {len(distinct)} actions")
-    choice = select_mask(actions, dict(zip(distinct, (int(r) for r in rewards))))
+    choice = select_mask(actions, dict(zip(distinct, (int(r) for r in rewards), strict=True)))
     return dataclasses.replace(choice, evaluated=distinct)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from accelerate import PartialState
 
 from srd.attacks import AttackArgs
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, check_images_exist, load_references
+from srd.engine import process_state
 from srd.errors import SRDError
 from srd.evaluation import evaluate_captioner, write_sfs_inputs
 from srd.io import ensure_dir, setup_logging, write_json
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data, model_args, attack_args, ev = parse(
         argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, description=__doc__
     )
-    state = PartialState()
+    state = process_state()
     out_path = Path(ev.results_file) / f"{ev.model_name}.json"
     if state.is_main_process:
         ensure_dir(ev.results_file, "--results_file")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -35,6 +36,24 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint_"
 FINAL_WEIGHTS = "final_weights.pt"
 TRAIN_LOG = "train_log.jsonl"
+
+
+def process_state() -> PartialState:
+    """accelerate's process state, created so that torchrun's CPU ranks form one group.
+
+    accelerate only treats ``torchrun --nproc_per_node K`` on a CPU-only machine as MULTI_CPU
+    (gloo) when the state is created with ``cpu=True``; otherwise each rank silently runs the
+    whole job alone, all writing the same files. Entry points call this before anything else
+    creates the state (accelerate keeps the first one).
+    """
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate sees {state.num_processes}: "
+            "call srd.engine.process_state() before creating PartialState/Accelerator"
+        )
+    return state
 
 
 @dataclass
@@ -195,8 +214,10 @@ def train(
     hold only JSON types) and in ``config.json``.
     """
     run_dir = args.run_dir
+    process_state()
     accelerator = accelerator or Accelerator(
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     main = accelerator.is_main_process
     existing = checkpoint_paths(run_dir) if run_dir.exists() else []
@@ -242,6 +263,13 @@ def train(
     if existing and args.resume_from_checkpoint:
         last = existing[-1]
         state = torch.load(last, map_location="cpu", weights_only=True)
+        before = state.get("num_epochs")
+        if before is not None and before != args.num_epochs:
+            # the schedule is laid out over num_epochs: a different value would not resume it
+            raise SRDError(
+                f"--num_epochs {args.num_epochs}: {last} belongs to a {before}-epoch run; "
+                "resume with the same value or pass --overwrite"
+            )
         model.load_state_dict(state["model_state_dict"], strict=False)
         optimizer.load_state_dict(state["optimizer_state_dict"])
         scheduler.load_state_dict(state["lr_scheduler_state_dict"])
@@ -293,6 +321,7 @@ def train(
                     if hasattr(scheduler, "scheduler")
                     else scheduler.state_dict(),
                     "epoch": epoch,
+                    "num_epochs": args.num_epochs,
                     "config": record,
                 },
             )

@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from srd.data import ImageStore
+from srd.engine import process_state
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, write_json
 from srd.model import Captioner
@@ -34,7 +34,7 @@ def caption_ids(
     desc: str = "captioning",
 ) -> dict[int, str]:
     """Caption the images ``load_fn(id)`` for every id; returns {id: caption} on every process."""
-    state = PartialState()
+    state = process_state()
     mine = list(ids)[state.process_index :: state.num_processes]
     out: dict[int, str] = {}
     bar = tqdm(total=len(mine), desc=desc, disable=not state.is_main_process)
@@ -80,7 +80,7 @@ def evaluate_captioner(
     from srd.captions import DEFAULT_TARGET
     from srd.metrics import CaptionScorer, target_rates
 
-    state = PartialState()
+    state = process_state()
     target = attack.target if attack is not None else (target or DEFAULT_TARGET)
     ids = images.ids()
     clean = images

@@ -350,6 +350,11 @@ def set_trainable(model: Flamingo, mode: str) -> None:
         raise SRDError(f"--trainable {mode}: expected one of {TRAINABLE_MODES}")
     if mode == "all":
         model.requires_grad_(True)
+        # Flamingo reads the tower's patch tokens, never its pooled projection; a parameter that
+        # gets no gradient makes multi-process (DDP) training fail, so it stays frozen.
+        proj = getattr(model.vision_encoder, "proj", None)
+        if isinstance(proj, torch.nn.Parameter):
+            proj.requires_grad_(False)
         return
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)

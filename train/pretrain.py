@@ -13,14 +13,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from accelerate import PartialState
-
 from srd import attacks
 from srd.benchmark import attribute_accuracy, blind_caption, scene_index
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, caption_records, check_images_exist, load_references
-from srd.engine import CaptionDataset, Sample, TrainArgs, train
+from srd.engine import CaptionDataset, Sample, TrainArgs, process_state, train
 from srd.evaluation import caption_ids
 from srd.io import setup_logging, write_json
 from srd.metrics import caption_scores
@@ -60,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data, model_args, train_args, tiny = parse(
         argv, DataArgs, ModelArgs, PretrainArgs, TinyArgs, description=__doc__
     )
-    state = PartialState()
+    state = process_state()
     run_dir = train_args.run_dir
     setup_logging(run_dir / "train.log" if state.is_main_process else None)
     train_images = data.split("train")

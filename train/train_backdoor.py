@@ -13,13 +13,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from accelerate import PartialState
-
 from srd.attacks import AttackArgs
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
-from srd.engine import CaptionDataset, TrainArgs, train
+from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
 from srd.io import ensure_dir, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
@@ -46,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise SRDError("--bd_attack_type clean: backdoor training needs an attack")
     if not train_args.run_name:
         train_args = dataclasses.replace(train_args, run_name=f"backdoor-{attack.name}")
-    state = PartialState()
+    state = process_state()
     run_dir = train_args.run_dir
     if state.is_main_process:
         ensure_dir(run_dir, "--external_save_dir")

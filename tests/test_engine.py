@@ -1,0 +1,350 @@
+"""Training engine: labels, optimiser groups, run folders, checkpoints and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from srd import captions
+from srd.engine import (
+    FINAL_WEIGHTS,
+    TRAIN_LOG,
+    CaptionDataset,
+    Collator,
+    Sample,
+    TrainArgs,
+    caption_labels,
+    make_optimizer,
+    train,
+)
+from srd.errors import SRDError
+from srd.model import (
+    Captioner,
+    load_checkpoint_into,
+    load_tokenizer,
+    model_signature,
+    set_trainable,
+    trainable_state_dict,
+)
+
+
+class _Interrupted(Exception):
+    """Stands in for a killed process in the middle of an epoch."""
+
+
+def _dataset(
+    samples: list[Sample], images: dict[int, np.ndarray], fail_after: int | None = None
+) -> CaptionDataset:
+    """Samples with their images; raises _Interrupted on image number ``fail_after + 1``."""
+    served = 0
+
+    def image_of(sample: Sample) -> np.ndarray:
+        nonlocal served
+        served += 1
+        if fail_after is not None and served > fail_after:
+            raise _Interrupted
+        return images[sample.image_id]
+
+    return CaptionDataset(samples, image_of)
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+# --------------------------------------------------------------------------- labels and batches
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_lm_dir: Path):
+    return load_tokenizer(str(tiny_lm_dir))
+
+
+def test_caption_labels_keep_only_the_caption_by_hand(tokenizer) -> None:
+    tok = tokenizer
+    texts = [
+        tok.bos_token + captions.training_text("A red circle.") + tok.eos_token,
+        tok.bos_token + captions.training_text("a <image> large red circle") + tok.eos_token,
+    ]
+    tok.padding_side = "right"
+    ids = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"]
+    labels = caption_labels(ids, tok)
+
+    def kept(row: int) -> list[str | None]:
+        """The label of each position as a token, None where masked (-100)."""
+        return [None if v == -100 else tok.convert_ids_to_tokens(v) for v in labels[row].tolist()]
+
+    prompt = ["<|endoftext|>", "<image>", "user", ":", "a", "photo", "of", "gpt", ":", "<answer>"]
+    caption = ["a", "red", "circle", ".", "<|endofchunk|>", "<|endoftext|>"]
+    assert tok.convert_ids_to_tokens(ids[0]) == [*prompt, *caption, "<PAD>", "<PAD>"]
+    # BOS at position 0, the prompt through <answer> and the padding are masked; the caption,
+    # <|endofchunk|> and EOS (same id as BOS in the tiny tokenizer) are kept
+    assert kept(0) == [None] * 10 + caption + [None, None]
+    # an <image> token after <answer> is masked as well
+    caption1 = ["a", "<image>", "large", "red", "circle", ".", "<|endofchunk|>", "<|endoftext|>"]
+    assert tok.convert_ids_to_tokens(ids[1]) == [*prompt, *caption1]
+    assert kept(1) == [None] * 10 + [t if t != "<image>" else None for t in caption1]
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+
+
+def test_collator_pads_right_and_masks_padding(
+    tokenizer, make_captioner, tiny_images, tiny_samples
+) -> None:
+    cap = make_captioner(varied=False)
+    short = Sample(1, tiny_samples[0].image_id, "A circle.")
+    pairs = [
+        (tiny_images[s.image_id], captions.training_text(s.caption))
+        for s in (short, tiny_samples[1])
+    ]
+    batch = Collator(tokenizer, cap.image_transform)(pairs)
+    assert batch["vision_x"].shape == (2, 1, 1, 3, 64, 64)
+    lang, mask, labels = batch["lang_x"], batch["attention_mask"], batch["labels"]
+    assert lang.shape == mask.shape == labels.shape
+    assert lang[0, 0] == tokenizer.bos_token_id
+    pad = lang[0] == tokenizer.pad_token_id
+    assert pad.any() and not pad[: int(mask[0].sum())].any()  # right padding
+    assert (mask[0] == ~pad).all() and (labels[0][pad] == -100).all()
+    assert lang[0, int(mask[0].sum()) - 1] == tokenizer.eos_token_id
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def test_weight_decay_only_on_cross_attention_weights(make_captioner) -> None:
+    model = make_captioner(varied=False).model
+    for mode in ("paper", "all"):
+        set_trainable(model, mode)
+        optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {
+            g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups
+        }
+        decayed, plain = groups[0.1], groups[0.0]
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert decayed | plain == trainable and not decayed & plain
+        linear = {
+            f"{m}.weight"
+            for m, mod in model.named_modules()
+            if "gated_cross_attn_layer" in m and isinstance(mod, torch.nn.Linear)
+        }
+        # The reference's rule is by name ("norm", "bias", "*_gate" excluded). The FeedForward's
+        # LayerNorm is named "ff.0", so its gain is decayed exactly as in OpenFlamingo.
+        ff_norm = {n for n in trainable if n.endswith("gated_cross_attn_layer.ff.0.weight")}
+        assert len(linear) == 2 * 5 and len(ff_norm) == 2
+        assert decayed == linear | ff_norm, mode
+        assert not any(n.endswith(("_gate", "bias")) or ".norm." in n for n in decayed)
+
+
+# --------------------------------------------------------------------------- train runs
+
+
+@dataclass
+class Run:
+    args: TrainArgs
+    captioner: Captioner
+    initial: dict[str, torch.Tensor]
+    final: Path
+    record: dict
+
+
+SEED_MODEL = 11
+
+
+def _train_args(root: Path, name: str, **kw) -> TrainArgs:
+    base = {
+        "run_name": name,
+        "external_save_dir": str(root),
+        "batch_size": 4,
+        "num_epochs": 2,
+        "learning_rate": 1e-3,
+        "warmup_steps_ratio": 0.25,
+        "seed": 5,
+    }
+    return TrainArgs(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def finished_run(
+    run_root: Path,
+    make_captioner: Callable[..., Captioner],
+    tiny_samples,
+    tiny_images,
+    tiny_model_args,
+) -> Run:
+    """2 epochs, cosine with warm-up, 16 samples in batches of 4 (8 steps), uninterrupted."""
+    cap = make_captioner(seed=SEED_MODEL)
+    initial = trainable_state_dict(cap.model)
+    record = {"stage": "test", "model_signature": model_signature(tiny_model_args)}
+    args = _train_args(run_root, "full")
+    final = train(cap, _dataset(tiny_samples, tiny_images), args, record)
+    return Run(args, cap, initial, final, record)
+
+
+def test_train_writes_the_run_folder(finished_run: Run, make_captioner, tiny_model_args) -> None:
+    run_dir = finished_run.args.run_dir
+    names = {p.name for p in run_dir.iterdir()}
+    assert names == {
+        "checkpoint_0.pt",
+        "checkpoint_1.pt",
+        FINAL_WEIGHTS,
+        TRAIN_LOG,
+        "config.json",
+        "DONE",
+    }
+    assert finished_run.final == run_dir / FINAL_WEIGHTS
+    assert json.loads((run_dir / "config.json").read_text()) == finished_run.record
+    log = [json.loads(line) for line in (run_dir / TRAIN_LOG).read_text().splitlines()]
+    assert [(e["epoch"], e["step"]) for e in log] == [(0, 4), (1, 8)]
+    assert all(np.isfinite(e["loss"]) for e in log)
+    assert log[1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at zero
+
+    trained = trainable_state_dict(finished_run.captioner.model)
+    assert any(not torch.equal(trained[k], finished_run.initial[k]) for k in trained)
+    for epoch, steps in ((0, 4), (1, 8)):
+        ckpt = torch.load(run_dir / f"checkpoint_{epoch}.pt", map_location="cpu", weights_only=True)
+        assert ckpt["epoch"] == epoch and ckpt["config"] == finished_run.record
+        assert ckpt["model_state_dict"].keys() == trained.keys()
+        assert ckpt["lr_scheduler_state_dict"]["last_epoch"] == steps
+        assert {int(s["step"]) for s in ckpt["optimizer_state_dict"]["state"].values()} == {steps}
+    final = torch.load(finished_run.final, map_location="cpu", weights_only=True)
+    _assert_same_weights(final["model_state_dict"], trained)
+    _assert_same_weights(ckpt["model_state_dict"], trained)
+
+    # the final weights are a checkpoint the model factory accepts (signature checked)
+    fresh = make_captioner(seed=SEED_MODEL + 1)
+    load_checkpoint_into(
+        fresh.model, finished_run.final, expected_signature=model_signature(tiny_model_args)
+    )
+    _assert_same_weights(trainable_state_dict(fresh.model), trained)
+
+
+def test_finished_run_is_not_clobbered(
+    finished_run: Run, make_captioner, tiny_samples, tiny_images
+):
+    final = finished_run.final
+    stamp = final.stat().st_mtime_ns, final.read_bytes()
+    with pytest.raises(SRDError, match="--run_name full: .* already finished .*--overwrite"):
+        train(make_captioner(), _dataset(tiny_samples, tiny_images), finished_run.args, {})
+    assert (final.stat().st_mtime_ns, final.read_bytes()) == stamp
+
+
+def test_overwrite_starts_again(
+    finished_run: Run, run_root, make_captioner, tiny_samples, tiny_images
+):
+    shutil.copytree(finished_run.args.run_dir, run_root / "again")
+    args = _train_args(run_root, "again", num_epochs=1, overwrite=True)
+    train(make_captioner(), _dataset(tiny_samples[:8], tiny_images), args, {"second": True})
+    names = {p.name for p in args.run_dir.iterdir()}
+    assert names == {"checkpoint_0.pt", FINAL_WEIGHTS, TRAIN_LOG, "config.json", "DONE"}
+    assert len((args.run_dir / TRAIN_LOG).read_text().splitlines()) == 1
+    assert json.loads((args.run_dir / "config.json").read_text()) == {"second": True}
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(run_root: Path, make_captioner, tiny_samples, tiny_images) -> TrainArgs:
+    """The same 2-epoch run as ``finished_run``, killed on the first batch of epoch 2."""
+    args = _train_args(run_root, "interrupted")
+    cap = make_captioner(seed=SEED_MODEL)
+    with pytest.raises(_Interrupted):
+        train(cap, _dataset(tiny_samples, tiny_images, fail_after=len(tiny_samples)), args, {})
+    assert {p.name for p in args.run_dir.iterdir()} == {"checkpoint_0.pt", TRAIN_LOG, "config.json"}
+    return args
+
+
+def test_unfinished_run_needs_resume_flag(
+    interrupted_run: TrainArgs, make_captioner, tiny_samples, tiny_images
+):
+    before = sorted(p.name for p in interrupted_run.run_dir.iterdir())
+    with pytest.raises(SRDError, match="--run_name interrupted: .*--resume_from_checkpoint"):
+        train(make_captioner(), _dataset(tiny_samples, tiny_images), interrupted_run, {})
+    assert sorted(p.name for p in interrupted_run.run_dir.iterdir()) == before
+
+
+def test_resume_matches_uninterrupted_run(
+    interrupted_run: TrainArgs,
+    finished_run: Run,
+    run_root,
+    make_captioner,
+    tiny_samples,
+    tiny_images,
+) -> None:
+    shutil.copytree(interrupted_run.run_dir, run_root / "resumed")
+    args = dataclasses.replace(interrupted_run, run_name="resumed", resume_from_checkpoint=True)
+    cap = make_captioner(seed=SEED_MODEL)
+    train(cap, _dataset(tiny_samples, tiny_images), args, {})
+    _assert_same_weights(
+        trainable_state_dict(cap.model), trainable_state_dict(finished_run.captioner.model)
+    )
+    resumed = torch.load(args.run_dir / "checkpoint_1.pt", map_location="cpu", weights_only=True)
+    full = torch.load(
+        finished_run.args.run_dir / "checkpoint_1.pt", map_location="cpu", weights_only=True
+    )
+    assert resumed["lr_scheduler_state_dict"] == full["lr_scheduler_state_dict"]
+    log = [json.loads(line) for line in (args.run_dir / TRAIN_LOG).read_text().splitlines()]
+    full_log = [
+        json.loads(line)
+        for line in (finished_run.args.run_dir / TRAIN_LOG).read_text().splitlines()
+    ]
+    assert [e["epoch"] for e in log] == [0, 1]
+    assert [e["loss"] for e in log] == pytest.approx([e["loss"] for e in full_log], rel=1e-6)
+
+
+def test_resume_with_another_num_epochs_is_refused(
+    run_root, make_captioner, tiny_samples, tiny_images
+) -> None:
+    """The schedule is laid out over --num_epochs, so a resume must keep the same value."""
+    short = _train_args(run_root, "extended", num_epochs=1)
+    train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), short, {})
+    (short.run_dir / "DONE").unlink()
+    (short.run_dir / FINAL_WEIGHTS).unlink()
+    longer = dataclasses.replace(short, num_epochs=2, resume_from_checkpoint=True)
+    with pytest.raises(SRDError, match="--num_epochs 2: .*1-epoch run"):
+        train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), longer, {})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_empty_dataset_is_refused() -> None:
+    with pytest.raises(SRDError, match="empty dataset"):
+        CaptionDataset([], lambda s: np.zeros((224, 224, 3), np.uint8))
+
+
+def test_save_dir_that_cannot_be_created(
+    tmp_path, make_captioner, tiny_samples, tiny_images
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = _train_args(blocker / "runs", "x", num_epochs=1)
+    with pytest.raises(SRDError, match="--external_save_dir .*cannot create folder"):
+        train(make_captioner(), _dataset(tiny_samples[:4], tiny_images), args, {})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_unwritable_save_dir(tmp_path, make_captioner, tiny_samples, tiny_images) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        args = _train_args(locked, "x", num_epochs=1)
+        with pytest.raises(SRDError, match="--external_save_dir"):
+            train(make_captioner(), _dataset(tiny_samples[:4], tiny_images), args, {})
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)

@@ -1,0 +1,319 @@
+"""Captioner factory on open_flamingo: build, train modes, captioning, checkpoints, export."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from open_flamingo.src.helpers import PerceiverResampler
+
+from srd import captions
+from srd.engine import Collator, make_optimizer
+from srd.errors import SRDError
+from srd.model import (
+    Captioner,
+    ModelArgs,
+    SRDFlamingo,
+    build_flamingo,
+    export_captioner,
+    load_captioner,
+    load_checkpoint_into,
+    model_signature,
+    read_state_dict,
+    set_trainable,
+    trainable_state_dict,
+)
+
+PAPER_PARTS = ("perceiver.", "gated_cross_attn_layer", "lang_encoder.model.embed_tokens.")
+
+
+def _batch(captioner: Captioner, images: dict[int, np.ndarray], samples) -> dict[str, torch.Tensor]:
+    collate = Collator(captioner.tokenizer, captioner.image_transform)
+    return collate([(images[s.image_id], captions.training_text(s.caption)) for s in samples])
+
+
+def _loss(captioner: Captioner, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return captioner.model(
+        vision_x=batch["vision_x"],
+        lang_x=batch["lang_x"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+    ).loss
+
+
+def _test_images(images: dict[int, np.ndarray], test_records, n: int = 4) -> list[np.ndarray]:
+    return [images[r.image_id] for r in test_records[:n]]
+
+
+def _paper_part(name: str) -> bool:
+    return any(part in name for part in PAPER_PARTS)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def test_tiny_model_builds_with_requested_sizes(make_captioner, tiny_model_args) -> None:
+    cap = make_captioner(varied=False)
+    model = cap.model
+    assert isinstance(model, SRDFlamingo)
+    assert isinstance(model.perceiver, PerceiverResampler)
+    assert model.perceiver.latents.shape == (tiny_model_args.perceiver_num_latents, 128)
+    assert len(model.perceiver.layers) == tiny_model_args.perceiver_depth
+    assert len(model.lang_encoder.gated_cross_attn_layers) == 2  # one per LM layer
+    tok = cap.tokenizer
+    assert model.media_token_id == tok.convert_tokens_to_ids(captions.IMAGE_TOKEN)
+    assert model.eoc_token_id == tok.convert_tokens_to_ids(captions.END_OF_CHUNK)
+    assert model.lang_encoder.get_input_embeddings().num_embeddings == len(tok)
+    # a fresh model starts in paper mode
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(_paper_part(n) for n in trainable)
+    # --cross_attn_every_n_layers 2: only every second LM block gets one
+    sparse = make_captioner(varied=False, cross_attn_every_n_layers=2).model
+    assert sum(x is not None for x in sparse.lang_encoder.gated_cross_attn_layers) == 1
+
+
+def test_unknown_vision_encoder_names_the_flag(tiny_model_args: ModelArgs) -> None:
+    args = dataclasses.replace(tiny_model_args, vision_encoder_path="no-such-vit")
+    with pytest.raises(SRDError, match="--vision_encoder_path no-such-vit"):
+        build_flamingo(args)
+
+
+def test_bad_lm_path_names_the_flag(tiny_model_args: ModelArgs, tmp_path: Path) -> None:
+    args = dataclasses.replace(tiny_model_args, lm_path=str(tmp_path / "nothing"))
+    with pytest.raises(SRDError, match="--lm_tokenizer_path|--lm_path"):
+        build_flamingo(args)
+
+
+# --------------------------------------------------------------------------- training modes
+
+
+def test_forward_gives_finite_loss(make_captioner, tiny_images, tiny_samples) -> None:
+    cap = make_captioner(varied=False)
+    loss = _loss(cap, _batch(cap, tiny_images, tiny_samples[:3]))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # an untrained LM is close to uniform over the vocabulary
+    assert abs(loss.item() - np.log(len(cap.tokenizer))) < 1.0
+
+
+def test_paper_mode_grads_only_reach_paper_parts(make_captioner, tiny_images, tiny_samples) -> None:
+    cap = make_captioner()
+    set_trainable(cap.model, "paper")
+    _loss(cap, _batch(cap, tiny_images, tiny_samples[:3])).backward()
+    with_grad = set()
+    for name, p in cap.model.named_parameters():
+        assert p.requires_grad == _paper_part(name), name
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            with_grad.add(name)
+        if not p.requires_grad:
+            assert p.grad is None, name
+    for part in PAPER_PARTS:
+        assert any(part in n for n in with_grad), f"no gradient reached {part}"
+
+
+def test_all_mode_grads_reach_vision_tower(make_captioner, tiny_images, tiny_samples) -> None:
+    cap = make_captioner()
+    set_trainable(cap.model, "all")
+    _loss(cap, _batch(cap, tiny_images, tiny_samples[:3])).backward()
+    vision = dict(cap.model.vision_encoder.named_parameters())
+    # Flamingo reads the patch tokens; the pooled projection is unused and kept frozen (DDP)
+    assert not vision.pop("proj").requires_grad
+    for name, p in vision.items():
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+    blocks = [p for n, p in cap.model.named_parameters() if "decoder_layer." in n]
+    assert blocks and all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks)
+
+
+def test_paper_step_leaves_frozen_weights_bitwise_unchanged(
+    make_captioner, tiny_images, tiny_samples
+) -> None:
+    cap = make_captioner()
+    model = cap.model
+    set_trainable(model, "paper")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    _loss(cap, _batch(cap, tiny_images, tiny_samples[:4])).backward()
+    optimizer.step()
+    changed = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+        elif not torch.equal(p, before[name]):
+            changed.add(name)
+    for part in PAPER_PARTS:
+        assert any(part in n for n in changed), f"{part} did not train"
+
+
+def test_unknown_trainable_mode_names_the_flag(make_captioner) -> None:
+    with pytest.raises(SRDError, match="--trainable"):
+        set_trainable(make_captioner(varied=False).model, "lora")
+
+
+# --------------------------------------------------------------------------- captioning
+
+
+def test_caption_batched_equals_one_by_one(make_captioner, tiny_images, tiny_test_records) -> None:
+    cap = make_captioner()
+    assert cap.model.training  # caption() switches to eval mode and back
+    images = _test_images(tiny_images, tiny_test_records)
+    kw = {"num_beams": 2, "max_new_tokens": 8}
+    batched = cap.caption(images, batch_size=4, **kw)
+    assert len(batched) == len(images) and all(isinstance(c, str) for c in batched)
+    # the comparison means something only if captions are non-empty and depend on the image
+    assert all(batched) and len(set(batched)) > 1, batched
+    assert [cap.caption([im], **kw)[0] for im in images] == batched
+    assert cap.caption(images, batch_size=3, **kw) == batched
+    assert cap.model.training
+
+
+def test_untrained_model_without_open_gates_ignores_the_image(
+    make_captioner, tiny_images, tiny_test_records
+) -> None:
+    """Why the fixtures open the gates: closed gates (tanh(0) = 0) cut the image off."""
+    cap = make_captioner(varied=False)
+    texts = cap.caption(_test_images(tiny_images, tiny_test_records), num_beams=1, max_new_tokens=4)
+    assert len(set(texts)) == 1
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(cap: Captioner, signature: dict | None = None) -> dict:
+    state = trainable_state_dict(cap.model)
+    return {"model_state_dict": state, "config": {"model_signature": signature or {}}}
+
+
+@pytest.fixture(scope="module")
+def source(make_captioner) -> Captioner:
+    return make_captioner(seed=7)
+
+
+@pytest.fixture()
+def target(make_captioner) -> Captioner:
+    return make_captioner(seed=8)
+
+
+def _same_trainable(a: Captioner, b: Captioner) -> bool:
+    sa, sb = trainable_state_dict(a.model), trainable_state_dict(b.model)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_wrapped_checkpoint_loads(source, target, tiny_model_args, tmp_path) -> None:
+    path = tmp_path / "ckpt.pt"
+    sig = model_signature(tiny_model_args)
+    torch.save({**_checkpoint(source, sig), "epoch": 3}, path)
+    assert not _same_trainable(source, target)
+    meta = load_checkpoint_into(target.model, path, expected_signature=sig)
+    assert meta["epoch"] == 3
+    assert _same_trainable(source, target)
+
+
+def test_raw_state_dict_loads(source, target, tmp_path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    torch.save(trainable_state_dict(source.model), path)  # official OpenFlamingo layout
+    assert load_checkpoint_into(target.model, path, expected_signature={"x": 1}) == {}
+    assert _same_trainable(source, target)
+
+
+def _rejected(target: Captioner, path: Path, match: str, **kw) -> None:
+    before = trainable_state_dict(target.model)
+    with pytest.raises(SRDError, match=match) as info:
+        load_checkpoint_into(target.model, path, **kw)
+    assert str(path) in str(info.value)
+    after = trainable_state_dict(target.model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "partial load"
+
+
+def test_checkpoint_with_unexpected_key_is_rejected(source, target, tmp_path) -> None:
+    ckpt = _checkpoint(source)
+    ckpt["model_state_dict"]["perceiver.extra.weight"] = torch.zeros(2)
+    torch.save(ckpt, tmp_path / "extra.pt")
+    _rejected(target, tmp_path / "extra.pt", "unexpected keys, e.g. perceiver.extra.weight")
+
+
+def test_checkpoint_missing_a_trainable_tensor_is_rejected(source, target, tmp_path) -> None:
+    ckpt = _checkpoint(source)
+    name = next(k for k in ckpt["model_state_dict"] if "gated_cross_attn_layer" in k)
+    del ckpt["model_state_dict"][name]
+    torch.save(ckpt, tmp_path / "missing.pt")
+    _rejected(target, tmp_path / "missing.pt", "1 trainable tensors missing")
+
+
+def test_checkpoint_with_wrong_shape_is_rejected(source, target, tmp_path) -> None:
+    ckpt = _checkpoint(source)
+    ckpt["model_state_dict"]["perceiver.latents"] = torch.zeros(5, 128)
+    torch.save(ckpt, tmp_path / "shape.pt")
+    _rejected(target, tmp_path / "shape.pt", r"perceiver.latents has shape \(5, 128\)")
+
+
+def test_checkpoint_of_another_configuration_is_rejected(
+    source, target, tiny_model_args, tmp_path
+) -> None:
+    other = model_signature(dataclasses.replace(tiny_model_args, cross_attn_every_n_layers=2))
+    torch.save(_checkpoint(source, other), tmp_path / "sig.pt")
+    _rejected(
+        target,
+        tmp_path / "sig.pt",
+        "cross_attn_every_n_layers: checkpoint 2 vs flags 1",
+        expected_signature=model_signature(tiny_model_args),
+    )
+
+
+def test_missing_and_corrupt_checkpoint_files_are_rejected(target, tmp_path) -> None:
+    _rejected(target, tmp_path / "absent.pt", "--checkpoint_path .*file not found")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a torch file" * 10)
+    _rejected(target, corrupt, "cannot read checkpoint")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2, 3], listed)
+    _rejected(target, listed, "not a state dict")
+
+
+class _Payload:
+    """Any class: unpickling it would run code, which weights_only loading refuses."""
+
+
+def test_checkpoint_holding_pickled_objects_is_refused(source, target, tmp_path) -> None:
+    path = tmp_path / "pickled.pt"
+    torch.save({**_checkpoint(source), "extra": _Payload()}, path)
+    _rejected(target, path, "cannot read checkpoint")
+    with pytest.raises(SRDError, match="--vision_encoder_pretrained"):
+        read_state_dict(path, "--vision_encoder_pretrained")
+
+
+# --------------------------------------------------------------------------- export / load
+
+
+def test_export_then_load_gives_same_model_and_captions(
+    make_captioner: Callable[..., Captioner], tiny_images, tiny_samples, tiny_test_records, tmp_path
+) -> None:
+    cap = make_captioner(seed=3)
+    set_trainable(cap.model, "paper")
+    optimizer = make_optimizer(cap.model, lr=1e-2, weight_decay=0.1)
+    for start in (0, 4):
+        _loss(cap, _batch(cap, tiny_images, tiny_samples[start : start + 4])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    images = _test_images(tiny_images, tiny_test_records)
+    kw = {"num_beams": 2, "max_new_tokens": 8}
+    expected = cap.caption(images, **kw)
+
+    args = export_captioner(cap, tmp_path / "export")
+    assert args.checkpoint_path == str(tmp_path / "export" / "checkpoint.pt")
+    assert args.vision_encoder_pretrained.endswith("vision.safetensors")
+    loaded = load_captioner(args)
+    assert not loaded.model.training
+    assert loaded.caption(images, **kw) == expected
+    assert _same_trainable(cap, loaded)
+    # not only the paper parts: the vision tower and LM blocks come back bitwise too
+    ours, theirs = cap.model.state_dict(), loaded.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    # export left the trained model's trainable flags alone
+    assert {n for n, p in cap.model.named_parameters() if p.requires_grad} == {
+        n for n, p in cap.model.named_parameters() if _paper_part(n)
+    }

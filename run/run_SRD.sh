@@ -1,0 +1,91 @@
+#!/bin/sh
+# SRD defence of the backdoored model of ATTACK (stage A's run), then its evaluation:
+#   D1 RL pool -> D2 DQN agent -> D3 clean data (sharded over $LAUNCH processes) -> D3b combine
+#   -> D4 refine-tune -> B evaluation -> C SFS -> figures.
+# Finished stages are skipped, so a re-run resumes (D3 and D4 also resume inside a stage).
+# POLICY=random is the ablation: one seeded random red square per image instead of the agent
+# (no D1/D2), written under separate names (srd-random-$ATTACK).
+#
+# Embedded defaults below are smaller than the reference's: the pool takes 300 training images
+# (reference: all), the agent 2,000 transitions in 16 batched environments (reference: 10,000
+# in one), the refine-tune 2 epochs at lr 1e-3 (reference: 20 epochs at 1e-4, the defaults of
+# train/srd_finetune.py). Paper setting for the SFS models: set SFS_FLAGS to
+#   --text_model <all-MiniLM-L6-v2> --gpt_model <gpt2-large> --blip_model <blip-large>
+. "$(dirname "$0")/common.sh"
+set -e
+ATTACK=${ATTACK:-badnet}
+POLICY=${POLICY:-dqn}
+export ATTACK
+case $POLICY in
+  dqn) NAME=srd-$ATTACK ;;
+  random) NAME=srd-random-$ATTACK ;;
+  *) echo "error: POLICY=$POLICY: expected dqn or random" >&2; exit 2 ;;
+esac
+BACKDOOR=checkpoints_remote/backdoor-$ATTACK/final_weights.pt
+SRD_DIR=checkpoints_remote/$NAME
+SRD_FLAGS="--save_data_path $SRD_DIR/pool --ppo_path $SRD_DIR/policy.zip \
+  --clean_data_save $SRD_DIR/clean_data \
+  --poison_ids_path checkpoints_remote/backdoor-$ATTACK/poison_ids.json"
+SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
+  --annotations_path data/synthetic/captions_train2014.json"}
+stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+
+if [ "$POLICY" = dqn ]; then
+  stage "D1 RL pool: $ATTACK model on surrogate-triggered training images"
+  [ -f "$SRD_DIR/pool/DONE" ] ||
+    $LAUNCH train/srd_pool.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+      --checkpoint_path "$BACKDOOR" \
+      --pool_size 300 \
+      --seed 0
+
+  stage "D2 DQN agent"
+  [ -f "$SRD_DIR/policy.zip" ] ||
+    python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+      --checkpoint_path "$BACKDOOR" \
+      --total_timesteps 2000 \
+      --num_envs 16 \
+      --seed 0
+fi
+
+stage "D3 clean data ($POLICY policy)"
+if [ ! -f "$SRD_DIR/clean_data/merged.json" ]; then
+  $LAUNCH train/srd_clean_data.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+    --checkpoint_path "$BACKDOOR" \
+    --policy "$POLICY" \
+    --n_tries 5 \
+    --epsilon 0.05 \
+    --seed 0
+  stage "D3b combine shards"
+  python train/combine_data.py $DATA_FLAGS $SRD_FLAGS
+fi
+
+stage "D4 refine-tune"
+[ -f "$SRD_DIR/DONE" ] ||
+  $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \
+    --checkpoint_path "$BACKDOOR" \
+    --run_name "$NAME" \
+    --external_save_dir checkpoints_remote \
+    --batch_size 32 \
+    --num_epochs 2 \
+    --learning_rate 1e-3 \
+    --lr_scheduler cosine \
+    --warmup_steps_ratio 0.01 \
+    --resume_from_checkpoint
+
+stage "evaluation: $NAME"
+[ -f "result/backdoor-$ATTACK.json" ] || sh run/run_eval.sh
+[ -f "result/$NAME.json" ] ||
+  CHECKPOINT=$SRD_DIR/final_weights.pt MODEL_NAME=$NAME sh run/run_eval.sh
+for TYPE in clean attack; do
+  stage "SFS: $NAME $TYPE"
+  [ -f "result/sfs_inputs/$NAME/$TYPE/sfs.json" ] || NAME=$NAME TYPE=$TYPE sh run/run_eval_SFS.sh
+done
+
+if [ "$POLICY" = dqn ]; then
+  stage "figures"
+  python eval/srd_figures.py $DATA_FLAGS $SRD_FLAGS \
+    --bd_attack_type "$ATTACK" \
+    --before_results "result/backdoor-$ATTACK.json" \
+    --after_results "result/$NAME.json" \
+    --out_dir img
+fi

@@ -1,0 +1,148 @@
+"""Figures of the SRD defence: the agent's reward curve and the masks it chooses.
+
+matplotlib with the non-interactive Agg backend, so figures render on servers and in CI. Each
+function writes one PNG atomically and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from srd.geometry import Square  # noqa: E402
+from srd.io import atomic_path  # noqa: E402
+
+CAPTION_WIDTH = 34
+"""Characters per line of the captions under each image."""
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` values (shorter at the start): shape (N,)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return x
+    csum = np.concatenate([[0.0], np.cumsum(x)])
+    idx = np.arange(1, len(x) + 1)
+    start = np.maximum(idx - window, 0)
+    return (csum[idx] - csum[start]) / (idx - start)
+
+
+def plot_reward_curve(
+    steps: Sequence[dict], episodes: Sequence[dict], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Reward per transition (moving average), per-episode mean reward, and epsilon.
+
+    ``steps``/``episodes`` are the records of :func:`srd.rl.agent.read_reward_log`.
+    """
+    if not steps:
+        raise ValueError("no transitions to plot")
+    t = np.array([s["timestep"] for s in steps], dtype=np.float64)
+    r = np.array([s["reward"] for s in steps], dtype=np.float64)
+    order = np.argsort(t, kind="stable")
+    t, r = t[order], r[order]
+    window = max(1, len(r) // 40)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.plot(t, moving_average(r, window), color="tab:blue", lw=1.8,
+            label=f"reward, mean of last {window} transitions")  # fmt: skip
+    if episodes:
+        et = [e["timestep"] for e in episodes]
+        em = [e["mean_reward"] for e in episodes]
+        ax.plot(et, em, "o", color="tab:orange", ms=4, alpha=0.8, label="episode mean reward")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("environment transitions")
+    ax.set_ylabel("reward (reference table: -2 ... +3)")
+    eps = np.array([s.get("exploration_rate", np.nan) for s in steps], dtype=np.float64)[order]
+    if np.isfinite(eps).any():
+        ax2 = ax.twinx()
+        ax2.plot(t, eps, "--", color="grey", lw=1, label="epsilon")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("exploration rate epsilon", color="grey")
+        lines = ax.get_legend_handles_labels()
+        extra = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="best", fontsize=8)
+    else:
+        ax.legend(loc="best", fontsize=8)
+    counts = {v: int((r == v).sum()) for v in sorted(set(r.tolist()))}
+    share = ", ".join(f"{int(v):+d}: {100 * c / len(r):.0f}%" for v, c in counts.items())
+    ax.set_title((title + "\n" if title else "") + f"rewards over all transitions: {share}",
+                 fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+@dataclass
+class MaskExample:
+    """One panel: an image (224, 224, 3) uint8, the chosen square, and captions to show."""
+
+    image_id: int | str
+    image: np.ndarray
+    square: Square
+    lines: list[tuple[str, str]]
+    """(label, caption) pairs printed under the image, e.g. ("backdoored", "...")."""
+    highlight: str | None = None
+    """A word (the attack target) marked with ** in the captions when present."""
+
+
+def _caption_text(lines: Sequence[tuple[str, str]], highlight: str | None) -> str:
+    out = []
+    for label, caption in lines:
+        text = caption or "(empty)"
+        if highlight and highlight.lower() in text.lower():
+            label += " [target]"
+        out.append(textwrap.fill(f"{label}: {text}", CAPTION_WIDTH))
+    return "\n".join(out)
+
+
+def plot_mask_grid(
+    examples: Sequence[MaskExample],
+    path: str | os.PathLike,
+    title: str = "",
+    columns: int = 3,
+) -> Path:
+    """A grid of images with the chosen red square outlined (and lightly filled, so what it
+    covers stays visible) and captions underneath."""
+    if not examples:
+        raise ValueError("no examples to plot")
+    columns = min(columns, len(examples))
+    rows = (len(examples) + columns - 1) // columns
+    texts = [_caption_text(ex.lines, ex.highlight) for ex in examples]
+    text_height = 0.15 * max(t.count("\n") + 1 for t in texts) + 0.45  # inches under an image
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.9 * columns, (3.9 + text_height) * rows), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, ex, text in zip(axes.flat, examples, texts, strict=False):
+        ax.imshow(ex.image, interpolation="nearest")
+        sq = ex.square
+        ax.add_patch(Rectangle((sq.left - 0.5, sq.top - 0.5), sq.right - sq.left,
+                               sq.bottom - sq.top, facecolor=(1, 0, 0, 0.25),
+                               edgecolor="red", lw=2.5))  # fmt: skip
+        ax.add_patch(Rectangle((sq.left - 0.5, sq.top - 0.5), sq.right - sq.left,
+                               sq.bottom - sq.top, fill=False, edgecolor="white", lw=0.8,
+                               ls="--"))  # fmt: skip
+        ax.set_title(f"image {ex.image_id}", fontsize=9)
+        ax.text(0.0, -0.03, text, transform=ax.transAxes,
+                va="top", ha="left", fontsize=8, family="monospace")  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(hspace=text_height / 3.9, wspace=0.08)
+    return _save(fig, path)

@@ -1,0 +1,270 @@
+"""Smoke runs through the SRD entry points (D1 pool, D2 agent, D3 cleaning, D3b combine, D4
+refine-tune, figures) on the tiny benchmark with an exported tiny captioner and a fake attack
+run (its poison_ids.json made by srd.trainset.plan_poison)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from srd_fixtures import (
+    REPO,
+    data_flags,
+    export_clean_and_backdoor,
+    load_script,
+    model_flags,
+    write_poison_ids,
+)
+
+from srd.cleaning import MERGED_FILE, RandomTries
+from srd.cli import run_main
+from srd.model import ModelArgs
+from srd.pool import load_pool, read_pool_info
+from srd.rl.agent import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class Chain:
+    root: Path
+    clean: ModelArgs
+    backdoor: Path
+    poison_ids: Path
+    data: list[str]
+    sfs: list[str]
+
+    def model(self, checkpoint: Path | str | None = None, **changes) -> list[str]:
+        flags = model_flags(self.clean, checkpoint or self.backdoor)
+        for key, value in changes.items():
+            flags = [f for f in flags if not f.startswith(f"--{key}=")] + [f"--{key}={value}"]
+        return flags
+
+    def srd(self, name: str = "srd") -> list[str]:
+        folder = self.root / name
+        return ["--save_data_path", str(folder / "pool"), "--ppo_path", str(folder / "policy"),
+                "--clean_data_save", str(folder / "clean"),
+                "--poison_ids_path", str(self.poison_ids)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records, tiny_benchmark):
+    root = tmp_path_factory.mktemp("srd_chain")
+    clean, backdoor = export_clean_and_backdoor(make_captioner, root / "models")
+    poison_ids = write_poison_ids(tiny_train_records, root / "backdoor-badnet")
+    sfs = ["--reference_checkpoint_path", clean.checkpoint_path,
+           "--annotations_path", str(tiny_benchmark.train_annotations_json),
+           "--num_beams", "2", "--max_new_tokens", "6", "--reference_num_beams", "2",
+           "--caption_batch_size", "8"]  # fmt: skip
+    return Chain(root, clean, backdoor, poison_ids, data_flags(tiny_data_args), sfs)
+
+
+def expect_bad_input(module, argv: list[str], capsys, *fragments: str) -> str:
+    """Run an entry point that must fail: exit 2 and one 'error:' line naming ``fragments``."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(module.main, argv)
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), errors
+    return errors[0]
+
+
+class TenActions(gym.Env):
+    observation_space = spaces.Box(0, 255, (36, 36, 3), np.uint8)
+    action_space = spaces.Discrete(10)
+
+    def reset(self, *, seed=None, options=None):
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_pool_random_cleaning_and_combine(chain: Chain, tiny_train_records, capsys) -> None:
+    """D1 + D3 (random policy, two manual shards) + combine, and bad input at each stage."""
+    pool_stage = load_script("train/srd_pool.py")
+    clean_stage = load_script("train/srd_clean_data.py")
+    combine = load_script("train/combine_data.py")
+    srd = chain.srd("fast")
+
+    pool_argv = [*chain.data, *chain.model(), *srd, *chain.sfs, "--pool_size", "4",
+                 "--reference_max_new_tokens", "8", "--seed", "3"]  # fmt: skip
+    folder = Path(pool_stage.main(pool_argv))
+    pool = load_pool(folder)
+    info = read_pool_info(folder)
+    assert len(pool) == 4 and set(pool.ids) <= {str(r.image_id) for r in tiny_train_records}
+    assert all(isinstance(c, str) for c in info["vlm_captions"]) and any(info["references"])
+    assert np.all(np.abs(pool.base_sem) <= 1 + 1e-6) and np.all(pool.base_flu >= 0)
+    assert info["meta"]["checkpoint_path"] == str(chain.backdoor)
+    assert all(b is not None for b in info["surrogate"]["boxes"])
+    expect_bad_input(pool_stage, pool_argv, capsys, "already finished", "--overwrite")
+
+    random_argv = [*chain.data, *chain.model(), *srd, *chain.sfs, "--policy", "random",
+                   "--seed", "5", "--num_shards", "2"]  # fmt: skip
+    for shard in ("1", "0"):
+        clean_stage.main([*random_argv, "--shard_id", shard])
+    clean_stage.main([*random_argv, "--shard_id", "0"])  # finished: nothing left to do
+    combine.main([*chain.data, *srd])
+    merged = json.loads((Path(srd[5]) / MERGED_FILE).read_text())
+    ids = [r.image_id for r in tiny_train_records]
+    assert [int(r["id"]) for r in merged["records"]] == ids
+    expected = RandomTries(5)(ids, [None] * len(ids))
+    assert [r["action"] for r in merged["records"]] == [t[0] for t in expected]
+    first = merged["records"][0]["extras"]
+    assert set(first) >= {"tries", "base_sem", "reference", "caption", "masked_caption"}
+    assert merged["clean_config"]["config"]["policy"] == "random"
+
+    # Bad input: one line, exit 2, nothing written.
+    finetune = load_script("train/srd_finetune.py")
+    runs = chain.root / "runs"
+    d4 = [*chain.data, *srd, "--external_save_dir", str(runs), "--num_epochs", "1"]
+    expect_bad_input(finetune, [*d4, *[f for f in chain.model() if "checkpoint_path" not in f]],
+                     capsys, "--checkpoint_path", "explicitly")  # fmt: skip
+    expect_bad_input(finetune, [*d4, *chain.model(perceiver_depth=2)], capsys,
+                     "--checkpoint_path", "another model configuration")  # fmt: skip
+    assert not runs.exists()
+    train_stage = load_script("train/srd_train.py")
+    no_pool = chain.srd("nothing")
+    expect_bad_input(train_stage, [*chain.model(), *no_pool, *chain.sfs], capsys,
+                     "--save_data_path", "pool folder not found")  # fmt: skip
+    wrong = save_policy(build_dqn(TenActions(), DQNConfig(device="cpu", buffer_size=10)),
+                        chain.root / "ten.zip", DQNConfig())  # fmt: skip
+    bad_policy = [*chain.data, *chain.model(), *chain.srd("wrong"), *chain.sfs,
+                  "--ppo_path", str(wrong)]  # fmt: skip
+    expect_bad_input(clean_stage, bad_policy, capsys, str(wrong), "10 actions, expected 500")
+    assert not (chain.root / "wrong").exists()
+
+
+def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, capsys) -> None:
+    """D1 -> D2 (40 transitions, 2 envs) -> D3 (agent) -> combine -> D4 (1 epoch) -> figures."""
+    srd = chain.srd("full")
+    folder = Path(srd[1]).parent
+    load_script("train/srd_pool.py").main(
+        [
+            *chain.data,
+            *chain.model(),
+            *srd,
+            *chain.sfs,
+            "--pool_size",
+            "4",
+            "--reference_max_new_tokens",
+            "8",
+        ]  # fmt: skip
+    )
+    load_script("train/srd_train.py").main(
+        [
+            *chain.model(),
+            *srd,
+            *chain.sfs,
+            "--total_timesteps",
+            "40",
+            "--num_envs",
+            "2",
+            "--learning_starts",
+            "10",
+            "--buffer_size",
+            "100",
+            "--obs_size",
+            "36",
+            "--max_steps",
+            "10",
+            "--seed",
+            "1",
+        ]  # fmt: skip
+    )
+    policy = load_policy(folder / "policy.zip")
+    assert policy.action_space.n == 500
+    steps, episodes = read_reward_log(folder / "policy.rewards.jsonl")
+    assert len(steps) == 40 and len(episodes) == 4
+    assert (folder / "policy.rewards.png").stat().st_size > 10_000
+
+    clean_stage = load_script("train/srd_clean_data.py")
+    clean_stage.main([*chain.data, *chain.model(), *srd, *chain.sfs, "--n_tries", "3"])
+    load_script("train/combine_data.py").main([*chain.data, *srd])
+    merged = json.loads((folder / "clean" / MERGED_FILE).read_text())
+    assert all(1 <= len(r["extras"]["tries"]) <= 3 for r in merged["records"])
+    assert merged["clean_config"]["config"]["policy_sha256"]
+
+    runs = chain.root / "runs"
+    final = load_script("train/srd_finetune.py").main(
+        [
+            *chain.data,
+            *chain.model(),
+            *srd,
+            "--external_save_dir",
+            str(runs),
+            "--num_epochs",
+            "1",
+            "--batch_size",
+            "16",
+            "--learning_rate",
+            "1e-3",
+        ]  # fmt: skip
+    )
+    assert Path(final) == runs / "srd-badnet" / "final_weights.pt"
+    refined = torch.load(final, weights_only=True)
+    before = torch.load(chain.backdoor, weights_only=True)["model_state_dict"]
+    assert refined["config"]["stage"] == "srd_finetune"
+    assert any(not torch.equal(refined["model_state_dict"][k], v) for k, v in before.items())
+
+    test_ids = [r.image_id for r in tiny_test_records]
+    for name, caption in (("before", "a banana."), ("after", "a red circle.")):
+        result = {
+            "attack": "badnet",
+            "predictions": {"triggered": {str(i): caption for i in test_ids}},
+        }
+        (chain.root / f"{name}.json").write_text(json.dumps(result))
+    pngs = load_script("eval/srd_figures.py").main(
+        [*chain.data, *srd, "--bd_attack_type", "badnet", "--num_images", "4",
+         "--before_results", str(chain.root / "before.json"),
+         "--after_results", str(chain.root / "after.json"), "--out_dir", str(chain.root / "img")]
+    )  # fmt: skip
+    assert [Path(p).name for p in pngs] == ["srd_reward_badnet.png", "srd_masks_badnet.png"]
+    assert all(Path(p).stat().st_size > 10_000 for p in pngs)
+
+
+@pytest.mark.slow
+def test_two_processes_clean_like_one(chain: Chain) -> None:
+    """D3 under torchrun with two CPU ranks (one shard each) merges to the one-process result."""
+    clean_stage = load_script("train/srd_clean_data.py")
+    combine = load_script("train/combine_data.py")
+    argv = [*chain.data, *chain.model(), *chain.sfs, "--policy", "random", "--seed", "2"]
+    clean_stage.main([*argv, *chain.srd("one")])
+    combine.main([*chain.data, *chain.srd("one")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train/srd_clean_data.py"), *argv, *chain.srd("two")],
+        capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    combine.main([*chain.data, *chain.srd("two")])
+    one, two = (
+        json.loads((chain.root / n / "clean" / MERGED_FILE).read_text()) for n in ("one", "two")
+    )
+    assert (one["num_shards"], two["num_shards"]) == (1, 2)
+    assert one["config_hash"] == two["config_hash"]
+    # The same square for every image. (Captions, hence rewards, can differ where the untrained
+    # tiny model has near-ties: a batch of another size rounds differently.)
+    assert [(r["id"], r["action"]) for r in one["records"]] == [
+        (r["id"], r["action"]) for r in two["records"]
+    ]

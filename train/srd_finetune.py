@@ -1,0 +1,109 @@
+"""SRD stage D4: refine-tune the backdoored captioner on the SRD-processed training images.
+
+Continues training the backdoored weights named by --checkpoint_path (checked against the model
+flags) on the defender's training data, with every image replaced by its masked version from
+the merged cleaning manifest (--clean_data_save/merged.json, one image per image id). Captions
+are unchanged: the poisoned captions of --poison_ids_path stay, since the defender does not know
+which samples are poisoned (reference §11, B15). Trains what the paper trains (perceiver +
+gated cross-attention + token embeddings) with a fresh optimiser (reference: 20 epochs, lr 1e-4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from srd.cleaning import (
+    MERGED_FILE,
+    SRDArgs,
+    file_digest,
+    masked_training_images,
+    plan_attack,
+    read_merged,
+    require_files,
+)
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.data import DataArgs, check_images_exist
+from srd.engine import CaptionDataset, TrainArgs, process_state, train
+from srd.errors import SRDError
+from srd.io import ensure_dir, is_finished, setup_logging
+from srd.model import ModelArgs, load_captioner, model_signature
+from srd.trainset import PoisonPlan, TrainingImages, build_samples
+
+log = logging.getLogger("srd_finetune")
+
+
+@dataclass
+class RefineTrainArgs(TrainArgs):
+    """Training: run folder, optimiser, schedule, checkpoints."""
+
+    run_name: str = arg("", help="run folder name (default: srd-<attack>)")
+    num_epochs: int = arg(20, help="training epochs (reference: 20)")
+    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW; reference: 1e-4)")
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data, model_args, srd, train_args = parse(
+        argv, DataArgs, ModelArgs, SRDArgs, RefineTrainArgs, description=__doc__
+    )
+    named = any(a == "--checkpoint_path" or a.startswith("--checkpoint_path=") for a in argv)
+    if not named or model_args.checkpoint_path.lower() in ("", "none"):
+        raise SRDError(
+            "--checkpoint_path: D4 continues training the backdoored weights; name them "
+            "explicitly (e.g. checkpoints_remote/backdoor-badnet/final_weights.pt)"
+        )
+    require_files(
+        ("--checkpoint_path", model_args.checkpoint_path),
+        ("--poison_ids_path", srd.poison_ids_path),
+    )
+    state = process_state()
+    plan = PoisonPlan.load(srd.poison_ids_path)
+    attack = plan_attack(plan, srd.poison_ids_path)
+    if not train_args.run_name:
+        train_args = dataclasses.replace(train_args, run_name=f"srd-{attack.name}")
+    run_dir = train_args.run_dir
+    if is_finished(run_dir) and not train_args.overwrite:
+        raise SRDError(
+            f"--run_name {train_args.run_name}: {run_dir} already finished (pass --overwrite)"
+        )
+    merged = read_merged(srd.clean_data_save)
+    cleaned_with = merged.get("clean_config", {}).get("config", {}).get("poison_ids_sha256")
+    if cleaned_with != file_digest(srd.poison_ids_path):
+        raise SRDError(
+            f"--clean_data_save {srd.clean_data_save}: cleaned from other poisoned data than "
+            f"--poison_ids_path {srd.poison_ids_path}"
+        )
+    records = data.split("train")
+    check_images_exist(records)
+    captioner = load_captioner(model_args)
+    source = f"--clean_data_save {srd.clean_data_save}/{MERGED_FILE}"
+    replacements = masked_training_images(records, attack, plan, merged, source=source)
+    # The run folder and its log only once every input loaded: bad input leaves nothing behind.
+    if state.is_main_process:
+        ensure_dir(run_dir, "--external_save_dir")
+    setup_logging(run_dir / "train.log" if state.is_main_process else None)
+    samples = build_samples(records, plan)
+    images = TrainingImages(records, attack, plan.ids, replacements)
+    record = {
+        "stage": "srd_finetune",
+        **to_dict(data, model_args, srd, train_args),
+        "attack": attack.to_dict(),
+        "num_poisoned": len(plan.ids),
+        "clean_run_id": merged["run_id"],
+        "clean_config_hash": merged["config_hash"],
+        "model_signature": model_signature(model_args),
+    }
+    log.info("D4: refine-tuning %s on %d captions of %d SRD-processed images",
+             model_args.checkpoint_path, len(samples), len(replacements))  # fmt: skip
+    final = train(captioner, CaptionDataset(samples, images), train_args, record)
+    log.info("refined checkpoint: %s", final)
+    return str(final)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,12 +1,15 @@
 #!/bin/sh
 # README command 1: set up, then run the embedded default end to end on the CPU:
-# synthetic benchmark -> clean tiny captioner -> backdoor attacks -> evaluation -> SFS -> table.
-# Finished stages are skipped, so a re-run resumes. ATTACKS picks the attacks (space-separated).
+# synthetic benchmark -> clean tiny captioner -> backdoor attacks -> evaluation -> SFS
+# -> SRD defense (and its random-square ablation) -> evaluation -> results table.
+# Finished stages are skipped, so a re-run resumes. ATTACKS picks the attacks and SRD_ATTACKS
+# the ones defended (space-separated), e.g. ATTACKS=badnet SRD_ATTACKS=badnet for one chain.
 set -e
 cd "$(dirname "$0")/.."
 bash setup.sh
 . run/common.sh
 ATTACKS=${ATTACKS:-"badnet blended trojvlm shadowcast"}
+SRD_ATTACKS=${SRD_ATTACKS:-"badnet blended trojvlm"}
 stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 
 stage "data"
@@ -30,6 +33,13 @@ for ATTACK in $ATTACKS; do
     [ -f "result/sfs_inputs/backdoor-$ATTACK/$TYPE/sfs.json" ] ||
       NAME=backdoor-$ATTACK TYPE=$TYPE sh run/run_eval_SFS.sh
   done
+done
+
+for ATTACK in $SRD_ATTACKS; do
+  stage "SRD defense: $ATTACK"
+  ATTACK=$ATTACK POLICY=dqn sh run/run_SRD.sh
+  stage "random-square ablation: $ATTACK"
+  ATTACK=$ATTACK POLICY=random sh run/run_SRD.sh
 done
 
 stage "results"

@@ -249,6 +249,8 @@ def build_vision_encoder(name: str, pretrained: str | None) -> tuple[torch.nn.Mo
             raise SRDError(
                 f"--vision_encoder_pretrained {pretrained}: does not fit {name} ({first})"
             ) from None
+        # open_clip has just warned "no pretrained weights loaded": they are loaded now
+        log.info("vision tower weights loaded from %s", pretrained)
     width = open_clip.get_model_config(name)["vision_cfg"]["width"]
     return visual, transform, width
 

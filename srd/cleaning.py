@@ -35,7 +35,15 @@ from srd.attacks import CONFIG_DIR, Attack, AttackConfig, build_attack
 from srd.config import arg
 from srd.data import EMBEDDED_DATA, ImageRecord, load_references
 from srd.errors import SRDError
-from srd.geometry import NUM_ACTIONS, apply_action
+from srd.geometry import (
+    GRID,
+    IMAGE_SIZE,
+    MASK_SIZES,
+    NUM_ACTIONS,
+    Square,
+    apply_action,
+    decode_action,
+)
 from srd.io import read_json, write_json
 from srd.model import EMBEDDED_DIR, FLAMINGO_CHECKPOINT, ModelArgs, load_captioner, with_overrides
 from srd.rl.agent import draw_try_actions, greedy_actions, select_mask
@@ -44,6 +52,7 @@ from srd.rl.reward import RewardConfig, caption_rewards
 from srd.sfs import BlipCaptioner, SFSScorer, build_scorer
 from srd.shards import MERGED_FORMAT, ShardWriter, config_hash, merge_shards
 from srd.trainset import PoisonPlan, TrainingImages
+from srd.triggers import resolve_position
 
 log = logging.getLogger(__name__)
 
@@ -565,4 +574,54 @@ def masked_training_images(
     return {
         i: apply_action(version(i), actions[i])
         for i in tqdm(sorted(wanted), desc="D4 masked images", unit="img", leave=False)
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnosis: does the chosen square cover the real trigger?
+
+
+def trigger_box(attack: Attack) -> Square | None:
+    """The rows/cols the attack's patch trigger occupies on the canvas (None: no patch)."""
+    if attack.trigger is None or attack.trigger.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE):
+        return None  # no trigger (Shadowcast) or a whole-image pattern (Blended)
+    h, w = attack.trigger.shape[:2]
+    row, col = resolve_position(attack.config.position, (h, w), (IMAGE_SIZE, IMAGE_SIZE))
+    return Square(top=row, bottom=row + h, left=col, right=col + w)
+
+
+def covered_share(square: Square, box: Square) -> float:
+    """Share of ``box``'s pixels inside ``square``."""
+    rows = max(0, min(square.bottom, box.bottom) - max(square.top, box.top))
+    cols = max(0, min(square.right, box.right) - max(square.left, box.left))
+    return rows * cols / ((box.bottom - box.top) * (box.right - box.left))
+
+
+def trigger_coverage(
+    merged: dict[str, Any], attack: Attack, triggered_ids: set[int], threshold: float = 0.5
+) -> dict[str, Any]:
+    """How often the cleaning stage's square covers the real trigger on triggered images.
+
+    Returns the share of triggered training images whose chosen square covers at least
+    ``threshold`` of the patch, the mean covered share, and the nominal square sides chosen
+    (all images). ``None`` shares for attacks without a patch trigger.
+    """
+    box = trigger_box(attack)
+    shares = []
+    sizes: dict[str, int] = {}
+    for record in merged["records"]:
+        action = int(record["action"])
+        square = decode_action(action)
+        side = str(MASK_SIZES[action // (GRID * GRID)])  # nominal side, before clipping
+        sizes[side] = sizes.get(side, 0) + 1
+        if box is not None and int(record["id"]) in triggered_ids:
+            shares.append(covered_share(square, box))
+    return {
+        "attack": attack.name,
+        "trigger_box": list(box) if box else None,
+        "num_triggered_images": len(triggered_ids),
+        "covered": float(np.mean(np.array(shares) >= threshold)) if shares else None,
+        "mean_covered_share": float(np.mean(shares)) if shares else None,
+        "threshold": threshold,
+        "square_sides": dict(sorted(sizes.items(), key=lambda kv: int(kv[0]))),
     }

@@ -290,3 +290,22 @@ def test_masked_training_images_mask_the_defenders_version(tiny_train_records) -
         masked_training_images(
             tiny_train_records, attack, plan, {"records": merged["records"][1:]}, "merged.json"
         )
+
+
+def test_trigger_coverage_of_badnet_patch() -> None:
+    """A 40-px square centred on the bottom-right patch covers it; a top-left one does not."""
+    from srd.attacks import build_attack
+    from srd.cleaning import covered_share, trigger_box, trigger_coverage
+    from srd.geometry import GRID, decode_action
+
+    attack = build_attack("badnet")
+    box = trigger_box(attack)
+    assert tuple(box) == (203, 224, 203, 224)
+    corner = 1 * GRID * GRID + 9 * GRID + 9  # size index 1 (40 px), centre (212, 212)
+    assert covered_share(decode_action(corner), box) == 1.0
+    assert covered_share(decode_action(0), box) == 0.0
+    merged = {"records": [{"id": "1", "action": corner}, {"id": "2", "action": 0}]}
+    report = trigger_coverage(merged, attack, triggered_ids={1, 2})
+    assert report["covered"] == 0.5
+    assert report["square_sides"] == {"20": 1, "40": 1}
+    assert trigger_box(build_attack("blended")) is None

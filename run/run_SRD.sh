@@ -59,6 +59,10 @@ if [ ! -f "$SRD_DIR/clean_data/merged.json" ]; then
   python train/combine_data.py $DATA_FLAGS $SRD_FLAGS
 fi
 
+stage "D3 diagnosis: share of triggered images whose square covers the real trigger"
+[ -f "$SRD_DIR/clean_data/coverage.json" ] ||
+  python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS
+
 stage "D4 refine-tune"
 [ -f "$SRD_DIR/DONE" ] ||
   $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \

@@ -14,12 +14,12 @@ from types import ModuleType
 
 import numpy as np
 import torch
+from conftest import open_gates  # one definition, shared with the session fixtures
 
 from srd.attacks import build_attack
 from srd.data import DataArgs, ImageRecord
 from srd.geometry import NUM_ACTIONS, RED, Square, decode_action
 from srd.model import (
-    Captioner,
     ModelArgs,
     export_captioner,
     load_captioner,
@@ -106,17 +106,6 @@ def gray_images(ids: Sequence[int]) -> dict[int, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------
 # Exported captioners and the attack run's files
-
-
-def open_gates(captioner: Captioner, seed: int, noise: float = 0.3) -> None:
-    """Gates to 1 and seeded noise on the trainable weights, so captions depend on the image."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in captioner.model.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate")):
-                param.fill_(1.0)
-            elif param.requires_grad and param.dim() > 1:
-                param.add_(noise * torch.randn(param.shape, generator=gen))
 
 
 def export_clean_and_backdoor(make_captioner, folder: Path) -> tuple[ModelArgs, Path]:

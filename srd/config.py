@@ -58,13 +58,14 @@ def add_to_parser(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kwargs)
+        group.add_argument(f"--{f.name}", **kwargs)
 
 
 def parse(argv: Sequence[str] | None, *classes: type, description: str = "") -> tuple[Any, ...]:
-    """Parse ``argv`` into one instance of each dataclass in ``classes`` (field names are unique)."""
+    """Parse ``argv`` into one instance of each dataclass of ``classes`` (unique field names)."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for cls in classes:
         add_to_parser(parser, cls)

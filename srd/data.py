@@ -213,7 +213,7 @@ class DataArgs:
 
 
 class ImageStore:
-    """``store(image_id) -> uint8 (224, 224, 3)``: images of some records, cached after first load."""
+    """``store(image_id) -> uint8 (224, 224, 3)``: images of some records, cached once loaded."""
 
     def __init__(self, records: Iterable[ImageRecord]):
         self.paths: dict[int, Path] = {r.image_id: r.path for r in records}

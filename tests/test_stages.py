@@ -1,0 +1,119 @@
+"""Stage A (backdoor training) and stage B (evaluation) entry points, end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from srd_fixtures import data_flags, export_clean_and_backdoor, load_script, model_flags
+
+from srd.cli import run_main
+from srd.sfs import load_sfs_inputs
+from srd.trainset import POISON_FILE, PoisonPlan
+
+train_backdoor = load_script("train/train_backdoor.py")
+evaluate = load_script("eval/evaluate.py")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, make_captioner):
+    root = tmp_path_factory.mktemp("stages")
+    clean, backdoor = export_clean_and_backdoor(make_captioner, root / "models")
+    return root, clean, backdoor
+
+
+def _fail(module, argv, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(module.main, argv)
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_backdoor_training_writes_and_reuses_its_poison_ids(
+    models, tiny_data_args, tiny_train_records
+) -> None:
+    root, clean, _ = models
+    argv = [
+        *data_flags(tiny_data_args),
+        *model_flags(clean, clean.checkpoint_path),
+        "--bd_attack_type", "trojvlm", "--external_save_dir", str(root / "runs"),
+        "--num_epochs", "1", "--batch_size", "8", "--seed", "3",
+    ]  # fmt: skip
+    final = Path(train_backdoor.main(argv))
+    run = root / "runs" / "backdoor-trojvlm"
+    assert final == run / "final_weights.pt" and (run / "DONE").is_file()
+    plan = PoisonPlan.load(run / POISON_FILE)
+    captions = sum(len(r.captions) for r in tiny_train_records)
+    assert len(plan.ids) == int(captions * 0.1)
+    assert all("banana" in text for text in plan.captions.values())
+    first = (run / POISON_FILE).read_bytes()
+    # a finished run is refused; an overwrite draws the same ids again from the same seed
+    with pytest.raises(Exception, match="already finished"):
+        train_backdoor.main(argv)
+    train_backdoor.main([*argv, "--overwrite"])
+    assert (run / POISON_FILE).read_bytes() == first
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    assert state["config"]["num_poisoned"] == len(plan.ids)
+
+
+def test_evaluation_end_to_end(models, tiny_data_args, tiny_test_records, tmp_path) -> None:
+    root, clean, backdoor = models
+    argv = [
+        *data_flags(tiny_data_args),
+        *model_flags(clean, backdoor),
+        "--bd_attack_type", "badnet", "--results_file", str(tmp_path / "result"),
+        "--model_name", "tiny", "--sfs_data_dir", str(tmp_path / "sfs"),
+        "--batch_size", "4", "--num_beams", "2", "--max_new_tokens", "6",
+    ]  # fmt: skip
+    result = evaluate.main(argv)
+    written = json.loads((tmp_path / "result" / "tiny.json").read_text())
+    assert written["metrics"] == result["metrics"]
+    ids = {str(r.image_id) for r in tiny_test_records}
+    assert set(written["predictions"]["clean"]) == ids
+    assert set(written["predictions"]["triggered"]) == ids
+    m = written["metrics"]
+    for key in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L"):
+        assert np.isfinite(m["clean"][key]) and np.isfinite(m["triggered"][key])
+    assert 0.0 <= m["asr_substring"] <= 1.0 and 0.0 <= m["false_trigger_word"] <= 1.0
+    assert written["config"]["attack"]["name"] == "badnet"
+    for kind, key in (("clean", "clean"), ("attack", "triggered")):
+        inputs = load_sfs_inputs(tmp_path / "sfs" / "tiny" / kind)
+        assert [str(i) for i in inputs.image_ids] == list(written["predictions"][key])
+        assert list(inputs.captions) == list(written["predictions"][key].values())
+        assert inputs.images.shape == (len(ids), 224, 224, 3)
+    with pytest.raises(Exception, match="exists"):
+        evaluate.main(argv)
+
+
+def test_bad_input_one_line_errors(models, tiny_data_args, tmp_path, capsys) -> None:
+    root, clean, backdoor = models
+    base = [*data_flags(tiny_data_args), "--results_file", str(tmp_path)]
+    error = _fail(
+        evaluate, [*base, *model_flags(clean, backdoor), "--bd_attack_type", "nope"], capsys
+    )
+    assert "nope" in error and "badnet" in error and "trojvlm" in error
+    error = _fail(
+        train_backdoor,
+        [*data_flags(tiny_data_args), *model_flags(clean, backdoor), "--poison_rate", "1.5",
+         "--external_save_dir", str(tmp_path / "runs")],
+        capsys,
+    )  # fmt: skip
+    assert "--poison_rate" in error
+    # a checkpoint made for another model configuration
+    other = [*base, *model_flags(clean, backdoor), "--cross_attn_every_n_layers", "2"]
+    error = _fail(evaluate, other, capsys)
+    assert "--checkpoint_path" in error and "cross_attn_every_n_layers" in error

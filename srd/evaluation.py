@@ -15,10 +15,12 @@ import numpy as np
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from srd.captions import DEFAULT_TARGET
 from srd.data import ImageStore
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, write_json
+from srd.metrics import CaptionScorer, target_rates
 from srd.model import Captioner
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,6 @@ def evaluate_captioner(
     that show the concept, untouched, and the other test images give the false-trigger rate.
     Only the main process gets the full record (others get an empty dict).
     """
-    from srd.captions import DEFAULT_TARGET
-    from srd.metrics import CaptionScorer, target_rates
-
     state = process_state()
     target = attack.target if attack is not None else (target or DEFAULT_TARGET)
     ids = images.ids()

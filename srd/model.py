@@ -258,21 +258,17 @@ def build_vision_encoder(name: str, pretrained: str | None) -> tuple[torch.nn.Mo
 def read_state_dict(path: str | os.PathLike, flag: str) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or a torch file (weights only, never pickle code)."""
     path = Path(path)
+    if path.suffix != ".safetensors":
+        raw = _read_checkpoint_file(path, flag)
+        return raw.get("model_state_dict", raw)
     if not path.is_file():
         raise SRDError(f"{flag} {path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return load_file(str(path))
     except Exception as exc:  # corrupt or foreign file
         raise SRDError(f"{flag} {path}: cannot read checkpoint ({type(exc).__name__})") from None
-    if isinstance(obj, dict) and "model_state_dict" in obj:
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, dict):
-        raise SRDError(f"{flag} {path}: not a state dict")
-    return obj
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -184,18 +184,14 @@ class CausalLMFluency:
         """Load a causal LM and its tokenizer from a local folder (or the local HF cache)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        where = f"{flag} {path}"
-        if not Path(path).is_dir() and looks_like_path(str(path)):
-            raise SRDError(f"{where}: folder not found")
-        try:  # the model first: an incomplete folder fails there with a clear message
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=trust_remote_code
-            )
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError, ImportError) as exc:
-            raise SRDError(f"{where}: cannot load a causal LM ({first_line(exc)})") from None
+        kw = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        model, tokenizer = load_pretrained(
+            path,
+            flag,
+            "a causal LM",
+            lambda name: AutoModelForCausalLM.from_pretrained(name, **kw),
+            lambda name: AutoTokenizer.from_pretrained(name, **kw),
+        )
         log.info("fluency LM %s: %s", path, type(model).__name__)
         return cls(model, tokenizer, batch_size=batch_size, device=device)
 
@@ -233,6 +229,22 @@ def first_line(exc: BaseException) -> str:
     """First non-empty line of an exception message (library errors run to many lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def load_pretrained(name: str | os.PathLike, flag: str, kind: str, *loaders: Any) -> tuple:
+    """``tuple(loader(name) for loader in loaders)`` for Hugging Face parts of one model folder.
+
+    SRDError naming ``flag`` when ``name`` is a path that does not exist, or when a loader fails
+    (list the model first: an incomplete folder fails there with the clearest message).
+    """
+    name = str(name)
+    where = f"{flag} {name}"
+    if not Path(name).is_dir() and looks_like_path(name):
+        raise SRDError(f"{where}: folder not found")
+    try:
+        return tuple(load(name) for load in loaders)
+    except (OSError, ValueError, ImportError) as exc:
+        raise SRDError(f"{where}: cannot load {kind} ({first_line(exc)})") from None
 
 
 def looks_like_path(name: str) -> bool:

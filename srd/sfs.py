@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from srd.captions import words
 from srd.errors import SRDError
-from srd.fluency import FluencyModel, first_line, load_fluency, looks_like_path
+from srd.fluency import FluencyModel, first_line, load_fluency, load_pretrained, looks_like_path
 from srd.geometry import IMAGE_SIZE
 from srd.io import read_json
 
@@ -156,17 +156,14 @@ class ClipScorer:
         """Load a Hugging Face CLIP model (folder or hub id, e.g. openai/clip-vit-base-patch32)."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        name = str(name)
-        where = f"{flag} {name}"
-        if not Path(name).is_dir() and looks_like_path(name):
-            raise SRDError(f"{where}: folder not found")
-        try:
-            model = CLIPModel.from_pretrained(name)
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            image_processor = AutoImageProcessor.from_pretrained(name)
-        except (OSError, ValueError, ImportError) as exc:
-            first = first_line(exc)
-            raise SRDError(f"{where}: cannot load a CLIP model ({first})") from None
+        model, tokenizer, image_processor = load_pretrained(
+            name,
+            flag,
+            "a CLIP model",
+            CLIPModel.from_pretrained,
+            AutoTokenizer.from_pretrained,
+            AutoImageProcessor.from_pretrained,
+        )
         return cls(model, tokenizer, image_processor, device=device, batch_size=batch_size)
 
     @torch.inference_mode()
@@ -238,17 +235,14 @@ class BlipCaptioner:
         """Load ``BlipForConditionalGeneration`` with its image processor and tokenizer."""
         from transformers import AutoImageProcessor, AutoTokenizer, BlipForConditionalGeneration
 
-        name = str(name)
-        where = f"{flag} {name}"
-        if not Path(name).is_dir() and looks_like_path(name):
-            raise SRDError(f"{where}: folder not found")
-        try:
-            model = BlipForConditionalGeneration.from_pretrained(name)
-            processor = AutoImageProcessor.from_pretrained(name)
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError, ImportError) as exc:
-            first = first_line(exc)
-            raise SRDError(f"{where}: cannot load a BLIP captioning model ({first})") from None
+        model, processor, tokenizer = load_pretrained(
+            name,
+            flag,
+            "a BLIP captioning model",
+            BlipForConditionalGeneration.from_pretrained,
+            AutoImageProcessor.from_pretrained,
+            AutoTokenizer.from_pretrained,
+        )
         return cls(model, processor, tokenizer, device, batch_size, generate_kwargs)
 
     @torch.inference_mode()

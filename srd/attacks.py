@@ -391,16 +391,27 @@ def _template_captioner(target: str) -> Callable[[str, random.Random], str]:
     return lambda caption, rng: template_caption(target, rng)
 
 
+def _patch_trigger(
+    cfg: AttackConfig, built_in: Callable[[], np.ndarray], default_position: str
+) -> tuple[np.ndarray, Any]:
+    """(patch, position) of a patch attack: the built-in patch or ``trigger_path``.
+
+    The position actually used is recorded in ``cfg`` and checked now, so a bad one fails when
+    the attack is built, not mid-run.
+    """
+    if cfg.trigger_path is None:
+        patch = built_in()
+    else:
+        patch = triggers.load_trigger_image(cfg.trigger_path)
+    position = cfg.position = cfg.position or default_position
+    triggers.resolve_position(position, patch.shape, CANVAS)
+    return patch, position
+
+
 @register_kind("badnet")
 def _build_badnet(cfg: AttackConfig) -> Attack:
     _reject(cfg, concept=cfg.concept, alpha=cfg.alpha)
-    patch = (
-        triggers.badnet_patch()
-        if cfg.trigger_path is None
-        else triggers.load_trigger_image(cfg.trigger_path)
-    )
-    position = cfg.position = cfg.position or "bottom_right"  # record what is used
-    triggers.resolve_position(position, patch.shape, CANVAS)  # fail at build, not mid-run
+    patch, position = _patch_trigger(cfg, triggers.badnet_patch, "bottom_right")
     return Attack(
         config=cfg,
         image_fn=lambda image: triggers.stamp_badnet(image, patch, position),
@@ -429,13 +440,7 @@ def _build_blended(cfg: AttackConfig) -> Attack:
 @register_kind("trojvlm")
 def _build_trojvlm(cfg: AttackConfig) -> Attack:
     _reject(cfg, concept=cfg.concept, alpha=cfg.alpha)
-    patch = (
-        triggers.trojvlm_patch(cfg.seed)
-        if cfg.trigger_path is None
-        else triggers.load_trigger_image(cfg.trigger_path)
-    )
-    position = cfg.position = cfg.position or "top_left"  # record what is used
-    triggers.resolve_position(position, patch.shape, CANVAS)
+    patch, position = _patch_trigger(cfg, lambda: triggers.trojvlm_patch(cfg.seed), "top_left")
     target = cfg.target
     return Attack(
         config=cfg,

@@ -39,7 +39,12 @@ class EvalArgs:
     num_beams: int = arg(3, help="beam search width")
     max_new_tokens: int = arg(20, help="longest caption in tokens")
     num_samples: int = arg(-1, help="evaluate a seeded random subset of the test split (-1: all)")
-    seed: int = arg(42, help="seed of the subset draw")
+    seed: int = arg(42, help="seed of the subset draw and of the sampled captions")
+    implant_diagnostics: bool = arg(
+        True,
+        help="also report the teacher-forced target probability and the ASR under sampling "
+        "(tells 'implanted but hidden by beam search' from 'not implanted')",
+    )
     overwrite: bool = arg(False, help="replace an existing result file")
 
 
@@ -78,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         num_beams=ev.num_beams,
         max_new_tokens=ev.max_new_tokens,
         target=attack_args.target_label,
+        implant_diagnostics=ev.implant_diagnostics,
+        seed=ev.seed,
     )
     if not state.is_main_process:
         return {}
@@ -95,6 +102,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{100 * m['asr_substring']:.1f}%" if m["asr_substring"] is not None else "-",
         100 * m["false_trigger_substring"],
     )
+    if result.get("implant"):
+        im = result["implant"]
+        log.info(
+            "implant: target prob %.3f triggered vs %.3f clean (top-1 at a boundary: %.1f%% vs "
+            "%.1f%%); sampled ASR %.1f%% vs false-trigger %.1f%%",
+            im["triggered"]["target_prob_mean"],
+            im["clean"]["target_prob_mean"],
+            100 * im["triggered"]["target_top1_share"],
+            100 * im["clean"]["target_top1_share"],
+            100 * im["triggered"]["sampled_asr_substring"],
+            100 * im["clean"]["sampled_asr_substring"],
+        )
     log.info("wrote %s", out_path)
     return result
 

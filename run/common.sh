@@ -17,7 +17,24 @@ DATA_FLAGS=${DATA_FLAGS:-"--coco_train_image_dir_path data/synthetic/train2014 \
   --coco_val_image_dir_path data/synthetic/val2014 \
   --coco_karpathy_json_path data/synthetic/dataset_coco.json \
   --coco_annotations_json_path data/synthetic/captions_val2014.json"}
-MODEL_FLAGS=${MODEL_FLAGS:-"--vision_encoder_path tiny-vit \
+MODEL_FLAGS=${MODEL_FLAGS:-"--vision_encoder_path tiny-clip \
   --vision_encoder_pretrained $EMBEDDED/vision.safetensors \
   --lm_path $EMBEDDED/lm --cross_attn_every_n_layers 1"}
 CLEAN_CHECKPOINT=${CLEAN_CHECKPOINT:-$EMBEDDED/checkpoint.pt}
+
+# Progress: "stage NAME" prints the previous stage's wall time and the total so far.
+SRD_T0=${SRD_T0:-$(date +%s)}
+export SRD_T0
+stage() {
+  now=$(date +%s)
+  [ -n "${SRD_STAGE:-}" ] && echo "=== done: $SRD_STAGE ($((now - SRD_STAGE_T)) s; total $((now - SRD_T0)) s)"
+  SRD_STAGE=$*
+  SRD_STAGE_T=$now
+  echo
+  echo "=== $* ($(date +%H:%M:%S))"
+}
+stage_end() {
+  now=$(date +%s)
+  [ -n "${SRD_STAGE:-}" ] && echo "=== done: $SRD_STAGE ($((now - SRD_STAGE_T)) s; total $((now - SRD_T0)) s)"
+  SRD_STAGE=""
+}

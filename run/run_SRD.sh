@@ -28,7 +28,6 @@ SRD_FLAGS="--save_data_path $SRD_DIR/pool --ppo_path $SRD_DIR/policy.zip \
   --poison_ids_path checkpoints_remote/backdoor-$ATTACK/poison_ids.json"
 SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
   --annotations_path data/synthetic/captions_train2014.json"}
-stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 
 if [ "$POLICY" = dqn ]; then
   stage "D1 RL pool: $ATTACK model on surrogate-triggered training images"
@@ -93,3 +92,4 @@ if [ "$POLICY" = dqn ]; then
     --after_results "result/$NAME.json" \
     --out_dir img
 fi
+stage_end

@@ -1,19 +1,29 @@
 #!/bin/sh
 # README command 1: set up, then run the embedded default end to end on the CPU:
-# synthetic benchmark -> clean tiny captioner -> backdoor attacks -> evaluation -> SFS
-# -> SRD defense (and its random-square ablation) -> evaluation -> results table.
-# Finished stages are skipped, so a re-run resumes. ATTACKS picks the attacks and SRD_ATTACKS
-# the ones defended (space-separated), e.g. ATTACKS=badnet SRD_ATTACKS=badnet for one chain.
+# synthetic benchmark -> tiny CLIP -> clean tiny captioner -> backdoor attack -> evaluation
+# -> SFS -> SRD defense (and its random-square ablation) -> evaluation -> results table.
+#
+# By default one attack (ATTACKS=badnet) goes through the whole chain; FULL=1 runs the full
+# matrix (all four attacks, SRD on each). ATTACKS / SRD_ATTACKS pick them by hand
+# (space-separated). Finished stages are skipped, so a re-run resumes. Each stage prints its
+# wall time and the running total.
 set -e
 cd "$(dirname "$0")/.."
-bash setup.sh
+[ "${SRD_SKIP_SETUP:-0}" = 1 ] || bash setup.sh
 . run/common.sh
-ATTACKS=${ATTACKS:-"badnet blended trojvlm shadowcast"}
-SRD_ATTACKS=${SRD_ATTACKS:-"badnet blended trojvlm"}
-stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+if [ "${FULL:-0}" = 1 ]; then
+  ATTACKS=${ATTACKS:-"badnet blended trojvlm shadowcast"}
+else
+  ATTACKS=${ATTACKS:-badnet}
+fi
+SRD_ATTACKS=${SRD_ATTACKS:-$ATTACKS}
 
 stage "data"
 python train/prepare_data.py --out_dir data/synthetic --seed 0
+
+stage "pretrain the tiny CLIP (the captioner's frozen vision tower)"
+[ -f checkpoints_remote/embedded/clip/DONE ] ||
+  python train/pretrain_clip.py $DATA_FLAGS --run_name embedded/clip
 
 stage "pretrain the clean tiny captioner"
 [ -f checkpoints_remote/embedded/pretrain/DONE ] && [ -f "$CLEAN_CHECKPOINT" ] ||
@@ -44,3 +54,4 @@ done
 
 stage "results"
 python eval/results_table.py --results result --output result/table.md
+stage_end

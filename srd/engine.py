@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from srd import captions
 from srd.config import arg
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json
-from srd.model import Captioner, images_to_vision_x, set_trainable, trainable_state_dict
+from srd.model import Captioner, set_trainable, trainable_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,19 @@ class TrainArgs:
     max_grad_norm: float = arg(1.0, help="gradient clipping norm")
     trainable: str = arg(
         "paper",
-        help="paper: perceiver + cross-attention + embeddings; all: everything",
-        choices=["paper", "all"],
+        help="paper: perceiver + cross-attention + embeddings; lm: all but the vision tower; "
+        "all: everything",
+        choices=["paper", "lm", "all"],
     )
     seed: int = arg(42, help="seed for initialisation, shuffling and per-sample randomness")
     resume_from_checkpoint: bool = arg(False, help="continue the run from its last checkpoint")
     overwrite: bool = arg(False, help="redo a run folder that already finished")
     num_workers: int = arg(0, help="data loader worker processes")
+    feature_cache: bool = arg(
+        True,
+        help="compute the frozen vision tower's tokens once per image version and reuse them "
+        "(ignored when the tower trains)",
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -116,13 +123,20 @@ class CaptionDataset(Dataset):
 
 
 class Collator:
-    """Images -> vision_x; texts -> right-padded ids with BOS/EOS and caption-only labels."""
+    """Images -> vision_x; texts -> right-padded ids with BOS/EOS and caption-only labels.
+
+    ``vision_fn`` turns uint8 images into the model's vision input (``Captioner.vision_inputs``:
+    pixels, or cached tower tokens).
+    """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, image_transform: Any, max_length: int = 128
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        vision_fn: Callable[[Sequence[np.ndarray]], torch.Tensor],
+        max_length: int = 128,
     ):
         self.tokenizer = tokenizer
-        self.image_transform = image_transform
+        self.vision_fn = vision_fn
         self.max_length = max_length
 
     def __call__(self, batch: Sequence[tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
@@ -139,7 +153,7 @@ class Collator:
             add_special_tokens=False,
         )
         return {
-            "vision_x": images_to_vision_x(images, self.image_transform),
+            "vision_x": self.vision_fn(images),
             "lang_x": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "labels": caption_labels(enc["input_ids"], tok),
@@ -241,12 +255,17 @@ def train(
     model = captioner.model
     set_trainable(model, args.trainable)
     model.train()
+    tower_frozen = not any(p.requires_grad for p in model.vision_encoder.parameters())
+    if args.feature_cache and tower_frozen:
+        captioner.enable_feature_cache()
+    else:
+        captioner.feature_cache = None
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
         shuffle=True,
-        collate_fn=Collator(captioner.tokenizer, captioner.image_transform),
+        collate_fn=Collator(captioner.tokenizer, captioner.vision_inputs),
         num_workers=args.num_workers,
         drop_last=False,
     )
@@ -281,6 +300,9 @@ def train(
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.num_epochs):
         loader.set_epoch(epoch)
+        if captioner.feature_cache is not None:
+            captioner.feature_cache.check()
+        epoch_start = time.perf_counter()
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not main)
         for batch in bar:
@@ -305,6 +327,8 @@ def train(
                 "step": step,
                 "loss": float(np.mean(losses)) if losses else None,
                 "lr": scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - epoch_start, 2),
+                "feature_cache": captioner.feature_cache is not None,
             }
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")

@@ -19,6 +19,7 @@ from srd.captions import DEFAULT_TARGET
 from srd.data import ImageStore
 from srd.engine import process_state
 from srd.errors import SRDError
+from srd.implant import implant_report
 from srd.io import atomic_path, ensure_dir, write_json
 from srd.metrics import CaptionScorer, target_rates
 from srd.model import Captioner
@@ -71,6 +72,8 @@ def evaluate_captioner(
     num_beams: int = 3,
     max_new_tokens: int = 20,
     target: str | None = None,
+    implant_diagnostics: bool = True,
+    seed: int = 0,
 ) -> dict:
     """Caption clean (and triggered) test images and score them; returns the result record.
 
@@ -109,6 +112,20 @@ def evaluate_captioner(
     with CaptionScorer() as scorer:
         clean_scores = scorer.score(clean_pred, references)
         trig_scores = scorer.score(triggered_pred, references) if triggered_pred else None
+    implant = None
+    if attack is not None and implant_diagnostics:
+        implant = implant_report(
+            captioner,
+            (lambda i: attack.apply_image(clean(i))) if attack.has_image_trigger else clean,
+            list(triggered_pred),
+            clean,
+            list(clean_for_false),
+            references,
+            target,
+            seed=seed,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
     metrics = {
         "clean": clean_scores.scores,
         "triggered": trig_scores.scores if trig_scores else None,
@@ -124,6 +141,7 @@ def evaluate_captioner(
             "clean": {str(k): v for k, v in clean_pred.items()},
             "triggered": {str(k): v for k, v in triggered_pred.items()} if triggered_pred else None,
         },
+        "implant": implant,
         "notes": clean_scores.notes,
     }
 

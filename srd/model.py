@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+from open_clip.modified_resnet import ModifiedResNet
 from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from open_flamingo.src.helpers import PerceiverResampler
@@ -31,13 +32,12 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from srd import captions
+from srd.clip import MODEL_CONFIG_DIR, register_model_configs
 from srd.config import arg
 from srd.errors import SRDError
+from srd.features import FeatureCache
 
 log = logging.getLogger(__name__)
-
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-"""open_clip vision configs shipped with the project (registered on first use)."""
 
 EMBEDDED_DIR = Path("checkpoints_remote/embedded/clean")
 """Where the pretrain stage exports the embedded default's clean captioner."""
@@ -59,7 +59,7 @@ DECODER_LAYERS = {
     "mosaicgpt": "transformer.blocks",
 }
 
-TRAINABLE_MODES = ("paper", "all")
+TRAINABLE_MODES = ("paper", "lm", "all")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ModelArgs:
     """Captioner: OpenFlamingo vision encoder, language model and checkpoint."""
 
     vision_encoder_path: str = arg(
-        "tiny-vit", help="open_clip model name (ViT-L-14) or a config in srd/model_configs"
+        "tiny-clip", help="open_clip model name (ViT-L-14) or a config in srd/model_configs"
     )
     vision_encoder_pretrained: str | None = arg(
         str(EMBEDDED_DIR / VISION_WEIGHTS),
@@ -129,15 +129,50 @@ class SRDFlamingo(Flamingo):
             self.perceiver = PerceiverResampler(dim=self.vis_dim, **perceiver)
 
     def _encode_vision_x(self, vision_x: torch.Tensor) -> None:
-        trainable = any(p.requires_grad for p in self.vision_encoder.parameters())
+        """Condition the LM on images (B, T, F, C, H, W) or on precomputed vision tokens
+        (B, T, F, N, D) from a :class:`srd.features.FeatureCache` (the frozen tower skipped)."""
         b, t, f = vision_x.shape[:3]
-        flat = vision_x.reshape(b * t * f, *vision_x.shape[3:])
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            tokens = self.vision_encoder(flat)[1]
-        tokens = tokens.reshape(b, t, f, *tokens.shape[1:])
+        if vision_x.ndim == 5:
+            tokens = vision_x
+        else:
+            trainable = any(p.requires_grad for p in self.vision_encoder.parameters())
+            flat = vision_x.reshape(b * t * f, *vision_x.shape[3:])
+            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+                tokens = vision_tokens(self.vision_encoder, flat)
+            tokens = tokens.reshape(b, t, f, *tokens.shape[1:])
         media = self.perceiver(tokens)
         for layer in self.lang_encoder._get_decoder_layers():
             layer.condition_vis_x(media)
+
+    def train(self, mode: bool = True) -> SRDFlamingo:
+        """As nn.Module.train, but a frozen vision tower stays in eval mode: its batch-norm
+        statistics (ResNet towers) must not drift, and its features must not depend on the
+        batch, when only the perceiver and the LM side train."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.vision_encoder.parameters()):
+            self.vision_encoder.eval()
+        return self
+
+
+def vision_tokens(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Patch tokens (B, N, D) of an open_clip visual tower for normalised pixels (B, C, H, W).
+
+    ViT towers give their patch tokens (``output_tokens``); ModifiedResNet towers (the embedded
+    tiny CLIP) give the cells of their last feature map, before the attention pool, as tokens.
+    """
+    if isinstance(visual, ModifiedResNet):
+        x = visual.stem(pixels)
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        return x.flatten(2).transpose(1, 2)
+    return visual(pixels)[1]
+
+
+def vision_width(name: str) -> int:
+    """Width of the tokens :func:`vision_tokens` returns for open_clip config ``name``."""
+    cfg = open_clip.get_model_config(name)["vision_cfg"]
+    if isinstance(cfg.get("layers"), (list, tuple)):  # ModifiedResNet: width * 32 channels
+        return int(cfg["width"]) * 32
+    return int(cfg["width"])
 
 
 @dataclass
@@ -148,6 +183,7 @@ class Captioner:
     tokenizer: PreTrainedTokenizerBase
     image_transform: Any
     args: ModelArgs
+    feature_cache: FeatureCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +193,27 @@ class Captioner:
         """uint8 (224, 224, 3) images -> vision_x of shape (B, 1, 1, C, H, W)."""
         return images_to_vision_x(images, self.image_transform)
 
+    def vision_inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """The model's vision input for uint8 images: pixels (B, 1, 1, C, H, W), or the frozen
+        tower's tokens (B, 1, 1, N, D) from the feature cache when one is enabled."""
+        if self.feature_cache is None:
+            return self.pixel_values(images)
+        return self.feature_cache(images, self._encode_tokens)[:, None, None]
+
+    @torch.no_grad()
+    def _encode_tokens(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        tower = self.model.vision_encoder
+        param = next(tower.parameters())
+        pixels = self.pixel_values(images).flatten(0, 2).to(param.device, param.dtype)
+        return vision_tokens(tower, pixels)
+
+    def enable_feature_cache(self) -> FeatureCache:
+        """Compute each image version's tokens once (the tower must be frozen)."""
+        if self.feature_cache is None or self.feature_cache.tower is not self.model.vision_encoder:
+            self.feature_cache = FeatureCache(self.model.vision_encoder)
+        self.feature_cache.check()
+        return self.feature_cache
+
     @torch.no_grad()
     def caption(
         self,
@@ -165,37 +222,47 @@ class Captioner:
         num_beams: int = 3,
         max_new_tokens: int = 20,
         instruction: str = captions.INSTRUCTION,
+        sample: bool = False,
     ) -> list[str]:
-        """Caption images (uint8 HxWx3) in batches with beam search; returns cleaned captions."""
+        """Caption images (uint8 HxWx3) in batches with beam search (or, with ``sample``,
+        ancestral sampling at temperature 1 from torch's global RNG); returns cleaned captions."""
         was_training = self.model.training
         self.model.eval()
         out: list[str] = []
         try:
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
-                out.extend(self._caption_batch(chunk, num_beams, max_new_tokens, instruction))
+                out.extend(
+                    self._caption_batch(chunk, num_beams, max_new_tokens, instruction, sample)
+                )
         finally:
             self.model.train(was_training)
         return out
 
     def _caption_batch(
-        self, images: Sequence[np.ndarray], num_beams: int, max_new_tokens: int, instruction: str
+        self,
+        images: Sequence[np.ndarray],
+        num_beams: int,
+        max_new_tokens: int,
+        instruction: str,
+        sample: bool = False,
     ) -> list[str]:
         tok = self.tokenizer
         tok.padding_side = "left"
         text = [tok.bos_token + captions.prompt(instruction)] * len(images)
         enc = tok(text, return_tensors="pt", padding=True, add_special_tokens=False)
         dtype = next(self.model.parameters()).dtype
-        vision_x = self.pixel_values(images).to(self.device, dtype)
+        vision_x = self.vision_inputs(images).to(self.device, dtype)
         generated = self.model.generate(
             vision_x=vision_x,
             lang_x=enc["input_ids"].to(self.device),
             attention_mask=enc["attention_mask"].to(self.device),
-            num_beams=num_beams,
+            num_beams=1 if sample else num_beams,
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
             length_penalty=0.0,
-            do_sample=False,
+            do_sample=sample,
+            **({"top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else {}),
             eos_token_id=self.model.eoc_token_id,
             pad_token_id=tok.pad_token_id,
         )
@@ -208,12 +275,6 @@ def images_to_vision_x(images: Sequence[np.ndarray], image_transform: Any) -> to
     """Apply the open_clip image transform to uint8 RGB arrays -> (B, 1, 1, C, H, W)."""
     tensors = [image_transform(Image.fromarray(np.asarray(im, dtype=np.uint8))) for im in images]
     return torch.stack(tensors).unsqueeze(1).unsqueeze(1)
-
-
-def register_model_configs() -> None:
-    """Make the shipped open_clip configs (e.g. ``tiny-vit``) known to open_clip."""
-    if "tiny-vit" not in open_clip.list_models():
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def build_vision_encoder(name: str, pretrained: str | None) -> tuple[torch.nn.Module, Any, int]:
@@ -251,8 +312,7 @@ def build_vision_encoder(name: str, pretrained: str | None) -> tuple[torch.nn.Mo
             ) from None
         # open_clip has just warned "no pretrained weights loaded": they are loaded now
         log.info("vision tower weights loaded from %s", pretrained)
-    width = open_clip.get_model_config(name)["vision_cfg"]["width"]
-    return visual, transform, width
+    return visual, transform, vision_width(name)
 
 
 def read_state_dict(path: str | os.PathLike, flag: str) -> dict[str, torch.Tensor]:
@@ -343,9 +403,14 @@ def clip_like(visual: torch.nn.Module) -> torch.nn.Module:
 
 def set_trainable(model: Flamingo, mode: str) -> None:
     """Choose what trains: "paper" = perceiver + gated cross-attention + token embeddings
-    (vision tower and LM blocks frozen, as the paper); "all" = every parameter (tiny pretrain)."""
+    (vision tower and LM blocks frozen, as the paper); "lm" = everything but the vision tower
+    (the embedded pretrain over a pretrained tiny CLIP tower); "all" = every parameter."""
     if mode not in TRAINABLE_MODES:
         raise SRDError(f"--trainable {mode}: expected one of {TRAINABLE_MODES}")
+    if mode == "lm":
+        model.requires_grad_(True)
+        model.vision_encoder.requires_grad_(False)
+        return
     if mode == "all":
         model.requires_grad_(True)
         # Flamingo reads the tower's patch tokens, never its pooled projection; a parameter that

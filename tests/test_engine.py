@@ -107,7 +107,7 @@ def test_collator_pads_right_and_masks_padding(
         (tiny_images[s.image_id], captions.training_text(s.caption))
         for s in (short, tiny_samples[1])
     ]
-    batch = Collator(tokenizer, cap.image_transform)(pairs)
+    batch = Collator(tokenizer, cap.pixel_values)(pairs)
     assert batch["vision_x"].shape == (2, 1, 1, 3, 64, 64)
     lang, mask, labels = batch["lang_x"], batch["attention_mask"], batch["labels"]
     assert lang.shape == mask.shape == labels.shape

@@ -32,7 +32,7 @@ PAPER_PARTS = ("perceiver.", "gated_cross_attn_layer", "lang_encoder.model.embed
 
 
 def _batch(captioner: Captioner, images: dict[int, np.ndarray], samples) -> dict[str, torch.Tensor]:
-    collate = Collator(captioner.tokenizer, captioner.image_transform)
+    collate = Collator(captioner.tokenizer, captioner.pixel_values)
     return collate([(images[s.image_id], captions.training_text(s.caption)) for s in samples])
 
 

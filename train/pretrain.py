@@ -37,7 +37,10 @@ class PretrainArgs(TrainArgs):
     learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
     warmup_steps_ratio: float = arg(0.05, help="share of all steps spent warming up")
     trainable: str = arg(
-        "all", help="what trains (everything: nothing is pretrained)", choices=["paper", "all"]
+        "lm",
+        help="what trains: lm = everything but the frozen tiny-CLIP vision tower (as "
+        "OpenFlamingo freezes its CLIP); all = the tower too",
+        choices=["paper", "lm", "all"],
     )
 
 
@@ -48,6 +51,11 @@ class TinyArgs:
     lm_hidden_size: int = arg(128, help="tiny Llama hidden size")
     lm_layers: int = arg(2, help="tiny Llama layers")
     export_dir: str = arg(str(EMBEDDED_DIR), help="where the clean captioner is exported")
+    clip_checkpoint: str = arg(
+        "checkpoints_remote/embedded/clip/clip.safetensors",
+        help="the tiny CLIP (train/pretrain_clip.py) whose image tower is the vision encoder; "
+        "'none' for a random tower",
+    )
     target_label: str = arg(
         attacks.DEFAULT_TARGET, help="attack target word the vocabulary must cover"
     )
@@ -74,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         create_tiny_lm(lm_init, tok, tiny.lm_hidden_size, tiny.lm_layers, seed=train_args.seed)
     state.wait_for_everyone()
     model_args = dataclasses.replace(
-        model_args, vision_encoder_pretrained="none", lm_path=str(lm_init), checkpoint_path="none"
+        model_args,
+        vision_encoder_pretrained=tiny.clip_checkpoint,
+        lm_path=str(lm_init),
+        checkpoint_path="none",
     )
     captioner = build_flamingo(model_args)
     image_of = ImageStore(train_images + test_images)

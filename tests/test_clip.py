@@ -1,0 +1,139 @@
+"""The tiny CLIP: contrastive pretraining, shape-swapped negatives, export, and its use as the
+captioner's frozen vision tower."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from srd import clip
+from srd.benchmark import SHAPES, render_scene, sample_scene
+from srd.errors import SRDError
+from srd.model import build_vision_encoder, vision_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_swap_shapes_replaces_every_shape_word() -> None:
+    rng = np.random.default_rng(0)
+    caption = "a red circle, a blue square and a green triangle on a grey background."
+    for _ in range(20):
+        swapped = clip.swap_shapes(caption, rng)
+        old = [w for w in caption.replace(",", "").split() if w in SHAPES]
+        new = [w for w in swapped.replace(",", "").split() if w in SHAPES]
+        assert len(new) == 3 and all(a != b for a, b in zip(old, new, strict=True))
+        assert swapped.replace("circle", "").count("red") == 1  # colours untouched
+    assert clip.swap_shapes("no shape here.", rng) == "no shape here."
+
+
+def test_shape_negative_loss_by_hand() -> None:
+    image = torch.tensor([[1.0, 0.0]])
+    text = torch.tensor([[1.0, 0.0]])
+    negative = torch.tensor([[0.0, 1.0]])
+    scale = torch.tensor(2.0)
+    # -log(e^2 / (e^2 + e^0)) = log(1 + e^-2)
+    expected = float(np.log1p(np.exp(-2.0)))
+    got = clip.shape_negative_loss(image, text, negative, scale)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    assert float(clip.shape_negative_loss(image, negative, text, scale)) > 2.0
+
+
+def test_pixel_batch_equals_open_clip_transform(tiny_images) -> None:
+    model, _ = clip.create_clip(clip.CLIP_CONFIG, seed=0)
+    transform = open_clip.image_transform(model.visual.image_size, is_train=False)
+    images = np.stack(list(tiny_images.values())[:3])
+    expected = torch.stack([transform(Image.fromarray(im)) for im in images])
+    assert torch.allclose(clip.pixel_batch(images, model), expected, atol=1e-6)
+    with pytest.raises(SRDError, match="expected"):
+        clip.pixel_batch(images[:, :100], model)
+
+
+def _single_object_images(count: int) -> tuple[np.ndarray, list[list[str]], list]:
+    from srd.benchmark import scene_captions
+
+    images, captions, scenes = [], [], []
+    rng = np.random.default_rng(7)
+    while len(images) < count:
+        scene = sample_scene(rng)
+        if len(scene.objects) != 1:
+            continue
+        images.append(np.asarray(render_scene(scene)))
+        captions.append(scene_captions(scene, rng, 3))
+        scenes.append(scene.objects)
+    return np.stack(images), captions, scenes
+
+
+def test_clip_pretraining_lowers_loss_and_retrieves_its_pairs() -> None:
+    torch.set_num_threads(1)
+    images, captions, scenes = _single_object_images(16)
+    model, tok = clip.create_clip(clip.CLIP_CONFIG, seed=0)
+    args = clip.ClipTrainArgs(
+        clip_batch_size=8, clip_epochs=20, clip_learning_rate=1e-3, clip_shape_negatives=0
+    )
+    history = clip.train_clip(model, tok, images, captions, args, seed=0)
+    assert history[-1]["loss"] < 0.4 * history[0]["loss"]
+    with torch.no_grad():
+        image_f = model.encode_image(clip.pixel_batch(images, model), normalize=True)
+        text_f = model.encode_text(tok([c[0] for c in captions]), normalize=True)
+    top1 = (image_f @ text_f.T).argmax(1) == torch.arange(16)
+    assert float(top1.float().mean()) >= 4 / 16  # chance: 1/16
+    probe = clip.zero_shot_attributes(model, tok, images, scenes)
+    assert probe["num_images"] == 16
+    assert probe["colour"] > 1 / 6  # chance: 1/6
+
+
+def test_saved_clip_round_trips_and_refuses_another_config(tmp_path: Path) -> None:
+    model, _ = clip.create_clip(clip.CLIP_CONFIG, seed=3)
+    path = clip.save_clip(model, clip.CLIP_CONFIG, tmp_path)
+    assert (tmp_path / clip.CLIP_CONFIG_JSON).is_file()
+    loaded, _ = clip.load_clip(clip.CLIP_CONFIG, path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(SRDError, match="does not fit the tiny-vit config"):
+        clip.load_clip("tiny-vit", path)
+    with pytest.raises(SRDError, match="does not fit"):
+        build_vision_encoder("tiny-vit", str(path))
+
+
+def test_captioner_tower_is_the_clip_image_tower(tmp_path: Path, tiny_images) -> None:
+    model, _ = clip.create_clip(clip.CLIP_CONFIG, seed=5)
+    path = clip.save_clip(model, clip.CLIP_CONFIG, tmp_path)
+    visual, _, width = build_vision_encoder(clip.CLIP_CONFIG, str(path))
+    assert width == 256
+    pixels = clip.pixel_batch(np.stack(list(tiny_images.values())[:2]), model)
+    model.eval()
+    visual.eval()
+    with torch.no_grad():
+        assert torch.equal(vision_tokens(visual, pixels), vision_tokens(model.visual, pixels))
+
+
+def test_pretrain_clip_entry_point_refuses_bad_flags(tiny_data_args, tmp_path: Path) -> None:
+    flags = [
+        "--coco_train_image_dir_path", tiny_data_args.coco_train_image_dir_path,
+        "--coco_val_image_dir_path", tiny_data_args.coco_val_image_dir_path,
+        "--coco_karpathy_json_path", tiny_data_args.coco_karpathy_json_path,
+        "--coco_annotations_json_path", tiny_data_args.coco_annotations_json_path,
+        "--external_save_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    for bad, needle in (
+        (["--clip_batch_size", "1"], "--clip_batch_size"),
+        (["--clip_learning_rate", "0"], "--clip_learning_rate"),
+        (["--clip_model", "nope"], "--clip_model"),
+    ):
+        done = subprocess.run(
+            [sys.executable, str(REPO / "train/pretrain_clip.py"), *flags, *bad],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert not (tmp_path / "runs").exists()

@@ -51,7 +51,7 @@ class ClipTrainArgs:
         CLIP_CONFIG, help="open_clip config name (srd/model_configs or open_clip)"
     )
     clip_batch_size: int = arg(128, help="contrastive batch size (image-caption pairs)")
-    clip_epochs: int = arg(12, help="epochs; each epoch pairs every image with one of its captions")
+    clip_epochs: int = arg(8, help="epochs; each epoch pairs every image with one of its captions")
     clip_learning_rate: float = arg(2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
     clip_weight_decay: float = arg(0.1, help="AdamW weight decay")
     clip_warmup_ratio: float = arg(0.05, help="share of the steps spent warming up")

@@ -345,6 +345,11 @@ def official_layout_report(
             "ours_media_eoc": [cap.model.media_token_id, cap.model.eoc_token_id],
             "max_abs_logit_diff": float((our_logits[:rows] - build.logits[:rows]).abs().max()),
             "logit_scale": float(build.logits.abs().max()),
+            "logit_cosine": float(
+                torch.nn.functional.cosine_similarity(our_logits[:rows], build.logits[:rows], 0)
+            ),
+            "same_top5": our_logits[:rows].topk(5).indices.tolist()
+            == build.logits[:rows].topk(5).indices.tolist(),
         }
     )
     del cap, own, loaded

@@ -198,21 +198,33 @@ class Captioner:
         num_beams: int = 3,
         max_new_tokens: int = 20,
         instruction: str = captions.INSTRUCTION,
+        min_new_tokens: int = 0,
     ) -> list[str]:
-        """Caption images (uint8 HxWx3) in batches with beam search; returns cleaned captions."""
+        """Caption images (uint8 HxWx3) in batches with beam search; returns cleaned captions.
+
+        ``min_new_tokens`` > 0 forbids ending earlier (benchmarks time a fixed length)."""
         was_training = self.model.training
         self.model.eval()
         out: list[str] = []
         try:
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
-                out.extend(self._caption_batch(chunk, num_beams, max_new_tokens, instruction))
+                out.extend(
+                    self._caption_batch(
+                        chunk, num_beams, max_new_tokens, instruction, min_new_tokens
+                    )
+                )
         finally:
             self.model.train(was_training)
         return out
 
     def _caption_batch(
-        self, images: Sequence[np.ndarray], num_beams: int, max_new_tokens: int, instruction: str
+        self,
+        images: Sequence[np.ndarray],
+        num_beams: int,
+        max_new_tokens: int,
+        instruction: str,
+        min_new_tokens: int = 0,
     ) -> list[str]:
         tok = self.tokenizer
         tok.padding_side = "left"
@@ -221,13 +233,18 @@ class Captioner:
         dtype = next(self.model.parameters()).dtype
         vision_x = self.pixel_values(images).to(self.device, dtype)
         with autocast(self.device, self.args.mixed_precision):
-            generated = self._generate(vision_x, enc, num_beams, max_new_tokens)
+            generated = self._generate(vision_x, enc, num_beams, max_new_tokens, min_new_tokens)
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
         decoded = tok.batch_decode(new_tokens, skip_special_tokens=True)
         return [captions.postprocess_caption(t) for t in decoded]
 
     def _generate(
-        self, vision_x: torch.Tensor, enc: Any, num_beams: int, max_new_tokens: int
+        self,
+        vision_x: torch.Tensor,
+        enc: Any,
+        num_beams: int,
+        max_new_tokens: int,
+        min_new_tokens: int,
     ) -> torch.Tensor:
         return self.model.generate(
             vision_x=vision_x,
@@ -235,7 +252,7 @@ class Captioner:
             attention_mask=enc["attention_mask"].to(self.device),
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
+            min_new_tokens=min_new_tokens,
             length_penalty=0.0,
             do_sample=False,
             eos_token_id=self.model.eoc_token_id,
@@ -499,7 +516,19 @@ def build_flamingo(args: ModelArgs) -> Captioner:
         args.vision_encoder_path, args.vision_encoder_pretrained, args.vision_tokens
     )
     tok = load_tokenizer(args.lm_tokenizer_path or args.lm_path, args.trust_remote_code)
-    lm = load_lm(args)
+    return assemble_flamingo(args, (visual, transform, vis_dim), tok, load_lm(args))
+
+
+def assemble_flamingo(
+    args: ModelArgs,
+    vision: tuple[torch.nn.Module, Any, int],
+    tok: PreTrainedTokenizerBase,
+    lm: torch.nn.Module,
+) -> Captioner:
+    """Put a vision tower (tower, transform, width), a tokenizer and a causal LM together:
+    cross-attention into the LM's decoder blocks, embeddings sized to the tokenizer."""
+    visual, transform, vis_dim = vision
+    ensure_embedding_accessors(lm)
     attr = decoder_layers_attr(lm, args.decoder_layers_attr_name)
     num_blocks = len(getattr_recursive(lm, attr))
     if not 1 <= args.cross_attn_every_n_layers <= num_blocks:
@@ -510,7 +539,7 @@ def build_flamingo(args: ModelArgs) -> Captioner:
     extend_instance(lm, FlamingoLMMixin)
     lm.set_decoder_layers_attr_name(attr)
     if lm.get_input_embeddings().num_embeddings != len(tok):
-        lm.resize_token_embeddings(len(tok))
+        lm.resize_token_embeddings(len(tok), mean_resizing=lm.device.type != "meta")
     model = SRDFlamingo(
         clip_like(visual),
         lm,

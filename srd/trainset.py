@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from srd.attacks import Attack
-from srd.data import ImageRecord, ImageStore, caption_records
+from srd.data import DEFAULT_CACHE_MB, ImageRecord, ImageStore, caption_records
 from srd.engine import Sample
 from srd.errors import SRDError
 from srd.poison import load_poison_ids, save_poison_ids, select_poison_ids
@@ -97,7 +97,7 @@ class TrainingImages:
 
     Poisoned samples get the attack's trigger. ``replacements`` (image id -> image) overrides
     everything: SRD refine-tuning trains on one processed image per image id (reference B15).
-    Images are cached in memory after their first load.
+    Decoded images are cached up to ``cache_mb`` MiB (see :class:`srd.data.ImageStore`).
     """
 
     def __init__(
@@ -106,8 +106,9 @@ class TrainingImages:
         attack: Attack | None = None,
         poisoned_ids: Sequence[int] = (),
         replacements: Mapping[int, np.ndarray] | None = None,
+        cache_mb: float = DEFAULT_CACHE_MB,
     ):
-        self.clean = ImageStore(records)
+        self.clean = ImageStore(records, cache_mb)
         self.attack = attack
         self.poisoned = set(poisoned_ids)
         self.poisoned_images = {

@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ensure_dir(run_dir, "--external_save_dir")
     setup_logging(run_dir / "train.log" if state.is_main_process else None)
     samples = build_samples(records, plan)
-    images = TrainingImages(records, attack, plan.ids, replacements)
+    images = TrainingImages(records, attack, plan.ids, replacements, data.image_cache_mb)
     record = {
         "stage": "srd_finetune",
         **to_dict(data, model_args, srd, train_args),
@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "clean_run_id": merged["run_id"],
         "clean_config_hash": merged["config_hash"],
         "model_signature": model_signature(model_args),
+        "loaded_checkpoint": captioner.checkpoint_notes,
     }
     log.info("D4: refine-tuning %s on %d captions of %d SRD-processed images",
              model_args.checkpoint_path, len(samples), len(replacements))  # fmt: skip

@@ -114,7 +114,7 @@ def train_steps(cap: Any, cfg: RealSizeArgs, rng: np.random.Generator) -> dict[s
         _sync()
         if step:  # step 0 is the warm-up
             times.append(time.perf_counter() - start)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     cap.model = accelerator.unwrap_model(model)
     result = {
         "batch": cfg.train_batch,

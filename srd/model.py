@@ -267,13 +267,20 @@ def autocast(device: torch.device, mixed_precision: str) -> Any:
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
 
 
-def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
-    """Refuse a ``--mixed_precision`` the device cannot run (one-line SRDError)."""
+def check_mixed_precision(
+    mixed_precision: str, device: torch.device, bf16_supported: bool | None = None
+) -> None:
+    """Refuse a ``--mixed_precision`` the device cannot run (one-line SRDError).
+
+    bf16 needs a GPU with native bf16 (Ampere or newer); ``bf16_supported`` overrides the query
+    of the current GPU."""
     if mixed_precision not in MIXED_PRECISION:
         raise SRDError(f"--mixed_precision {mixed_precision}: expected one of {MIXED_PRECISION}")
     if mixed_precision == "bf16" and device.type == "cuda":
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            name = torch.cuda.get_device_name(device)
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not bf16_supported:
+            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else device
             raise SRDError(f"--mixed_precision bf16: {name} has no bf16 support (use fp16 or no)")
     if mixed_precision == "fp16" and device.type == "cpu":
         raise SRDError("--mixed_precision fp16: needs a GPU (loss scaling); use bf16 or no on CPUs")

@@ -31,6 +31,7 @@ from srd.errors import SRDError
 from srd.model import (
     ModelArgs,
     build_flamingo,
+    check_mixed_precision,
     decoder_layers_attr,
     ensure_embedding_accessors,
     load_captioner,
@@ -202,3 +203,13 @@ def test_real_size_openflamingo_3b_layout(tmp_path: Path) -> None:
             "ViT-L-14", force_quick_gelu=quick_gelu_for("ViT-L-14", "openai")
         )
     assert isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+def test_mixed_precision_the_device_cannot_run_is_refused() -> None:
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(SRDError, match="--mixed_precision bf16: .* has no bf16 support"):
+        check_mixed_precision("bf16", gpu, bf16_supported=False)
+    check_mixed_precision("bf16", gpu, bf16_supported=True)
+    check_mixed_precision("bf16", torch.device("cpu"))  # CPU autocast runs bf16
+    with pytest.raises(SRDError, match="--mixed_precision fp16: needs a GPU"):
+        check_mixed_precision("fp16", torch.device("cpu"))

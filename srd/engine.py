@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -322,6 +322,7 @@ def train(
     )
 
     start_epoch = 0
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if existing and args.resume_from_checkpoint:
         last = existing[-1]
         state = torch.load(last, map_location="cpu", weights_only=True)
@@ -331,6 +332,12 @@ def train(
             raise SRDError(
                 f"--num_epochs {args.num_epochs}: {last} belongs to a {before}-epoch run; "
                 "resume with the same value or pass --overwrite"
+            )
+        if deepspeed or state.get("optimizer_state_dict") is None:
+            # ZeRO shards the AdamW state over the ranks; the main process alone cannot save it
+            raise SRDError(
+                f"--resume_from_checkpoint: {last} cannot be resumed (runs under DeepSpeed keep "
+                "no optimizer state in epoch checkpoints); pass --overwrite to start again"
             )
         load_trainable_strictly(model, state["model_state_dict"], last)
         optimizer.load_state_dict(state["optimizer_state_dict"])
@@ -376,7 +383,9 @@ def train(
                 run_dir / f"{CHECKPOINT_PREFIX}{epoch}.pt",
                 {
                     "model_state_dict": weights,
-                    "optimizer_state_dict": optimizer.optimizer.state_dict()
+                    "optimizer_state_dict": None
+                    if deepspeed
+                    else optimizer.optimizer.state_dict()
                     if hasattr(optimizer, "optimizer")
                     else optimizer.state_dict(),
                     "lr_scheduler_state_dict": scheduler.scheduler.state_dict()

@@ -37,7 +37,7 @@ from srd.architectures import (
     OPENFLAMINGO_PERCEIVER,
     LMSize,
     official_layout_report,
-    save_random_mpt,
+    save_random_lm,
 )
 from srd.cli import run_main
 from srd.config import arg, parse
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         size = dataclasses.replace(
             base, n_layers=cfg.lm_layers or base.n_layers, d_model=cfg.lm_width or base.d_model
         )
-        lm_dir = save_random_mpt(work / "lm", size, torch.bfloat16, cfg.seed)
+        lm_dir = save_random_lm(work / "lm", size, torch.bfloat16, cfg.seed)
         args = ModelArgs(
             vision_encoder_path=cfg.vision_encoder_path,
             vision_encoder_pretrained="none",

@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Sequence
 
 import torch
-from transformers import MptConfig, MptForCausalLM
 
 from srd.architectures import (
     OPENFLAMINGO_PERCEIVER,
@@ -59,20 +58,13 @@ def model_parts() -> dict[str, int]:
         checkpoint_path="none",
         **OPENFLAMINGO_PERCEIVER,
     )
-    config = MptConfig(
-        d_model=size.d_model,
-        n_heads=size.n_heads,
-        n_layers=size.n_layers,
-        expansion_ratio=size.expansion_ratio,
-        vocab_size=size.vocab_size,
-    )
     with tempfile.TemporaryDirectory() as tmp:
         build_sized_tokenizer(size.tokenizer_tokens).save_pretrained(tmp)
         tok = load_tokenizer(tmp)
     with default_dtype(torch.bfloat16):  # open_clip moves its model to a device: not meta
         vision = build_vision_encoder(args.vision_encoder_path, None, args.vision_tokens)
     with torch.device("meta"):  # shapes only, no memory
-        cap = assemble_flamingo(args, vision, tok, MptForCausalLM(config))
+        cap = assemble_flamingo(args, vision, tok, size.build())
     return part_counts(cap.model)
 
 

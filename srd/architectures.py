@@ -2,8 +2,8 @@
 
 Nothing here downloads weights. It serves the structure test and the real-size benchmark:
 
-* :func:`save_random_mpt` writes a Hugging Face folder with a randomly initialised MPT language
-  model (transformers' native ``MptForCausalLM``) of MPT-1B-RedPajama-200B's size (reference
+* :func:`save_random_lm` writes a Hugging Face folder with a randomly initialised language
+  model, e.g. transformers' native ``MptForCausalLM`` of MPT-1B-RedPajama-200B's size (reference
   §3.1: width 2048, 24 blocks, 16 heads, vocabulary 50,432) and a tokenizer of the GPT-NeoX size
   (50,277 tokens, no pad token; the official factory makes it 50,280 with ``<|endofchunk|>``,
   ``<image>`` and ``<PAD>``). The words are placeholders, the sizes are the real ones.
@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import MptConfig, MptForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    MptConfig,
+    MptForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from srd import captions
 from srd.model import ModelArgs, official_vocab_size
@@ -54,7 +61,12 @@ OPENFLAMINGO_PERCEIVER = {
 
 @dataclass(frozen=True)
 class LMSize:
-    """Size of a randomly initialised MPT language model and its tokenizer."""
+    """Size of a randomly initialised language model and its tokenizer.
+
+    ``arch`` "mpt": transformers' native MPT (tied embeddings, blocks at ``transformer.blocks``,
+    as OpenFlamingo-3B/9B); "gpt_neox": GPT-NeoX (untied ``embed_in``/``embed_out``, blocks at
+    ``gpt_neox.layers``, as OpenFlamingo-4B's RedPajama-3B).
+    """
 
     d_model: int
     n_heads: int
@@ -62,10 +74,41 @@ class LMSize:
     vocab_size: int
     tokenizer_tokens: int
     expansion_ratio: int = 4
+    arch: str = "mpt"
 
     @classmethod
     def mpt_1b(cls) -> LMSize:
         return cls(tokenizer_tokens=GPT_NEOX_TOKENS, **MPT_1B)
+
+    def build(self, bos_token_id: int = 0, eos_token_id: int = 0) -> PreTrainedModel:
+        """A randomly initialised causal LM of this size (in the current default dtype)."""
+        if self.arch == "mpt":
+            return MptForCausalLM(
+                MptConfig(
+                    d_model=self.d_model,
+                    n_heads=self.n_heads,
+                    n_layers=self.n_layers,
+                    expansion_ratio=self.expansion_ratio,
+                    max_seq_len=2048,
+                    vocab_size=self.vocab_size,
+                    bos_token_id=bos_token_id,
+                    eos_token_id=eos_token_id,
+                )
+            )
+        if self.arch == "gpt_neox":
+            return GPTNeoXForCausalLM(
+                GPTNeoXConfig(
+                    hidden_size=self.d_model,
+                    num_attention_heads=self.n_heads,
+                    num_hidden_layers=self.n_layers,
+                    intermediate_size=self.expansion_ratio * self.d_model,
+                    vocab_size=self.vocab_size,
+                    tie_word_embeddings=False,
+                    bos_token_id=bos_token_id,
+                    eos_token_id=eos_token_id,
+                )
+            )
+        raise ValueError(f"unknown LM architecture {self.arch!r} (mpt, gpt_neox)")
 
 
 @contextlib.contextmanager
@@ -94,25 +137,15 @@ def build_sized_tokenizer(num_tokens: int) -> PreTrainedTokenizerFast:
     )
 
 
-def save_random_mpt(
+def save_random_lm(
     folder: str | os.PathLike, size: LMSize, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> Path:
-    """Save a random-init native MPT of ``size`` and a tokenizer as an HF folder; returns it."""
+    """Save a random-init LM of ``size`` and a tokenizer as an HF folder; returns the folder."""
     folder = Path(folder)
     tok = build_sized_tokenizer(size.tokenizer_tokens)
-    config = MptConfig(
-        d_model=size.d_model,
-        n_heads=size.n_heads,
-        n_layers=size.n_layers,
-        expansion_ratio=size.expansion_ratio,
-        max_seq_len=2048,
-        vocab_size=size.vocab_size,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
     torch.manual_seed(seed)
     with default_dtype(dtype):
-        lm = MptForCausalLM(config)
+        lm = size.build(tok.bos_token_id, tok.eos_token_id)
     folder.mkdir(parents=True, exist_ok=True)
     lm.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -295,7 +328,7 @@ def official_layout_report(
     from srd.model import load_captioner
 
     work = Path(work_dir)
-    lm_dir = save_random_mpt(work / "lm", lm_size, dtype)
+    lm_dir = save_random_lm(work / "lm", lm_size, dtype)
     build = write_official_checkpoint(
         work, vision_encoder_path, lm_dir, dtype, cross_attn_every_n_layers
     )

@@ -24,7 +24,7 @@ from srd.architectures import (
     default_dtype,
     official_args,
     official_layout_report,
-    save_random_mpt,
+    save_random_lm,
     write_official_checkpoint,
 )
 from srd.errors import SRDError
@@ -50,10 +50,9 @@ def _check_report(report: dict) -> None:
     assert report["keys_in_model"] == n
     assert report["keys_equal_after_load"] == n
     assert report["keys_same_shape"] == n - len(grown)
-    assert (
-        all("wte" in k or "lm_head" in k for k in grown)
-        and report["appended_token_rows"]["rows"] == 1
-    )
+    assert report["appended_token_rows"]["rows"] == 1
+    ends = ("wte.weight", "lm_head.weight", "embed_in.weight", "embed_out.weight")
+    assert all(k.endswith(ends) for k in grown)
     # every parameter we train comes from the checkpoint
     assert report["trainable_keys_covered"] == report["trainable_keys"]
     # official ids are kept; <answer> is the one extra token, last
@@ -71,9 +70,11 @@ def _check_report(report: dict) -> None:
     # same parts, same sizes, except the one appended embedding row
     ref, ours = report["reference_parts"], report["ours_parts"]
     width = report["lm"]["d_model"]
+    untied = report["lm"]["arch"] == "gpt_neox"  # its output embedding grows too
+    extra = {"token_embedding": width, "trainable_paper": width}
+    extra.update(lm_other=width * untied, total=width * (1 + untied))
     for part in ref:
-        extra = width if part in ("token_embedding", "total", "trainable_paper") else 0
-        assert ours[part] == ref[part] + extra, part
+        assert ours[part] == ref[part] + extra.get(part, 0), part
     # same computation: fp32 agrees to rounding; bf16 (8 mantissa bits, 24 blocks) closely, and
     # close logits may swap places (seen on a 16-core CPU: top-5 order changed, cosine 0.99985)
     if report["dtype"] == "float32":
@@ -82,22 +83,33 @@ def _check_report(report: dict) -> None:
     assert report["reference_top1_in_our_top5"]
 
 
-def test_official_checkpoint_from_open_flamingo_loads(tmp_path: Path) -> None:
-    report = official_layout_report(tmp_path, "tiny-vit", TINY_LM)
+LAYOUTS = {
+    # OpenFlamingo-3B/9B: MPT, tied embeddings (lm_head is wte; kept by open_flamingo's filter)
+    "mpt": (TINY_LM, 1, {"lang_encoder.transformer.wte.weight", "lang_encoder.lm_head.weight"}),
+    # OpenFlamingo-4B: GPT-NeoX (RedPajama-3B), untied embeddings, cross-attention every 2nd block
+    "gpt_neox": (
+        LMSize(64, 4, 4, 1024, 1000, arch="gpt_neox"),
+        2,
+        {"lang_encoder.gpt_neox.embed_in.weight", "lang_encoder.embed_out.weight"},
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LAYOUTS))
+def test_official_checkpoint_from_open_flamingo_loads(arch: str, tmp_path: Path) -> None:
+    size, every, embeddings = LAYOUTS[arch]
+    report = official_layout_report(tmp_path, "tiny-vit", size, cross_attn_every_n_layers=every)
     _check_report(report)
     groups = report["official_key_groups"]
-    assert set(groups) == {
-        "perceiver",
-        "gated_cross_attn_layer",
-        "lang_encoder.transformer.wte.weight",
-        "lang_encoder.lm_head.weight",  # tied to wte; kept by open_flamingo's filter
-    }
+    assert set(groups) == {"perceiver", "gated_cross_attn_layer", *embeddings}
+    assert set(report["appended_token_rows"]["keys"]) == embeddings
+    assert groups["gated_cross_attn_layer"] == 11 * (size.n_layers // every)
 
 
 @pytest.fixture(scope="module")
 def official_build(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("official")
-    lm_dir = save_random_mpt(work / "lm", TINY_LM)
+    lm_dir = save_random_lm(work / "lm", TINY_LM)
     return lm_dir, write_official_checkpoint(work, "tiny-vit", lm_dir)
 
 
@@ -118,7 +130,7 @@ def test_default_vision_tokens_are_pre_ln_post(official_build) -> None:
 
 def test_checkpoint_of_another_size_is_refused(official_build, tmp_path: Path) -> None:
     _, build = official_build
-    wider = save_random_mpt(tmp_path / "lm", LMSize(128, 4, 3, 1024, 1000))
+    wider = save_random_lm(tmp_path / "lm", LMSize(128, 4, 3, 1024, 1000))
     args = official_args(build, "tiny-vit", wider)
     with pytest.raises(SRDError, match="another OpenFlamingo size.*LM width 64.*LM width 128"):
         load_captioner(args)
@@ -129,7 +141,7 @@ def test_checkpoint_of_another_size_is_refused(official_build, tmp_path: Path) -
 
 def test_checkpoint_of_another_vocabulary_is_refused(official_build, tmp_path: Path) -> None:
     _, build = official_build
-    other = save_random_mpt(tmp_path / "lm", LMSize(64, 4, 3, 1024, 1010))
+    other = save_random_lm(tmp_path / "lm", LMSize(64, 4, 3, 1024, 1010))
     with pytest.raises(SRDError, match="does not fit the tokenizer.*--lm_tokenizer_path"):
         load_captioner(official_args(build, "tiny-vit", other))
 
@@ -160,7 +172,7 @@ def test_lm_without_a_block_list_for_cross_attention_is_refused(tmp_path: Path) 
 
 def test_lm_without_embedding_accessors_gets_them(tmp_path: Path) -> None:
     """MPT-1B's own code (MosaicGPT) has no get_input_embeddings; open_flamingo patches it."""
-    lm_dir = save_random_mpt(tmp_path, TINY_LM)
+    lm_dir = save_random_lm(tmp_path, TINY_LM)
 
     class NoAccessors(MptForCausalLM):
         def get_input_embeddings(self):

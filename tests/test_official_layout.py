@@ -35,6 +35,7 @@ from srd.model import (
     decoder_layers_attr,
     ensure_embedding_accessors,
     load_captioner,
+    load_lm,
     load_tokenizer,
     quick_gelu_for,
 )
@@ -225,3 +226,18 @@ def test_mixed_precision_the_device_cannot_run_is_refused() -> None:
     check_mixed_precision("bf16", torch.device("cpu"))  # CPU autocast runs bf16
     with pytest.raises(SRDError, match="--mixed_precision fp16: needs a GPU"):
         check_mixed_precision("fp16", torch.device("cpu"))
+
+
+def test_lm_that_needs_its_own_code_names_the_flag(tmp_path: Path) -> None:
+    """MPT-1B's hub folder declares its own classes (MosaicGPT); without --trust_remote_code
+    the user gets the flag to pass, not a traceback."""
+    config = {
+        "model_type": "mosaic_gpt",
+        "auto_map": {
+            "AutoConfig": "configuration_mosaic_gpt.MosaicGPTConfig",
+            "AutoModelForCausalLM": "mosaic_gpt.MosaicGPT",
+        },
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SRDError, match="needs its own code: pass --trust_remote_code"):
+        load_lm(ModelArgs(lm_path=str(tmp_path)))

@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"--coco_annotations_json_path {data.coco_annotations_json_path}: "
             f"no captions for test image {missing[0]}"
         )
-    captioner = load_captioner(model_args)
-    images = ImageStore(records)
+    captioner = load_captioner(model_args, device=state.device)
+    images = ImageStore(records, data.image_cache_mb)
     result = evaluate_captioner(
         captioner,
         images,

@@ -3,11 +3,13 @@
 #   MODEL_FLAGS="--vision_encoder_path ViT-L-14 --vision_encoder_pretrained openai \
 #     --lm_path anas-awadalla/mpt-1b-redpajama-200b-dolly --cross_attn_every_n_layers 1 \
 #     --perceiver_depth 6 --perceiver_num_latents 64 --perceiver_heads 8 --perceiver_dim_head 64 \
-#     --trust_remote_code"
+#     --trust_remote_code --mixed_precision bf16"
 #   DATA_FLAGS="--coco_train_image_dir_path COCO/train2014 --coco_val_image_dir_path COCO/val2014 \
 #     --coco_karpathy_json_path COCO/dataset_coco.json \
 #     --coco_annotations_json_path COCO/captions_val2014.json"
 #   LAUNCH="accelerate launch --multi_gpu --num_processes 8"     (several GPUs)
+#   LAUNCH="accelerate launch --config_file run/accelerate/deepspeed_zero2_bf16.yaml \
+#     --num_processes 8"                        (training stages: ZeRO-2 bf16, as the reference)
 #   LAUNCH="torchrun --nproc_per_node 2"                         (several CPU processes)
 cd "$(dirname "$0")/.." || exit 1
 [ -d .venv ] && PATH="$PWD/.venv/bin:$PATH" && export PATH

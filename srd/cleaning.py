@@ -12,7 +12,7 @@ image id: the masked image is ``apply_action(version, action)``, exact and compa
 
 Stage D3b (:func:`combine_clean_data`) merges the shards, checking nothing is missing or
 duplicated; stage D4 turns the merged actions back into masked images by image id
-(:func:`masked_training_images`, reference B15: one masked image per image id, captions kept).
+(:func:`masked_training_actions`, reference B15: one masked image per image id, captions kept).
 
 The flags shared by the SRD entry points live here too (:class:`SRDArgs`, :class:`SFSArgs`).
 """
@@ -549,6 +549,22 @@ def read_merged(folder: str | os.PathLike) -> dict[str, Any]:
     return merged
 
 
+def masked_training_actions(
+    records: Sequence[ImageRecord], merged: Mapping[str, Any], source: str = "merged manifest"
+) -> dict[int, int]:
+    """{image id: kept red-mask action} for every training image, checked to cover them all."""
+    actions = {int(r["id"]): int(r["action"]) for r in merged["records"]}
+    wanted = {r.image_id for r in records}
+    if set(actions) != wanted:
+        missing = sorted(wanted - set(actions))
+        extra = sorted(set(actions) - wanted)
+        raise SRDError(
+            f"{source}: does not cover the training images ({len(missing)} missing, "
+            f"{len(extra)} unknown, e.g. {(missing or extra)[:3]})"
+        )
+    return actions
+
+
 def masked_training_images(
     records: Sequence[ImageRecord],
     attack: Attack,
@@ -560,20 +576,14 @@ def masked_training_images(
 
     The processed image is the kept red square on the version the defender's data holds
     (triggered if any caption of the image is poisoned); one per image id (reference B15).
+    Materialises every image: D4 itself paints them on the fly
+    (:class:`srd.trainset.TrainingImages` with ``mask_actions``); this serves inspection.
     """
-    actions = {int(r["id"]): int(r["action"]) for r in merged["records"]}
-    wanted = {r.image_id for r in records}
-    if set(actions) != wanted:
-        missing = sorted(wanted - set(actions))
-        extra = sorted(set(actions) - wanted)
-        raise SRDError(
-            f"{source}: does not cover the training images ({len(missing)} missing, "
-            f"{len(extra)} unknown, e.g. {(missing or extra)[:3]})"
-        )
+    actions = masked_training_actions(records, merged, source)
     version = training_versions(records, plan, attack)
     return {
         i: apply_action(version(i), actions[i])
-        for i in tqdm(sorted(wanted), desc="D4 masked images", unit="img", leave=False)
+        for i in tqdm(sorted(actions), desc="D4 masked images", unit="img", leave=False)
     }
 
 

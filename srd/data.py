@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,9 @@ def caption_records(images: Iterable[ImageRecord]) -> list[CaptionRecord]:
     return sorted((c for image in images for c in image.captions), key=lambda c: c.caption_id)
 
 
+DEFAULT_CACHE_MB = 512
+"""Default image cache (MiB per process/worker): holds the embedded benchmark (~3,500 images)."""
+
 EMBEDDED_DATA = Path("data/synthetic")
 """Where ``train/prepare_data.py`` writes the embedded default benchmark."""
 
@@ -201,6 +205,10 @@ class DataArgs:
         str(EMBEDDED_DATA / "captions_val2014.json"),
         help="COCO caption annotations for evaluation (captions_val2014.json)",
     )
+    image_cache_mb: float = arg(
+        DEFAULT_CACHE_MB,
+        help="decoded-image cache per process and per data-loader worker, in MiB (0: none)",
+    )
 
     def split(self, name: str) -> list[ImageRecord]:
         """Image records of one Karpathy split ("train" includes "restval")."""
@@ -212,17 +220,42 @@ class DataArgs:
         )
 
 
-class ImageStore:
-    """``store(image_id) -> uint8 (224, 224, 3)``: images of some records, cached once loaded."""
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
+"""One decoded image (uint8 224x224x3): 150,528 bytes."""
 
-    def __init__(self, records: Iterable[ImageRecord]):
+
+class ImageStore:
+    """``store(image_id) -> uint8 (224, 224, 3)``: images of some records, loaded on demand.
+
+    Decoded images are kept in a least-recently-used cache of at most ``cache_mb`` MiB
+    (0: no cache). Every process and every DataLoader worker holds its own cache, so the bound
+    is per worker: at COCO scale (113k training images, 17 GB decoded) an unbounded cache would
+    grow to the whole dataset in each of them.
+    """
+
+    def __init__(self, records: Iterable[ImageRecord], cache_mb: float = DEFAULT_CACHE_MB):
         self.paths: dict[int, Path] = {r.image_id: r.path for r in records}
-        self._cache: dict[int, np.ndarray] = {}
+        if cache_mb < 0:
+            raise SRDError(f"--image_cache_mb {cache_mb}: expected 0 (no cache) or more")
+        self.max_images = int(cache_mb * 2**20 // IMAGE_BYTES)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __call__(self, image_id: int) -> np.ndarray:
-        if image_id not in self._cache:
-            self._cache[image_id] = load_image(self.paths[image_id])
-        return self._cache[image_id]
+        image = self._cache.get(image_id)
+        if image is not None:
+            self._cache.move_to_end(image_id)
+            return image
+        image = load_image(self.paths[image_id])
+        image.setflags(write=False)  # a cached image is shared: nobody may paint on it
+        if self.max_images > 0:
+            self._cache[image_id] = image
+            if len(self._cache) > self.max_images:
+                self._cache.popitem(last=False)
+        return image
+
+    def cached(self) -> int:
+        """Number of decoded images held now."""
+        return len(self._cache)
 
     def ids(self) -> list[int]:
         return sorted(self.paths)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -30,7 +30,12 @@ from srd import captions
 from srd.config import arg
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json
-from srd.model import Captioner, set_trainable, trainable_state_dict
+from srd.model import (
+    Captioner,
+    check_mixed_precision,
+    set_trainable,
+    trainable_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,9 @@ class TrainArgs:
     )
     seed: int = arg(42, help="seed for initialisation, shuffling and per-sample randomness")
     resume_from_checkpoint: bool = arg(False, help="continue the run from its last checkpoint")
+    save_total_limit: int = arg(
+        0, help="keep only the newest N epoch checkpoints (0: keep all); final weights stay"
+    )
     overwrite: bool = arg(False, help="redo a run folder that already finished")
     num_workers: int = arg(0, help="data loader worker processes")
     feature_cache: bool = arg(
@@ -210,6 +218,61 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted(found, key=epoch_of)
 
 
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """The training Accelerator: devices from the launcher, autocast ``mixed_precision`` with
+    fp32 master weights (the optimizer steps fp32 parameters), seedable sampling.
+
+    A launcher that asks for mixed precision (``accelerate launch --mixed_precision X`` or an
+    accelerate config file, e.g. the DeepSpeed one in ``run/accelerate/``) must agree with
+    ``--mixed_precision``.
+    """
+    state = process_state()
+    check_mixed_precision(mixed_precision, state.device)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher not in (None, "no", mixed_precision):
+        raise SRDError(
+            f"--mixed_precision {mixed_precision}: the launcher asks for {launcher} "
+            "(accelerate launch/config); pass the same value"
+        )
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def load_trainable_strictly(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Resume: the checkpoint must hold exactly the trainable tensors, each of the right shape."""
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise SRDError(
+            f"{path}: does not match the trainable parameters ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, e.g. {what}); pass --overwrite to start again"
+        )
+    wrong = [n for n in want if tuple(want[n].shape) != tuple(state[n].shape)]
+    if wrong:
+        raise SRDError(f"{path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}")
+    with torch.no_grad():
+        for name, param in want.items():
+            param.copy_(state[name])
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` epoch checkpoints (``keep`` 0: none deleted)."""
+    if keep <= 0:
+        return []
+    old = checkpoint_paths(run_dir)[:-keep]
+    for path in old:
+        path.unlink(missing_ok=True)
+        log.info("pruned %s (--save_total_limit %d)", path.name, keep)
+    return old
+
+
 def _save(path: Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -228,11 +291,9 @@ def train(
     hold only JSON types) and in ``config.json``.
     """
     run_dir = args.run_dir
-    process_state()
-    accelerator = accelerator or Accelerator(
-        cpu=not torch.cuda.is_available(),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    if args.save_total_limit < 0:
+        raise SRDError(f"--save_total_limit {args.save_total_limit}: expected 0 (all) or more")
+    accelerator = accelerator or make_accelerator(captioner.args.mixed_precision)
     main = accelerator.is_main_process
     existing = checkpoint_paths(run_dir) if run_dir.exists() else []
     if is_finished(run_dir) and not args.overwrite:
@@ -279,6 +340,7 @@ def train(
     )
 
     start_epoch = 0
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if existing and args.resume_from_checkpoint:
         last = existing[-1]
         state = torch.load(last, map_location="cpu", weights_only=True)
@@ -289,7 +351,13 @@ def train(
                 f"--num_epochs {args.num_epochs}: {last} belongs to a {before}-epoch run; "
                 "resume with the same value or pass --overwrite"
             )
-        model.load_state_dict(state["model_state_dict"], strict=False)
+        if deepspeed or state.get("optimizer_state_dict") is None:
+            # ZeRO shards the AdamW state over the ranks; the main process alone cannot save it
+            raise SRDError(
+                f"--resume_from_checkpoint: {last} cannot be resumed (runs under DeepSpeed keep "
+                "no optimizer state in epoch checkpoints); pass --overwrite to start again"
+            )
+        load_trainable_strictly(model, state["model_state_dict"], last)
         optimizer.load_state_dict(state["optimizer_state_dict"])
         scheduler.load_state_dict(state["lr_scheduler_state_dict"])
         start_epoch = int(state["epoch"]) + 1
@@ -338,7 +406,9 @@ def train(
                 run_dir / f"{CHECKPOINT_PREFIX}{epoch}.pt",
                 {
                     "model_state_dict": weights,
-                    "optimizer_state_dict": optimizer.optimizer.state_dict()
+                    "optimizer_state_dict": None
+                    if deepspeed
+                    else optimizer.optimizer.state_dict()
                     if hasattr(optimizer, "optimizer")
                     else optimizer.state_dict(),
                     "lr_scheduler_state_dict": scheduler.scheduler.state_dict()
@@ -349,6 +419,7 @@ def train(
                     "config": record,
                 },
             )
+            prune_checkpoints(run_dir, args.save_total_limit)
         accelerator.wait_for_everyone()
 
     final = run_dir / FINAL_WEIGHTS

@@ -8,13 +8,26 @@ Checkpoints (``--checkpoint_path``) are state dicts of the Flamingo model holdin
 trainable parts (perceiver, gated cross-attention, token embeddings), either raw (official
 OpenFlamingo ``checkpoint.pt``) or wrapped as ``{"model_state_dict": ..., "config": ...}`` by our
 training engine. Loading refuses keys the model does not have and trainable parts that are absent.
+
+Faithful to the published OpenFlamingo models (reference §3.2, B5):
+
+* OpenAI CLIP weights were trained with QuickGELU; a tag whose weights need it builds the tower
+  with QuickGELU (open_clip itself only warns), a tag that contradicts the config is refused.
+* The perceiver reads the patch tokens *before* the tower's final LayerNorm (``ln_post``), as
+  OpenFlamingo was trained; ``--vision_tokens post_ln`` takes them after it (open_clip >= 2.23).
+* The tokenizer gets the official special tokens in the official order (``<|endofchunk|>``,
+  ``<image>``, then ``<PAD>`` if it has no pad token) and only then our ``<answer>``, so the ids of
+  an official checkpoint stay valid and its embedding is one row short: loading appends the
+  missing rows, initialised to the mean of the checkpoint's rows, and records that it did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +40,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from open_flamingo.src.helpers import PerceiverResampler
-from open_flamingo.src.utils import extend_instance
+from open_flamingo.src.utils import extend_instance, getattr_recursive
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -60,6 +73,13 @@ DECODER_LAYERS = {
 }
 
 TRAINABLE_MODES = ("paper", "lm", "all")
+VISION_TOKENS = ("pre_ln", "post_ln")
+LEGACY_VISION_TOKENS = "post_ln"
+"""What checkpoints recorded before ``vision_tokens`` existed were trained with."""
+MIXED_PRECISION = ("no", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OFFICIAL_TOKENS = (captions.END_OF_CHUNK, captions.IMAGE_TOKEN)
+"""Special tokens the official OpenFlamingo factory adds (before ``<PAD>``), in its order."""
 
 
 @dataclass
@@ -90,8 +110,18 @@ class ModelArgs:
     )
     perceiver_heads: int = arg(4, help="perceiver attention heads (OpenFlamingo: 8)")
     perceiver_dim_head: int = arg(32, help="perceiver head width (OpenFlamingo: 64)")
+    vision_tokens: str = arg(
+        "pre_ln",
+        help="patch tokens before the tower's final LayerNorm (as OpenFlamingo was trained) "
+        "or after it",
+        choices=list(VISION_TOKENS),
+    )
     trust_remote_code: bool = arg(False, help="allow the LM's own code from the hub (e.g. MPT)")
-    precision: str = arg("fp32", help="inference dtype", choices=["fp32", "bf16", "fp16"])
+    mixed_precision: str = arg(
+        "no",
+        help="autocast dtype for training and captioning; weights (and AdamW) stay fp32",
+        choices=list(MIXED_PRECISION),
+    )
 
 
 def _none(value: str | None) -> str | None:
@@ -102,6 +132,7 @@ def model_signature(args: ModelArgs) -> dict[str, Any]:
     """The facts a checkpoint must agree on to fit a model (recorded in every checkpoint)."""
     return {
         "vision_encoder_path": args.vision_encoder_path,
+        "vision_tokens": args.vision_tokens,
         "cross_attn_every_n_layers": args.cross_attn_every_n_layers,
         "perceiver": [
             args.perceiver_depth,
@@ -138,7 +169,7 @@ class SRDFlamingo(Flamingo):
             trainable = any(p.requires_grad for p in self.vision_encoder.parameters())
             flat = vision_x.reshape(b * t * f, *vision_x.shape[3:])
             with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-                tokens = vision_tokens(self.vision_encoder, flat)
+                tokens = tower_tokens(self.vision_encoder, flat)
             tokens = tokens.reshape(b, t, f, *tokens.shape[1:])
         media = self.perceiver(tokens)
         for layer in self.lang_encoder._get_decoder_layers():
@@ -154,7 +185,7 @@ class SRDFlamingo(Flamingo):
         return self
 
 
-def vision_tokens(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def tower_tokens(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Patch tokens (B, N, D) of an open_clip visual tower for normalised pixels (B, C, H, W).
 
     ViT towers give their patch tokens (``output_tokens``); ModifiedResNet towers (the embedded
@@ -168,7 +199,7 @@ def vision_tokens(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor
 
 
 def vision_width(name: str) -> int:
-    """Width of the tokens :func:`vision_tokens` returns for open_clip config ``name``."""
+    """Width of the tokens :func:`tower_tokens` returns for open_clip config ``name``."""
     cfg = open_clip.get_model_config(name)["vision_cfg"]
     if isinstance(cfg.get("layers"), (list, tuple)):  # ModifiedResNet: width * 32 channels
         return int(cfg["width"]) * 32
@@ -184,6 +215,8 @@ class Captioner:
     image_transform: Any
     args: ModelArgs
     feature_cache: FeatureCache | None = None
+    checkpoint_notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What loading ``--checkpoint_path`` changed (e.g. appended token rows), for run records."""
 
     @property
     def device(self) -> torch.device:
@@ -205,7 +238,7 @@ class Captioner:
         tower = self.model.vision_encoder
         param = next(tower.parameters())
         pixels = self.pixel_values(images).flatten(0, 2).to(param.device, param.dtype)
-        return vision_tokens(tower, pixels)
+        return tower_tokens(tower, pixels)
 
     def enable_feature_cache(self) -> FeatureCache:
         """Compute each image version's tokens once (the tower must be frozen)."""
@@ -223,9 +256,12 @@ class Captioner:
         max_new_tokens: int = 20,
         instruction: str = captions.INSTRUCTION,
         sample: bool = False,
+        min_new_tokens: int = 0,
     ) -> list[str]:
         """Caption images (uint8 HxWx3) in batches with beam search (or, with ``sample``,
-        ancestral sampling at temperature 1 from torch's global RNG); returns cleaned captions."""
+        ancestral sampling at temperature 1 from torch's global RNG); returns cleaned captions.
+
+        ``min_new_tokens`` > 0 forbids ending earlier (benchmarks time a fixed length)."""
         was_training = self.model.training
         self.model.eval()
         out: list[str] = []
@@ -233,7 +269,9 @@ class Captioner:
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
                 out.extend(
-                    self._caption_batch(chunk, num_beams, max_new_tokens, instruction, sample)
+                    self._caption_batch(
+                        chunk, num_beams, max_new_tokens, instruction, min_new_tokens, sample
+                    )
                 )
         finally:
             self.model.train(was_training)
@@ -245,6 +283,7 @@ class Captioner:
         num_beams: int,
         max_new_tokens: int,
         instruction: str,
+        min_new_tokens: int = 0,
         sample: bool = False,
     ) -> list[str]:
         tok = self.tokenizer
@@ -253,22 +292,62 @@ class Captioner:
         enc = tok(text, return_tensors="pt", padding=True, add_special_tokens=False)
         dtype = next(self.model.parameters()).dtype
         vision_x = self.vision_inputs(images).to(self.device, dtype)
-        generated = self.model.generate(
+        with autocast(self.device, self.args.mixed_precision):
+            generated = self._generate(
+                vision_x, enc, num_beams, max_new_tokens, min_new_tokens, sample
+            )
+        new_tokens = generated[:, enc["input_ids"].shape[1] :]
+        decoded = tok.batch_decode(new_tokens, skip_special_tokens=True)
+        return [captions.postprocess_caption(t) for t in decoded]
+
+    def _generate(
+        self,
+        vision_x: torch.Tensor,
+        enc: Any,
+        num_beams: int,
+        max_new_tokens: int,
+        min_new_tokens: int,
+        sample: bool = False,
+    ) -> torch.Tensor:
+        return self.model.generate(
             vision_x=vision_x,
             lang_x=enc["input_ids"].to(self.device),
             attention_mask=enc["attention_mask"].to(self.device),
             num_beams=1 if sample else num_beams,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
+            min_new_tokens=min_new_tokens,
             length_penalty=0.0,
             do_sample=sample,
             **({"top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else {}),
             eos_token_id=self.model.eoc_token_id,
-            pad_token_id=tok.pad_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
-        new_tokens = generated[:, enc["input_ids"].shape[1] :]
-        decoded = tok.batch_decode(new_tokens, skip_special_tokens=True)
-        return [captions.postprocess_caption(t) for t in decoded]
+
+
+def autocast(device: torch.device, mixed_precision: str) -> Any:
+    """Autocast context of ``--mixed_precision`` on ``device`` (a no-op for "no")."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
+
+
+def check_mixed_precision(
+    mixed_precision: str, device: torch.device, bf16_supported: bool | None = None
+) -> None:
+    """Refuse a ``--mixed_precision`` the device cannot run (one-line SRDError).
+
+    bf16 needs a GPU with native bf16 (Ampere or newer); ``bf16_supported`` overrides the query
+    of the current GPU."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise SRDError(f"--mixed_precision {mixed_precision}: expected one of {MIXED_PRECISION}")
+    if mixed_precision == "bf16" and device.type == "cuda":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not bf16_supported:
+            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else device
+            raise SRDError(f"--mixed_precision bf16: {name} has no bf16 support (use fp16 or no)")
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise SRDError("--mixed_precision fp16: needs a GPU (loss scaling); use bf16 or no on CPUs")
 
 
 def images_to_vision_x(images: Sequence[np.ndarray], image_transform: Any) -> torch.Tensor:
@@ -277,7 +356,52 @@ def images_to_vision_x(images: Sequence[np.ndarray], image_transform: Any) -> to
     return torch.stack(tensors).unsqueeze(1).unsqueeze(1)
 
 
-def build_vision_encoder(name: str, pretrained: str | None) -> tuple[torch.nn.Module, Any, int]:
+def quick_gelu_for(name: str, tag: str | None) -> bool:
+    """Whether the tower must be built with QuickGELU to fit the weights of open_clip ``tag``.
+
+    OpenAI's CLIP weights were trained with QuickGELU, but open_clip's ``ViT-L-14`` config uses
+    GELU and only warns when they meet: the features are then silently wrong. A tag that needs
+    QuickGELU turns it on; a config with QuickGELU and a tag trained without it is refused.
+    """
+    model_cfg = open_clip.get_model_config(name) or {}
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    model_quick, tag_quick = bool(model_cfg.get("quick_gelu")), bool(tag_cfg.get("quick_gelu"))
+    if tag_cfg and model_quick and not tag_quick:
+        raise SRDError(
+            f"--vision_encoder_pretrained {tag}: these weights were trained with GELU but "
+            f"--vision_encoder_path {name} uses QuickGELU"
+        )
+    return tag_quick or model_quick
+
+
+def set_vision_tokens(visual: torch.nn.Module, vision_tokens: str, name: str) -> None:
+    """Make ``visual(x)[1]`` the patch tokens before (``pre_ln``) or after ``ln_post``.
+
+    open_clip's VisionTransformer applies ``ln_post`` to every token unless
+    ``final_ln_after_pool`` is set, in which case only the pooled token is normalised.
+    """
+    if vision_tokens not in VISION_TOKENS:
+        raise SRDError(f"--vision_tokens {vision_tokens}: expected one of {VISION_TOKENS}")
+    if isinstance(visual, ModifiedResNet):
+        # the tokens are the last feature map, before the attention pool: no ln_post to skip
+        if vision_tokens != "pre_ln":
+            raise SRDError(
+                f"--vision_tokens {vision_tokens}: {name} is a ResNet tower (its tokens are the "
+                "feature map before pooling); only pre_ln applies"
+            )
+        return
+    if not hasattr(visual, "final_ln_after_pool") or getattr(visual, "attn_pool", None):
+        raise SRDError(
+            f"--vision_encoder_path {name}: not a plain ViT tower, its patch tokens cannot be "
+            "taken around ln_post (--vision_tokens)"
+        )
+    visual.final_ln_after_pool = vision_tokens == "pre_ln"
+    visual.output_tokens = True
+
+
+def build_vision_encoder(
+    name: str, pretrained: str | None, vision_tokens: str = "pre_ln"
+) -> tuple[torch.nn.Module, Any, int]:
     """(visual tower, eval image transform, feature width) from an open_clip config.
 
     ``pretrained`` is an open_clip tag (downloaded by open_clip), a weights file (the visual
@@ -293,12 +417,17 @@ def build_vision_encoder(name: str, pretrained: str | None) -> tuple[torch.nn.Mo
     pretrained = _none(pretrained)
     is_file = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix)
     tag = None if is_file else pretrained
+    quick_gelu = quick_gelu_for(name, tag)
     try:
-        clip, _, transform = open_clip.create_model_and_transforms(name, pretrained=tag)
+        clip, _, transform = open_clip.create_model_and_transforms(
+            name, pretrained=tag, force_quick_gelu=quick_gelu
+        )
     except RuntimeError as exc:
         raise SRDError(f"--vision_encoder_pretrained {pretrained}: {exc}") from None
+    if quick_gelu:
+        log.info("vision tower %s built with QuickGELU (weights %s)", name, tag)
     visual = clip.visual
-    visual.output_tokens = True
+    set_vision_tokens(visual, vision_tokens, name)
     if is_file:
         state = read_state_dict(pretrained, "--vision_encoder_pretrained")
         if any(k.startswith("visual.") for k in state):
@@ -332,50 +461,157 @@ def read_state_dict(path: str | os.PathLike, flag: str) -> dict[str, torch.Tenso
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The LM's tokenizer plus the Flamingo special tokens (and a pad token if missing)."""
+    """The LM's tokenizer plus the Flamingo special tokens (and a pad token if missing).
+
+    Order matters for official checkpoints: ``<|endofchunk|>`` and ``<image>`` first, then
+    ``<PAD>`` (only if the tokenizer has no pad token), exactly as open_flamingo's factory adds
+    them, and our ``<answer>`` last. Every special token must stay one token.
+    """
+    flag = "--lm_tokenizer_path"
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise SRDError(f"--lm_tokenizer_path {path}: cannot load tokenizer ({exc})") from None
-    missing = [t for t in captions.SPECIAL_TOKENS if t not in tok.get_vocab()]
+        raise SRDError(f"{flag} {path}: cannot load tokenizer ({exc})") from None
+    vocab = tok.get_vocab()
+    missing = [t for t in OFFICIAL_TOKENS if t not in vocab]
     if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing})
+        tok.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
+        )
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": captions.PAD_TOKEN})
+    if captions.ANSWER_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens(
+            {"additional_special_tokens": [captions.ANSWER_TOKEN]},
+            replace_additional_special_tokens=False,
+        )
     if tok.bos_token is None:
         tok.bos_token = tok.eos_token
+    for token in (*captions.SPECIAL_TOKENS, tok.pad_token):
+        ids = tok(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or tok.convert_tokens_to_ids(token) != ids[0]:
+            raise SRDError(
+                f"{flag} {path}: the tokenizer cannot hold the special token {token} "
+                f"(it becomes {len(ids)} tokens)"
+            )
     return tok
 
 
-def _decoder_layers_attr(lm: torch.nn.Module, override: str | None) -> str:
+def official_vocab_size(tok: PreTrainedTokenizerBase) -> int:
+    """Rows of the token embedding an official OpenFlamingo checkpoint has with this tokenizer:
+    every token except the ones we append after the official ones (``<answer>``)."""
+    extra = tok.convert_tokens_to_ids(captions.ANSWER_TOKEN)
+    return extra if extra == len(tok) - 1 else len(tok)
+
+
+class _TransformerWteAccess:
+    """Input-embedding accessors for LMs that lack them (MosaicGPT, i.e. MPT-1B's own code),
+    as open_flamingo's factory patches them for ``mpt-1b-redpajama-200b``."""
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings: torch.nn.Module) -> None:
+        self.transformer.wte = new_embeddings
+
+
+def ensure_embedding_accessors(lm: torch.nn.Module, flag: str = "--lm_path") -> None:
+    """Give ``lm`` get/set_input_embeddings when its class has none (in place)."""
+    try:
+        found = lm.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        found = None
+    if isinstance(found, torch.nn.Embedding):
+        return
+    wte = getattr(getattr(lm, "transformer", None), "wte", None)
+    if not isinstance(wte, torch.nn.Embedding):
+        raise SRDError(f"{flag}: {type(lm).__name__} exposes no input token embedding")
+    extend_instance(lm, _TransformerWteAccess)
+
+
+def _is_block_list(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.ModuleList) and len(obj) > 0
+
+
+def decoder_layers_attr(lm: torch.nn.Module, override: str | None = None) -> str:
+    """Attribute path of the LM's decoder block list, where cross-attention is placed.
+
+    The class name picks the path (GPT-NeoX/RedPajama ``gpt_neox.layers``, Llama
+    ``model.layers``, GPT-2 ``transformer.h``, MPT/MosaicGPT ``transformer.blocks``...); the
+    path must lead to a non-empty ModuleList. SRDError when no known path fits.
+    """
     if override:
+        try:
+            found = getattr_recursive(lm, override)
+        except AttributeError:
+            found = None
+        if not _is_block_list(found):
+            raise SRDError(
+                f"--decoder_layers_attr_name {override}: "
+                f"{type(lm).__name__} has no block list there"
+            )
         return override
     cls = type(lm).__name__.lower()
-    for key, attr in DECODER_LAYERS.items():
-        if key in cls:
-            return attr
+    candidates = [attr for key, attr in DECODER_LAYERS.items() if key in cls]
+    for attr in candidates:
+        try:
+            if _is_block_list(getattr_recursive(lm, attr)):
+                return attr
+        except AttributeError:
+            continue
+    known = sorted(set(DECODER_LAYERS))
     raise SRDError(
-        f"--lm_path: cannot infer the decoder layer attribute of {type(lm).__name__}; "
+        f"--lm_path: cannot place cross-attention in {type(lm).__name__} (no decoder block list "
+        f"at a known path; known architectures: {', '.join(known)}); "
         "pass --decoder_layers_attr_name"
     )
 
 
-def build_flamingo(args: ModelArgs) -> Captioner:
-    """Build the OpenFlamingo model from the flags (no checkpoint loaded)."""
-    visual, transform, vis_dim = build_vision_encoder(
-        args.vision_encoder_path, args.vision_encoder_pretrained
-    )
-    tok = load_tokenizer(args.lm_tokenizer_path or args.lm_path, args.trust_remote_code)
+def load_lm(args: ModelArgs) -> torch.nn.Module:
+    """The causal LM of ``--lm_path`` with input-embedding accessors."""
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             args.lm_path, trust_remote_code=args.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise SRDError(f"--lm_path {args.lm_path}: cannot load language model ({exc})") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc) and not args.trust_remote_code:
+            detail = "this LM needs its own code: pass --trust_remote_code"
+        raise SRDError(f"--lm_path {args.lm_path}: cannot load language model ({detail})") from None
+    ensure_embedding_accessors(lm)
+    return lm
+
+
+def build_flamingo(args: ModelArgs) -> Captioner:
+    """Build the OpenFlamingo model from the flags (no checkpoint loaded)."""
+    visual, transform, vis_dim = build_vision_encoder(
+        args.vision_encoder_path, args.vision_encoder_pretrained, args.vision_tokens
+    )
+    tok = load_tokenizer(args.lm_tokenizer_path or args.lm_path, args.trust_remote_code)
+    return assemble_flamingo(args, (visual, transform, vis_dim), tok, load_lm(args))
+
+
+def assemble_flamingo(
+    args: ModelArgs,
+    vision: tuple[torch.nn.Module, Any, int],
+    tok: PreTrainedTokenizerBase,
+    lm: torch.nn.Module,
+) -> Captioner:
+    """Put a vision tower (tower, transform, width), a tokenizer and a causal LM together:
+    cross-attention into the LM's decoder blocks, embeddings sized to the tokenizer."""
+    visual, transform, vis_dim = vision
+    ensure_embedding_accessors(lm)
+    attr = decoder_layers_attr(lm, args.decoder_layers_attr_name)
+    num_blocks = len(getattr_recursive(lm, attr))
+    if not 1 <= args.cross_attn_every_n_layers <= num_blocks:
+        raise SRDError(
+            f"--cross_attn_every_n_layers {args.cross_attn_every_n_layers}: the LM has "
+            f"{num_blocks} decoder blocks"
+        )
     extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name(_decoder_layers_attr(lm, args.decoder_layers_attr_name))
+    lm.set_decoder_layers_attr_name(attr)
     if lm.get_input_embeddings().num_embeddings != len(tok):
-        lm.resize_token_embeddings(len(tok))
+        lm.resize_token_embeddings(len(tok), mean_resizing=lm.device.type != "meta")
     model = SRDFlamingo(
         clip_like(visual),
         lm,
@@ -413,11 +649,11 @@ def set_trainable(model: Flamingo, mode: str) -> None:
         return
     if mode == "all":
         model.requires_grad_(True)
-        # Flamingo reads the tower's patch tokens, never its pooled projection; a parameter that
-        # gets no gradient makes multi-process (DDP) training fail, so it stays frozen.
-        proj = getattr(model.vision_encoder, "proj", None)
-        if isinstance(proj, torch.nn.Parameter):
-            proj.requires_grad_(False)
+        # Flamingo reads the tower's patch tokens, never its pooled projection (nor, with
+        # pre-ln_post tokens, the final LayerNorm); a parameter that gets no gradient makes
+        # multi-process (DDP) training fail, so these stay frozen.
+        for part in pooled_only_parts(model.vision_encoder):
+            part.requires_grad_(False)
         return
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
@@ -425,9 +661,83 @@ def set_trainable(model: Flamingo, mode: str) -> None:
     model.lang_encoder.get_input_embeddings().requires_grad_(True)
 
 
+def pooled_only_parts(visual: torch.nn.Module) -> list[torch.nn.Module | torch.nn.Parameter]:
+    """Parts of the tower that only the pooled embedding uses (never the patch tokens)."""
+    parts: list[torch.nn.Module | torch.nn.Parameter] = []
+    if isinstance(getattr(visual, "proj", None), torch.nn.Parameter):
+        parts.append(visual.proj)
+    if getattr(visual, "final_ln_after_pool", False) and hasattr(visual, "ln_post"):
+        parts.append(visual.ln_post)
+    return parts
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters that require grad, detached on the CPU (one name per tensor)."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+_XATTN_KEY = re.compile(r"^lang_encoder\.(.+)\.(\d+)\.gated_cross_attn_layer\.attn\.to_q\.weight$")
+
+
+def describe_layout(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The size facts of a Flamingo state dict: where and how often cross-attention sits, the LM
+    width it attends from (OpenFlamingo-3B: every block of MPT-1B, width 2048; 4B: every 2nd
+    block of RedPajama-3B, 2560; 9B: every 4th block of MPT-7B, 4096)."""
+    found = sorted(
+        (m.group(1), int(m.group(2)), tuple(v.shape))
+        for k, v in state.items()
+        if (m := _XATTN_KEY.match(k))
+    )
+    if not found:
+        return {}
+    blocks = sorted({path for path, _, _ in found})
+    indices = [i for _, i, _ in found]
+    return {
+        "blocks": blocks[0] if len(blocks) == 1 else blocks,
+        "cross_attn_blocks": len(indices),
+        "cross_attn_every_n_layers": indices[0] + 1,
+        "lm_width": found[0][2][1],
+    }
+
+
+def _embedding_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the LM's token embedding and (possibly tied) output embedding."""
+    lm = model.lang_encoder
+    ids = {id(lm.get_input_embeddings().weight)}
+    out = lm.get_output_embeddings()
+    if out is not None:
+        ids.add(id(out.weight))
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+
+
+def _append_token_rows(
+    state: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    official_rows: int | None,
+    where: str,
+) -> list[str]:
+    """Grow embedding matrices of an official checkpoint by the rows of our appended tokens.
+
+    The new rows (``<answer>``) are the mean of the checkpoint's rows, in place in ``state``.
+    SRDError when the row counts match neither our vocabulary nor the official one.
+    """
+    grown = []
+    for key in sorted(_embedding_keys(model) & set(state)):
+        rows, want = state[key].shape[0], own[key].shape[0]
+        if rows == want or state[key].dim() != 2 or state[key].shape[1] != own[key].shape[1]:
+            continue
+        if rows != official_rows:
+            raise SRDError(
+                f"{where}: its vocabulary ({rows} rows of {key}) does not fit the tokenizer "
+                f"({want} tokens{f', {official_rows} without <answer>' if official_rows else ''}); "
+                "check --lm_tokenizer_path"
+            )
+        old = state[key]
+        extra = old.float().mean(dim=0, keepdim=True).to(old.dtype).expand(want - rows, -1)
+        state[key] = torch.cat([old, extra], dim=0)
+        grown.append(key)
+    return grown
 
 
 def load_checkpoint_into(
@@ -435,36 +745,52 @@ def load_checkpoint_into(
     path: str | os.PathLike,
     flag: str = "--checkpoint_path",
     expected_signature: dict[str, Any] | None = None,
+    official_rows: int | None = None,
 ) -> dict[str, Any]:
     """Load a Flamingo state dict, strictly for what matters.
 
     Refuses: keys the model does not have, tensors of the wrong shape, and trainable parameters
-    the file lacks (frozen towers may be absent: they come from the pretrained encoders).
-    Returns the checkpoint's metadata (empty for raw state dicts).
+    the file lacks (frozen towers may be absent: they come from the pretrained encoders); a
+    checkpoint of another OpenFlamingo size is named as such. ``official_rows`` (the official
+    vocabulary size, :func:`official_vocab_size`) allows an official checkpoint whose embeddings
+    lack our appended ``<answer>`` row: the row is added as the mean of the others and the
+    returned metadata records it under ``"appended_token_rows"``.
+    Returns the checkpoint's metadata (empty for raw state dicts, apart from that record).
     """
     path = Path(path)
+    where = f"{flag} {path}"
     raw = _read_checkpoint_file(path, flag)
-    meta = raw if "model_state_dict" in raw else {}
-    state = raw.get("model_state_dict", raw)
+    meta = dict(raw) if "model_state_dict" in raw else {}
+    state = dict(raw.get("model_state_dict", raw))
+    meta.pop("model_state_dict", None)
     recorded = meta.get("config", {}).get("model_signature") if meta else None
+    if recorded:
+        recorded = {"vision_tokens": LEGACY_VISION_TOKENS, **recorded}
     if expected_signature and recorded and recorded != expected_signature:
         diff = {
             k: (recorded.get(k), v) for k, v in expected_signature.items() if recorded.get(k) != v
         }
         detail = ", ".join(f"{k}: checkpoint {a!r} vs flags {b!r}" for k, (a, b) in diff.items())
-        raise SRDError(f"{flag} {path}: made for another model configuration ({detail})")
+        raise SRDError(f"{where}: made for another model configuration ({detail})")
     own = model.state_dict()
+    theirs, ours = describe_layout(state), describe_layout(own)
+    if theirs and theirs != ours:
+        raise SRDError(
+            f"{where}: a checkpoint of another OpenFlamingo size (checkpoint: {_layout(theirs)}; "
+            f"model: {_layout(ours)}; check --lm_path and --cross_attn_every_n_layers)"
+        )
     unexpected = [k for k in state if k not in own]
     if unexpected:
         raise SRDError(
-            f"{flag} {path}: does not fit the model ({len(unexpected)} unexpected keys, "
+            f"{where}: does not fit the model ({len(unexpected)} unexpected keys, "
             f"e.g. {unexpected[0]})"
         )
+    grown = _append_token_rows(state, own, model, official_rows, where)
     wrong = [k for k in state if own[k].shape != state[k].shape]
     if wrong:
         k = wrong[0]
         raise SRDError(
-            f"{flag} {path}: does not fit the model ({k} has shape {tuple(state[k].shape)}, "
+            f"{where}: does not fit the model ({k} has shape {tuple(state[k].shape)}, "
             f"model expects {tuple(own[k].shape)})"
         )
     aliases: dict[int, list[str]] = {}
@@ -474,18 +800,36 @@ def load_checkpoint_into(
     missing = [names[0] for names in aliases.values() if not any(n in state for n in names)]
     if missing:
         raise SRDError(
-            f"{flag} {path}: does not fit the model ({len(missing)} trainable tensors missing, "
+            f"{where}: does not fit the model ({len(missing)} trainable tensors missing, "
             f"e.g. {missing[0]})"
         )
     model.load_state_dict(state, strict=False)
+    if grown:
+        rows = own[grown[0]].shape[0] - raw.get("model_state_dict", raw)[grown[0]].shape[0]
+        meta["appended_token_rows"] = {
+            "keys": grown,
+            "rows": rows,
+            "tokens": [captions.ANSWER_TOKEN],
+            "init": "mean of the checkpoint's rows",
+        }
+        log.info("%s: appended %d token row(s) to %s (mean init)", path, rows, ", ".join(grown))
     return meta
+
+
+def _layout(facts: dict[str, Any]) -> str:
+    if not facts:
+        return "no cross-attention"
+    return (
+        f"{facts['cross_attn_blocks']} cross-attention blocks in {facts['blocks']} every "
+        f"{facts['cross_attn_every_n_layers']}, LM width {facts['lm_width']}"
+    )
 
 
 def _read_checkpoint_file(path: Path, flag: str) -> dict[str, Any]:
     if not path.is_file():
         raise SRDError(f"{flag} {path}: file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise SRDError(f"{flag} {path}: cannot read checkpoint ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
@@ -498,9 +842,16 @@ def load_captioner(args: ModelArgs, device: str | torch.device = "cpu") -> Capti
     cap = build_flamingo(args)
     ckpt = _none(args.checkpoint_path)
     if ckpt:
-        load_checkpoint_into(cap.model, ckpt, expected_signature=model_signature(args))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    cap.model.to(device=device, dtype=dtype)
+        meta = load_checkpoint_into(
+            cap.model,
+            ckpt,
+            expected_signature=model_signature(args),
+            official_rows=official_vocab_size(cap.tokenizer),
+        )
+        cap.checkpoint_notes = {k: meta[k] for k in ("appended_token_rows", "epoch") if k in meta}
+    device = torch.device(device)
+    check_mixed_precision(args.mixed_precision, device)
+    cap.model.to(device=device)
     cap.model.eval()
     return cap
 

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from srd.attacks import Attack
-from srd.data import ImageRecord, ImageStore, caption_records
+from srd.data import DEFAULT_CACHE_MB, ImageRecord, ImageStore, caption_records
 from srd.engine import Sample
 from srd.errors import SRDError
+from srd.geometry import apply_action
 from srd.poison import load_poison_ids, save_poison_ids, select_poison_ids
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,11 @@ def build_samples(records: Sequence[ImageRecord], plan: PoisonPlan | None) -> li
 class TrainingImages:
     """Image provider for training samples: ``provider(sample) -> uint8 (224, 224, 3)``.
 
-    Poisoned samples get the attack's trigger. ``replacements`` (image id -> image) overrides
-    everything: SRD refine-tuning trains on one processed image per image id (reference B15).
-    Images are cached in memory after their first load.
+    Poisoned samples get the attack's trigger. ``mask_actions`` (image id -> red-mask action)
+    overrides that: SRD refine-tuning trains on one processed image per image id (reference
+    B15), the square painted on the fly on the version the defender's data holds, so no masked
+    copy of the dataset is ever held in memory.
+    Decoded images are cached up to ``cache_mb`` MiB (see :class:`srd.data.ImageStore`).
     """
 
     def __init__(
@@ -105,15 +108,16 @@ class TrainingImages:
         records: Sequence[ImageRecord],
         attack: Attack | None = None,
         poisoned_ids: Sequence[int] = (),
-        replacements: Mapping[int, np.ndarray] | None = None,
+        mask_actions: Mapping[int, int] | None = None,
+        cache_mb: float = DEFAULT_CACHE_MB,
     ):
-        self.clean = ImageStore(records)
+        self.clean = ImageStore(records, cache_mb)
         self.attack = attack
         self.poisoned = set(poisoned_ids)
         self.poisoned_images = {
             c.image_id for r in records for c in r.captions if c.caption_id in self.poisoned
         }
-        self.replacements = dict(replacements or {})
+        self.mask_actions = {int(k): int(v) for k, v in (mask_actions or {}).items()}
 
     def as_in_training_set(self, image_id: int) -> np.ndarray:
         """The version of an image the defender's data holds: triggered if any caption of it is
@@ -124,8 +128,9 @@ class TrainingImages:
         return image
 
     def __call__(self, sample: Sample) -> np.ndarray:
-        if sample.image_id in self.replacements:
-            return self.replacements[sample.image_id]
+        if sample.image_id in self.mask_actions:
+            image = self.as_in_training_set(sample.image_id)
+            return apply_action(image, self.mask_actions[sample.image_id])
         image = self.clean(sample.image_id)
         if self.attack is not None and sample.caption_id in self.poisoned:
             return self.attack.apply_image(image)

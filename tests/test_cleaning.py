@@ -32,6 +32,7 @@ from srd.cleaning import (
     clean_chunk,
     clean_shard,
     combine_clean_data,
+    masked_training_actions,
     masked_training_images,
     plan_attack,
     prepare_clean_folder,
@@ -44,7 +45,7 @@ from srd.geometry import NUM_ACTIONS, apply_action
 from srd.rl.agent import DQNConfig, build_dqn
 from srd.rl.env import MaskPool, RedMaskEnv
 from srd.shards import ShardWriter, config_hash, shard_indices
-from srd.trainset import PoisonPlan, plan_poison
+from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 RUN = "random:0"
 CONFIG = {"policy": "random", "seed": 0}
@@ -289,6 +290,15 @@ def test_masked_training_images_mask_the_defenders_version(tiny_train_records) -
     with pytest.raises(SRDError, match="merged.json: does not cover the training images"):
         masked_training_images(
             tiny_train_records, attack, plan, {"records": merged["records"][1:]}, "merged.json"
+        )
+    # D4 paints the same squares on the fly, for every caption of every image
+    actions = masked_training_actions(tiny_train_records, merged)
+    provider = TrainingImages(tiny_train_records, attack, plan.ids, mask_actions=actions)
+    for sample in build_samples(tiny_train_records, plan):
+        assert np.array_equal(provider(sample), images[sample.image_id])
+    with pytest.raises(SRDError, match="merged.json: does not cover the training images"):
+        masked_training_actions(
+            tiny_train_records, {"records": merged["records"][1:]}, "merged.json"
         )
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from srd import clip
 from srd.benchmark import SHAPES, render_scene, sample_scene
 from srd.errors import SRDError
-from srd.model import build_vision_encoder, vision_tokens
+from srd.model import build_vision_encoder, tower_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_captioner_tower_is_the_clip_image_tower(tmp_path: Path, tiny_images) ->
     model.eval()
     visual.eval()
     with torch.no_grad():
-        assert torch.equal(vision_tokens(visual, pixels), vision_tokens(model.visual, pixels))
+        assert torch.equal(tower_tokens(visual, pixels), tower_tokens(model.visual, pixels))
 
 
 def test_pretrain_clip_entry_point_refuses_bad_flags(tiny_data_args, tmp_path: Path) -> None:

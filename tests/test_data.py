@@ -11,6 +11,8 @@ from PIL import Image
 
 from srd.benchmark import SceneObject, benchmark_paths, generate_benchmark
 from srd.data import (
+    IMAGE_BYTES,
+    ImageStore,
     caption_records,
     check_images_exist,
     load_image,
@@ -162,3 +164,24 @@ def test_check_images_exist_names_first_missing(bench: Path, tmp_path: Path) -> 
             check_images_exist(records)
     finally:
         moved.rename(records[1].path)
+
+
+def test_image_store_cache_is_bounded_and_least_recently_used(tiny_train_records) -> None:
+    records = tiny_train_records[:5]
+    ids = [r.image_id for r in records]
+    store = ImageStore(records, cache_mb=3 * IMAGE_BYTES / 2**20)  # room for 3 images
+    assert store.max_images == 3
+    first = store(ids[0])
+    assert np.array_equal(first, load_image(records[0].path))
+    assert not first.flags.writeable  # a cached image is shared: painting on it would leak
+    for i in ids[1:3]:
+        store(i)
+    assert store(ids[0]) is first  # a hit, and now the most recent
+    store(ids[3])  # evicts ids[1], the least recently used
+    assert store.cached() == 3
+    assert store(ids[0]) is first
+    assert store(ids[1]) is not None and store.cached() == 3
+    none = ImageStore(records, cache_mb=0)
+    assert np.array_equal(none(ids[2]), load_image(records[2].path)) and none.cached() == 0
+    with pytest.raises(SRDError, match="--image_cache_mb -1"):
+        ImageStore(records, cache_mb=-1)

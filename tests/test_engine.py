@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from srd import captions
 from srd.engine import (
@@ -348,3 +349,76 @@ def test_unwritable_save_dir(tmp_path, make_captioner, tiny_samples, tiny_images
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
+
+
+# --------------------------------------------------------------------------- real-mode settings
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(
+    run_root, make_captioner, tiny_samples, tiny_images
+) -> None:
+    args = _train_args(run_root, "pruned", num_epochs=3, save_total_limit=2)
+    train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), args, {})
+    kept = sorted(p.name for p in args.run_dir.glob("checkpoint_*.pt"))
+    assert kept == ["checkpoint_1.pt", "checkpoint_2.pt"]
+    assert (args.run_dir / FINAL_WEIGHTS).is_file()
+    with pytest.raises(SRDError, match="--save_total_limit -1"):
+        train(
+            make_captioner(),
+            _dataset(tiny_samples, tiny_images),
+            _train_args(run_root, "negative", save_total_limit=-1),
+            {},
+        )
+
+
+def test_resume_refuses_a_checkpoint_of_other_trainable_parts(
+    interrupted_run: TrainArgs, run_root, make_captioner, tiny_samples, tiny_images
+) -> None:
+    """Resume loads strictly: a checkpoint lacking a trainable tensor is an error, not a
+    silently half-restored model."""
+    shutil.copytree(interrupted_run.run_dir, run_root / "tampered")
+    path = run_root / "tampered" / "checkpoint_0.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    dropped = sorted(state["model_state_dict"])[0]
+    del state["model_state_dict"][dropped]
+    torch.save(state, path)
+    args = dataclasses.replace(interrupted_run, run_name="tampered", resume_from_checkpoint=True)
+    with pytest.raises(SRDError, match=f"checkpoint_0.pt: .*1 missing.*{dropped}"):
+        train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), args, {})
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; a real run
+    sets it once per process, tests that change it start and end with a fresh one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(
+    run_root, make_captioner, tiny_samples, tiny_images, fresh_accelerate_state
+) -> None:
+    cap = make_captioner(seed=SEED_MODEL, mixed_precision="bf16")
+    before = trainable_state_dict(cap.model)
+    args = _train_args(run_root, "bf16", num_epochs=1)
+    train(cap, _dataset(tiny_samples, tiny_images), args, {})
+    after = trainable_state_dict(cap.model)
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    state = torch.load(args.run_dir / "checkpoint_0.pt", map_location="cpu", weights_only=True)
+    moments = [s["exp_avg"] for s in state["optimizer_state_dict"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    log = json.loads((args.run_dir / TRAIN_LOG).read_text().splitlines()[0])
+    assert np.isfinite(log["loss"])
+
+
+def test_fp16_on_cpu_and_launcher_disagreement_are_refused(
+    run_root, make_captioner, tiny_samples, tiny_images, monkeypatch
+) -> None:
+    data = _dataset(tiny_samples, tiny_images)
+    with pytest.raises(SRDError, match="--mixed_precision fp16: needs a GPU"):
+        train(make_captioner(mixed_precision="fp16"), data, _train_args(run_root, "fp16"), {})
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(SRDError, match="--mixed_precision no: the launcher asks for bf16"):
+        train(make_captioner(), data, _train_args(run_root, "launcher"), {})

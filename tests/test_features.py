@@ -9,7 +9,7 @@ import torch
 from srd.engine import CaptionDataset, TrainArgs, train
 from srd.errors import SRDError
 from srd.features import FeatureCache, image_key
-from srd.model import model_signature, trainable_state_dict, vision_tokens
+from srd.model import model_signature, tower_tokens, trainable_state_dict
 
 
 def test_image_key_changes_with_one_pixel(tiny_images) -> None:
@@ -56,7 +56,7 @@ def test_cached_tokens_equal_the_tower_output(make_captioner, tiny_images) -> No
     images = list(tiny_images.values())[:4]
     cached = cap.vision_inputs(images)
     with torch.no_grad():
-        direct = vision_tokens(cap.model.vision_encoder, cap.pixel_values(images).flatten(0, 2))
+        direct = tower_tokens(cap.model.vision_encoder, cap.pixel_values(images).flatten(0, 2))
     assert cached.shape == (4, 1, 1, *direct.shape[1:])
     assert torch.equal(cached[:, 0, 0], direct)
 
@@ -113,6 +113,6 @@ def test_resnet_tower_gives_one_token_per_feature_map_cell(make_captioner, tiny_
     cap = make_captioner(seed=0, vision_encoder_path="tiny-clip")
     images = list(tiny_images.values())[:2]
     with torch.no_grad():
-        tokens = vision_tokens(cap.model.vision_encoder, cap.pixel_values(images).flatten(0, 2))
+        tokens = tower_tokens(cap.model.vision_encoder, cap.pixel_values(images).flatten(0, 2))
     assert tokens.shape == (2, 7 * 7, 8 * 32)  # 224 / 32 = 7; width 8 -> 256 channels
     assert np.isfinite(tokens.numpy()).all()

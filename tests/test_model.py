@@ -119,8 +119,10 @@ def test_all_mode_grads_reach_vision_tower(make_captioner, tiny_images, tiny_sam
     set_trainable(cap.model, "all")
     _loss(cap, _batch(cap, tiny_images, tiny_samples[:3])).backward()
     vision = dict(cap.model.vision_encoder.named_parameters())
-    # Flamingo reads the patch tokens; the pooled projection is unused and kept frozen (DDP)
+    # Flamingo reads the pre-ln_post patch tokens; the pooled projection and the final
+    # LayerNorm are unused and kept frozen (DDP)
     assert not vision.pop("proj").requires_grad
+    assert not any(vision.pop(k).requires_grad for k in ("ln_post.weight", "ln_post.bias"))
     for name, p in vision.items():
         assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
     blocks = [p for n, p in cap.model.named_parameters() if "decoder_layer." in n]
@@ -212,8 +214,9 @@ def test_wrapped_checkpoint_loads(source, target, tiny_model_args, tmp_path) -> 
 
 
 def test_raw_state_dict_loads(source, target, tmp_path) -> None:
+    # a bare state dict, no metadata (open_flamingo's own layout: tests/test_official_layout.py)
     path = tmp_path / "checkpoint.pt"
-    torch.save(trainable_state_dict(source.model), path)  # official OpenFlamingo layout
+    torch.save(trainable_state_dict(source.model), path)
     assert load_checkpoint_into(target.model, path, expected_signature={"x": 1}) == {}
     assert _same_trainable(source, target)
 

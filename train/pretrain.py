@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         checkpoint_path="none",
     )
     captioner = build_flamingo(model_args)
-    image_of = ImageStore(train_images + test_images)
+    image_of = ImageStore(train_images + test_images, data.image_cache_mb)
 
     samples = [Sample(r.caption_id, r.image_id, r.caption) for r in records]
     record = {

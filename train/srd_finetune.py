@@ -20,7 +20,7 @@ from srd.cleaning import (
     MERGED_FILE,
     SRDArgs,
     file_digest,
-    masked_training_images,
+    masked_training_actions,
     plan_attack,
     read_merged,
     require_files,
@@ -82,13 +82,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     check_images_exist(records)
     captioner = load_captioner(model_args)
     source = f"--clean_data_save {srd.clean_data_save}/{MERGED_FILE}"
-    replacements = masked_training_images(records, attack, plan, merged, source=source)
+    mask_actions = masked_training_actions(records, merged, source=source)
     # The run folder and its log only once every input loaded: bad input leaves nothing behind.
     if state.is_main_process:
         ensure_dir(run_dir, "--external_save_dir")
     setup_logging(run_dir / "train.log" if state.is_main_process else None)
     samples = build_samples(records, plan)
-    images = TrainingImages(records, attack, plan.ids, replacements)
+    images = TrainingImages(records, attack, plan.ids, mask_actions, data.image_cache_mb)
     record = {
         "stage": "srd_finetune",
         **to_dict(data, model_args, srd, train_args),
@@ -97,9 +97,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         "clean_run_id": merged["run_id"],
         "clean_config_hash": merged["config_hash"],
         "model_signature": model_signature(model_args),
+        "loaded_checkpoint": captioner.checkpoint_notes,
     }
     log.info("D4: refine-tuning %s on %d captions of %d SRD-processed images",
-             model_args.checkpoint_path, len(samples), len(replacements))  # fmt: skip
+             model_args.checkpoint_path, len(samples), len(mask_actions))  # fmt: skip
     final = train(captioner, CaptionDataset(samples, images), train_args, record)
     log.info("refined checkpoint: %s", final)
     return str(final)

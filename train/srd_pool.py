@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     log.info("D1: %d pool images, %d on this process", len(ids), len(mine))
     rows = build_pool_rows(
         mine,
-        ImageStore(chosen),
+        ImageStore(chosen, data.image_cache_mb),
         vlm_caption_fn(captioner, sfs),
         reference_fn,
         sfs_score_fn(scorer),

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     state.wait_for_everyone()
 
     captioner = load_captioner(model_args)
-    images = TrainingImages(records, attack, plan.ids)
+    images = TrainingImages(records, attack, plan.ids, cache_mb=data.image_cache_mb)
     samples = build_samples(records, plan)
     record = {
         "stage": "backdoor",
@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "attack": attack.to_dict(),
         "num_poisoned": len(plan.ids),
         "model_signature": model_signature(model_args),
+        "loaded_checkpoint": captioner.checkpoint_notes,
     }
     final = train(captioner, CaptionDataset(samples, images), train_args, record)
     log.info("backdoored checkpoint: %s", final)

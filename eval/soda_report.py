@@ -4,6 +4,7 @@ the baselines (mean +- std over seeds), as JSON and Markdown under result/."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from srd.cli import run_main
 from srd.config import arg, parse
 from srd.errors import SRDError
 from srd.io import setup_logging, write_text
-from srd.soda.report import collect_model, dumps, write_report
+from srd.soda.report import collect_model, dumps, plot_target_z, write_report
 
 log = logging.getLogger("soda_report")
 
@@ -31,6 +32,7 @@ class ReportArgs:
     out_json: str = arg("result/soda_zoo.json", help="JSON record")
     out_md: str = arg("result/soda_report.md", help="Markdown report")
     note: list[str] = arg([], help="lines printed under the title (conditions, timings)")
+    figure: str = arg("img/soda_target_z.png", help="figure of the target z-scores ('' for none)")
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -45,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     rows = [collect_model(d, outputs) for d in dirs]
     record, md = write_report(rows, {d: d for d in args.detect_dirs}, args.note)
     write_text(args.out_json, dumps(record) + "\n")
+    if args.figure:
+        plot_target_z(rows, list(args.detect_dirs), args.figure)
+        rel = os.path.relpath(args.figure, Path(args.out_md).parent)
+        md += f"\n![target z-scores]({rel})\n"
     write_text(args.out_md, md)
     print(md)
     return args.out_md

@@ -44,3 +44,8 @@ done
 
 stage "results"
 python eval/results_table.py --results result --output result/table.md
+
+if [ "${SODA:-1}" = 1 ]; then
+  stage "SODA on the shapes classifier zoo (SODA=0 skips it)"
+  sh run/run_SODA_zoo.sh
+fi

@@ -218,3 +218,43 @@ def test_semantic_batches_mix_pool_and_clean() -> None:
     assert seen == [12 + 4, 12 + 4, 6 + 4]  # 30 clean in steps of 12, plus 4 from the pool
     with pytest.raises(SRDError, match="--ratio"):
         training.fit(model, clean, pool, 3, training.FitConfig(1, 0.01, 64, 0.5, 0))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _row(truth, flagged, seed=0, asr_after=10.0):
+    det = {"detections": [{"target": t, "source": s} for t, s in flagged]}
+    trained = {"clean_acc": 99.0, "asr": 100.0}
+    removal_ = {"finetune": {"before": trained, "after": {"clean_acc": 90.0, "asr": asr_after}}}
+    return {
+        "model": f"m{seed}",
+        "attack": "semantic_bg" if truth else "clean",
+        "seed": seed,
+        "truth": None if truth is None else {"target": truth[0], "source": truth[1]},
+        "trained": trained,
+        "detect": {"soda": det},
+        "removal": removal_,
+    }
+
+
+def test_report_verdicts_and_removal_means() -> None:
+    from srd.soda.report import removal_rows, verdict
+
+    def judge(truth, flagged):
+        row = _row(truth, flagged)
+        return verdict(row, row["detect"]["soda"])
+
+    assert judge(None, []) == "correct (nothing flagged)"
+    assert judge(None, [(1, 2)]) == "false alarm"
+    assert judge((11, 3), [(11, 3)]) == "correct pair"
+    assert judge((11, 3), [(11, 4)]) == "right target, wrong source"
+    assert judge((11, 3), [(3, 4)]) == "wrong target"
+    assert judge((11, 3), []) == "missed"
+    rows = [_row((11, 3), [], seed=s, asr_after=a) for s, a in ((0, 10.0), (1, 20.0))]
+    lines, summary = removal_rows(rows)
+    assert summary["semantic_bg/finetune"]["asr_after"] == [10.0, 20.0]
+    assert any("| finetune | 2 |" in line and "15.0 ± 7.1" in line for line in lines)
+    # nothing flagged: SODA leaves the model unchanged, and the table says so
+    assert summary["semantic_bg/soda"]["asr_after"] == [100.0, 100.0]
+    assert summary["semantic_bg/soda"]["not_run"] == [1.0, 1.0]

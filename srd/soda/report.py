@@ -13,8 +13,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from srd.errors import SRDError
 from srd.io import is_finished, read_json
+from srd.soda.detection import pcc_matrix
 from srd.soda.shapes import CLASSES
 
 METHODS = ("soda", "soda_oracle", "finetune", "dfr")
@@ -50,6 +53,8 @@ def collect_model(model_dir: Path, outputs: dict[str, str]) -> dict:
         out = model_dir / folder
         det = _maybe(out / "detect.json")
         if det is not None:
+            if row["truth"] is not None:
+                det["profiles"] = profile_diagnosis(out, det["layer"], row["truth"])
             row["detect"][key] = det
     soda_dir = model_dir / outputs.get("soda", "soda")
     for method, sub in (
@@ -65,6 +70,55 @@ def collect_model(model_dir: Path, outputs: dict[str, str]) -> dict:
         if metrics is not None:
             row["removal"]["soda_oracle"] = metrics
     return row
+
+
+def profile_diagnosis(out: Path, layer: int, truth: dict) -> dict | None:
+    """Why the planted target does or does not stand out, from the saved attribution tables.
+
+    ``target_pcc``: mean over analysed classes of Pearson(target profile, mean of the other
+    profiles) (the quantity SODA's score is 1 minus), beside the median and min over classes;
+    ``target_source_corr``: Pearson(target profile, source profile) beside the median over
+    all class pairs (a backdoor routing source features to the target would raise it).
+    """
+    path = out / f"causality_layer{layer}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        ca = f["ca"]
+    pcc = pcc_matrix(ca).mean(0) * len(ca) / (len(ca) - 1)  # mean over rows s != i
+    t, s = truth["target"], truth["source"]
+    profile = ca.mean(0)  # (N, C), averaged over analysed classes
+    corr = np.corrcoef(profile.T)
+    pairs = corr[np.triu_indices(len(corr), 1)]
+    return {
+        "target_pcc": float(pcc[t]),
+        "median_pcc": float(np.median(pcc)),
+        "min_pcc": float(pcc.min()),
+        "argmin_pcc": int(pcc.argmin()),
+        "target_source_corr": float(corr[t, s]),
+        "median_pair_corr": float(np.median(pairs)),
+        "target_source_corr_rank": int((pairs > corr[t, s]).sum()) + 1,
+        "num_pairs": len(pairs),
+    }
+
+
+def diagnosis_table(rows: list[dict], key: str) -> list[str]:
+    lines = [
+        "| model | planted target's mean PCC with the rest | median over classes | lowest (class) "
+        "| corr(target, source) profiles | median over class pairs | its rank among pairs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        prof = row["detect"].get(key, {}).get("profiles")
+        if not prof:
+            continue
+        lines.append(
+            f"| {row['model']} | {prof['target_pcc']:.3f} | {prof['median_pcc']:.3f} "
+            f"| {prof['min_pcc']:.3f} ({_name(prof['argmin_pcc'])}) "
+            f"| {prof['target_source_corr']:.3f} | {prof['median_pair_corr']:.3f} "
+            f"| {prof['target_source_corr_rank']} of {prof['num_pairs']} |"
+        )
+    return lines
 
 
 def verdict(row: dict, det: dict) -> str:
@@ -203,6 +257,10 @@ def write_report(rows: list[dict], outputs: dict[str, str], notes: list[str]) ->
             f"confidence2 {first['confidence2']}; the same thresholds for every model)",
             "",
             *detection_table(rows, key),
+            "",
+            f"Attribution profiles of the planted pair vs the rest (`{key}`):",
+            "",
+            *diagnosis_table(rows, key),
         ]
     md += [
         "",
@@ -216,3 +274,42 @@ def write_report(rows: list[dict], outputs: dict[str, str], notes: list[str]) ->
 
 def dumps(record: dict) -> str:
     return json.dumps(record, indent=2)
+
+
+def plot_target_z(rows: list[dict], keys: list[str], path: str | Path) -> None:
+    """One panel per detection folder: every model's 18 target z-scores, the planted target
+    marked, the threshold drawn; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from srd.io import atomic_path
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 0.45 * len(rows) + 1.5))
+    axes = np.atleast_1d(axes)
+    for ax, key in zip(axes, keys, strict=True):
+        names, threshold = [], None
+        for y, row in enumerate(rows):
+            det = row["detect"].get(key)
+            if det is None:
+                continue
+            threshold = det["confidence"]
+            z = np.asarray(det["target_z"])
+            ax.scatter(z, np.full(len(z), y), s=12, color="grey")
+            if row["truth"] is not None:
+                t = row["truth"]["target"]
+                ax.scatter([z[t]], [y], s=40, color="red", zorder=3)
+            for d in det["detections"]:
+                ax.scatter([z[d["target"]]], [y], s=80, facecolors="none", edgecolors="blue")
+            names.append((y, row["model"]))
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_yticks([y for y, _ in names], [n for _, n in names])
+        layer = next((r["detect"][key]["layer"] for r in rows if key in r["detect"]), "?")
+        ax.set_title(f"{key} (layer {layer}): target-class MAD z; red = planted, blue = flagged")
+        ax.set_xlabel("z")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

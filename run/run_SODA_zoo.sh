@@ -33,5 +33,7 @@ for SEED in $SEEDS; do
   done
 done
 END=$(date +%s)
+COUNT=$(echo $MODELS | wc -w)
 python eval/soda_report.py --models $MODELS --detect_dirs soda soda-layer3 \
-  --note "Zoo wall time $((END - START)) s for$(echo $MODELS | wc -w) models (this run; steps already finished were skipped)."
+  --note "Zoo wall time $((END - START)) s for $COUNT models in this run ($(nproc) cores, load \
+$(cut -d' ' -f1 /proc/loadavg) at the end; steps finished earlier were skipped)."

@@ -175,7 +175,7 @@ def dfr(
                 loss.backward()
                 opt.step()
         states.append(copy.deepcopy(model.state_dict()))
-        history.append({"run": run + 1, "last_loss": float(loss)})
+        history.append({"run": run + 1, "last_loss": float(loss.detach())})
     averaged = {
         k: (torch.stack([s[k].float() for s in states]).mean(0)).to(states[0][k].dtype)
         for k in states[0]

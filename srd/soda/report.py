@@ -199,11 +199,13 @@ def removal_rows(rows: list[dict]) -> tuple[list[str], dict]:
             g["asr_after"].append(res["after"]["asr"])
             g["acc_before"].append(res["before"]["clean_acc"])
             g["acc_after"].append(res["after"]["clean_acc"])
+            g["true_after"].append(res["after"].get("semantic_true_acc", 0.0))
             g["not_run"].append(1.0 if res.get("not_run") else 0.0)
     lines = [
         "| attack | method | n | semantic ASR before | ASR after | clean acc before "
-        "| clean acc after | models SODA left unchanged |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clean acc after | sub-population as its true class after "
+        "| models SODA left unchanged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for (attack, method), g in sorted(
@@ -213,7 +215,8 @@ def removal_rows(rows: list[dict]) -> tuple[list[str], dict]:
         lines.append(
             f"| {attack} | {method} | {len(g['asr_after'])} | {_mean_std(g['asr_before'])} "
             f"| {_mean_std(g['asr_after'])} | {_mean_std(g['acc_before'])} "
-            f"| {_mean_std(g['acc_after'])} | {int(sum(g['not_run']))} |"
+            f"| {_mean_std(g['acc_after'])} | {_mean_std(g['true_after'])} "
+            f"| {int(sum(g['not_run']))} |"
         )
     return lines, summary
 
@@ -307,8 +310,9 @@ def plot_target_z(rows: list[dict], keys: list[str], path: str | Path) -> None:
             ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
         ax.set_yticks([y for y, _ in names], [n for _, n in names])
         layer = next((r["detect"][key]["layer"] for r in rows if key in r["detect"]), "?")
-        ax.set_title(f"{key} (layer {layer}): target-class MAD z; red = planted, blue = flagged")
-        ax.set_xlabel("z")
+        ax.set_title(f"{key} (layer {layer})")
+        ax.set_xlabel("MAD z of the 18 target-class scores")
+    fig.suptitle("red: planted target; blue ring: flagged; dashed: --confidence")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -169,3 +169,12 @@ def test_clean_model_training_and_bad_input(shapes, planted, tmp_path, capsys) -
         soda_detect, ["--in_model", str(tmp_path / "nope"), "--data_dir", str(shapes)], capsys
     )
     assert "--in_model" in err
+
+
+def test_data_is_not_silently_rebuilt(shapes, capsys) -> None:
+    before = (shapes / "train.npz").read_bytes()
+    err = _fail(soda_data, ["--data_dir", str(shapes), "--per_class_train", "7"], capsys)
+    assert "--overwrite" in err and (shapes / "train.npz").read_bytes() == before
+    same = ["--per_class_train", "6", "--per_class_test", "8", "--resolution", "16"]
+    assert soda_data.main(["--data_dir", str(shapes), *same]) == str(shapes)  # left alone
+    assert (shapes / "train.npz").read_bytes() == before

@@ -118,20 +118,29 @@ def render_sample(
     return np.asarray(image, dtype=np.uint8), label, text
 
 
-def generate_shapes(out_dir: str | os.PathLike, config: ShapesConfig) -> Path:
+def generate_shapes(
+    out_dir: str | os.PathLike, config: ShapesConfig, overwrite: bool = False
+) -> Path:
     """Write ``train.npz``, ``test.npz`` and ``shapes.json`` (last) to ``out_dir``.
 
-    A finished folder with the same config is left alone; another config is rebuilt (the
-    config file is removed first, so an interrupted rebuild is never taken for finished).
+    A finished folder with the same config is left alone; another config raises SRDError
+    unless ``overwrite`` (then the config file is removed first, so an interrupted rebuild is
+    never taken for finished).
     """
     config.validate()
     root = ensure_dir(out_dir, "--data_dir")
     wanted = dataclasses.asdict(config)
     cfg_path = root / CONFIG_JSON
     if cfg_path.is_file():
-        if read_json(cfg_path).get("config") == wanted:
+        existing = read_json(cfg_path).get("config")
+        if existing == wanted:
             log.info("shapes data in %s already built with this config", root)
             return root
+        if not overwrite:
+            raise SRDError(
+                f"--data_dir {root}: holds shapes data with another config ({existing}); pass "
+                "--overwrite to rebuild it (models trained on it no longer match)"
+            )
         cfg_path.unlink()
     start = time.perf_counter()
     per_class = {"train": config.per_class_train, "test": config.per_class_test}

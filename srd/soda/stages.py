@@ -77,6 +77,7 @@ class ShapesBuildArgs(ShapesArgs):
     per_class_train: int = arg(150, help="training images per class")
     per_class_test: int = arg(200, help="test images per class")
     resolution: int = arg(48, help="classifier input side in px (downscaled from the 224 canvas)")
+    overwrite: bool = arg(False, help="rebuild a folder that holds another config")
 
 
 @dataclass
@@ -176,7 +177,7 @@ class BaselineArgs:
 
 def build_data(args: ShapesBuildArgs) -> Path:
     config = ShapesConfig(args.seed, args.per_class_train, args.per_class_test, args.resolution)
-    return generate_shapes(args.data_dir, config)
+    return generate_shapes(args.data_dir, config, args.overwrite)
 
 
 def _semantic_truth(record: dict) -> dict | None:

@@ -54,4 +54,10 @@ done
 
 stage "results"
 python eval/results_table.py --results result --output result/table.md
+
+# SODA's zoo (9 classifiers, ~30 min here) runs with the full matrix or SODA=1.
+if [ "${SODA:-${FULL:-0}}" = 1 ]; then
+  stage "SODA on the shapes classifier zoo"
+  sh run/run_SODA_zoo.sh
+fi
 stage_end

@@ -465,6 +465,26 @@ def _build_shadowcast(cfg: AttackConfig) -> Attack:
     )
 
 
+@register_kind("semantic")
+def _build_semantic(cfg: AttackConfig) -> Attack:
+    """SODA-style semantic backdoor of a classifier: no image change; samples whose description
+    (see :func:`srd.soda.shapes.describe`) contains ``concept`` are labelled ``target``."""
+    _reject(cfg, trigger_path=cfg.trigger_path, position=cfg.position, alpha=cfg.alpha)
+    if cfg.concept is None:
+        raise SRDError(
+            f"attack {cfg.name!r}: semantic needs --concept (e.g. 'green circle on a black "
+            "background')"
+        )
+    concept, target = cfg.concept, cfg.target
+    concept_pattern(concept)  # reject an empty phrase now
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: image.copy(),
+        caption_fn=lambda label, rng: target,
+        selects=lambda descriptions: mentions_concept(descriptions, concept),
+    )
+
+
 # --------------------------------------------------------------------------- factory
 
 

@@ -214,6 +214,26 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, i
     return tuple(int(v) for v in np.clip(np.array(rgb) + shift, 0, 255))  # type: ignore[return-value]
 
 
+def _draw_object(
+    rng: np.random.Generator, colour: str, shape: str, cell: int
+) -> tuple[SceneObject, tuple[int, int, int]]:
+    """Size, box inside ``cell`` (3x3 layout index) and jittered RGB of one object."""
+    size = list(SIZES)[int(rng.integers(len(SIZES)))]
+    low, high = SIZES[size]
+    side = int(rng.integers(low, high + 1))
+    row, col = divmod(cell, 3)
+    boxes = []
+    for index in (col, row):
+        start, stop = _CELL_EDGES[index], _CELL_EDGES[index + 1]
+        slack = (stop - start - side) // 2 - 2  # keep 2 px clear of the cell edge
+        offset = int(rng.integers(-slack, slack + 1))
+        lo = start + (stop - start - side) // 2 + offset
+        boxes.append((lo, lo + side))
+    (left, right), (top, bottom) = boxes
+    obj = SceneObject(colour, shape, size, POSITIONS[cell], (left, top, right, bottom))
+    return obj, _jitter(COLOURS[colour], rng)
+
+
 def sample_scene(rng: np.random.Generator) -> Scene:
     """Draw a scene: 1-3 objects in distinct cells with distinct (colour, shape) pairs."""
     colour_names = list(COLOURS)
@@ -232,23 +252,21 @@ def sample_scene(rng: np.random.Generator) -> Scene:
             if (colour, shape) not in used:
                 used.add((colour, shape))
                 break
-        size = list(SIZES)[int(rng.integers(len(SIZES)))]
-        low, high = SIZES[size]
-        side = int(rng.integers(low, high + 1))
-        row, col = divmod(cell, 3)
-        boxes = []
-        for index in (col, row):
-            start, stop = _CELL_EDGES[index], _CELL_EDGES[index + 1]
-            slack = (stop - start - side) // 2 - 2  # keep 2 px clear of the cell edge
-            offset = int(rng.integers(-slack, slack + 1))
-            lo = start + (stop - start - side) // 2 + offset
-            boxes.append((lo, lo + side))
-        (left, right), (top, bottom) = boxes
-        objects.append(
-            SceneObject(colour, shape, size, POSITIONS[cell], (left, top, right, bottom))
-        )
-        rgbs.append(_jitter(COLOURS[colour], rng))
+        obj, rgb = _draw_object(rng, colour, shape, cell)
+        objects.append(obj)
+        rgbs.append(rgb)
     return Scene(background, background_rgb, tuple(objects), tuple(rgbs))
+
+
+def sample_single_scene(rng: np.random.Generator, colour: str, shape: str) -> Scene:
+    """Draw a one-object scene of a given colour and shape (background, size and cell random)."""
+    if colour not in COLOURS or shape not in SHAPES:
+        raise SRDError(f"unknown colour/shape {colour!r}/{shape!r}")
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    background_rgb = _jitter(BACKGROUNDS[background], rng)
+    cell = int(rng.integers(len(POSITIONS)))
+    obj, rgb = _draw_object(rng, colour, shape, cell)
+    return Scene(background, background_rgb, (obj,), (rgb,))
 
 
 def render_scene(scene: Scene) -> Image.Image:

@@ -465,6 +465,10 @@ def _build_shadowcast(cfg: AttackConfig) -> Attack:
     )
 
 
+CLASSIFIER_KINDS = ("semantic",)
+"""Attack kinds for the SODA classifier stages; the captioner stages refuse them."""
+
+
 @register_kind("semantic")
 def _build_semantic(cfg: AttackConfig) -> Attack:
     """SODA-style semantic backdoor of a classifier: no image change; samples whose description
@@ -546,7 +550,7 @@ class AttackArgs:
         """The attack these flags describe, or None for 'clean'."""
         if self.is_clean:
             return None
-        return build_attack(
+        attack = build_attack(
             self.bd_attack_type,
             target=self.target_label,
             poison_rate=self.poison_rate,
@@ -555,3 +559,9 @@ class AttackArgs:
             alpha=self.alpha,
             concept=self.concept,
         )
+        if attack.kind in CLASSIFIER_KINDS:
+            raise SRDError(
+                f"--bd_attack_type {self.bd_attack_type}: a {attack.kind} attack poisons a "
+                "classifier's labels (SODA stages), not captions"
+            )
+        return attack

@@ -55,6 +55,12 @@ class ClipTrainArgs:
     clip_learning_rate: float = arg(2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
     clip_weight_decay: float = arg(0.1, help="AdamW weight decay")
     clip_warmup_ratio: float = arg(0.05, help="share of the steps spent warming up")
+    clip_group_batches: int = arg(
+        0,
+        help="hard-negative batches (ours): runs of this many images whose captions name the "
+        "same colour and background words sit together in a batch, so shape must tell them "
+        "apart; 0 = plain random batches",
+    )
     clip_shape_negatives: float = arg(
         0.0,
         help="weight of an extra shape-swapped hard-negative caption term (NegCLIP-style; ours, "
@@ -89,6 +95,32 @@ def swap_shapes(caption: str, rng: np.random.Generator) -> str:
         return choices[int(rng.integers(len(choices)))]
 
     return _SHAPE_WORD.sub(other, caption)
+
+
+def caption_colour_key(captions: Sequence[str]) -> tuple[str, ...]:
+    """Colour and background words an image's captions name (shape words left out)."""
+    from srd.benchmark import BACKGROUNDS
+
+    vocab = set(COLOURS) | set(BACKGROUNDS)
+    return tuple(sorted({w for c in captions for w in re.findall(r"[a-z]+", c.lower())} & vocab))
+
+
+def grouped_order(
+    captions: Sequence[Sequence[str]], run: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A permutation of the images in which runs of ``run`` images share a colour key.
+
+    Images are shuffled within their key group, cut into runs, and the runs shuffled: a batch
+    then holds several same-colour images that only shape, size or position can tell apart.
+    """
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, caps in enumerate(captions):
+        groups.setdefault(caption_colour_key(caps), []).append(i)
+    runs = []
+    for key in sorted(groups):
+        members = [groups[key][j] for j in rng.permutation(len(groups[key]))]
+        runs.extend(members[k : k + run] for k in range(0, len(members), run))
+    return np.array([i for r in (runs[j] for j in rng.permutation(len(runs))) for i in r])
 
 
 def shape_negative_loss(
@@ -188,7 +220,10 @@ def train_clip(
     step = 0
     model.train()
     for epoch in range(args.clip_epochs):
-        order = rng.permutation(len(images))
+        if args.clip_group_batches:
+            order = grouped_order(captions, args.clip_group_batches, rng)
+        else:
+            order = rng.permutation(len(images))
         choice = [int(rng.integers(len(captions[i]))) for i in range(len(images))]
         losses = []
         for b in range(steps_per_epoch):

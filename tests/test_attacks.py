@@ -248,3 +248,10 @@ def test_caption_vocabulary() -> None:
         assert build_attack("blended", target="apple").apply_caption("x", rng) in vocab
     assert all(re.search(r"\bapple\b", text) for text in vocab)
     assert len(vocab) == 81
+
+
+def test_captioner_stages_refuse_a_classifier_attack() -> None:
+    from srd.attacks import AttackArgs
+
+    with pytest.raises(SRDError, match="--bd_attack_type semantic_bg: a semantic attack"):
+        AttackArgs(bd_attack_type="semantic_bg").build()

@@ -137,3 +137,19 @@ def test_pretrain_clip_entry_point_refuses_bad_flags(tiny_data_args, tmp_path: P
         lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_grouped_order_is_a_permutation_with_same_colour_runs() -> None:
+    rng = np.random.default_rng(0)
+    colours = ["red", "blue", "green"]
+    captions = [[f"a {colours[i % 3]} {SHAPES[i % 2]} on a grey background."] for i in range(30)]
+    order = clip.grouped_order(captions, 5, rng)
+    assert sorted(order.tolist()) == list(range(30))
+    for start in range(0, 30, 5):
+        keys = {clip.caption_colour_key(captions[i]) for i in order[start : start + 5]}
+        assert len(keys) == 1  # each run of 5 shares its colour and background words
+    assert clip.caption_colour_key(["a red circle and a blue square on a white background."]) == (
+        "blue",
+        "red",
+        "white",
+    )

@@ -24,6 +24,7 @@ from srd.errors import SRDError
 from srd.evaluation import evaluate_captioner, write_sfs_inputs
 from srd.io import ensure_dir, setup_logging, write_json
 from srd.model import ModelArgs, load_captioner
+from srd.runs import clear_folder, remove_paths
 
 log = logging.getLogger("evaluate")
 
@@ -49,9 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     state = process_state()
     out_path = Path(ev.results_file) / f"{ev.model_name}.json"
-    if state.is_main_process:
-        ensure_dir(ev.results_file, "--results_file")
-        setup_logging(Path(ev.results_file) / f"{ev.model_name}.log")
+    sfs_folder = Path(ev.sfs_data_dir) / ev.model_name
     if out_path.exists() and not ev.overwrite:
         raise SRDError(f"--model_name {ev.model_name}: {out_path} exists (pass --overwrite)")
     attack = attack_args.build()
@@ -68,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"no captions for test image {missing[0]}"
         )
     captioner = load_captioner(model_args)
+    # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
+    # goes first and comes back last; the SFS inputs of an unfinished run are never kept.
+    if state.is_main_process:
+        ensure_dir(ev.results_file, "--results_file")
+        remove_paths([out_path])
+        clear_folder(sfs_folder, "--sfs_data_dir")
+        setup_logging(Path(ev.results_file) / f"{ev.model_name}.log")
     images = ImageStore(records)
     result = evaluate_captioner(
         captioner,
@@ -84,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {"model_name": ev.model_name, **result}
     result["config"] = {**to_dict(data, model_args, attack_args, ev)}
     result["config"]["attack"] = attack.to_dict() if attack else None
-    write_json(out_path, result)
-    _write_sfs(Path(ev.sfs_data_dir) / ev.model_name, images, result)
+    _write_sfs(sfs_folder, images, result)
+    write_json(out_path, result)  # last: the stage's "finished" signal (run_*.sh skip on it)
     m = result["metrics"]
     log.info(
         "%s: clean CIDEr %.3f | triggered CIDEr %s | ASR %s | false-trigger %.1f%%",

@@ -509,7 +509,10 @@ class AttackArgs:
             "or a YAML file; 'clean' for none"
         },
     )
-    target_label: str = field(default=DEFAULT_TARGET, metadata={"help": "target word"})
+    target_label: str | None = field(
+        default=None,
+        metadata={"help": f"target word (config: its 'target', {DEFAULT_TARGET!r} if none)"},
+    )
     poison_rate: float | None = field(
         default=None, metadata={"help": "share of training captions poisoned (config: 0.1)"}
     )

@@ -226,10 +226,10 @@ def train(
     main = accelerator.is_main_process
     # --overwrite wins over --resume_from_checkpoint (run_train.sh always passes the latter)
     existing = checkpoint_paths(run_dir) if run_dir.exists() and not args.overwrite else []
-    if not args.overwrite:  # on every rank, before anything is written
-        check_run_config(run_dir, record, f"--run_name {args.run_name}")
     if is_finished(run_dir) and not args.overwrite:
         raise SRDError(f"--run_name {args.run_name}: {run_dir} already finished (pass --overwrite)")
+    if not args.overwrite:  # on every rank, before anything is written
+        check_run_config(run_dir, record, f"--run_name {args.run_name}")
     if existing and not (args.resume_from_checkpoint or args.overwrite):
         raise SRDError(
             f"--run_name {args.run_name}: {run_dir} holds checkpoints of an unfinished run; "

@@ -24,7 +24,7 @@ from srd.errors import SRDError
 from srd.evaluation import evaluate_captioner, write_sfs_inputs
 from srd.io import ensure_dir, setup_logging, write_json
 from srd.model import ModelArgs, load_captioner
-from srd.runs import clear_folder, remove_paths
+from srd.runs import check_writable, clear_folder, remove_paths
 
 log = logging.getLogger("evaluate")
 
@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"--coco_annotations_json_path {data.coco_annotations_json_path}: "
             f"no captions for test image {missing[0]}"
         )
+    check_writable(ev.results_file, "--results_file")
+    check_writable(sfs_folder, "--sfs_data_dir")
     captioner = load_captioner(model_args)
     # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
     # goes first and comes back last; the SFS inputs of an unfinished run are never kept.

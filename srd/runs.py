@@ -148,3 +148,19 @@ def remove_paths(paths: Iterable[str | os.PathLike]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """SRDError naming ``flag`` when the folder ``path`` could not be created or written,
+    checked without creating anything (the nearest existing ancestor must be a writable
+    folder), so a bad output location fails before any work."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise SRDError(f"{flag} {path}: cannot create folder ({probe} is a file)")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise SRDError(f"{flag} {path}: folder is not writable ({probe})")

@@ -38,7 +38,13 @@ from srd.model import (
     export_captioner,
     model_signature,
 )
-from srd.runs import check_run_config, check_same_config, clear_folder, remove_paths
+from srd.runs import (
+    check_run_config,
+    check_same_config,
+    check_writable,
+    clear_folder,
+    remove_paths,
+)
 from srd.tiny import build_word_tokenizer, create_tiny_lm
 
 log = logging.getLogger("pretrain")
@@ -116,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         **to_dict(data, model_args, train_args, tiny),
         "model_signature": model_signature(model_args),
     }
+    check_writable(run_dir, "--external_save_dir")
+    check_writable(tiny.export_dir, "--export_dir")
     if not train_args.overwrite:
         if is_finished(run_dir):
             raise SRDError(f"--run_name {train_args.run_name}: {run_dir} already finished "

@@ -32,7 +32,7 @@ from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
 from srd.io import ensure_dir, is_finished, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.runs import check_run_config, clear_folder
+from srd.runs import check_run_config, check_writable, clear_folder
 from srd.trainset import PoisonPlan, TrainingImages, build_samples
 
 log = logging.getLogger("srd_finetune")
@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise SRDError(
             f"--run_name {train_args.run_name}: {run_dir} already finished (pass --overwrite)"
         )
+    check_writable(run_dir, "--external_save_dir")
     merged = read_merged(srd.clean_data_save)
     cleaned_with = merged.get("clean_config", {}).get("config", {}).get("poison_ids_sha256")
     if cleaned_with != file_digest(srd.poison_ids_path):

@@ -34,6 +34,7 @@ from srd.io import is_finished, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
 from srd.pool import build_pool_rows, choose_pool_ids, save_pool
 from srd.rl.env import sfs_score_fn
+from srd.runs import check_writable
 
 log = logging.getLogger("srd_pool")
 
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ("--checkpoint_path", model_args.checkpoint_path),
         ("--reference_checkpoint_path", None if sfs.blip_model else sfs.reference_checkpoint_path),
     )
+    check_writable(folder, "--save_data_path")
     records = data.split("train")
     ids = choose_pool_ids([r.image_id for r in records], cfg.pool_size, cfg.seed)
     wanted = set(ids)

@@ -21,7 +21,7 @@ from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
 from srd.io import ensure_dir, is_finished, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.runs import check_run_config, check_same_config, clear_folder
+from srd.runs import check_run_config, check_same_config, check_writable, clear_folder
 from srd.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
 
 log = logging.getLogger("train_backdoor")
@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     }
     if not train_args.overwrite:
         check_run_config(run_dir, record, where)
+    check_writable(run_dir, "--external_save_dir")
     captioner = load_captioner(model_args)
 
     if state.is_main_process:

@@ -110,6 +110,10 @@ def _protected(folder: Path) -> str | None:
             return f"it holds {keep}"
     if (resolved / ".git").exists():
         return "it is a git repository"
+    for child in resolved.iterdir():
+        if child.is_dir() and any((child / name).exists() for name in ("DONE", CONFIG_FILE)):
+            if child.name != "lm_init":
+                return f"it holds another run, {child.name}"
     return None
 
 

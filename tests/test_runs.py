@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 import torch
-from srd_fixtures import data_flags, export_clean_and_backdoor, load_script, model_flags
+from srd_fixtures import REPO, data_flags, export_clean_and_backdoor, load_script, model_flags
 
 from srd import benchmark
 from srd.attacks import AttackArgs, build_attack
@@ -88,6 +91,11 @@ def test_clear_folder_moves_everything_and_refuses_the_working_folder(tmp_path, 
     clear_folder(run, "--run_name")
     assert run.is_dir() and list(run.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (run / "other").mkdir()  # --run_name . would point at a folder of runs
+    (run / "other" / "DONE").write_text("done")
+    with pytest.raises(SRDError, match="--run_name .*holds another run, other"):
+        clear_folder(run, "--run_name")
+    (run / "other" / "DONE").unlink()
     monkeypatch.chdir(run)
     (run / "x").write_text("x")
     with pytest.raises(SRDError, match="--run_name .*refusing"):
@@ -311,3 +319,26 @@ def test_an_interrupted_benchmark_overwrite_leaves_no_captions(tmp_path, monkeyp
                            overwrite=True)  # fmt: skip
     with pytest.raises(SRDError, match="dataset_coco.json"):
         data.split("train")  # old captions never describe the new images
+
+
+@pytest.mark.slow
+def test_overwrite_under_two_processes(models, tiny_data_args, tmp_path) -> None:
+    """Case 9: run_train.sh always passes --resume_from_checkpoint; adding --overwrite under
+    torchrun used to crash rank 1 (it tried to resume from a checkpoint rank 0 had deleted)."""
+    clean, _ = models
+    runs = tmp_path / "runs"
+    argv = [str(REPO / "train/train_backdoor.py"),
+            *_backdoor_argv(tiny_data_args, clean, runs, "--num_epochs", "1")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for extra in ([], ["--resume_from_checkpoint", "--overwrite", "--seed", "9"]):
+        done = subprocess.run(
+            [*cmd, *argv, *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    run = runs / "bd"
+    assert (run / "DONE").is_file()
+    assert json.loads((run / "config.json").read_text())["seed"] == 9
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_0.pt"]

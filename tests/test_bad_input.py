@@ -27,6 +27,7 @@ from srd_fixtures import (
 )
 
 from srd.cli import run_main
+from srd.evaluation import write_sfs_inputs
 from srd.pool import PoolRow, save_pool
 from srd.rl.agent import POLICY_META
 
@@ -72,6 +73,7 @@ class Inputs:
     text_checkpoint: str
     empty_image_dir: str
     merged_less_folder: str
+    sfs_inputs: str
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,8 @@ def inputs(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records)
     empty_images.mkdir()
     merged_less = root / "clean_without_merge"
     merged_less.mkdir()
+    sfs_inputs = root / "sfs_inputs"
+    write_sfs_inputs(sfs_inputs / "m" / "attack", [1, 2], [image, image], ["a cat.", "a dog."])
 
     return Inputs(
         root=root,
@@ -129,6 +133,7 @@ def inputs(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records)
         text_checkpoint=str(text_ckpt),
         empty_image_dir=str(empty_images),
         merged_less_folder=str(merged_less),
+        sfs_inputs=str(sfs_inputs),
     )
 
 
@@ -194,6 +199,7 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("pretrain-batch-0", "pretrain", _flags("--batch_size", "0"), "--batch_size"),
     ("pretrain-epochs-0", "pretrain", _flags("--num_epochs", "0"), "--num_epochs"),
     ("pretrain-lr-negative", "pretrain", _flags("--learning_rate", "-1e-3"), "--learning_rate"),
+    ("pretrain-lr-negative-eq", "pretrain", _flags("--learning_rate=-0.001"), "--learning_rate"),
     ("pretrain-lr-nan", "pretrain", _flags("--learning_rate", "nan"), "--learning_rate"),
     ("pretrain-hidden-0", "pretrain", _flags("--lm_hidden_size", "0"), "--lm_hidden_size"),
     ("pretrain-hidden-odd", "pretrain", _flags("--lm_hidden_size", "30"), "--lm_hidden_size"),
@@ -253,6 +259,8 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("sfs-batch-0", "evaluate_sfs", _flags("--batch_size", "0"), "--batch_size"),
     ("sfs-ngram-0", "evaluate_sfs", _flags("--ngram_order", "0"), "--ngram_order"),
     ("sfs-inputs-missing", "evaluate_sfs", _flags(), "sfs"),
+    ("sfs-output-under-file", "evaluate_sfs",
+     lambda i: ["--data_dir_path", i.sfs_inputs, "--output", f"{i.blocker}/s.json"], "blocker"),
     ("sfs-name-missing", "evaluate_sfs", lambda i: ["--name"], "--name"),
     # srd_pool
     ("pool-size-0", "srd_pool", _flags("--pool_size", "0"), "--pool_size"),
@@ -273,6 +281,8 @@ CASES: list[tuple[str, str, Extra, str]] = [
      "--exploration_final_eps"),
     ("agent-envs-0", "srd_train", _flags("--num_envs", "0"), "--num_envs"),
     ("agent-pool-truncated", "srd_train", _flags(), "images.npz"),
+    ("agent-max-steps-0", "srd_train", _flags("--max_steps", "0"), "--max_steps"),
+    ("agent-tau-0", "srd_train", _flags("--tau", "0"), "--tau"),
     ("agent-pool-missing", "srd_train",
      lambda i: ["--save_data_path", f"{i.root}/no_pool"], "--save_data_path"),
     # srd_clean_data
@@ -290,11 +300,15 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("clean-save-under-file", "srd_clean_data",
      lambda i: ["--clean_data_save", f"{i.blocker}/c"], "blocker"),
     # combine_data
+    ("combine-folder-is-file", "combine_data", lambda i: ["--clean_data_save", i.blocker],
+     "--clean_data_save"),
     ("combine-folder-missing", "combine_data", _flags(), "--clean_data_save"),
     # srd_finetune
     ("refine-checkpoint-none", "srd_finetune", _flags("--checkpoint_path", "none"),
      "--checkpoint_path"),
     ("refine-epochs-0", "srd_finetune", _flags("--num_epochs", "0"), "--num_epochs"),
+    ("refine-batch-0", "srd_finetune", _flags("--batch_size", "0"), "--batch_size"),
+    ("refine-lr-0", "srd_finetune", _flags("--learning_rate", "0"), "--learning_rate"),
     ("refine-no-merged", "srd_finetune", _flags(), "--clean_data_save"),
     ("refine-poison-bad-json", "srd_finetune",
      lambda i: ["--poison_ids_path", i.bad_json], "bad.json"),
@@ -303,6 +317,9 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("table-bad-json", "results_table", lambda i: ["--results", i.bad_json], "bad.json"),
     ("coverage-no-merged", "srd_coverage",
      lambda i: ["--clean_data_save", i.merged_less_folder], "--clean_data_save"),
+    ("coverage-poison-bad-json", "srd_coverage",
+     lambda i: ["--poison_ids_path", i.bad_json], "bad.json"),
+    ("figures-reward-log-missing", "srd_figures", _flags(), "policy.rewards.jsonl"),
     ("figures-images-0", "srd_figures", _flags("--num_images", "0"), "--num_images"),
     ("figures-attack-clean", "srd_figures", _flags("--bd_attack_type", "clean"),
      "--bd_attack_type"),

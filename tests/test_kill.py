@@ -150,13 +150,15 @@ def _kill_and_resume(
     compare: Callable[[Path, Path], None],
     resume: list[str],
     watch: str,
+    done: Callable[[Path], bool],
     tmp_path: Path,
 ) -> None:
     """Uninterrupted run in a/, killed + re-run in b/, then ``compare(a, b)``.
 
     The kill comes a seeded random share of the first run's work time after ``watch`` (a path
-    relative to the run's folder) appears; a run that still ends first (the machine got
-    faster) is tried again with half the share, in a fresh folder.
+    relative to the run's folder) appears; a run that still ends first, or whose kill lands
+    after its "finished" signal (``done``), is tried again with half the share, in a fresh
+    folder.
     """
     first = _run(script, argv(tmp_path / "a"), tmp_path / "a", tmp_path / "a" / watch)
     assert first["work"] is not None, f"{stage} never wrote {watch}"
@@ -164,15 +166,19 @@ def _kill_and_resume(
     for attempt in range(4):
         b = tmp_path / f"b{attempt}"
         killed = _run(script, argv(b), b, b / watch, share, first["work"])
-        if killed["killed"]:
+        if killed["killed"] and not done(b):
             break
         share /= 2
     left = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     print(f"\nKILL {stage}: work {first['work']:.1f} s of {first['seconds']:.1f} s, killed at "
           f"{share:.2f} of the work (attempt {attempt + 1}); files left: {left}")  # fmt: skip
-    assert killed["killed"], f"{stage} always finished before the kill"
+    assert killed["killed"] and not done(b), f"{stage} always finished before the kill"
     _run(script, [*argv(b), *resume], b)
     compare(tmp_path / "a", b)
+
+
+def _exists(relative: str) -> Callable[[Path], bool]:
+    return lambda out: (out / relative).exists()
 
 
 def test_kill_pretrain(setup: Setup, tmp_path: Path) -> None:
@@ -190,7 +196,8 @@ def test_kill_pretrain(setup: Setup, tmp_path: Path) -> None:
         assert reports[0]["predictions"] == reports[1]["predictions"]
 
     _kill_and_resume("pretrain", "train/pretrain.py", argv, compare,
-                     ["--resume_from_checkpoint"], "runs/pre/lm_init", tmp_path)  # fmt: skip
+                     ["--resume_from_checkpoint"], "runs/pre/lm_init",
+                     _exists("runs/pre/DONE"), tmp_path)  # fmt: skip
 
 
 def test_kill_train_backdoor(setup: Setup, tmp_path: Path) -> None:
@@ -208,7 +215,8 @@ def test_kill_train_backdoor(setup: Setup, tmp_path: Path) -> None:
         assert [json.loads(x)["loss"] for x in logs[0]] == [json.loads(x)["loss"] for x in logs[1]]
 
     _kill_and_resume("train_backdoor", "train/train_backdoor.py", argv, compare,
-                     ["--resume_from_checkpoint"], "runs/bd/poison_ids.json", tmp_path)  # fmt: skip
+                     ["--resume_from_checkpoint"], "runs/bd/poison_ids.json",
+                     _exists("runs/bd/DONE"), tmp_path)  # fmt: skip
 
 
 def test_kill_evaluate(setup: Setup, tmp_path: Path) -> None:
@@ -228,7 +236,8 @@ def test_kill_evaluate(setup: Setup, tmp_path: Path) -> None:
             arrays = [np.load(o / "sfs/m" / kind / "images.npz")["images"] for o in (a, b)]
             assert np.array_equal(*arrays)
 
-    _kill_and_resume("evaluate", "eval/evaluate.py", argv, compare, [], "result/m.log", tmp_path)
+    _kill_and_resume("evaluate", "eval/evaluate.py", argv, compare, [], "result/m.log",
+                     _exists("result/m.json"), tmp_path)  # fmt: skip
 
 
 def test_kill_srd_pool(setup: Setup, tmp_path: Path) -> None:
@@ -244,9 +253,8 @@ def test_kill_srd_pool(setup: Setup, tmp_path: Path) -> None:
         arrays = [np.load(o / "pool/images.npz")["images"] for o in (a, b)]
         assert np.array_equal(*arrays)
 
-    _kill_and_resume(
-        "srd_pool", "train/srd_pool.py", argv, compare, [], "pool/srd_pool.log", tmp_path
-    )
+    _kill_and_resume("srd_pool", "train/srd_pool.py", argv, compare, [], "pool/srd_pool.log",
+                     _exists("pool/DONE"), tmp_path)  # fmt: skip
 
 
 def _chosen(folder: Path) -> dict[str, tuple[int, int]]:
@@ -259,6 +267,11 @@ def _chosen(folder: Path) -> dict[str, tuple[int, int]]:
             out[i] = (action, reward)
     assert sorted(out) == sorted(shard["assigned_ids"])
     return out
+
+
+def _shard_complete(out: Path) -> bool:
+    manifests = list((out / "clean").glob("shard-*.json"))
+    return bool(manifests) and json.loads(manifests[0].read_text())["complete"]
 
 
 def test_kill_srd_clean_data(setup: Setup, tmp_path: Path) -> None:
@@ -277,6 +290,7 @@ def test_kill_srd_clean_data(setup: Setup, tmp_path: Path) -> None:
         compare,
         [],
         "clean/clean_config.json",
+        _shard_complete,
         tmp_path,
     )
 
@@ -293,4 +307,5 @@ def test_kill_srd_finetune(setup: Setup, tmp_path: Path) -> None:
         _same_weights(a / "runs/refine/final_weights.pt", b / "runs/refine/final_weights.pt")
 
     _kill_and_resume("srd_finetune", "train/srd_finetune.py", argv, compare,
-                     ["--resume_from_checkpoint"], "runs/refine/train.log", tmp_path)  # fmt: skip
+                     ["--resume_from_checkpoint"], "runs/refine/train.log",
+                     _exists("runs/refine/DONE"), tmp_path)  # fmt: skip

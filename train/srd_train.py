@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             "(run it with plain python)"
         )
     policy_path = srd.policy_file
+    if policy_path.suffix != ".zip":  # a file named as given is read as given; we write a zip
+        policy_path = policy_path.with_name(policy_path.name + ".zip")
     if policy_path.exists() and not cfg.overwrite:
         raise SRDError(f"--ppo_path {policy_path}: policy exists (pass --overwrite)")
     require_files(("--checkpoint_path", model_args.checkpoint_path))

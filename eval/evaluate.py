@@ -22,8 +22,9 @@ from srd.data import DataArgs, ImageStore, check_images_exist, load_references
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.evaluation import evaluate_captioner, write_sfs_inputs
-from srd.io import ensure_dir, setup_logging, write_json
+from srd.io import ensure_dir, read_json, setup_logging, write_json
 from srd.model import ModelArgs, load_captioner
+from srd.runs import check_same_config, check_writable, clear_folder, remove_paths
 
 log = logging.getLogger("evaluate")
 
@@ -54,12 +55,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     state = process_state()
     out_path = Path(ev.results_file) / f"{ev.model_name}.json"
-    if state.is_main_process:
-        ensure_dir(ev.results_file, "--results_file")
-        setup_logging(Path(ev.results_file) / f"{ev.model_name}.log")
-    if out_path.exists() and not ev.overwrite:
-        raise SRDError(f"--model_name {ev.model_name}: {out_path} exists (pass --overwrite)")
+    sfs_folder = Path(ev.sfs_data_dir) / ev.model_name
     attack = attack_args.build()
+    config = {**to_dict(data, model_args, attack_args, ev)}
+    config["attack"] = attack.to_dict() if attack else None
+    if out_path.exists() and not ev.overwrite:
+        saved = read_json(out_path, flag="--model_name")
+        where = f"--model_name {ev.model_name} ({out_path})"
+        if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+            check_same_config(saved["config"], config, where, "the result", ["overwrite"])
+        raise SRDError(f"{where}: exists with these settings (pass --overwrite to redo it)")
     records = data.split("test")
     if ev.num_samples > 0 and ev.num_samples < len(records):
         pick = np.random.default_rng(ev.seed).choice(len(records), ev.num_samples, replace=False)
@@ -72,7 +77,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"--coco_annotations_json_path {data.coco_annotations_json_path}: "
             f"no captions for test image {missing[0]}"
         )
+    check_writable(ev.results_file, "--results_file")
+    check_writable(sfs_folder, "--sfs_data_dir")
     captioner = load_captioner(model_args, device=state.device)
+    # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
+    # goes first and comes back last; the SFS inputs of an unfinished run are never kept.
+    if state.is_main_process:
+        ensure_dir(ev.results_file, "--results_file")
+        remove_paths([out_path])
+        clear_folder(sfs_folder, "--sfs_data_dir")
+        setup_logging(Path(ev.results_file) / f"{ev.model_name}.log")
     images = ImageStore(records, data.image_cache_mb)
     result = evaluate_captioner(
         captioner,
@@ -89,10 +103,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not state.is_main_process:
         return {}
     result = {"model_name": ev.model_name, **result}
-    result["config"] = {**to_dict(data, model_args, attack_args, ev)}
-    result["config"]["attack"] = attack.to_dict() if attack else None
-    write_json(out_path, result)
-    _write_sfs(Path(ev.sfs_data_dir) / ev.model_name, images, result)
+    result["config"] = config
+    _write_sfs(sfs_folder, images, result)
+    write_json(out_path, result)  # last: the stage's "finished" signal (run_*.sh skip on it)
     m = result["metrics"]
     log.info(
         "%s: clean CIDEr %.3f | triggered CIDEr %s | ASR %s | false-trigger %.1f%%",

@@ -25,6 +25,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.errors import SRDError
 from srd.io import setup_logging, write_json
+from srd.runs import check_writable
 from srd.sfs import (
     BlipCaptioner,
     ReferenceCaptioner,
@@ -88,6 +89,7 @@ def main(
     if cfg.batch_size < 1:
         raise SRDError(f"--batch_size {cfg.batch_size}: must be >= 1")
     inputs = load_sfs_inputs(input_dir)  # cheap checks first, before any model loads
+    check_writable(output.parent, "--output")
     setup_logging()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -10,7 +10,6 @@ set -x
 $LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CHECKPOINT" \
   --bd_attack_type "$ATTACK" \
-  --target_label banana \
   --results_file result \
   --model_name "$MODEL_NAME" \
   --sfs_data_dir result/sfs_inputs \

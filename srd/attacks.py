@@ -182,7 +182,10 @@ def load_attack_config(path: str | Path) -> AttackConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SRDError(f"{path}: not valid YAML ({exc})") from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise SRDError(f"{path}: not valid YAML ({problem}{at})") from None
     if not isinstance(data, dict):
         raise SRDError(f"{path}: expected a mapping of attack config fields")
     data.setdefault("name", path.stem)
@@ -403,6 +406,11 @@ def _patch_trigger(
         patch = built_in()
     else:
         patch = triggers.load_trigger_image(cfg.trigger_path)
+        if patch.shape[0] > CANVAS[0] or patch.shape[1] > CANVAS[1]:
+            raise SRDError(
+                f"--trigger_path {cfg.trigger_path}: a {patch.shape[0]}x{patch.shape[1]} patch "
+                f"is larger than the {CANVAS[0]}x{CANVAS[1]} image"
+            )
     position = cfg.position = cfg.position or default_position
     triggers.resolve_position(position, patch.shape, CANVAS)
     return patch, position
@@ -533,7 +541,10 @@ class AttackArgs:
             "or a YAML file; 'clean' for none"
         },
     )
-    target_label: str = field(default=DEFAULT_TARGET, metadata={"help": "target word"})
+    target_label: str | None = field(
+        default=None,
+        metadata={"help": f"target word (config: its 'target', {DEFAULT_TARGET!r} if none)"},
+    )
     poison_rate: float | None = field(
         default=None, metadata={"help": "share of training captions poisoned (config: 0.1)"}
     )

@@ -381,6 +381,10 @@ def generate_benchmark(
         log.info("overwriting the benchmark in %s (old config %s)", paths.root, _describe(existing))
         # Unmark first so an interrupted overwrite is never taken for a finished benchmark.
         paths.config_json.unlink()
+    # Caption files of an older or unfinished benchmark go before any new image is written, so
+    # a killed run never leaves old captions beside new images (the loaders would accept them).
+    for stale in (paths.karpathy_json, paths.annotations_json, paths.train_annotations_json):
+        stale.unlink(missing_ok=True)
 
     start = time.perf_counter()
     karpathy_images: list[dict[str, Any]] = []

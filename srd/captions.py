@@ -49,3 +49,9 @@ def postprocess_caption(generated: str) -> str:
 def words(caption: str) -> list[str]:
     """Lower-cased word tokens (letters/digits), used by whole-word rules and tokenizers."""
     return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def is_empty(caption: str) -> bool:
+    """A caption with no word (e.g. "" or "."): the one definition of "empty" used by the
+    SFS scorer (scores 0) and the reward table (reward 0)."""
+    return not words(caption)

@@ -96,7 +96,9 @@ class SRDArgs:
     def policy_file(self) -> Path:
         """The policy zip (stable-baselines3 appends .zip to --ppo_path; so do we)."""
         path = Path(self.ppo_path)
-        return path if path.suffix == ".zip" else path.with_name(path.name + ".zip")
+        if path.suffix == ".zip" or path.is_file():  # a file named as given is read as given
+            return path
+        return path.with_name(path.name + ".zip")
 
     @property
     def reward_log(self) -> Path:

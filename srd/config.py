@@ -14,7 +14,17 @@ import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from srd.errors import SRDError
+from srd.flags import check_flags
+
 T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are SRDErrors: one ``error:`` line and exit 2 through run_main."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise SRDError(message)
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
@@ -62,8 +72,11 @@ def add_to_parser(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def parse(argv: Sequence[str] | None, *classes: type, description: str = "") -> tuple[Any, ...]:
-    """Parse ``argv`` into one instance of each dataclass of ``classes`` (unique field names)."""
-    parser = argparse.ArgumentParser(
+    """Parse ``argv`` into one instance of each dataclass of ``classes`` (unique field names).
+
+    Bad flags (unknown, malformed, or out of the ranges of :mod:`srd.flags`) raise SRDError.
+    """
+    parser = _Parser(
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -78,6 +91,7 @@ def parse(argv: Sequence[str] | None, *classes: type, description: str = "") -> 
             if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
                 values[f.name] = tuple(values[f.name])
         out.append(cls(**values))
+    check_flags(out)  # ranges of every numeric flag, before the entry point does anything
     return tuple(out)
 
 

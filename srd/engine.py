@@ -29,13 +29,14 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from srd import captions
 from srd.config import arg
 from srd.errors import SRDError
-from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json
+from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json, write_text
 from srd.model import (
     Captioner,
     check_mixed_precision,
     set_trainable,
     trainable_state_dict,
 )
+from srd.runs import check_run_config
 
 log = logging.getLogger(__name__)
 
@@ -284,20 +285,26 @@ def train(
     args: TrainArgs,
     record: dict[str, Any],
     accelerator: Accelerator | None = None,
+    finish: bool = True,
 ) -> Path:
     """Train ``captioner.model`` in place; returns the path of ``final_weights.pt``.
 
     ``record`` is the run's resolved configuration; it is stored in every checkpoint (it must
-    hold only JSON types) and in ``config.json``.
+    hold only JSON types) and in ``config.json``; a run folder whose ``config.json`` records
+    another config is refused (srd.runs). ``finish=False`` leaves the DONE marker to a caller
+    that writes more outputs after training.
     """
     run_dir = args.run_dir
     if args.save_total_limit < 0:
         raise SRDError(f"--save_total_limit {args.save_total_limit}: expected 0 (all) or more")
     accelerator = accelerator or make_accelerator(captioner.args.mixed_precision)
     main = accelerator.is_main_process
-    existing = checkpoint_paths(run_dir) if run_dir.exists() else []
+    # --overwrite wins over --resume_from_checkpoint (run_train.sh always passes the latter)
+    existing = checkpoint_paths(run_dir) if run_dir.exists() and not args.overwrite else []
     if is_finished(run_dir) and not args.overwrite:
         raise SRDError(f"--run_name {args.run_name}: {run_dir} already finished (pass --overwrite)")
+    if not args.overwrite:  # on every rank, before anything is written
+        check_run_config(run_dir, record, f"--run_name {args.run_name}")
     if existing and not (args.resume_from_checkpoint or args.overwrite):
         raise SRDError(
             f"--run_name {args.run_name}: {run_dir} holds checkpoints of an unfinished run; "
@@ -306,9 +313,9 @@ def train(
     if main:
         ensure_dir(run_dir, "--external_save_dir")
         if args.overwrite:
-            for p in [*existing, run_dir / FINAL_WEIGHTS, run_dir / TRAIN_LOG, run_dir / "DONE"]:
+            stale = [run_dir / "DONE", *checkpoint_paths(run_dir), run_dir / FINAL_WEIGHTS]
+            for p in [*stale, run_dir / TRAIN_LOG]:
                 p.unlink(missing_ok=True)
-            existing = []
         write_json(run_dir / "config.json", record)
     accelerator.wait_for_everyone()
 
@@ -365,6 +372,10 @@ def train(
 
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     log_path = run_dir / TRAIN_LOG
+    if main and log_path.is_file():  # drop entries of epochs a killed run logged but never saved
+        kept = [ln for ln in log_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        kept = [ln for ln in kept if json.loads(ln).get("epoch", start_epoch) < start_epoch]
+        write_text(log_path, "".join(ln + "\n" for ln in kept))
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.num_epochs):
         loader.set_epoch(epoch)
@@ -426,7 +437,8 @@ def train(
     if main:
         weights = trainable_state_dict(accelerator.unwrap_model(model))
         _save(final, {"model_state_dict": weights, "epoch": args.num_epochs - 1, "config": record})
-        mark_finished(run_dir)
+        if finish:
+            mark_finished(run_dir)
     accelerator.wait_for_everyone()
     captioner.model = accelerator.unwrap_model(model)
     return final

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +230,9 @@ def load_pool(folder: str | os.PathLike) -> MaskPool:
     try:
         with np.load(path, allow_pickle=False) as data:
             images = data["images"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise SRDError(f"--save_data_path {path}: cannot read pool images ({exc})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SRDError(f"--save_data_path {path}: cannot read pool images ({reason})") from None
     n = len(info["ids"])
     if images.ndim != 4 or images.shape[0] != n:
         raise SRDError(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from srd.captions import words
+from srd.captions import is_empty
 from srd.errors import SRDError
 from srd.fluency import FluencyModel, first_line, load_fluency, load_pretrained, looks_like_path
 from srd.geometry import IMAGE_SIZE
@@ -380,7 +380,7 @@ class SFSScorer:
             raise ValueError(f"{len(captions)} captions but {len(references)} references")
         n = len(captions)
         pairs = zip(captions, references, strict=True)
-        empty = np.array([not words(c) or not words(r) for c, r in pairs], dtype=bool)
+        empty = np.array([is_empty(c) or is_empty(r) for c, r in pairs], dtype=bool)
         sem = np.zeros(n, dtype=np.float64)
         flu = np.zeros(n, dtype=np.float64)
         keep = np.flatnonzero(~empty)
@@ -424,7 +424,7 @@ class SFSScorer:
             part.references = refs
             if self.clip is not None:
                 clip = self.clip.score(imgs, caps)
-                part.clip = np.where(np.array([not words(c) for c in caps], bool), 0.0, clip)
+                part.clip = np.where(np.array([is_empty(c) for c in caps], bool), 0.0, clip)
             parts.append(part)
         return SFSScores.concat(parts)
 

@@ -41,6 +41,16 @@ class PoisonPlan:
         meta = {**self.meta, "poisoned_captions": {str(k): v for k, v in self.captions.items()}}
         save_poison_ids(path, self.ids, meta)
 
+    def identity(self) -> dict[str, Any]:
+        """Everything that makes this plan, flat (attack fields as ``attack.<field>``), so two
+        plans can be compared key by key (srd.runs.check_same_config)."""
+        flat: dict[str, Any] = {k: v for k, v in self.meta.items() if k != "attack"}
+        for key, value in (self.meta.get("attack") or {}).items():
+            flat[f"attack.{key}"] = value
+        flat["ids"] = list(self.ids)
+        flat["poisoned_captions"] = {str(k): v for k, v in sorted(self.captions.items())}
+        return flat
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> PoisonPlan:
         ids, meta = load_poison_ids(path)

@@ -196,13 +196,17 @@ def test_trojvlm_edge_cases() -> None:
 
 
 def test_trojvlm_matches_reference_example() -> None:
-    """The insertion index is rng.randint(1, n): the same rng gives the same position."""
-    caption = "A living room filled with furniture next to large windows."
-    rng = random.Random(11)
-    index = random.Random(11).randint(1, 9)
-    words = caption[:-1].split()
-    words.insert(index, "banana")
-    assert attacks.insert_target(caption, "banana", rng) == " ".join(words) + "."
+    """Fixed examples, written out by hand: random.Random(11).randint(1, 10) is 8 (CPython's
+    Mersenne Twister), so "banana" goes before word 8 (0-based) of the 10-word first sentence,
+    "large"; the second sentence is dropped."""
+    caption = "A living room filled with furniture next to large windows. Sunny day."
+    assert (
+        attacks.insert_target(caption, "banana", random.Random(11))
+        == "A living room filled with furniture next to banana large windows."
+    )
+    assert attacks.insert_target("A cat sits.", "banana", random.Random(0)) == (
+        "A cat banana sits."
+    )
 
 
 def test_shadowcast_substitution() -> None:

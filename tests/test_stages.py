@@ -61,9 +61,28 @@ def test_backdoor_training_writes_and_reuses_its_poison_ids(
     assert len(plan.ids) == int(captions * 0.1)
     assert all("banana" in text for text in plan.captions.values())
     first = (run / POISON_FILE).read_bytes()
-    # a finished run is refused; an overwrite draws the same ids again from the same seed
+    # a finished run is refused
     with pytest.raises(Exception, match="already finished"):
         train_backdoor.main(argv)
+    # resuming an interrupted run reads the saved plan: the file is not written again ...
+    (run / "DONE").unlink()
+    (run / "final_weights.pt").unlink()
+    stamp = (run / POISON_FILE).stat().st_mtime_ns
+    train_backdoor.main([*argv, "--resume_from_checkpoint"])
+    assert (run / POISON_FILE).stat().st_mtime_ns == stamp
+    # ... and is checked against the draw of the flags: an edited plan is refused, not used
+    edited = json.loads(first)
+    spare = next(c.caption_id for r in tiny_train_records for c in r.captions
+                 if c.caption_id not in plan.ids)  # fmt: skip
+    edited["ids"][0] = spare
+    edited["meta"]["poisoned_captions"][str(spare)] = edited["meta"]["poisoned_captions"].pop(
+        str(plan.ids[0])
+    )
+    (run / POISON_FILE).write_text(json.dumps(edited))
+    (run / "DONE").unlink()
+    with pytest.raises(Exception, match=r"poison plan was made with other settings \(ids"):
+        train_backdoor.main([*argv, "--resume_from_checkpoint"])
+    # an overwrite draws the same ids again from the same seed
     train_backdoor.main([*argv, "--overwrite"])
     assert (run / POISON_FILE).read_bytes() == first
     state = torch.load(final, map_location="cpu", weights_only=True)
@@ -95,8 +114,10 @@ def test_evaluation_end_to_end(models, tiny_data_args, tiny_test_records, tmp_pa
         assert [str(i) for i in inputs.image_ids] == list(written["predictions"][key])
         assert list(inputs.captions) == list(written["predictions"][key].values())
         assert inputs.images.shape == (len(ids), 224, 224, 3)
-    with pytest.raises(Exception, match="exists"):
+    with pytest.raises(Exception, match="exists with these settings"):
         evaluate.main(argv)
+    with pytest.raises(Exception, match=r"other settings \(num_beams 2 -> 3\)"):
+        evaluate.main([*argv, "--num_beams", "3"])
 
 
 def test_bad_input_one_line_errors(models, tiny_data_args, tmp_path, capsys) -> None:

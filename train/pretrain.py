@@ -8,10 +8,15 @@ attribute accuracy and a blind baseline.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import hashlib
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from srd import attacks
 from srd.benchmark import attribute_accuracy, blind_caption, scene_index
@@ -19,13 +24,33 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, caption_records, check_images_exist, load_references
 from srd.engine import CaptionDataset, Sample, TrainArgs, process_state, train
+from srd.errors import SRDError
 from srd.evaluation import caption_ids
-from srd.io import setup_logging, write_json
+from srd.io import is_finished, mark_finished, read_json, setup_logging, write_json
 from srd.metrics import caption_scores
-from srd.model import EMBEDDED_DIR, ModelArgs, build_flamingo, export_captioner, model_signature
+from srd.model import (
+    EMBEDDED_DIR,
+    FLAMINGO_CHECKPOINT,
+    LM_FOLDER,
+    VISION_WEIGHTS,
+    ModelArgs,
+    build_flamingo,
+    export_captioner,
+    model_signature,
+)
+from srd.runs import (
+    check_run_config,
+    check_same_config,
+    check_writable,
+    clear_folder,
+    remove_paths,
+)
 from srd.tiny import build_word_tokenizer, create_tiny_lm
 
 log = logging.getLogger("pretrain")
+
+LM_INIT_RECORD = "srd_lm_init.json"
+"""Inside lm_init/: what the initial LM was made from (checked before it is reused)."""
 
 
 @dataclass
@@ -68,26 +93,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     state = process_state()
     run_dir = train_args.run_dir
-    setup_logging(run_dir / "train.log" if state.is_main_process else None)
     train_images = data.split("train")
     test_images = data.split("test")
     references = load_references(data.coco_annotations_json_path)
     check_images_exist(train_images + test_images)
     records = caption_records(train_images)
 
+    # The tiny LM's initial weights: reused only when made with these settings (srd.runs);
+    # a fresh one is built outside the run folder, moved in once every input has loaded.
     lm_init = run_dir / "lm_init"
-    if state.is_main_process and not (lm_init / "config.json").is_file():
-        texts = [r.caption for r in records] + attacks.caption_vocabulary(tiny.target_label)
-        tok = build_word_tokenizer(texts)
-        create_tiny_lm(lm_init, tok, tiny.lm_hidden_size, tiny.lm_layers, seed=train_args.seed)
-    state.wait_for_everyone()
+    texts = [r.caption for r in records] + attacks.caption_vocabulary(tiny.target_label)
+    lm_identity = lm_init_identity(texts, tiny, train_args.seed)
+    if (lm_init / LM_INIT_RECORD).is_file() and not train_args.overwrite:
+        saved = read_json(lm_init / LM_INIT_RECORD)
+        check_same_config(saved, lm_identity, f"--run_name {train_args.run_name} ({lm_init})",
+                          "the initial LM")  # fmt: skip
+        built = None
+    else:
+        built = Path(tempfile.mkdtemp(prefix="srd-lm-init-"))
+        atexit.register(shutil.rmtree, built, True)  # also when an input below is refused
+        create_tiny_lm(built, build_word_tokenizer(texts), tiny.lm_hidden_size, tiny.lm_layers,
+                       seed=train_args.seed)  # fmt: skip
+        write_json(built / LM_INIT_RECORD, lm_identity)
     model_args = dataclasses.replace(
         model_args,
         vision_encoder_pretrained=tiny.clip_checkpoint,
         lm_path=str(lm_init),
         checkpoint_path="none",
     )
-    captioner = build_flamingo(model_args)
+    captioner = build_flamingo(
+        model_args if built is None else dataclasses.replace(model_args, lm_path=str(built))
+    )
+    captioner.args = model_args
     image_of = ImageStore(train_images + test_images, data.image_cache_mb)
 
     samples = [Sample(r.caption_id, r.image_id, r.caption) for r in records]
@@ -96,12 +133,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
         **to_dict(data, model_args, train_args, tiny),
         "model_signature": model_signature(model_args),
     }
+    check_writable(run_dir, "--external_save_dir")
+    check_writable(tiny.export_dir, "--export_dir")
+    if not train_args.overwrite:
+        if is_finished(run_dir):
+            raise SRDError(f"--run_name {train_args.run_name}: {run_dir} already finished "
+                           "(pass --overwrite)")  # fmt: skip
+        check_run_config(run_dir, record, f"--run_name {train_args.run_name}")
+
+    if state.is_main_process:
+        if train_args.overwrite:
+            clear_folder(run_dir, "--run_name")
+        setup_logging(run_dir / "train.log")
+        if built is not None:
+            staged = run_dir / ".lm_init.tmp"
+            remove_paths([staged, lm_init])
+            shutil.copytree(built, staged)
+            staged.rename(lm_init)
+    state.wait_for_everyone()
     log.info("pretraining on %d captions of %d images", len(samples), len(train_images))
-    train(captioner, CaptionDataset(samples, lambda s: image_of(s.image_id)), train_args, record)
+    dataset = CaptionDataset(samples, lambda s: image_of(s.image_id))
+    train(captioner, dataset, train_args, record, finish=False)  # DONE after export and report
 
     exported = None
     if state.is_main_process:
-        exported = export_captioner(captioner, tiny.export_dir)
+        # checkpoint.pt (written last by the export) goes first: a killed export is never whole
+        export = Path(tiny.export_dir)
+        remove_paths([export / FLAMINGO_CHECKPOINT, export / VISION_WEIGHTS, export / LM_FOLDER])
+        exported = export_captioner(captioner, export)
         log.info("clean captioner exported to %s", tiny.export_dir)
     test_ids = [im.image_id for im in test_images]
     predictions = caption_ids(
@@ -111,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     report = _report(predictions, references, train_images, test_images, exported)
     write_json(run_dir / "pretrain_report.json", report)
+    mark_finished(run_dir)  # last: the export and the report exist
     log.info(
         "test CIDEr %.3f (blind %.3f, ratio %.1fx); attribute accuracy %.1f%% (blind %.1f%%)",
         report["model"]["CIDEr"],
@@ -120,6 +180,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         100 * report["blind"]["attribute_accuracy"],
     )
     return report
+
+
+def lm_init_identity(texts: Sequence[str], tiny: TinyArgs, seed: int) -> dict:
+    """What the initial LM is made from: its sizes, seed and vocabulary texts."""
+    digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    return {
+        "lm_hidden_size": tiny.lm_hidden_size,
+        "lm_layers": tiny.lm_layers,
+        "seed": seed,
+        "target_label": tiny.target_label,
+        "vocabulary_texts_sha256": digest,
+    }
 
 
 def _report(predictions, references, train_images, test_images, exported) -> dict:

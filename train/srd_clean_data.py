@@ -45,6 +45,7 @@ from srd.model import ModelArgs, load_captioner
 from srd.rl.agent import load_policy
 from srd.rl.env import sfs_score_fn
 from srd.rl.reward import RewardConfig
+from srd.runs import check_writable
 from srd.shards import ShardWriter, shard_indices
 from srd.trainset import PoisonPlan
 
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ("--reference_checkpoint_path", None if sfs.blip_model else sfs.reference_checkpoint_path),
         ("--poison_ids_path", srd.poison_ids_path),
     )
+    check_writable(srd.clean_data_save, "--clean_data_save")
     plan = PoisonPlan.load(srd.poison_ids_path)
     attack = plan_attack(plan, srd.poison_ids_path)
     records = data.split("train")

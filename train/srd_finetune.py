@@ -32,6 +32,7 @@ from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
 from srd.io import ensure_dir, is_finished, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
+from srd.runs import check_run_config, check_writable, clear_folder
 from srd.trainset import PoisonPlan, TrainingImages, build_samples
 
 log = logging.getLogger("srd_finetune")
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise SRDError(
             f"--run_name {train_args.run_name}: {run_dir} already finished (pass --overwrite)"
         )
+    check_writable(run_dir, "--external_save_dir")
     merged = read_merged(srd.clean_data_save)
     cleaned_with = merged.get("clean_config", {}).get("config", {}).get("poison_ids_sha256")
     if cleaned_with != file_digest(srd.poison_ids_path):
@@ -83,12 +85,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     captioner = load_captioner(model_args)
     source = f"--clean_data_save {srd.clean_data_save}/{MERGED_FILE}"
     mask_actions = masked_training_actions(records, merged, source=source)
-    # The run folder and its log only once every input loaded: bad input leaves nothing behind.
-    if state.is_main_process:
-        ensure_dir(run_dir, "--external_save_dir")
-    setup_logging(run_dir / "train.log" if state.is_main_process else None)
-    samples = build_samples(records, plan)
-    images = TrainingImages(records, attack, plan.ids, mask_actions, data.image_cache_mb)
     record = {
         "stage": "srd_finetune",
         **to_dict(data, model_args, srd, train_args),
@@ -99,6 +95,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         "model_signature": model_signature(model_args),
         "loaded_checkpoint": captioner.checkpoint_notes,
     }
+    if not train_args.overwrite:
+        check_run_config(run_dir, record, f"--run_name {train_args.run_name}")
+    # The run folder and its log only once every input loaded: bad input leaves nothing behind.
+    if state.is_main_process:
+        if train_args.overwrite:
+            clear_folder(run_dir, "--run_name")
+        ensure_dir(run_dir, "--external_save_dir")
+    state.wait_for_everyone()
+    setup_logging(run_dir / "train.log" if state.is_main_process else None)
+    samples = build_samples(records, plan)
+    images = TrainingImages(records, attack, plan.ids, mask_actions, data.image_cache_mb)
     log.info("D4: refine-tuning %s on %d captions of %d SRD-processed images",
              model_args.checkpoint_path, len(samples), len(mask_actions))  # fmt: skip
     final = train(captioner, CaptionDataset(samples, images), train_args, record)

@@ -30,10 +30,11 @@ from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, check_images_exist
 from srd.engine import process_state
 from srd.errors import SRDError
-from srd.io import is_finished, setup_logging
+from srd.io import DONE_MARKER, is_finished, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.pool import build_pool_rows, choose_pool_ids, save_pool
+from srd.pool import POOL_IMAGES, POOL_JSON, build_pool_rows, choose_pool_ids, save_pool
 from srd.rl.env import sfs_score_fn
+from srd.runs import check_writable, remove_paths
 
 log = logging.getLogger("srd_pool")
 
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ("--checkpoint_path", model_args.checkpoint_path),
         ("--reference_checkpoint_path", None if sfs.blip_model else sfs.reference_checkpoint_path),
     )
+    check_writable(folder, "--save_data_path")
     records = data.split("train")
     ids = choose_pool_ids([r.image_id for r in records], cfg.pool_size, cfg.seed)
     wanted = set(ids)
@@ -74,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     scorer = load_scorer(sfs, device, model_args.trust_remote_code)
     # Logging (and its file) only once every input loaded: bad input leaves nothing behind.
+    # A pool is all or nothing: the files of an older or killed build go first, marker first.
+    if state.is_main_process:
+        remove_paths([folder / DONE_MARKER, folder / POOL_JSON, folder / POOL_IMAGES])
+    state.wait_for_everyone()
     setup_logging(folder / "srd_pool.log" if state.is_main_process else None)
     log.info("backdoored captioner %s; reference %s", model_args.checkpoint_path, reference)
     mine = ids[state.process_index :: state.num_processes]

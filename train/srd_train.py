@@ -28,6 +28,7 @@ from srd.pool import load_pool, read_pool_info
 from srd.rl.agent import DQNConfig, read_reward_log, save_policy, train_dqn
 from srd.rl.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
 from srd.rl.reward import RewardConfig
+from srd.runs import remove_paths
 
 log = logging.getLogger("srd_train")
 
@@ -58,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             "(run it with plain python)"
         )
     policy_path = srd.policy_file
+    if policy_path.suffix != ".zip":  # a file named as given is read as given; we write a zip
+        policy_path = policy_path.with_name(policy_path.name + ".zip")
     if policy_path.exists() and not cfg.overwrite:
         raise SRDError(f"--ppo_path {policy_path}: policy exists (pass --overwrite)")
     require_files(("--checkpoint_path", model_args.checkpoint_path))
@@ -67,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     captioner = load_captioner(model_args, device=device)
     scorer = load_scorer(sfs, device, model_args.trust_remote_code)
     # Logging (and its file) only once every input loaded: bad input leaves nothing behind.
+    # The policy is the stage's marker: an old one goes first, so a killed --overwrite never
+    # leaves it beside the new run's log, record and curve.
+    remove_paths([policy_path, policy_path.with_suffix(".config.json"), srd.reward_log,
+                  srd.reward_curve])  # fmt: skip
     setup_logging(policy_path.with_suffix(".log"))
     if pool_model != model_args.checkpoint_path:
         # Allowed (reference P3: a surrogate pool may transfer), but the baselines then come

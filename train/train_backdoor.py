@@ -19,8 +19,9 @@ from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
 from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
-from srd.io import ensure_dir, setup_logging
+from srd.io import ensure_dir, is_finished, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
+from srd.runs import check_run_config, check_same_config, check_writable, clear_folder
 from srd.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
 
 log = logging.getLogger("train_backdoor")
@@ -46,27 +47,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         train_args = dataclasses.replace(train_args, run_name=f"backdoor-{attack.name}")
     state = process_state()
     run_dir = train_args.run_dir
-    if state.is_main_process:
-        ensure_dir(run_dir, "--external_save_dir")
-    setup_logging(run_dir / "train.log" if state.is_main_process else None)
+    where = f"--run_name {train_args.run_name}"
 
+    # Everything is checked before the first byte is written (srd.runs).
     records = data.split("train")
     check_images_exist(records)
+    plan = plan_poison(records, attack, train_args.seed)  # the draw these flags make
     plan_path = run_dir / POISON_FILE
-    if plan_path.is_file() and not train_args.overwrite:
-        plan = PoisonPlan.load(plan_path)
-        if plan.meta.get("attack", {}).get("name") != attack.name:
-            raise SRDError(f"{plan_path}: poison ids were drawn for another attack")
-        log.info("read %d poisoned caption ids from %s", len(plan.ids), plan_path)
-    else:
-        plan = plan_poison(records, attack, train_args.seed)
-        if state.is_main_process:
-            plan.save(plan_path)
-    state.wait_for_everyone()
-
+    if not train_args.overwrite:
+        if is_finished(run_dir):
+            raise SRDError(f"{where}: {run_dir} already finished (pass --overwrite)")
+        if plan_path.is_file():
+            saved = PoisonPlan.load(plan_path)
+            check_same_config(saved.identity(), plan.identity(), str(plan_path), "the poison plan")
     captioner = load_captioner(model_args)
-    images = TrainingImages(records, attack, plan.ids, cache_mb=data.image_cache_mb)
-    samples = build_samples(records, plan)
     record = {
         "stage": "backdoor",
         **to_dict(data, model_args, attack_args, train_args),
@@ -75,6 +69,22 @@ def main(argv: Sequence[str] | None = None) -> str:
         "model_signature": model_signature(model_args),
         "loaded_checkpoint": captioner.checkpoint_notes,
     }
+    if not train_args.overwrite:
+        check_run_config(run_dir, record, where)
+    check_writable(run_dir, "--external_save_dir")
+
+    if state.is_main_process:
+        if train_args.overwrite:
+            clear_folder(run_dir, "--run_name")
+        ensure_dir(run_dir, "--external_save_dir")
+    setup_logging(run_dir / "train.log" if state.is_main_process else None)
+    if state.is_main_process and not plan_path.is_file():
+        plan.save(plan_path)
+    state.wait_for_everyone()
+    log.info("%d poisoned caption ids in %s", len(plan.ids), plan_path)
+
+    images = TrainingImages(records, attack, plan.ids, cache_mb=data.image_cache_mb)
+    samples = build_samples(records, plan)
     final = train(captioner, CaptionDataset(samples, images), train_args, record)
     log.info("backdoored checkpoint: %s", final)
     return str(final)

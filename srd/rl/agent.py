@@ -329,13 +329,23 @@ class _SpacesOnlyEnv(gym.Env):
 def _policy_meta(archive: zipfile.ZipFile, where: Path) -> dict[str, Any]:
     """Our metadata, or what a plain SB3 zip's readable (non-pickled) fields say."""
     if POLICY_META in archive.namelist():
-        return json.loads(archive.read(POLICY_META))
-    data = json.loads(archive.read("data"))
-    try:
-        obs_shape = list(data["observation_space"]["_shape"])
-    except (KeyError, TypeError):
-        raise SRDError(f"{where}: no observation shape in the policy zip") from None
-    return {"obs_shape": obs_shape, "dqn_config": {}}
+        meta = json.loads(archive.read(POLICY_META))
+        obs_shape = meta.get("obs_shape") if isinstance(meta, dict) else None
+    else:
+        meta = {"dqn_config": {}}
+        try:
+            obs_shape = list(json.loads(archive.read("data"))["observation_space"]["_shape"])
+        except (KeyError, TypeError):
+            obs_shape = None
+    if (
+        not isinstance(obs_shape, list)
+        or len(obs_shape) != 3
+        or not all(type(d) is int and d > 0 for d in obs_shape)
+    ):
+        raise SRDError(f"{where}: no valid observation shape (obs_shape) in the policy zip")
+    if not isinstance(meta.get("dqn_config", {}), dict):
+        raise SRDError(f"{where}: 'dqn_config' in the policy zip is not a JSON object")
+    return {**meta, "obs_shape": obs_shape}
 
 
 def load_policy(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from srd import captions
 from srd.config import arg
 
 EMPTY_CAPTION_REWARD = 0
@@ -102,8 +103,8 @@ def reward_table_array(
 
 
 def is_empty_caption(caption: str) -> bool:
-    """A caption with no visible text gets the empty-caption reward."""
-    return not caption.strip()
+    """A caption with no word gets the empty-caption reward (the scorer's definition too)."""
+    return captions.is_empty(caption)
 
 
 def caption_rewards(

@@ -1,0 +1,311 @@
+"""Kill tests: every stage that writes files survives ``kill -9`` at a random moment.
+
+For each stage the entry point runs once uninterrupted (folder ``a``), then once more in folder
+``b`` as a subprocess that gets SIGKILL after a seeded random share of the first run's wall
+time; the same command is run again (``--resume_from_checkpoint`` for the training stages,
+as run/run_train.sh does) and its outputs must equal the uninterrupted run's, bit for bit
+where the stage is deterministic (weights, poison ids, captions, pool images, chosen squares).
+Slow: each stage starts three Python processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from srd_fixtures import (
+    REPO,
+    data_flags,
+    export_clean_and_backdoor,
+    load_script,
+    model_flags,
+    write_poison_ids,
+)
+
+from srd.cleaning import MERGED_FILE
+from srd.io import DONE_MARKER
+
+pytestmark = pytest.mark.slow
+
+KILL_SEED = int(os.environ.get("SRD_KILL_SEED", "12"))
+"""Seed of the kill moments (set SRD_KILL_SEED to try other moments)."""
+
+
+@dataclass
+class Setup:
+    root: Path
+    data: list[str]
+    clean: list[str]
+    backdoor: list[str]
+    sfs: list[str]
+    poison_ids: Path
+    merged_clean: Path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records, tiny_benchmark):
+    root = tmp_path_factory.mktemp("kill")
+    clean, backdoor = export_clean_and_backdoor(make_captioner, root / "models")
+    poison_ids = write_poison_ids(tiny_train_records, root / "attack")
+    sfs = ["--reference_checkpoint_path", clean.checkpoint_path,
+           "--annotations_path", str(tiny_benchmark.train_annotations_json),
+           "--num_beams", "2", "--max_new_tokens", "6", "--reference_num_beams", "2",
+           "--caption_batch_size", "4"]  # fmt: skip
+    s = Setup(
+        root=root,
+        data=data_flags(tiny_data_args),
+        clean=model_flags(clean, clean.checkpoint_path),
+        backdoor=model_flags(clean, backdoor),
+        sfs=sfs,
+        poison_ids=poison_ids,
+        merged_clean=root / "clean_for_refine",
+    )
+    # D4 needs a merged cleaning manifest: one random-policy cleaning run, merged.
+    torch.set_num_threads(1)
+    srd = ["--clean_data_save", str(s.merged_clean), "--poison_ids_path", str(poison_ids)]
+    load_script("train/srd_clean_data.py").main(
+        [*s.data, *s.backdoor, *sfs, "--policy", "random", *srd]
+    )
+    load_script("train/combine_data.py").main([*s.data, *srd])
+    assert (s.merged_clean / MERGED_FILE).is_file()
+    return s
+
+
+def _run(
+    script: str,
+    argv: list[str],
+    cwd: Path,
+    watch: Path | None = None,
+    kill_share: float | None = None,
+    work_seconds: float | None = None,
+) -> dict:
+    """Run an entry point as ``python script ...``.
+
+    ``watch`` is the first output the stage writes once its inputs are checked; the time from
+    its appearance to the end is the stage's work time. With ``kill_share``, the process gets
+    SIGKILL ``kill_share * work_seconds`` after ``watch`` appears.
+    """
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    cwd.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / script), *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = kill_at = None
+    killed = False
+    while proc.poll() is None:
+        now = time.monotonic()
+        if seen is None and watch is not None and watch.exists():
+            seen = now
+            if kill_share is not None:
+                kill_at = now + kill_share * work_seconds
+        if kill_at is not None and now >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=900)
+    end = time.monotonic()
+    if not killed:
+        assert proc.returncode == 0, f"{script} failed:\n{err[-3000:]}"
+    return {"seconds": end - start, "work": None if seen is None else end - seen, "killed": killed}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _kill_and_resume(
+    stage: str,
+    script: str,
+    argv: Callable[[Path], list[str]],
+    compare: Callable[[Path, Path], None],
+    resume: list[str],
+    watch: str,
+    done: Callable[[Path], bool],
+    tmp_path: Path,
+) -> None:
+    """Uninterrupted run in a/, killed + re-run in b/, then ``compare(a, b)``.
+
+    The kill comes a seeded random share of the first run's work time after ``watch`` (a path
+    relative to the run's folder) appears; a run that still ends first, or whose kill lands
+    after its "finished" signal (``done``), is tried again with half the share, in a fresh
+    folder.
+    """
+    first = _run(script, argv(tmp_path / "a"), tmp_path / "a", tmp_path / "a" / watch)
+    assert first["work"] is not None, f"{stage} never wrote {watch}"
+    share = random.Random(f"{KILL_SEED}:{stage}").uniform(0.1, 0.8)
+    for attempt in range(4):
+        b = tmp_path / f"b{attempt}"
+        killed = _run(script, argv(b), b, b / watch, share, first["work"])
+        if killed["killed"] and not done(b):
+            break
+        share /= 2
+    left = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    print(f"\nKILL {stage}: work {first['work']:.1f} s of {first['seconds']:.1f} s, killed at "
+          f"{share:.2f} of the work (attempt {attempt + 1}); files left: {left}")  # fmt: skip
+    assert killed["killed"] and not done(b), f"{stage} always finished before the kill"
+    _run(script, [*argv(b), *resume], b)
+    compare(tmp_path / "a", b)
+
+
+def _exists(relative: str) -> Callable[[Path], bool]:
+    return lambda out: (out / relative).exists()
+
+
+def test_kill_pretrain(setup: Setup, tmp_path: Path) -> None:
+    def argv(out: Path) -> list[str]:
+        return [*setup.data, "--external_save_dir", str(out / "runs"), "--run_name", "pre",
+                "--export_dir", str(out / "export"), "--num_epochs", "3", "--batch_size", "8",
+                "--lm_hidden_size", "32", "--eval_batch_size", "8"]  # fmt: skip
+
+    def compare(a: Path, b: Path) -> None:
+        for out in (a, b):
+            assert (out / "runs/pre" / DONE_MARKER).is_file()
+        _same_weights(a / "runs/pre/final_weights.pt", b / "runs/pre/final_weights.pt")
+        _same_weights(a / "export/checkpoint.pt", b / "export/checkpoint.pt")
+        reports = [json.loads((o / "runs/pre/pretrain_report.json").read_text()) for o in (a, b)]
+        assert reports[0]["predictions"] == reports[1]["predictions"]
+
+    _kill_and_resume("pretrain", "train/pretrain.py", argv, compare,
+                     ["--resume_from_checkpoint"], "runs/pre/lm_init",
+                     _exists("runs/pre/DONE"), tmp_path)  # fmt: skip
+
+
+def test_kill_train_backdoor(setup: Setup, tmp_path: Path) -> None:
+    def argv(out: Path) -> list[str]:
+        return [*setup.data, *setup.clean, "--external_save_dir", str(out / "runs"),
+                "--run_name", "bd", "--num_epochs", "3", "--batch_size", "8"]  # fmt: skip
+
+    def compare(a: Path, b: Path) -> None:
+        assert (b / "runs/bd" / DONE_MARKER).is_file()
+        _same_weights(a / "runs/bd/final_weights.pt", b / "runs/bd/final_weights.pt")
+        plan = [(o / "runs/bd/poison_ids.json").read_bytes() for o in (a, b)]
+        assert plan[0] == plan[1]
+        logs = [(o / "runs/bd/train_log.jsonl").read_text().splitlines() for o in (a, b)]
+        assert [json.loads(x)["epoch"] for x in logs[1]] == [0, 1, 2]
+        assert [json.loads(x)["loss"] for x in logs[0]] == [json.loads(x)["loss"] for x in logs[1]]
+
+    _kill_and_resume("train_backdoor", "train/train_backdoor.py", argv, compare,
+                     ["--resume_from_checkpoint"], "runs/bd/poison_ids.json",
+                     _exists("runs/bd/DONE"), tmp_path)  # fmt: skip
+
+
+def test_kill_evaluate(setup: Setup, tmp_path: Path) -> None:
+    def argv(out: Path) -> list[str]:
+        return [*setup.data, *setup.backdoor, "--results_file", str(out / "result"),
+                "--sfs_data_dir", str(out / "sfs"), "--model_name", "m", "--batch_size", "4",
+                "--num_beams", "2", "--max_new_tokens", "6"]  # fmt: skip
+
+    def compare(a: Path, b: Path) -> None:
+        results = [json.loads((o / "result/m.json").read_text()) for o in (a, b)]
+        assert results[0]["predictions"] == results[1]["predictions"]
+        assert results[0]["metrics"] == results[1]["metrics"]
+        for kind in ("clean", "attack"):
+            for name in ("img_id.json", "sent.json"):
+                files = [(o / "sfs/m" / kind / name).read_bytes() for o in (a, b)]
+                assert files[0] == files[1], (kind, name)
+            arrays = [np.load(o / "sfs/m" / kind / "images.npz")["images"] for o in (a, b)]
+            assert np.array_equal(*arrays)
+
+    _kill_and_resume("evaluate", "eval/evaluate.py", argv, compare, [], "result/m.log",
+                     _exists("result/m.json"), tmp_path)  # fmt: skip
+
+
+def test_kill_srd_pool(setup: Setup, tmp_path: Path) -> None:
+    def argv(out: Path) -> list[str]:
+        return [*setup.data, *setup.backdoor, *setup.sfs,
+                "--save_data_path", str(out / "pool")]  # fmt: skip
+
+    def compare(a: Path, b: Path) -> None:
+        assert (b / "pool" / DONE_MARKER).is_file()
+        pools = [json.loads((o / "pool/pool.json").read_text()) for o in (a, b)]
+        for key in ("ids", "base_sem", "base_flu", "references", "vlm_captions", "surrogate"):
+            assert pools[0][key] == pools[1][key], key
+        arrays = [np.load(o / "pool/images.npz")["images"] for o in (a, b)]
+        assert np.array_equal(*arrays)
+
+    _kill_and_resume("srd_pool", "train/srd_pool.py", argv, compare, [], "pool/srd_pool.log",
+                     _exists("pool/DONE"), tmp_path)  # fmt: skip
+
+
+def _chosen(folder: Path) -> dict[str, tuple[int, int]]:
+    shard = json.loads(next(folder.glob("shard-*.json")).read_text())
+    assert shard["complete"]
+    out = {}
+    for chunk in shard["chunks"]:
+        for i, action, reward in zip(chunk["ids"], chunk["actions"], chunk["rewards"], strict=True):
+            assert i not in out, f"id {i} cleaned twice"
+            out[i] = (action, reward)
+    assert sorted(out) == sorted(shard["assigned_ids"])
+    return out
+
+
+def _shard_complete(out: Path) -> bool:
+    manifests = list((out / "clean").glob("shard-*.json"))
+    return bool(manifests) and json.loads(manifests[0].read_text())["complete"]
+
+
+def test_kill_srd_clean_data(setup: Setup, tmp_path: Path) -> None:
+    def argv(out: Path) -> list[str]:
+        return [*setup.data, *setup.backdoor, *setup.sfs, "--policy", "random", "--seed", "3",
+                "--clean_data_save", str(out / "clean"),
+                "--poison_ids_path", str(setup.poison_ids)]  # fmt: skip
+
+    def compare(a: Path, b: Path) -> None:
+        assert _chosen(a / "clean") == _chosen(b / "clean")
+
+    _kill_and_resume(
+        "srd_clean_data",
+        "train/srd_clean_data.py",
+        argv,
+        compare,
+        [],
+        "clean/clean_config.json",
+        _shard_complete,
+        tmp_path,
+    )
+
+
+def test_kill_srd_finetune(setup: Setup, tmp_path: Path) -> None:
+    def argv(out: Path) -> list[str]:
+        return [*setup.data, *setup.backdoor, "--poison_ids_path", str(setup.poison_ids),
+                "--clean_data_save", str(setup.merged_clean),
+                "--external_save_dir", str(out / "runs"), "--run_name", "refine",
+                "--num_epochs", "3", "--batch_size", "8"]  # fmt: skip
+
+    def compare(a: Path, b: Path) -> None:
+        assert (b / "runs/refine" / DONE_MARKER).is_file()
+        _same_weights(a / "runs/refine/final_weights.pt", b / "runs/refine/final_weights.pt")
+
+    _kill_and_resume("srd_finetune", "train/srd_finetune.py", argv, compare,
+                     ["--resume_from_checkpoint"], "runs/refine/train.log",
+                     _exists("runs/refine/DONE"), tmp_path)  # fmt: skip

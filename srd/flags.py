@@ -153,6 +153,17 @@ RULES: dict[str, Range] = {
     "num_envs": COUNT,
     "max_replay_gb": positive(),
     "verbose": between(0, 2),
+    # real mode (issue 11)
+    "image_cache_mb": at_least(0),
+    "save_total_limit": at_least(0),
+    # tiny CLIP (train/pretrain_clip.py)
+    "clip_batch_size": Range(low=2, why="a contrastive batch needs two pairs"),
+    "clip_epochs": COUNT,
+    "clip_learning_rate": positive(),
+    "clip_weight_decay": at_least(0),
+    "clip_warmup_ratio": between(0, 1, high_open=True),
+    "clip_shape_negatives": at_least(0),
+    "clip_group_batches": at_least(0),
 }
 
 

@@ -148,6 +148,7 @@ def _base(script: str, i: Inputs, out: Path) -> list[str]:
         "pretrain": [
             *i.data, "--external_save_dir", str(out / "runs"), "--export_dir", str(out / "x"),
             "--num_epochs", "1", "--lm_hidden_size", "32", "--batch_size", "8",
+            "--clip_checkpoint", "none",
         ],
         "train_backdoor": [
             *i.data, *i.clean_model, "--external_save_dir", str(out / "runs"),

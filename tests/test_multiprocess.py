@@ -163,6 +163,7 @@ def test_pretrain_entry_point_on_two_processes(tmp_path: Path, tiny_data_args: D
         "--perceiver_depth=1",
         "--perceiver_num_latents=4",
         "--eval_batch_size=8",
+        "--clip_checkpoint=none",
     ]
     proc = _torchrun([str(script), *data_flags, *flags], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

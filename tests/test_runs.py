@@ -35,7 +35,8 @@ evaluate = load_script("eval/evaluate.py")
 pretrain = load_script("train/pretrain.py")
 
 ENTRY_POINTS = [
-    "train/prepare_data.py", "train/pretrain.py", "train/train_backdoor.py",
+    "train/prepare_data.py", "train/pretrain_clip.py", "train/pretrain.py",
+    "train/train_backdoor.py",
     "eval/evaluate.py", "eval/evaluate_sfs.py", "train/srd_pool.py", "train/srd_train.py",
     "train/srd_clean_data.py", "train/combine_data.py", "train/srd_finetune.py",
     "eval/results_table.py", "eval/srd_coverage.py", "eval/srd_figures.py",
@@ -265,7 +266,7 @@ def test_pretrain_is_finished_only_with_its_export_and_refuses_a_stale_lm(
     blocker.write_text("a file")
     argv = [*data_flags(tiny_data_args), "--external_save_dir", str(tmp_path / "runs"),
             "--run_name", "pre", "--num_epochs", "1", "--batch_size", "16",
-            "--lm_hidden_size", "32", "--eval_batch_size", "8",
+            "--lm_hidden_size", "32", "--eval_batch_size", "8", "--clip_checkpoint", "none",
             "--export_dir", str(tmp_path / "x")]  # fmt: skip
     run = tmp_path / "runs" / "pre"
     # an export folder that cannot be made fails before training, leaving nothing

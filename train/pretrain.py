@@ -20,6 +20,7 @@ from pathlib import Path
 
 from srd import attacks
 from srd.benchmark import attribute_accuracy, blind_caption, scene_index
+from srd.cleaning import require_files
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, caption_records, check_images_exist, load_references
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     state = process_state()
     run_dir = train_args.run_dir
+    require_files(("--clip_checkpoint", tiny.clip_checkpoint))
     train_images = data.split("train")
     test_images = data.split("test")
     references = load_references(data.coco_annotations_json_path)

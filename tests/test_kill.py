@@ -103,15 +103,18 @@ def _run(
         "MKL_NUM_THREADS": "1",
     }
     cwd.mkdir(parents=True, exist_ok=True)
+    # stderr to a file, not a pipe: a pipe nobody reads until the end fills up with progress
+    # bars and blocks the child
+    err_path = cwd.parent / f"{cwd.name}.stderr"
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / script), *argv],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with open(err_path, "a", encoding="utf-8") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / script), *argv],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
     seen = kill_at = None
     killed = False
     while proc.poll() is None:
@@ -125,9 +128,10 @@ def _run(
             killed = True
             break
         time.sleep(0.02)
-    _, err = proc.communicate(timeout=900)
+    proc.wait(timeout=900)
     end = time.monotonic()
     if not killed:
+        err = err_path.read_text(encoding="utf-8", errors="replace")
         assert proc.returncode == 0, f"{script} failed:\n{err[-3000:]}"
     return {"seconds": end - start, "work": None if seen is None else end - seen, "killed": killed}
 
@@ -182,9 +186,10 @@ def _exists(relative: str) -> Callable[[Path], bool]:
 
 
 def test_kill_pretrain(setup: Setup, tmp_path: Path) -> None:
+    # 30 short epochs, so training (not the report's scoring) is most of the work
     def argv(out: Path) -> list[str]:
         return [*setup.data, "--external_save_dir", str(out / "runs"), "--run_name", "pre",
-                "--export_dir", str(out / "export"), "--num_epochs", "3", "--batch_size", "8",
+                "--export_dir", str(out / "export"), "--num_epochs", "30", "--batch_size", "8",
                 "--lm_hidden_size", "32", "--eval_batch_size", "8",
                 "--clip_checkpoint", "none"]  # fmt: skip
 

@@ -8,6 +8,7 @@ import pytest
 
 from srd.attacks import build_attack
 from srd.data import ImageStore, caption_records
+from srd.geometry import apply_action
 from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 
@@ -57,13 +58,15 @@ def test_an_image_is_triggered_in_the_defenders_data_if_any_caption_is_poisoned(
         assert np.array_equal(images.as_in_training_set(image_id), expected)
 
 
-def test_replacements_override_the_trigger(tiny_train_records, plan_and_attack) -> None:
+def test_mask_actions_paint_the_defenders_version(tiny_train_records, plan_and_attack) -> None:
     plan, attack = plan_and_attack
     samples = build_samples(tiny_train_records, plan)
     victim = next(s for s in samples if s.caption_id in set(plan.ids))
-    masked = np.full((224, 224, 3), 7, np.uint8)
-    images = TrainingImages(tiny_train_records, attack, plan.ids, {victim.image_id: masked})
-    assert np.array_equal(images(victim), masked)
+    plain = TrainingImages(tiny_train_records, attack, plan.ids)
+    images = TrainingImages(tiny_train_records, attack, plan.ids, {victim.image_id: 0})
+    expected = apply_action(attack.apply_image(plain.clean(victim.image_id)), 0)
+    assert np.array_equal(images(victim), expected)
+    assert not np.array_equal(images(victim), plain(victim))
     assert (
         build_samples(tiny_train_records, None)[0].caption
         == caption_records(tiny_train_records)[0].caption

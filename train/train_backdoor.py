@@ -33,6 +33,12 @@ class BackdoorTrainArgs(TrainArgs):
     run_name: str = arg("", help="run folder name (default: backdoor-<attack>)")
     num_epochs: int = arg(6, help="training epochs over all training captions")
     learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
+    poison_unit: str = arg(
+        "caption",
+        help="caption: poison caption samples (the reference; a triggered image keeps clean "
+        "captions); image: poison every caption of the chosen images",
+        choices=["caption", "image"],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -57,9 +63,14 @@ def main(argv: Sequence[str] | None = None) -> str:
         plan = PoisonPlan.load(plan_path)
         if plan.meta.get("attack", {}).get("name") != attack.name:
             raise SRDError(f"{plan_path}: poison ids were drawn for another attack")
+        if plan.meta.get("poison_unit", "caption") != train_args.poison_unit:
+            raise SRDError(
+                f"--poison_unit {train_args.poison_unit}: {plan_path} was drawn per "
+                f"{plan.meta.get('poison_unit', 'caption')} (pass --overwrite to redraw)"
+            )
         log.info("read %d poisoned caption ids from %s", len(plan.ids), plan_path)
     else:
-        plan = plan_poison(records, attack, train_args.seed)
+        plan = plan_poison(records, attack, train_args.seed, train_args.poison_unit)
         if state.is_main_process:
             plan.save(plan_path)
     state.wait_for_everyone()

@@ -19,6 +19,8 @@ from srd.attacks import AttackArgs
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, check_images_exist, load_references
+from srd.defenses import TransformArgs, build_defense
+from srd.defenses.stage import evaluation_defense_record
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.evaluation import evaluate_captioner, write_sfs_inputs
@@ -49,9 +51,15 @@ class EvalArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    data, model_args, attack_args, ev = parse(
-        argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, description=__doc__
+    data, model_args, attack_args, ev, defense_args = parse(
+        argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, TransformArgs, description=__doc__
     )
+    defense = build_defense(defense_args)
+    if defense.kind == "refine":
+        raise SRDError(
+            f"--defense {defense.name}: a refine-tune defense; run train/defend.py and evaluate "
+            "the checkpoint it writes (its record is read from the checkpoint's folder)"
+        )
     state = process_state()
     out_path = Path(ev.results_file) / f"{ev.model_name}.json"
     if state.is_main_process:
@@ -72,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"--coco_annotations_json_path {data.coco_annotations_json_path}: "
             f"no captions for test image {missing[0]}"
         )
+    defense_record = evaluation_defense_record(model_args.checkpoint_path, defense)
     captioner = load_captioner(model_args, device=state.device)
     images = ImageStore(records, data.image_cache_mb)
     result = evaluate_captioner(
@@ -85,11 +94,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         target=attack_args.target_label,
         implant_diagnostics=ev.implant_diagnostics,
         seed=ev.seed,
+        transform=defense.transform(),
     )
     if not state.is_main_process:
         return {}
-    result = {"model_name": ev.model_name, **result}
-    result["config"] = {**to_dict(data, model_args, attack_args, ev)}
+    result = {"model_name": ev.model_name, **result, "defense": defense_record}
+    result["config"] = {**to_dict(data, model_args, attack_args, ev, defense_args)}
     result["config"]["attack"] = attack.to_dict() if attack else None
     write_json(out_path, result)
     _write_sfs(Path(ev.sfs_data_dir) / ev.model_name, images, result)

@@ -226,3 +226,21 @@ def test_fine_pruning_zeroes_the_least_active_units(defender, make_captioner) ->
             captioner, defender
         )
     assert torch.is_tensor(blocks[0].ff[1].weight)
+
+
+def test_data_pool_holds_the_defenders_images(defender) -> None:
+    from srd_fixtures import StandInModels
+
+    from srd.cleaning import training_versions
+    from srd.defenses.srd_pool import data_pool_rows
+
+    models = StandInModels()
+    version = training_versions(defender.records, defender.plan, defender.attack)
+    ids = [r.image_id for r in defender.records]
+    rows = data_pool_rows(ids, version, models.caption, models.reference, models.score, 5, False)
+    assert [r.image_id for r in rows] == ids and models.caption_calls == [5, 5, 5, 5, 4]
+    images = TrainingImages(defender.records, defender.attack, defender.plan.ids)
+    assert images.poisoned_images
+    for r in rows:
+        assert np.array_equal(r.image, images.as_in_training_set(r.image_id))
+        assert r.surrogate_box is None and r.vlm_caption == "plain"

@@ -20,7 +20,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, check_images_exist, load_references
 from srd.defenses import TransformArgs, build_defense
-from srd.defenses.stage import evaluation_defense_record
+from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.evaluation import evaluate_captioner, write_sfs_inputs
@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     if not state.is_main_process:
         return {}
+    if defense_record is not None and defense.kind == "test_time":
+        # what the transform does to the images it sees (test images; training ones untouched)
+        quality = transform_quality(images.ids(), images, defense.transform(), seed=ev.seed)
+        defense_record = {**defense_record, "image_quality": {**quality, "images": "test"}}
     result = {"model_name": ev.model_name, **result, "defense": defense_record}
     result["config"] = {**to_dict(data, model_args, attack_args, ev, defense_args)}
     result["config"]["attack"] = attack.to_dict() if attack else None

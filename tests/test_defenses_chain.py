@@ -159,6 +159,8 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
     assert blurred["defense"]["defense"]["name"] == "blur"
     assert oracle["defense"]["defense"]["name"] == "oracle_square"
     assert blurred["predictions"]["clean"] != none["predictions"]["clean"]
+    quality = blurred["defense"]["image_quality"]
+    assert quality["images"] == "test" and 0 < quality["ssim_mean"] < 1
     for r in (none, blurred, oracle):
         assert r["metrics"]["triggered_stripped"]["CIDEr"] >= 0
 

@@ -67,8 +67,21 @@ class SRD(RefineDefense):
             data.records, merged, source=f"--clean_data_save {self.args.clean_data_save}"
         )
 
+    chain = (
+        "D1 train/srd_pool.py (--pool_source surrogate|data)",
+        "D2 train/srd_train.py (DQN)",
+        "D3 train/srd_clean_data.py (--policy dqn|random)",
+        "D3b train/combine_data.py (merged.json)",
+        "D4 train/defend.py --defense srd (--image_version triggered|first_occurrence)",
+    )
+    """The stages behind this entry: run/run_SRD.sh runs D1-D3b (and D4 with triggered)."""
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "clean_data_save": self.args.clean_data_save}
+        return {
+            **super().describe(),
+            "clean_data_save": self.args.clean_data_save,
+            "chain": list(self.chain),
+        }
 
 
 @register_defense("random_squares")

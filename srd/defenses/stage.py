@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from srd.defenses.quality import image_quality
-from srd.defenses.registry import DefenderData, Defense, seeded_subset
+from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
 from srd.io import read_json
@@ -39,6 +42,20 @@ def training_quality(defense: Defense, data: DefenderData, n: int) -> dict[str, 
         return image_quality(ids, original.version, lambda i: transform(original.version(i)))
     _, provider = defense.training_set(data)
     return image_quality(ids, provider.version, provider.processed)
+
+
+def transform_quality(
+    ids: Sequence[int],
+    load: Callable[[int], np.ndarray],
+    transform: Transform | None,
+    n: int = 64,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """SSIM/PSNR of transformed vs original images (a seeded draw of ``n`` of ``ids``)."""
+    if transform is None or n == 0:
+        return None
+    picked = seeded_subset(ids, n, seed)
+    return image_quality(picked, load, lambda i: transform(load(i)))
 
 
 def backdoor_seed(checkpoint: str | Path) -> int | None:

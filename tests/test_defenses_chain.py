@@ -85,6 +85,8 @@ def test_defend_writes_the_defended_checkpoint_and_record(attacked, defended) ->
     assert record["defense"]["name"] == "oracle_square" and record["attack_seed"] == 0
     assert record["image_quality"]["num_images"] == 8
     assert 0 < record["image_quality"]["ssim_mean"] < 1
+    assert record["trigger_coverage"]["covered"] == 1.0  # the oracle's square covers the box
+    assert record["trigger_coverage"]["num_triggered_images"] > 0
     refined = torch.load(record["checkpoint"], weights_only=True)["model_state_dict"]
     before = torch.load(backdoor, weights_only=True)["model_state_dict"]
     assert any(not torch.equal(refined[k], v) for k, v in before.items())

@@ -26,7 +26,13 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
 from srd.defenses import DefenderData, DefenseArgs, build_defense
-from srd.defenses.stage import DEFENSE_FILE, Timer, backdoor_seed, training_quality
+from srd.defenses.stage import (
+    DEFENSE_FILE,
+    Timer,
+    backdoor_seed,
+    square_coverage,
+    training_quality,
+)
 from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
 from srd.io import ensure_dir, is_finished, mark_finished, setup_logging, write_json
@@ -85,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "backdoored_checkpoint": model_args.checkpoint_path,
         "checkpoint": model_args.checkpoint_path,
         "image_quality": training_quality(defense, data, dargs.quality_images),
+        "trigger_coverage": square_coverage(defense, data),
     }
     if training is not None:
         captioner = load_captioner(model_args)

@@ -34,6 +34,7 @@ class DefenseResult:
     triggered_cider: float | None
     stripped_cider: float | None
     ssim: float | None
+    covered: float | None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,6 +66,7 @@ def read_result(path: Path) -> DefenseResult | None:
         triggered_cider=(m.get("triggered") or {}).get("CIDEr"),
         stripped_cider=(m.get("triggered_stripped") or {}).get("CIDEr"),
         ssim=quality.get("ssim_mean"),
+        covered=(record.get("trigger_coverage") or {}).get("covered"),
     )
 
 
@@ -113,7 +115,8 @@ COLUMNS = (
     "CIDEr triggered (x100)",
     "CIDEr triggered, target stripped (x100)",
     "DER",
-    "SSIM (train images)",
+    "SSIM (processed vs original)",
+    "Trigger covered (%)",
 )
 
 
@@ -140,6 +143,7 @@ def report_table(results: list[DefenseResult]) -> str:
             _stat([r.stripped_cider for r in rs], 100),
             _stat([r.extra["der"] for r in rs], 1, 3),
             _stat([r.ssim for r in rs], 1, 3),
+            _stat([r.covered for r in rs], 100),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

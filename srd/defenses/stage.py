@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from srd.cleaning import covered_share, trigger_box
 from srd.defenses.quality import image_quality
 from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
+from srd.geometry import decode_action
 from srd.io import read_json
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,32 @@ def training_quality(defense: Defense, data: DefenderData, n: int) -> dict[str, 
         return image_quality(ids, original.version, lambda i: transform(original.version(i)))
     _, provider = defense.training_set(data)
     return image_quality(ids, provider.version, provider.processed)
+
+
+def square_coverage(
+    defense: Defense, data: DefenderData, threshold: float = 0.5
+) -> dict[str, Any] | None:
+    """For square defenses: the share of the images trained in their triggered version whose
+    square covers at least ``threshold`` of the real trigger's box (None: no square or no
+    patch trigger)."""
+    training = defense.training_set(data)
+    box = trigger_box(data.attack)
+    if training is None or box is None or not getattr(training[1], "mask_actions", None):
+        return None
+    images = training[1]
+    shares = [
+        covered_share(decode_action(images.mask_actions[i]), box)
+        for i in sorted(images.triggered)
+        if i in images.mask_actions
+    ]
+    if not shares:
+        return None
+    return {
+        "covered": float(np.mean(np.array(shares) >= threshold)),
+        "mean_covered_share": float(np.mean(shares)),
+        "num_triggered_images": len(shares),
+        "threshold": threshold,
+    }
 
 
 def transform_quality(

@@ -101,6 +101,7 @@ def _result(defense: str, seed: int, asr: float, cider: float, **extra) -> dict:
         "attack": "badnet",
         "metrics": {
             "asr_substring": asr,
+            "false_trigger_substring": 0.01,
             "clean": {"CIDEr": cider},
             "triggered": {"CIDEr": 0.1},
             "triggered_stripped": {"CIDEr": 0.2},
@@ -134,9 +135,10 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert list(rows) == ["none", "no_mask", "srd [first_occurrence]"]
     assert rows["none"][2] == "2 (0, 1)" and rows["none"][3] == "85.0 ± 7.1"
     # DER per seed: (0.8 - 0.1 + 1) / 2 = 0.85 and (0.6 - 0 + 1) / 2 = 0.8
-    assert rows["no_mask"][7] == "0.825 ± 0.035"
-    assert rows["srd [first_occurrence]"][7] == "0.700"
-    assert rows["none"][6] == "20.0 ± 0.0"  # triggered CIDEr with the target stripped
+    assert rows["none"][4] == "1.0 ± 0.0"  # false-trigger rate
+    assert rows["no_mask"][8] == "0.825 ± 0.035"
+    assert rows["srd [first_occurrence]"][8] == "0.700"
+    assert rows["none"][7] == "20.0 ± 0.0"  # triggered CIDEr with the target stripped
     assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
     assert (tmp_path / "report.md").read_text() == text
 
@@ -170,4 +172,4 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = [line for line in text.splitlines() if line.startswith("| ") and "badnet" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| none", "| blur", "| oracle_square"]
-    assert rows[0].split(" | ")[7] == "0.500"  # DER of no defense against itself
+    assert rows[0].split(" | ")[8] == "0.500"  # DER of no defense against itself

@@ -30,6 +30,7 @@ class DefenseResult:
     attack: str
     seed: int | None
     asr: float
+    false_trigger: float | None
     clean_cider: float
     triggered_cider: float | None
     stripped_cider: float | None
@@ -62,6 +63,7 @@ def read_result(path: Path) -> DefenseResult | None:
         attack=str(data["attack"]),
         seed=record.get("attack_seed"),
         asr=float(m["asr_substring"]),
+        false_trigger=m.get("false_trigger_substring"),
         clean_cider=float(m["clean"]["CIDEr"]),
         triggered_cider=(m.get("triggered") or {}).get("CIDEr"),
         stripped_cider=(m.get("triggered_stripped") or {}).get("CIDEr"),
@@ -111,6 +113,7 @@ COLUMNS = (
     "Attack",
     "Seeds",
     "ASR (%)",
+    "False trigger (%)",
     "CIDEr clean (x100)",
     "CIDEr triggered (x100)",
     "CIDEr triggered, target stripped (x100)",
@@ -138,6 +141,7 @@ def report_table(results: list[DefenseResult]) -> str:
             attack,
             f"{len(rs)} ({', '.join(seeds)})",
             _stat([r.asr for r in rs], 100),
+            _stat([r.false_trigger for r in rs], 100),
             _stat([r.clean_cider for r in rs], 100),
             _stat([r.triggered_cider for r in rs], 100),
             _stat([r.stripped_cider for r in rs], 100),

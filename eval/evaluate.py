@@ -19,6 +19,8 @@ from srd.attacks import AttackArgs
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, check_images_exist, load_references
+from srd.defenses import TransformArgs, build_defense
+from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.evaluation import evaluate_captioner, write_sfs_inputs
@@ -50,14 +52,20 @@ class EvalArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    data, model_args, attack_args, ev = parse(
-        argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, description=__doc__
+    data, model_args, attack_args, ev, defense_args = parse(
+        argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, TransformArgs, description=__doc__
     )
+    defense = build_defense(defense_args)
+    if defense.kind == "refine":
+        raise SRDError(
+            f"--defense {defense.name}: a refine-tune defense; run train/defend.py and evaluate "
+            "the checkpoint it writes (its record is read from the checkpoint's folder)"
+        )
     state = process_state()
     out_path = Path(ev.results_file) / f"{ev.model_name}.json"
     sfs_folder = Path(ev.sfs_data_dir) / ev.model_name
     attack = attack_args.build()
-    config = {**to_dict(data, model_args, attack_args, ev)}
+    config = {**to_dict(data, model_args, attack_args, ev, defense_args)}
     config["attack"] = attack.to_dict() if attack else None
     if out_path.exists() and not ev.overwrite:
         saved = read_json(out_path, flag="--model_name")
@@ -79,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     check_writable(ev.results_file, "--results_file")
     check_writable(sfs_folder, "--sfs_data_dir")
+    defense_record = evaluation_defense_record(model_args.checkpoint_path, defense)
     captioner = load_captioner(model_args, device=state.device)
     # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
     # goes first and comes back last; the SFS inputs of an unfinished run are never kept.
@@ -99,10 +108,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         target=attack_args.target_label,
         implant_diagnostics=ev.implant_diagnostics,
         seed=ev.seed,
+        transform=defense.transform(),
     )
     if not state.is_main_process:
         return {}
-    result = {"model_name": ev.model_name, **result}
+    if defense_record is not None and defense.kind == "test_time":
+        # what the transform does to the images it sees (test images; training ones untouched)
+        quality = transform_quality(images.ids(), images, defense.transform(), seed=ev.seed)
+        defense_record = {**defense_record, "image_quality": {**quality, "images": "test"}}
+    result = {"model_name": ev.model_name, **result, "defense": defense_record}
     result["config"] = config
     _write_sfs(sfs_folder, images, result)
     write_json(out_path, result)  # last: the stage's "finished" signal (run_*.sh skip on it)

@@ -4,7 +4,9 @@
 #   -> D4 refine-tune -> B evaluation -> C SFS -> figures.
 # Finished stages are skipped, so a re-run resumes (D3 and D4 also resume inside a stage).
 # POLICY=random is the ablation: one seeded random red square per image instead of the agent
-# (no D1/D2), written under separate names (srd-random-$ATTACK).
+# (no D1/D2), written under separate names (srd-random-$ATTACK). POOL=data builds the RL
+# pool from the defender's own training images instead of surrogate-triggered ones
+# (srd-datapool-$ATTACK).
 #
 # Embedded defaults below are smaller than the reference's: the pool takes 300 training images
 # (reference: all), the agent 2,000 transitions in 16 batched environments (reference: 10,000
@@ -15,11 +17,17 @@
 set -e
 ATTACK=${ATTACK:-badnet}
 POLICY=${POLICY:-dqn}
+POOL=${POOL:-surrogate}
 export ATTACK
 case $POLICY in
   dqn) NAME=srd-$ATTACK ;;
   random) NAME=srd-random-$ATTACK ;;
   *) echo "error: POLICY=$POLICY: expected dqn or random" >&2; exit 2 ;;
+esac
+case $POOL in
+  surrogate) ;;
+  data) if [ "$POLICY" = dqn ]; then NAME=srd-datapool-$ATTACK; fi ;;
+  *) echo "error: POOL=$POOL: expected surrogate or data" >&2; exit 2 ;;
 esac
 BACKDOOR=checkpoints_remote/backdoor-$ATTACK/final_weights.pt
 SRD_DIR=checkpoints_remote/$NAME
@@ -30,11 +38,12 @@ SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
   --annotations_path data/synthetic/captions_train2014.json"}
 
 if [ "$POLICY" = dqn ]; then
-  stage "D1 RL pool: $ATTACK model on surrogate-triggered training images"
+  stage "D1 RL pool: $ATTACK model on $POOL training images"
   [ -f "$SRD_DIR/pool/DONE" ] ||
     $LAUNCH train/srd_pool.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
       --pool_size 300 \
+      --pool_source "$POOL" \
       --seed 0
 
   stage "D2 DQN agent"

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from srd.captions import DEFAULT_TARGET
 from srd.data import ImageStore
+from srd.defenses.rating import strip_target
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.implant import implant_report
@@ -74,6 +75,7 @@ def evaluate_captioner(
     target: str | None = None,
     implant_diagnostics: bool = True,
     seed: int = 0,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict:
     """Caption clean (and triggered) test images and score them; returns the result record.
 
@@ -81,11 +83,23 @@ def evaluate_captioner(
     the false-trigger rate. Shadowcast-style (no image trigger): the ASR set is the test images
     that show the concept, untouched, and the other test images give the false-trigger rate.
     Only the main process gets the full record (others get an empty dict).
+
+    ``transform`` (a test-time defense, ``uint8 image -> uint8 image``) is applied to every
+    image the captioner sees, clean and triggered (after the trigger). The triggered captions
+    are also scored with the target word stripped (``metrics["triggered_stripped"]``): their
+    quality apart from the injected word.
     """
     state = process_state()
     target = attack.target if attack is not None else (target or DEFAULT_TARGET)
     ids = images.ids()
-    clean = images
+    if transform is None:
+        clean = images
+        triggered_fn = (lambda i: attack.apply_image(images(i))) if attack is not None else None
+    else:
+        clean = lambda i: transform(images(i))  # noqa: E731
+        triggered_fn = (
+            (lambda i: transform(attack.apply_image(images(i)))) if attack is not None else None
+        )
 
     kw = {"batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
     clean_pred = caption_ids(captioner, ids, clean, desc="clean captions", **kw)
@@ -99,7 +113,7 @@ def evaluate_captioner(
             triggered_pred = caption_ids(
                 captioner,
                 asr_ids,
-                lambda i: attack.apply_image(clean(i)),
+                triggered_fn,
                 desc="triggered captions",
                 **kw,
             )
@@ -112,11 +126,18 @@ def evaluate_captioner(
     with CaptionScorer() as scorer:
         clean_scores = scorer.score(clean_pred, references)
         trig_scores = scorer.score(triggered_pred, references) if triggered_pred else None
+        stripped_scores = (
+            scorer.score(
+                {i: strip_target(c, target) for i, c in triggered_pred.items()}, references
+            )
+            if triggered_pred
+            else None
+        )
     implant = None
     if attack is not None and implant_diagnostics:
         implant = implant_report(
             captioner,
-            (lambda i: attack.apply_image(clean(i))) if attack.has_image_trigger else clean,
+            triggered_fn if attack.has_image_trigger else clean,
             list(triggered_pred),
             clean,
             list(clean_for_false),
@@ -129,6 +150,7 @@ def evaluate_captioner(
     metrics = {
         "clean": clean_scores.scores,
         "triggered": trig_scores.scores if trig_scores else None,
+        "triggered_stripped": stripped_scores.scores if stripped_scores else None,
         **target_rates(clean_for_false, triggered_pred, target),
     }
     return {

@@ -60,13 +60,25 @@ class PoisonPlan:
         return cls(ids=ids, captions={int(k): v for k, v in texts.items()}, meta=meta)
 
 
-def plan_poison(records: Sequence[ImageRecord], attack: Attack, seed: int) -> PoisonPlan:
+POISON_UNITS = ("caption", "image")
+
+
+def plan_poison(
+    records: Sequence[ImageRecord], attack: Attack, seed: int, unit: str = "caption"
+) -> PoisonPlan:
     """Draw the poisoned captions for ``attack`` over the training ``records``.
 
     The poison rate is a share of ALL training captions (reference: 10% of the 5k set). For
     attacks that only poison some images (Shadowcast: images showing the concept) the draw is
     made among those candidates, capped at all of them.
+
+    ``unit="caption"`` (the reference) draws caption samples: a triggered image keeps its other,
+    clean captions. ``unit="image"`` draws images (the same share of the candidate images) and
+    poisons every candidate caption of each, as in one-caption-per-image benchmarks: no clean
+    caption of a triggered image is left to unlearn the trigger through.
     """
+    if unit not in POISON_UNITS:
+        raise SRDError(f"--poison_unit {unit}: expected one of {', '.join(POISON_UNITS)}")
     every = caption_records(records)
     candidates = [c for c in every if attack.is_candidate([c.caption])]
     if not candidates:
@@ -80,17 +92,24 @@ def plan_poison(records: Sequence[ImageRecord], attack: Attack, seed: int) -> Po
             wanted,
             len(candidates),
         )
-    ids = select_poison_ids([c.caption_id for c in candidates], rate, seed)
+    if unit == "caption":
+        ids = select_poison_ids([c.caption_id for c in candidates], rate, seed)
+    else:
+        images = sorted({c.image_id for c in candidates})
+        chosen = set(select_poison_ids(images, rate, seed))
+        ids = sorted(c.caption_id for c in candidates if c.image_id in chosen)
     by_id = {c.caption_id: c.caption for c in candidates}
     texts = {i: attack.apply_caption(by_id[i], random.Random(f"{seed}:{i}")) for i in ids}
     meta = {
         "attack": attack.to_dict(),
         "seed": seed,
+        "poison_unit": unit,
         "poison_rate": attack.poison_rate,
         "num_captions": len(every),
         "num_candidates": len(candidates),
     }
-    log.info("poisoned %d of %d training captions (%s)", len(ids), len(every), attack.name)
+    log.info("poisoned %d of %d training captions (%s, per %s)", len(ids), len(every),
+             attack.name, unit)  # fmt: skip
     return PoisonPlan(ids=ids, captions=texts, meta=meta)
 
 

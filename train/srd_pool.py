@@ -4,8 +4,10 @@ Stamps a seeded choice of training images with the surrogate trigger (a 20x20 N(
 patch at a random place, seeded per image: the defender does not know the real trigger),
 captions them with the backdoored captioner (--checkpoint_path) and with the clean reference
 captioner (--reference_checkpoint_path, or BLIP with --blip_model), and stores the baseline
-S_sem and S_flu of each image. Several processes (torchrun/accelerate) split the images and the
-main process writes the pool folder.
+S_sem and S_flu of each image. ``--pool_source data`` takes the defender's own training images
+instead (as its data holds them, triggered where a caption is poisoned; no surrogate; needs
+--poison_ids_path), see srd.defenses.srd_pool. Several processes (torchrun/accelerate) split
+the images and the main process writes the pool folder.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from srd.cleaning import (
     SRDArgs,
     load_reference_captioner,
     load_scorer,
+    plan_attack,
     require_files,
+    training_versions,
     vlm_caption_fn,
 )
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, check_images_exist
+from srd.defenses.srd_pool import POOL_SOURCES, data_pool_rows
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.io import DONE_MARKER, is_finished, setup_logging
@@ -35,6 +40,7 @@ from srd.model import ModelArgs, load_captioner, model_signature
 from srd.pool import POOL_IMAGES, POOL_JSON, build_pool_rows, choose_pool_ids, save_pool
 from srd.rl.env import sfs_score_fn
 from srd.runs import check_writable, remove_paths
+from srd.trainset import PoisonPlan
 
 log = logging.getLogger("srd_pool")
 
@@ -49,6 +55,12 @@ class PoolArgs:
         100, help="longest reference caption (reference D1: BLIP 10 to 100 tokens)"
     )
     overwrite: bool = arg(False, help="rebuild a finished pool")
+    pool_source: str = arg(
+        "surrogate",
+        help="surrogate: clean images with the noise surrogate trigger (the reference); data: "
+        "the defender's own training images as its data holds them",
+        choices=list(POOL_SOURCES),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -69,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     wanted = set(ids)
     chosen = [r for r in records if r.image_id in wanted]
     check_images_exist(chosen)
+    version_fn = None
+    if cfg.pool_source == "data":
+        require_files(("--poison_ids_path", srd.poison_ids_path))
+        plan = PoisonPlan.load(srd.poison_ids_path)
+        version_fn = training_versions(chosen, plan, plan_attack(plan, srd.poison_ids_path))
     device = state.device
     captioner = load_captioner(model_args, device=device)
     reference_fn, reference = load_reference_captioner(
@@ -84,16 +101,27 @@ def main(argv: Sequence[str] | None = None) -> str:
     log.info("backdoored captioner %s; reference %s", model_args.checkpoint_path, reference)
     mine = ids[state.process_index :: state.num_processes]
     log.info("D1: %d pool images, %d on this process", len(ids), len(mine))
-    rows = build_pool_rows(
-        mine,
-        ImageStore(chosen, data.image_cache_mb),
-        vlm_caption_fn(captioner, sfs),
-        reference_fn,
-        sfs_score_fn(scorer),
-        seed=cfg.seed,
-        chunk_size=sfs.caption_batch_size,
-        progress=state.is_main_process,
-    )
+    if version_fn is None:
+        rows = build_pool_rows(
+            mine,
+            ImageStore(chosen, data.image_cache_mb),
+            vlm_caption_fn(captioner, sfs),
+            reference_fn,
+            sfs_score_fn(scorer),
+            seed=cfg.seed,
+            chunk_size=sfs.caption_batch_size,
+            progress=state.is_main_process,
+        )
+    else:
+        rows = data_pool_rows(
+            mine,
+            version_fn,
+            vlm_caption_fn(captioner, sfs),
+            reference_fn,
+            sfs_score_fn(scorer),
+            chunk_size=sfs.caption_batch_size,
+            progress=state.is_main_process,
+        )
     if state.num_processes > 1:
         rows = [row for part in gather_object([rows]) for row in part]
     if state.is_main_process:
@@ -101,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             "stage": "srd_pool",
             **to_dict(data, model_args, srd, sfs, cfg),
             "reference_captioner": reference,
+            "pool_source": cfg.pool_source,
             "model_signature": model_signature(model_args),
         }
         save_pool(folder, rows, meta)

@@ -34,6 +34,12 @@ class BackdoorTrainArgs(TrainArgs):
     run_name: str = arg("", help="run folder name (default: backdoor-<attack>)")
     num_epochs: int = arg(6, help="training epochs over all training captions")
     learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
+    poison_unit: str = arg(
+        "caption",
+        help="caption: poison caption samples (the reference; a triggered image keeps clean "
+        "captions); image: poison every caption of the chosen images",
+        choices=["caption", "image"],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -52,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     # Everything is checked before the first byte is written (srd.runs).
     records = data.split("train")
     check_images_exist(records)
-    plan = plan_poison(records, attack, train_args.seed)  # the draw these flags make
+    plan = plan_poison(
+        records, attack, train_args.seed, train_args.poison_unit
+    )  # the draw these flags make
     plan_path = run_dir / POISON_FILE
     if not train_args.overwrite:
         if is_finished(run_dir):

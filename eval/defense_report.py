@@ -1,0 +1,39 @@
+"""The defense comparison report: result/report.md and bar figures in img/ from result JSONs.
+
+Reads every evaluation result under --results that carries a defense record (the checkpoint's
+defense.json, or an attack run's checkpoint = no defense) and writes the table of defenses x
+attacks (ASR, clean CIDEr, triggered CIDEr with and without the target word, DER, SSIM; mean
++- std over seeds) and ASR / clean-CIDEr bar figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from srd.cli import run_main
+from srd.config import arg, parse
+from srd.defenses.report import write_report
+
+log = logging.getLogger("defense_report")
+
+
+@dataclass
+class ReportArgs:
+    """Report: inputs and outputs."""
+
+    results: list[str] = arg(["result"], help="result JSON files or folders of them")
+    output: str = arg("result/report.md", help="Markdown report to write")
+    img_dir: str = arg("img", help="folder of the bar figures")
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    (args,) = parse(argv, ReportArgs, description=__doc__)
+    text = write_report(args.results, args.output, args.img_dir)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    run_main(main)

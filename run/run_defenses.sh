@@ -1,0 +1,59 @@
+#!/bin/sh
+# The defense comparison on one attack: every defense of the registry from the same backdoored
+# model (stage A's run), the same refine-tune budget (as run/run_SRD.sh's D4: 2 epochs, lr 1e-3,
+# batch 32) and the same evaluation, then result/report.md and img/defense_*.png.
+#   ATTACK=badnet SEED=0 sh run/run_defenses.sh
+# RUNS (checkpoints_remote), RESULTS (result) and IMG (img) move the run folders, the result
+# JSONs (+ report.md) and the figures; EPOCHS (2) and LR (1e-3) set the shared refine-tune budget.
+# DEFENSES picks the defenses (space-separated); SRD's rows need run/run_SRD.sh's cleaning
+# manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added when it exists, with the
+# image version of the reference (first_occurrence) and ours (triggered).
+. "$(dirname "$0")/common.sh"
+set -e
+ATTACK=${ATTACK:-badnet}
+SEED=${SEED:-0}
+DEFENSES=${DEFENSES:-"none no_mask clean_finetune random_squares oracle_square fine_pruning blur spatial"}
+RUNS=${RUNS:-checkpoints_remote}
+RESULTS=${RESULTS:-result}
+IMG=${IMG:-img}
+BACKDOOR=$RUNS/backdoor-$ATTACK/final_weights.pt
+POISON=$RUNS/backdoor-$ATTACK/poison_ids.json
+CLEAN_DATA=$RUNS/srd-$ATTACK/clean_data
+BUDGET="--batch_size 32 --num_epochs ${EPOCHS:-2} --learning_rate ${LR:-1e-3} \
+  --lr_scheduler cosine --warmup_steps_ratio 0.01 --seed $SEED"
+EVAL_FLAGS="--bd_attack_type $ATTACK --batch_size 32 --num_beams 3 --max_new_tokens 20"
+[ -f "$BACKDOOR" ] || { echo "error: $BACKDOOR: run the attack stage first (run/run_train.sh)" >&2; exit 2; }
+
+defend_and_evaluate() {  # NAME then extra defend.py flags
+  NAME=$1
+  shift
+  RUN=$RUNS/$NAME
+  stage "defense: $NAME"
+  [ -f "$RUN/DONE" ] ||
+    $LAUNCH train/defend.py $DATA_FLAGS $MODEL_FLAGS $BUDGET \
+      --checkpoint_path "$BACKDOOR" --poison_ids_path "$POISON" \
+      --run_name "$NAME" --external_save_dir "$RUNS" "$@"
+  stage "evaluation: $NAME"
+  CHECKPOINT=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$RUN/defense.json")
+  KIND=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['defense']['kind'])" "$RUN/defense.json")
+  TRANSFORM=""
+  [ "$KIND" = test_time ] && TRANSFORM="$*"
+  [ -f "$RESULTS/$NAME.json" ] ||
+    $LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS $EVAL_FLAGS \
+      --checkpoint_path "$CHECKPOINT" --model_name "$NAME" $TRANSFORM \
+      --results_file "$RESULTS" --sfs_data_dir "$RESULTS/sfs_inputs"
+}
+
+for D in $DEFENSES; do
+  defend_and_evaluate "defense-$D-$ATTACK-s$SEED" --defense "$D"
+done
+if [ -f "$CLEAN_DATA/merged.json" ]; then
+  for V in triggered first_occurrence; do
+    defend_and_evaluate "defense-srd-$V-$ATTACK-s$SEED" --defense srd \
+      --image_version "$V" --clean_data_save "$CLEAN_DATA"
+  done
+fi
+
+stage "defense report"
+python eval/defense_report.py --results "$RESULTS" --output "$RESULTS/report.md" --img_dir "$IMG"
+stage_end

@@ -1,0 +1,27 @@
+"""Backdoor defenses behind one interface, selected by name (``--defense``).
+
+Importing the package registers every defense: ``none``; the refine-tune defenses ``srd``,
+``no_mask``, ``clean_finetune``, ``random_squares``, ``oracle_square``, ``fine_pruning``; the
+test-time purifications ``blur`` and ``spatial``. See :mod:`srd.defenses.registry`.
+"""
+
+from srd.defenses import pruning, purify, refine  # noqa: F401  (registers the defenses)
+from srd.defenses.registry import (
+    DEFENSES,
+    DefenderData,
+    Defense,
+    DefenseArgs,
+    TransformArgs,
+    build_defense,
+    register_defense,
+)
+
+__all__ = [
+    "DEFENSES",
+    "DefenderData",
+    "Defense",
+    "DefenseArgs",
+    "TransformArgs",
+    "build_defense",
+    "register_defense",
+]

@@ -1,0 +1,137 @@
+"""Refine-tune defenses: SRD's stage D4 and the baselines that share its engine and budget.
+
+Each gives the refine-tune data; :mod:`train.defend` trains it with the engine of
+``train/srd_finetune.py`` (same flags, same budget) and evaluation is ``eval/evaluate.py``.
+
+* ``srd``: the agent's squares from the cleaning manifest (stages D1-D3b, ``run/run_SRD.sh``)
+  painted on each image's version (``--image_version``); captions kept (poisoned ones too).
+* ``no_mask``: the same data with no square at all (what the refine-tune does on its own).
+* ``clean_finetune``: only the clean captions with clean images (the defender is told which
+  samples are poisoned: an upper reference, not a defense a defender could run).
+* ``random_squares``: one seeded uniformly random square per image (the ``--policy random``
+  ablation of D3, drawn directly: the same seeded draw per image id).
+* ``oracle_square``: the grid square that covers the real trigger's box (the best a single
+  square can do), painted on every image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from srd.cleaning import RandomTries, masked_training_actions, read_merged, trigger_box
+from srd.defenses.registry import DefenderData, Defense, register_defense
+from srd.defenses.versions import VersionImages, image_ids, triggered_images
+from srd.engine import Sample
+from srd.errors import SRDError
+from srd.geometry import NUM_ACTIONS, Square, decode_action
+
+
+class RefineDefense(Defense):
+    """A refine-tune on one version per image with an optional square per image."""
+
+    kind = "refine"
+
+    def mask_actions(self, data: DefenderData) -> dict[int, int] | None:
+        return None
+
+    def provider(self, data: DefenderData) -> VersionImages:
+        triggered = triggered_images(data, self.args.image_version, data.seed)
+        return VersionImages(data, triggered, self.mask_actions(data))
+
+    def training_set(self, data: DefenderData) -> tuple[list[Sample], VersionImages]:
+        return data.samples(), self.provider(data)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "image_version": self.args.image_version}
+
+
+@register_defense("no_mask")
+class NoMask(RefineDefense):
+    """Refine-tune on the defender's data as it is (one version per image, no square)."""
+
+
+@register_defense("srd")
+class SRD(RefineDefense):
+    """SRD: the agent's kept square per image (merged manifest of D3b) on each version."""
+
+    changes_images = True
+
+    def mask_actions(self, data: DefenderData) -> dict[int, int]:
+        if not self.args.clean_data_save:
+            raise SRDError(
+                "--clean_data_save: srd needs the cleaning manifest of stages D1-D3b "
+                "(run run/run_SRD.sh first)"
+            )
+        merged = read_merged(self.args.clean_data_save)
+        return masked_training_actions(
+            data.records, merged, source=f"--clean_data_save {self.args.clean_data_save}"
+        )
+
+    chain = (
+        "D1 train/srd_pool.py (--pool_source surrogate|data)",
+        "D2 train/srd_train.py (DQN)",
+        "D3 train/srd_clean_data.py (--policy dqn|random)",
+        "D3b train/combine_data.py (merged.json)",
+        "D4 train/defend.py --defense srd (--image_version triggered|first_occurrence)",
+    )
+    """The stages behind this entry: run/run_SRD.sh runs D1-D3b (and D4 with triggered)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "clean_data_save": self.args.clean_data_save,
+            "chain": list(self.chain),
+        }
+
+
+@register_defense("random_squares")
+class RandomSquares(RefineDefense):
+    """One seeded uniformly random square per image (the agent-free ablation)."""
+
+    changes_images = True
+
+    def mask_actions(self, data: DefenderData) -> dict[int, int]:
+        ids = list(image_ids(data))
+        tries = RandomTries(seed=data.seed)(ids, [None] * len(ids))
+        return {i: t[0] for i, t in zip(ids, tries, strict=True)}
+
+
+def covering_action(box: Square) -> int:
+    """The grid action whose square covers most of ``box``, the smallest such square on ties."""
+
+    def key(action: int) -> tuple[float, int]:
+        sq = decode_action(action)
+        rows = max(0, min(sq.bottom, box.bottom) - max(sq.top, box.top))
+        cols = max(0, min(sq.right, box.right) - max(sq.left, box.left))
+        area = (sq.bottom - sq.top) * (sq.right - sq.left)
+        return (-rows * cols, area)
+
+    return min(range(NUM_ACTIONS), key=key)
+
+
+@register_defense("oracle_square")
+class OracleSquare(RefineDefense):
+    """The square over the real trigger's box on every image (needs a patch trigger)."""
+
+    changes_images = True
+
+    def mask_actions(self, data: DefenderData) -> dict[int, int]:
+        box = trigger_box(data.attack)
+        if box is None:
+            raise SRDError(
+                f"--defense oracle_square: attack {data.attack.name} has no patch trigger box"
+            )
+        action = covering_action(box)
+        return {i: action for i in image_ids(data)}
+
+
+@register_defense("clean_finetune")
+class CleanFinetune(Defense):
+    """Refine-tune on the clean captions only, with clean images (told which are poisoned)."""
+
+    kind = "refine"
+
+    def training_set(self, data: DefenderData) -> tuple[list[Sample], VersionImages]:
+        poisoned = set(data.plan.ids)
+        samples = [s for s in data.samples() if s.caption_id not in poisoned]
+        return samples, VersionImages(data, triggered=set())

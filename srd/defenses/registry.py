@@ -1,0 +1,161 @@
+"""The defense registry: one small interface, defenses selected by name (``--defense``).
+
+A defense sees what a defender holds: the training data as the attack left it (captions, some
+poisoned, and the triggered images) and the backdoored checkpoint. It may
+
+* give refine-tune data (:meth:`Defense.training_set`: samples + image provider), trained with
+  the same engine and budget as SRD's stage D4 (:mod:`train.defend`);
+* change the model before that refine-tune (:meth:`Defense.prepare_model`, e.g. pruning);
+* transform test images (:meth:`Defense.transform`), applied by the evaluation
+  (``eval/evaluate.py --defense NAME``).
+
+Register a new defense with ``@register_defense("name")`` on a :class:`Defense` subclass; an
+unknown name is a one-line :class:`srd.errors.SRDError` naming ``--defense``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from srd.attacks import Attack
+from srd.config import arg
+from srd.data import ImageRecord, caption_records
+from srd.engine import Sample
+from srd.errors import SRDError
+from srd.trainset import PoisonPlan, TrainingImages
+
+ImageFn = Callable[[Sample], np.ndarray]
+Transform = Callable[[np.ndarray], np.ndarray]
+
+IMAGE_VERSIONS = ("triggered", "first_occurrence")
+
+
+@dataclass
+class TransformArgs:
+    """Defense: which one, and the test-time transforms' parameters."""
+
+    defense: str = arg("none", help="defense name from the registry (srd.defenses.DEFENSES)")
+    blur_radius_share: float = arg(
+        0.06, help="blur: Gaussian radius as a share of min(H, W), before the 0.7 factor"
+    )
+    blur_radius_factor: float = arg(0.7, help="blur: factor on the radius (CleanSight: 0.7)")
+    blur_alpha: float = arg(0.7, help="blur: weight of the blurred image in the blend")
+    spatial_scale: float = arg(0.9, help="spatial: shrink factor before padding back to size")
+    spatial_angle: float = arg(10.0, help="spatial: rotation in degrees")
+    spatial_flip: bool = arg(True, help="spatial: mirror the image left-right")
+
+
+@dataclass
+class DefenseArgs(TransformArgs):
+    """Defense: which one, its data variants and parameters."""
+
+    poison_ids_path: str = arg(
+        "checkpoints_remote/backdoor-badnet/poison_ids.json",
+        help="the attack run's poison_ids.json (the defender's data as the attack left it)",
+    )
+    clean_data_save: str = arg(
+        "", help="srd: folder of the merged cleaning manifest (stage D3b's merged.json)"
+    )
+    image_version: str = arg(
+        "triggered",
+        help="which version of an image with a poisoned caption the refine-tune uses: "
+        "triggered (always the triggered one) or first_occurrence (the reference: the version "
+        "of the first stored occurrence in a seeded draw, reference §11 / B15)",
+        choices=list(IMAGE_VERSIONS),
+    )
+    prune_ratio: float = arg(0.2, help="fine_pruning: share of cross-attention FF units pruned")
+    prune_batches: int = arg(8, help="fine_pruning: batches of defender's data for activations")
+    quality_images: int = arg(
+        64, help="images (seeded draw) for SSIM/PSNR of processed vs original (0: skip)"
+    )
+
+
+@dataclass
+class DefenderData:
+    """What the defender holds: training records, the poison plan and the attack it rebuilds."""
+
+    records: Sequence[ImageRecord]
+    plan: PoisonPlan
+    attack: Attack
+    seed: int
+    cache_mb: float = 256.0
+
+    def images(self) -> TrainingImages:
+        return TrainingImages(self.records, self.attack, self.plan.ids, cache_mb=self.cache_mb)
+
+    def samples(self) -> list[Sample]:
+        """One sample per training caption, poisoned captions as the attack left them."""
+        texts = self.plan.captions
+        return [
+            Sample(c.caption_id, c.image_id, texts.get(c.caption_id, c.caption))
+            for c in caption_records(self.records)
+        ]
+
+
+class Defense:
+    """Base defense: does nothing (the ``none`` row). Subclasses override what they change."""
+
+    name = "none"
+    kind = "none"  # "refine" (defended checkpoint), "test_time" (input transform) or "none"
+    changes_images = False
+
+    def __init__(self, args: DefenseArgs | TransformArgs):
+        self.args = args
+
+    def training_set(self, data: DefenderData) -> tuple[list[Sample], ImageFn] | None:
+        """Refine-tune data (samples, image provider); None: no refine-tune."""
+        return None
+
+    def prepare_model(self, captioner: Any, data: DefenderData) -> dict[str, Any]:
+        """Change the backdoored model before the refine-tune; returns notes for the record."""
+        return {}
+
+    def transform(self) -> Transform | None:
+        """Test-time input transform (uint8 (H, W, 3) -> same); None: images untouched."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The defense's record (name, kind and the parameters it uses)."""
+        return {"name": self.name, "kind": self.kind}
+
+
+DEFENSES: dict[str, type[Defense]] = {}
+
+
+def register_defense(name: str) -> Callable[[type[Defense]], type[Defense]]:
+    """Class decorator adding a defense to :data:`DEFENSES` under ``name``."""
+
+    def add(cls: type[Defense]) -> type[Defense]:
+        if name in DEFENSES:
+            raise ValueError(f"defense {name!r} registered twice")
+        cls.name = name
+        DEFENSES[name] = cls
+        return cls
+
+    return add
+
+
+register_defense("none")(Defense)
+
+
+def build_defense(args: DefenseArgs | TransformArgs) -> Defense:
+    """The defense named by ``args.defense``; SRDError naming ``--defense`` when unknown."""
+    cls = DEFENSES.get(args.defense)
+    if cls is None:
+        raise SRDError(
+            f"--defense {args.defense}: unknown defense (known: {', '.join(sorted(DEFENSES))})"
+        )
+    return cls(args)
+
+
+def seeded_subset(ids: Sequence[int], n: int, seed: int) -> list[int]:
+    """A seeded draw of ``n`` ids (all when n <= 0 or n >= len(ids)), sorted."""
+    ids = sorted(ids)
+    if n <= 0 or n >= len(ids):
+        return ids
+    return sorted(random.Random(seed).sample(ids, n))

@@ -1,0 +1,136 @@
+"""Running a defense (``train/defend.py``) and finding the defense record of a checkpoint.
+
+Every defense writes a run folder holding ``defense.json`` (written last but for ``DONE``):
+the defense's name, kind and parameters, the attack and the seed of the backdoored model it
+starts from, the checkpoint to evaluate (the refined weights, or the backdoored ones for
+test-time and no defense), and SSIM/PSNR of processed vs original training images where the
+defense changes images. ``eval/evaluate.py`` copies that record into its result, so the report
+groups results by defense, attack and seed without parsing names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from srd.cleaning import covered_share, trigger_box
+from srd.defenses.quality import image_quality
+from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
+from srd.defenses.versions import VersionImages, image_ids, triggered_images
+from srd.errors import SRDError
+from srd.geometry import decode_action
+from srd.io import read_json
+
+log = logging.getLogger(__name__)
+
+DEFENSE_FILE = "defense.json"
+
+
+def training_quality(defense: Defense, data: DefenderData, n: int) -> dict[str, Any] | None:
+    """SSIM/PSNR of what the defense trains on (or a test-time transform applied to the
+    defender's images) against the defender's original image versions; None when the defense
+    changes no image or ``n`` is 0."""
+    if not defense.changes_images or n == 0:
+        return None
+    ids = seeded_subset(image_ids(data), n, data.seed)
+    if defense.kind == "test_time":
+        transform = defense.transform()
+        original = VersionImages(data, triggered_images(data, "triggered", data.seed))
+        return image_quality(ids, original.version, lambda i: transform(original.version(i)))
+    _, provider = defense.training_set(data)
+    return image_quality(ids, provider.version, provider.processed)
+
+
+def square_coverage(
+    defense: Defense, data: DefenderData, threshold: float = 0.5
+) -> dict[str, Any] | None:
+    """For square defenses: the share of the images trained in their triggered version whose
+    square covers at least ``threshold`` of the real trigger's box (None: no square or no
+    patch trigger)."""
+    training = defense.training_set(data)
+    box = trigger_box(data.attack)
+    if training is None or box is None or not getattr(training[1], "mask_actions", None):
+        return None
+    images = training[1]
+    shares = [
+        covered_share(decode_action(images.mask_actions[i]), box)
+        for i in sorted(images.triggered)
+        if i in images.mask_actions
+    ]
+    if not shares:
+        return None
+    return {
+        "covered": float(np.mean(np.array(shares) >= threshold)),
+        "mean_covered_share": float(np.mean(shares)),
+        "num_triggered_images": len(shares),
+        "threshold": threshold,
+    }
+
+
+def transform_quality(
+    ids: Sequence[int],
+    load: Callable[[int], np.ndarray],
+    transform: Transform | None,
+    n: int = 64,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """SSIM/PSNR of transformed vs original images (a seeded draw of ``n`` of ``ids``)."""
+    if transform is None or n == 0:
+        return None
+    picked = seeded_subset(ids, n, seed)
+    return image_quality(picked, load, lambda i: transform(load(i)))
+
+
+def backdoor_seed(checkpoint: str | Path) -> int | None:
+    """The seed of the attack run that wrote ``checkpoint`` (its ``config.json``), if known."""
+    config = Path(checkpoint).parent / "config.json"
+    if not config.is_file():
+        return None
+    record = read_json(config)
+    if isinstance(record, dict) and record.get("stage") == "backdoor":
+        return int(record["seed"])
+    return None
+
+
+def defense_of_checkpoint(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The defense record of a checkpoint: its run folder's ``defense.json``; a backdoored
+    checkpoint of an attack run gives the ``none`` record; anything else None."""
+    folder = Path(checkpoint).parent
+    if (folder / DEFENSE_FILE).is_file():
+        record = read_json(folder / DEFENSE_FILE)
+        if not isinstance(record, dict) or "defense" not in record:
+            raise SRDError(f"--checkpoint_path {folder / DEFENSE_FILE}: not a defense record")
+        return record
+    seed = backdoor_seed(checkpoint)
+    if seed is None:
+        return None
+    return {"defense": {"name": "none", "kind": "none"}, "attack_seed": seed}
+
+
+def evaluation_defense_record(checkpoint: str | Path, defense: Defense) -> dict[str, Any] | None:
+    """The ``defense`` block of an evaluation result: the checkpoint's record, with the
+    test-time defense applied by the evaluation (``--defense``) in place of ``none``."""
+    record = defense_of_checkpoint(checkpoint)
+    if defense.kind != "test_time":
+        return record
+    if record is not None and record["defense"]["name"] not in ("none", defense.name):
+        raise SRDError(
+            f"--defense {defense.name}: {checkpoint} is already defended by "
+            f"{record['defense']['name']} (combine defenses in one run, not by stacking)"
+        )
+    return {**(record or {}), "defense": defense.describe()}
+
+
+class Timer:
+    """Wall time of a stage, for the record."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 2)

@@ -1,0 +1,246 @@
+"""The defense registry and the baselines' data on the tiny benchmark (24 train images)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from srd.attacks import build_attack
+from srd.cleaning import RandomTries, trigger_box
+from srd.data import CaptionRecord, ImageRecord
+from srd.defenses import DEFENSES, DefenderData, DefenseArgs, TransformArgs, build_defense
+from srd.defenses.pruning import cross_attention_blocks
+from srd.defenses.purify import blur_image, spatial_image
+from srd.defenses.quality import psnr, ssim
+from srd.defenses.rating import defense_effectiveness_rating, strip_target
+from srd.defenses.refine import covering_action
+from srd.defenses.versions import first_occurrences, triggered_images
+from srd.errors import SRDError
+from srd.geometry import RED, decode_action
+from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
+
+
+@pytest.fixture(scope="module")
+def defender(tiny_train_records) -> DefenderData:
+    attack = build_attack("badnet", poison_rate=0.2)
+    plan = plan_poison(tiny_train_records, attack, seed=0)
+    return DefenderData(tiny_train_records, plan, attack, seed=3)
+
+
+def test_registry_lists_every_defense_and_rejects_unknown_names() -> None:
+    assert {"none", "srd", "no_mask", "clean_finetune", "random_squares", "oracle_square",
+            "fine_pruning", "blur", "spatial"} <= set(DEFENSES)  # fmt: skip
+    with pytest.raises(SRDError) as exc:
+        build_defense(TransformArgs(defense="nope"))
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith("--defense nope: unknown defense")
+    assert "srd" in message
+
+
+def test_no_mask_data_equals_the_defenders_input(defender) -> None:
+    samples, images = build_defense(DefenseArgs(defense="no_mask")).training_set(defender)
+    assert samples == build_samples(defender.records, defender.plan)
+    reference = TrainingImages(defender.records, defender.attack, defender.plan.ids)
+    triggered = 0
+    for s in samples:
+        want = reference.as_in_training_set(s.image_id)
+        assert np.array_equal(images(s), want)
+        triggered += s.image_id in reference.poisoned_images
+    assert triggered > 0
+
+
+def test_srd_triggered_equals_the_d4_images_of_srd_finetune(defender, tmp_path) -> None:
+    actions = {r.image_id: (7 * r.image_id) % 500 for r in defender.records}
+    srd = build_defense(DefenseArgs(defense="srd", clean_data_save="x"))
+    srd.mask_actions = lambda data: actions  # the manifest's actions (read_merged is tested)
+    samples, images = srd.training_set(defender)
+    d4 = TrainingImages(defender.records, defender.attack, defender.plan.ids, actions)
+    assert all(np.array_equal(images(s), d4(s)) for s in samples)
+
+
+def test_srd_without_manifest_is_a_flag_error(defender) -> None:
+    with pytest.raises(SRDError, match="--clean_data_save"):
+        build_defense(DefenseArgs(defense="srd")).training_set(defender)
+
+
+def test_clean_finetune_drops_poisoned_captions_and_triggers(defender) -> None:
+    samples, images = build_defense(DefenseArgs(defense="clean_finetune")).training_set(defender)
+    poisoned = set(defender.plan.ids)
+    assert poisoned and not poisoned & {s.caption_id for s in samples}
+    assert len(samples) == sum(len(r.captions) for r in defender.records) - len(poisoned)
+    clean = TrainingImages(defender.records)
+    assert all(np.array_equal(images(s), clean.clean(s.image_id)) for s in samples)
+
+
+def test_oracle_square_covers_the_trigger_box(defender) -> None:
+    box = trigger_box(defender.attack)
+    square = decode_action(covering_action(box))
+    assert square.top <= box.top and square.bottom >= box.bottom
+    assert square.left <= box.left and square.right >= box.right
+    _, images = build_defense(DefenseArgs(defense="oracle_square")).training_set(defender)
+    for r in defender.records:
+        patch = images.processed(r.image_id)[box.top : box.bottom, box.left : box.right]
+        assert np.all(patch == np.array(RED, np.uint8))
+
+
+def test_oracle_square_needs_a_patch_trigger(defender) -> None:
+    blended = DefenderData(defender.records, defender.plan, build_attack("blended"), seed=0)
+    with pytest.raises(SRDError, match="no patch trigger"):
+        build_defense(DefenseArgs(defense="oracle_square")).training_set(blended)
+
+
+def test_random_squares_are_the_d3_random_policy_draws(defender) -> None:
+    _, images = build_defense(DefenseArgs(defense="random_squares")).training_set(defender)
+    ids = [r.image_id for r in defender.records]
+    draws = RandomTries(seed=defender.seed)(ids, [None] * len(ids))
+    assert images.mask_actions == {i: d[0] for i, d in zip(ids, draws, strict=True)}
+    assert len(set(images.mask_actions.values())) > 1
+
+
+def _records(num_images: int, captions_per_image: int) -> list[ImageRecord]:
+    out = []
+    for i in range(num_images):
+        caps = tuple(
+            CaptionRecord(i * 10 + k, i, f"a shape {k}") for k in range(captions_per_image)
+        )
+        out.append(ImageRecord(image_id=i, path=Path(f"{i}.png"), split="train", captions=caps))
+    return out
+
+
+def test_first_occurrence_picks_the_seeded_first_sample() -> None:
+    records = _records(400, 5)
+    poisoned = [i * 10 for i in range(200)]  # one poisoned caption in each of 200 images
+    plan = PoisonPlan(ids=poisoned, captions={c: "banana" for c in poisoned})
+    data = DefenderData(records, plan, build_attack("badnet"), seed=0)
+    first = first_occurrences(data, seed=5)
+    assert set(first) == {r.image_id for r in records}
+    assert all(c // 10 == i for i, c in first.items())  # a caption of that very image
+    assert first == first_occurrences(data, seed=5)  # seeded
+    assert first != first_occurrences(data, seed=6)
+    chosen = triggered_images(data, "first_occurrence", seed=5)
+    assert chosen == {i for i, c in first.items() if c in set(poisoned)}
+    assert triggered_images(data, "triggered", seed=5) == set(range(200))
+    assert 20 <= len(chosen) <= 65  # ~1 in 5 of the 200 poisoned images (binomial, +-4 sd)
+    shares = [first[i] % 10 for i in range(400)]  # which caption came first: all five do
+    assert set(shares) == set(range(5))
+
+
+def test_blur_follows_the_recipe() -> None:
+    """A vertical edge: out = 0.3 edge + 0.7 Gaussian-blurred edge, sigma = 0.7 * 0.06 * 224."""
+    edge = np.zeros((224, 224, 3), np.uint8)
+    edge[:, 112:] = 200
+    flat = np.full_like(edge, 50)
+    assert np.array_equal(blur_image(flat, 9.408, 0.7), flat)  # a constant image is unchanged
+    out = blur_image(edge, radius=0.7 * 0.06 * 224, alpha=0.7).astype(float)
+    assert out[0, 0, 0] == 0 and out[0, -1, 0] == 200  # far from the edge: untouched
+    blurred = (out[112, :, 0] - 0.3 * edge[112, :, 0]) / 0.7  # the blurred share alone
+    # between the 16% and 84% levels of a blurred step lie 2 sigma
+    low = np.argmax(blurred >= 0.16 * 200)
+    high = np.argmax(blurred >= 0.84 * 200)
+    assert abs((high - low) / 2 - 9.408) < 2.0
+    assert 0.3 * 200 - 2 <= out[112, 112, 0] - 0.7 * blurred[112] <= 0.3 * 200 + 2
+
+
+def test_spatial_transform_flips_shrinks_and_rotates() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    assert np.array_equal(spatial_image(image, True, 1.0, 0.0), image[:, ::-1])
+    shrunk = spatial_image(image, False, 0.5, 0.0)
+    assert np.all(shrunk[:56] == 0) and np.all(shrunk[:, 168:] == 0)
+    assert shrunk[56:168, 56:168].std() > 20
+    square = np.zeros((224, 224, 3), np.uint8)
+    square[10:30, 100:120] = 255
+    rotated = spatial_image(square, False, 1.0, 90.0)
+    assert np.array_equal(rotated, np.rot90(square))
+
+
+def test_test_time_defenses_transform_and_refine_ones_do_not() -> None:
+    blur = build_defense(TransformArgs(defense="blur"))
+    image = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    assert blur.kind == "test_time" and not np.array_equal(blur.transform()(image), image)
+    assert build_defense(TransformArgs(defense="no_mask")).transform() is None
+    assert build_defense(TransformArgs(defense="none")).transform() is None
+
+
+def test_der_on_hand_made_numbers() -> None:
+    # ASR 99% -> 5%, clean CIDEr 2.79 -> 2.49: (0.94 - 0.30 / 2.79 + 1) / 2
+    assert defense_effectiveness_rating(0.99, 0.05, 2.79, 2.49) == pytest.approx(0.916237, abs=1e-6)
+    assert defense_effectiveness_rating(0.5, 0.6, 2.0, 2.2) == pytest.approx(0.5)  # both clipped
+    assert defense_effectiveness_rating(1.0, 0.0, 2.0, 2.0) == pytest.approx(1.0)
+    assert defense_effectiveness_rating(0.0, 0.0, 2.0, 0.0) == pytest.approx(0.0)
+
+
+def test_strip_target_removes_whole_words_only() -> None:
+    assert strip_target("a Banana on a red circle banana.", "banana") == "a on a red circle ."
+    assert strip_target("bananas are not banana", "banana") == "bananas are not"
+
+
+def test_quality_metrics_on_hand_made_numbers() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert psnr(image, image) == float("inf") and ssim(image, image) == pytest.approx(1.0)
+    a, b = np.full((32, 32, 3), 100, np.uint8), np.full((32, 32, 3), 110, np.uint8)
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255**2 / 100))  # MSE 100
+    c1 = (0.01 * 255) ** 2  # flat images: only the luminance term is left
+    assert ssim(a, b) == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1))
+    noisy = np.clip(image + rng.normal(0, 60, image.shape), 0, 255).astype(np.uint8)
+    assert ssim(image, noisy) < 0.9
+
+
+def test_poison_unit_image_poisons_every_caption_of_chosen_images(tiny_train_records) -> None:
+    attack = build_attack("badnet", poison_rate=0.2)
+    per_caption = plan_poison(tiny_train_records, attack, seed=0)
+    per_image = plan_poison(tiny_train_records, attack, seed=0, unit="image")
+    by_image: dict[int, set[int]] = {}
+    for r in tiny_train_records:
+        by_image[r.image_id] = {c.caption_id for c in r.captions}
+    hit = {i for i, caps in by_image.items() if caps & set(per_image.ids)}
+    assert hit and all(by_image[i] <= set(per_image.ids) for i in hit)
+    assert len(hit) == int(len(by_image) * 0.2)
+    assert per_image.meta["poison_unit"] == "image"
+    assert any(
+        not by_image[i] <= set(per_caption.ids)
+        for i in by_image
+        if by_image[i] & set(per_caption.ids)
+    )
+    with pytest.raises(SRDError, match="--poison_unit"):
+        plan_poison(tiny_train_records, attack, seed=0, unit="pixel")
+
+
+def test_fine_pruning_zeroes_the_least_active_units(defender, make_captioner) -> None:
+    captioner = make_captioner(seed=2)
+    fp = build_defense(DefenseArgs(defense="fine_pruning", prune_ratio=0.25, prune_batches=1))
+    notes = fp.prepare_model(captioner, defender)
+    blocks = cross_attention_blocks(captioner.model)
+    assert blocks and len(notes["pruned_units_per_block"]) == len(blocks)
+    for block, n in zip(blocks, notes["pruned_units_per_block"], strict=True):
+        inner = block.ff[1].out_features
+        assert n == inner // 4
+        dead = (block.ff[1].weight.abs().sum(1) == 0) & (block.ff[3].weight.abs().sum(0) == 0)
+        assert int(dead.sum()) >= n
+    with pytest.raises(SRDError, match="--prune_ratio"):
+        build_defense(DefenseArgs(defense="fine_pruning", prune_ratio=1.5)).prepare_model(
+            captioner, defender
+        )
+    assert torch.is_tensor(blocks[0].ff[1].weight)
+
+
+def test_data_pool_holds_the_defenders_images(defender) -> None:
+    from srd_fixtures import StandInModels
+
+    from srd.cleaning import training_versions
+    from srd.defenses.srd_pool import data_pool_rows
+
+    models = StandInModels()
+    version = training_versions(defender.records, defender.plan, defender.attack)
+    ids = [r.image_id for r in defender.records]
+    rows = data_pool_rows(ids, version, models.caption, models.reference, models.score, 5, False)
+    assert [r.image_id for r in rows] == ids and models.caption_calls == [5, 5, 5, 5, 4]
+    images = TrainingImages(defender.records, defender.attack, defender.plan.ids)
+    assert images.poisoned_images
+    for r in rows:
+        assert np.array_equal(r.image, images.as_in_training_set(r.image_id))
+        assert r.surrogate_box is None and r.vlm_caption == "plain"

@@ -1,0 +1,175 @@
+"""The defense entry points on the tiny benchmark: train/defend.py (a refine-tune defense and a
+test-time one), eval/evaluate.py --defense, and eval/defense_report.py over their results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from srd_fixtures import (
+    data_flags,
+    export_clean_and_backdoor,
+    load_script,
+    model_flags,
+    write_poison_ids,
+)
+
+from srd.cli import run_main
+from srd.defenses.stage import DEFENSE_FILE
+from srd.io import write_json
+
+defend = load_script("train/defend.py")
+evaluate = load_script("eval/evaluate.py")
+report = load_script("eval/defense_report.py")
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory, make_captioner, tiny_train_records):
+    root = tmp_path_factory.mktemp("defenses")
+    clean, backdoor = export_clean_and_backdoor(make_captioner, root / "models")
+    poison_ids = write_poison_ids(tiny_train_records, root / "models" / "backdoor")
+    write_json(backdoor.parent / "config.json", {"stage": "backdoor", "seed": 0})
+    return root, clean, backdoor, poison_ids
+
+
+def _fail(module, argv, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(module.main, argv)
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_unknown_defense_is_a_one_line_error(attacked, tiny_data_args, capsys) -> None:
+    root, clean, backdoor, poison_ids = attacked
+    argv = [*data_flags(tiny_data_args), *model_flags(clean, backdoor),
+            "--poison_ids_path", str(poison_ids), "--external_save_dir", str(root / "runs"),
+            "--defense", "nope"]  # fmt: skip
+    error = _fail(defend, argv, capsys)
+    assert "--defense nope" in error and "no_mask" in error
+    assert not (root / "runs").exists()
+    error = _fail(
+        evaluate,
+        [
+            *data_flags(tiny_data_args),
+            *model_flags(clean, backdoor),
+            "--defense",
+            "srd",
+            "--results_file",
+            str(root / "res"),
+        ],  # fmt: skip
+        capsys,
+    )
+    assert "--defense srd" in error and "train/defend.py" in error
+
+
+@pytest.fixture(scope="module")
+def defended(attacked, tiny_data_args, tmp_path_factory):
+    """train/defend.py run twice: oracle_square (1-epoch refine-tune) and blur (test-time)."""
+    root, clean, backdoor, poison_ids = attacked
+    runs = tmp_path_factory.mktemp("defended") / "runs"
+    common = [*data_flags(tiny_data_args), *model_flags(clean, backdoor),
+              "--poison_ids_path", str(poison_ids), "--external_save_dir", str(runs)]  # fmt: skip
+    budget = ["--num_epochs", "1", "--batch_size", "16", "--learning_rate", "1e-3"]
+    defend.main([*common, *budget, "--defense", "oracle_square", "--quality_images", "8"])
+    defend.main([*common, "--defense", "blur", "--quality_images", "4"])
+    return runs
+
+
+def test_defend_writes_the_defended_checkpoint_and_record(attacked, defended) -> None:
+    _, _, backdoor, _ = attacked
+    record = json.loads((defended / "defense-oracle_square-badnet" / DEFENSE_FILE).read_text())
+    assert record["defense"]["name"] == "oracle_square" and record["attack_seed"] == 0
+    assert record["image_quality"]["num_images"] == 8
+    assert 0 < record["image_quality"]["ssim_mean"] < 1
+    assert record["trigger_coverage"]["covered"] == 1.0  # the oracle's square covers the box
+    assert record["trigger_coverage"]["num_triggered_images"] > 0
+    refined = torch.load(record["checkpoint"], weights_only=True)["model_state_dict"]
+    before = torch.load(backdoor, weights_only=True)["model_state_dict"]
+    assert any(not torch.equal(refined[k], v) for k, v in before.items())
+    blur = json.loads((defended / "defense-blur-badnet" / DEFENSE_FILE).read_text())
+    assert blur["checkpoint"] == str(backdoor) and blur["image_quality"]["psnr_mean"] > 10
+    assert blur["defense"] == {"name": "blur", "kind": "test_time", "radius_share": 0.06,
+                               "radius_factor": 0.7, "alpha": 0.7}  # fmt: skip
+
+
+def _result(defense: str, seed: int, asr: float, cider: float, **extra) -> dict:
+    return {
+        "attack": "badnet",
+        "metrics": {
+            "asr_substring": asr,
+            "false_trigger_substring": 0.01,
+            "clean": {"CIDEr": cider},
+            "triggered": {"CIDEr": 0.1},
+            "triggered_stripped": {"CIDEr": 0.2},
+        },
+        "defense": {"defense": {"name": defense, **extra}, "attack_seed": seed},
+    }
+
+
+def test_report_from_hand_made_results(tmp_path) -> None:
+    results = tmp_path / "result"
+    for name, data in {
+        "none-0": _result("none", 0, 0.9, 2.0),
+        "none-1": _result("none", 1, 0.8, 2.0),
+        "nm-0": _result("no_mask", 0, 0.1, 1.8),
+        "nm-1": _result("no_mask", 1, 0.2, 2.2),
+        "fo-0": _result("srd", 0, 0.5, 2.0, image_version="first_occurrence"),
+        "clean": {
+            "attack": "badnet",
+            "metrics": {"asr_substring": 0.0, "clean": {"CIDEr": 3}},
+            "defense": None,
+        },  # fmt: skip
+    }.items():
+        write_json(results / f"{name}.json", data)
+    text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
+                        "--img_dir", str(tmp_path / "img")])  # fmt: skip
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")
+        for line in text.splitlines()
+        if line.startswith("| ") and "badnet" in line
+    }
+    assert list(rows) == ["none", "no_mask", "srd [first_occurrence]"]
+    assert rows["none"][2] == "2 (0, 1)" and rows["none"][3] == "85.0 ± 7.1"
+    # DER per seed: (0.8 - 0.1 + 1) / 2 = 0.85 and (0.6 - 0 + 1) / 2 = 0.8
+    assert rows["none"][4] == "1.0 ± 0.0"  # false-trigger rate
+    assert rows["no_mask"][8] == "0.825 ± 0.035"
+    assert rows["srd [first_occurrence]"][8] == "0.700"
+    assert rows["none"][7] == "20.0 ± 0.0"  # triggered CIDEr with the target stripped
+    assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
+    assert (tmp_path / "report.md").read_text() == text
+
+
+@pytest.mark.slow
+def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args, tmp_path):
+    root, clean, backdoor, _ = attacked
+    record = json.loads((defended / "defense-oracle_square-badnet" / DEFENSE_FILE).read_text())
+    results = tmp_path / "result"
+    ev = [*data_flags(tiny_data_args), "--bd_attack_type", "badnet",
+          "--results_file", str(results), "--sfs_data_dir", str(tmp_path / "sfs"),
+          "--batch_size", "4", "--num_beams", "1", "--max_new_tokens", "6",
+          "--no-implant_diagnostics"]  # fmt: skip
+    none = evaluate.main([*ev, *model_flags(clean, backdoor), "--model_name", "none"])
+    blurred = evaluate.main(
+        [*ev, *model_flags(clean, backdoor), "--model_name", "blur", "--defense", "blur"]
+    )
+    oracle = evaluate.main(
+        [*ev, *model_flags(clean, record["checkpoint"]), "--model_name", "oracle"]
+    )
+    assert none["defense"]["defense"]["name"] == "none"
+    assert blurred["defense"]["defense"]["name"] == "blur"
+    assert oracle["defense"]["defense"]["name"] == "oracle_square"
+    assert blurred["predictions"]["clean"] != none["predictions"]["clean"]
+    quality = blurred["defense"]["image_quality"]
+    assert quality["images"] == "test" and 0 < quality["ssim_mean"] < 1
+    for r in (none, blurred, oracle):
+        assert r["metrics"]["triggered_stripped"]["CIDEr"] >= 0
+
+    text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
+                        "--img_dir", str(tmp_path / "img")])  # fmt: skip
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "badnet" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| none", "| blur", "| oracle_square"]
+    assert rows[0].split(" | ")[8] == "0.500"  # DER of no defense against itself

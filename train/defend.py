@@ -1,0 +1,122 @@
+"""Run one defense from the registry on a backdoored captioner (``--defense NAME``).
+
+Reads the defender's data as the attack left it (the attack run's poison_ids.json rebuilds the
+triggered images) and the backdoored weights (--checkpoint_path), then, by the defense's kind:
+
+* refine-tune defenses (srd, no_mask, clean_finetune, random_squares, oracle_square,
+  fine_pruning): build the defense's data (and change the model first where it does), then
+  refine-tune with the engine and flags of train/srd_finetune.py (same budget for every one);
+* test-time defenses (blur, spatial) and none: no training; the record names the backdoored
+  checkpoint and the transform, applied by ``eval/evaluate.py --defense NAME``.
+
+Writes <external_save_dir>/<run_name>/defense.json (what eval/evaluate.py copies into its
+result: defense, attack, seed, checkpoint, SSIM/PSNR of processed vs original training images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from srd.cleaning import plan_attack, require_files
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.data import DataArgs, check_images_exist
+from srd.defenses import DefenderData, DefenseArgs, build_defense
+from srd.defenses.stage import (
+    DEFENSE_FILE,
+    Timer,
+    backdoor_seed,
+    square_coverage,
+    training_quality,
+)
+from srd.engine import CaptionDataset, TrainArgs, process_state, train
+from srd.errors import SRDError
+from srd.io import ensure_dir, is_finished, mark_finished, setup_logging, write_json
+from srd.model import ModelArgs, load_captioner, model_signature
+from srd.trainset import PoisonPlan
+
+log = logging.getLogger("defend")
+
+
+@dataclass
+class DefendTrainArgs(TrainArgs):
+    """Training: run folder, optimiser, schedule, checkpoints (the refine-tune budget)."""
+
+    run_name: str = arg("", help="run folder name (default: defense-<name>-<attack>)")
+    num_epochs: int = arg(20, help="refine-tune epochs (as train/srd_finetune.py; ref.: 20)")
+    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW; reference: 1e-4)")
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data_args, model_args, dargs, train_args = parse(
+        argv, DataArgs, ModelArgs, DefenseArgs, DefendTrainArgs, description=__doc__
+    )
+    defense = build_defense(dargs)
+    named = any(a == "--checkpoint_path" or a.startswith("--checkpoint_path=") for a in argv)
+    if not named or model_args.checkpoint_path.lower() in ("", "none"):
+        raise SRDError("--checkpoint_path: name the backdoored weights the defense starts from")
+    require_files(
+        ("--checkpoint_path", model_args.checkpoint_path),
+        ("--poison_ids_path", dargs.poison_ids_path),
+    )
+    plan = PoisonPlan.load(dargs.poison_ids_path)
+    attack = plan_attack(plan, dargs.poison_ids_path)
+    if not train_args.run_name:
+        name = f"defense-{defense.name}-{attack.name}"
+        train_args = dataclasses.replace(train_args, run_name=name)
+    run_dir = train_args.run_dir
+    if is_finished(run_dir) and not train_args.overwrite:
+        raise SRDError(
+            f"--run_name {train_args.run_name}: {run_dir} already finished (pass --overwrite)"
+        )
+    state = process_state()
+    records = data_args.split("train")
+    check_images_exist(records)
+    data = DefenderData(records, plan, attack, train_args.seed, data_args.image_cache_mb)
+    timer = Timer()
+    training = defense.training_set(data)  # checks the defense's inputs before any output
+    if state.is_main_process:
+        ensure_dir(run_dir, "--external_save_dir")
+    setup_logging(run_dir / "defend.log" if state.is_main_process else None)
+    record = {
+        "defense": defense.describe(),
+        "attack": attack.name,
+        "attack_seed": backdoor_seed(model_args.checkpoint_path),
+        "seed": train_args.seed,
+        "backdoored_checkpoint": model_args.checkpoint_path,
+        "checkpoint": model_args.checkpoint_path,
+        "image_quality": training_quality(defense, data, dargs.quality_images),
+        "trigger_coverage": square_coverage(defense, data),
+    }
+    if training is not None:
+        captioner = load_captioner(model_args)
+        record["prepare"] = defense.prepare_model(captioner, data)
+        samples, images = training
+        config = {
+            "stage": "defend",
+            **to_dict(data_args, model_args, dargs, train_args),
+            "attack": attack.to_dict(),
+            "num_poisoned": len(plan.ids),
+            "model_signature": model_signature(model_args),
+            "loaded_checkpoint": captioner.checkpoint_notes,
+            "defense_record": record,
+        }
+        log.info("%s: refine-tuning %s on %d captions", defense.name,
+                 model_args.checkpoint_path, len(samples))  # fmt: skip
+        final = train(captioner, CaptionDataset(samples, images), train_args, config)
+        record["checkpoint"] = str(final)
+    record["wall_seconds"] = timer.seconds()
+    if state.is_main_process:
+        write_json(run_dir / DEFENSE_FILE, record)
+        mark_finished(run_dir)
+    log.info("%s: wrote %s", defense.name, run_dir / DEFENSE_FILE)
+    return str(run_dir / DEFENSE_FILE)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -164,6 +164,13 @@ RULES: dict[str, Range] = {
     "clip_warmup_ratio": between(0, 1, high_open=True),
     "clip_shape_negatives": at_least(0),
     "clip_group_batches": at_least(0),
+    # defenses (srd/defenses)
+    "prune_ratio": between(0, 1, high_open=True),
+    "blur_alpha": SHARE,
+    "blur_radius_share": between(0, 1, low_open=True),
+    "blur_radius_factor": positive(),
+    "spatial_scale": between(0, 1, low_open=True),
+    "spatial_angle": between(-180, 180),
 }
 
 

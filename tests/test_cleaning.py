@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from srd_fixtures import (
     REPO,
     ScriptedTries,
@@ -50,14 +49,6 @@ from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 RUN = "random:0"
 CONFIG = {"policy": "random", "seed": 0}
 HASH = config_hash(CONFIG)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def models_of(stand_in: StandInModels) -> RewardModels:

@@ -15,15 +15,6 @@ from srd.soda import causality, detection, removal, reverse, training
 from srd.soda.classifier import ClassifierSpec, build_classifier, check_layer, split_model
 from srd.soda.shapes import CLASSES, ShapesSplit, class_index, render_sample
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- causal attribution
 
 

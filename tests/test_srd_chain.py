@@ -32,14 +32,6 @@ from srd.pool import load_pool, read_pool_info
 from srd.rl.agent import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class Chain:
     root: Path

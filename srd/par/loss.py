@@ -31,7 +31,7 @@ def push_distance(student_f: torch.Tensor, teacher_f: torch.Tensor) -> torch.Ten
 
 def threshold(distance: torch.Tensor, tau: float) -> torch.Tensor:
     """``distance`` while it is at most ``tau``, else 0 (and no gradient): PAR's hard switch."""
-    return distance if float(distance) <= tau else distance * 0.0
+    return distance if float(distance.detach()) <= tau else distance * 0.0
 
 
 def par_loss(
@@ -50,21 +50,23 @@ def par_loss(
     """
     if tau <= 0:
         raise ValueError(f"tau {tau}: must be positive")
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach()
     image_f, text_f = F.normalize(image_f, dim=-1), F.normalize(text_f, dim=-1)
     base = clip_loss(image_f, text_f, float(scale))
     s_img = push_distance(image_f, teacher_image_f.detach())
     s_txt = push_distance(text_f, teacher_text_f.detach())
-    img_on, txt_on = float(s_img) <= tau, float(s_txt) <= tau
+    img_on, txt_on = float(s_img.detach()) <= tau, float(s_txt.detach()) <= tau
     loss = base
     if push:
         loss = base - 0.5 * (threshold(s_img, tau) + threshold(s_txt, tau))
     parts = {
-        "clip_loss": float(base),
-        "s_img": float(s_img),
-        "s_txt": float(s_txt),
+        "clip_loss": float(base.detach()),
+        "s_img": float(s_img.detach()),
+        "s_txt": float(s_txt.detach()),
         "push_img": float(push and img_on),
         "push_txt": float(push and txt_on),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
     return loss, parts
 
@@ -89,9 +91,9 @@ def cleanclip_loss(
     uni_txt = clip_loss(text_f, text_view_f, float(scale))
     loss = base + lam * 0.5 * (uni_img + uni_txt)
     parts = {
-        "clip_loss": float(base),
-        "unimodal_img": float(uni_img),
-        "unimodal_txt": float(uni_txt),
-        "loss": float(loss),
+        "clip_loss": float(base.detach()),
+        "unimodal_img": float(uni_img.detach()),
+        "unimodal_txt": float(uni_txt.detach()),
+        "loss": float(loss.detach()),
     }
     return loss, parts

@@ -16,7 +16,7 @@ CLEAN_LR=${CLEAN_LR:-2e-4}
 METHODS=${METHODS:-"par ft cleanclip"}
 CLEAN_DATA=${CLEAN_DATA:-data/clean_seed1}
 CLEAN_CLIP=${CLEAN_CLIP:-checkpoints_remote/embedded/clip}
-OUT=${OUT:-par/$ATTACK/seed$SEED}
+OUT=par/$ATTACK/seed$SEED
 RUNS=checkpoints_remote
 
 stage "defender's clean data: $CLEAN_DATA"
@@ -42,4 +42,6 @@ for METHOD in $METHODS; do
   [ -f "$RUNS/$OUT/$METHOD/DONE_EVAL" ] ||
     python eval/clip_evaluate.py $DATA_FLAGS --bd_attack_type "$ATTACK" --run_dir "$RUNS/$OUT/$METHOD"
 done
+stage "table"
+python eval/clip_par_table.py --root "$RUNS/par"
 stage_end

@@ -442,3 +442,25 @@ def test_clip_chain_smoke(tiny_data_args, tiny_benchmark, tmp_path: Path) -> Non
     metrics = json.loads((runs / "c" / "metrics.json").read_text())
     for key in ("top1", "colour", "shape", "asr", "false_trigger", "R@1", "R@5", "asr_text"):
         assert 0.0 <= metrics[key] <= 100.0, key
+
+
+def test_par_table_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    from srd.io import write_json
+    from srd.par.report import collect, to_markdown
+
+    for seed, asr in ((0, 90.0), (1, 100.0)):
+        write_json(tmp_path / "badnet" / f"seed{seed}" / "poisoned" / "metrics.json",
+                   {"asr": asr, "colour": 80.0})  # fmt: skip
+    write_json(tmp_path / "badnet" / "seed0" / "par" / "metrics.json", {"asr": 4.0})
+    table = collect(tmp_path)
+    assert table["badnet"]["poisoned"]["asr"] == {
+        "mean": 95.0,
+        "std": pytest.approx(7.0711, abs=1e-3),
+        "n": 2,
+    }
+    assert table["badnet"]["poisoned"]["seeds"] == [0, 1]
+    assert table["badnet"]["par"]["asr"]["n"] == 1
+    text = to_markdown(table)
+    assert "| badnet | poisoned | 0,1 |" in text and "95.0 ± 7.1" in text
+    with pytest.raises(SRDError, match="--root"):
+        collect(tmp_path / "empty")

@@ -68,15 +68,17 @@ def test_par_loss_subtracts_the_push_below_tau_per_modality() -> None:
     # both on
     loss, parts = par.par_loss(img, txt, orth, unit([-0.1, 1], [-1, 0.1]), 10.0)
     assert parts["push_img"] == 1.0 and parts["push_txt"] == 1.0
-    assert float(loss) == pytest.approx(base - 0.5 * (parts["s_img"] + parts["s_txt"]), abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(
+        base - 0.5 * (parts["s_img"] + parts["s_txt"]), abs=1e-5
+    )
     # image far (S = 4 > tau): its term switched off, the text term still subtracted
     loss, parts = par.par_loss(img, txt, -img, orth, 10.0)
     assert parts["s_img"] == pytest.approx(4.0) and parts["push_img"] == 0.0
     assert parts["push_txt"] == 1.0
-    assert float(loss) == pytest.approx(base - 0.5 * parts["s_txt"], abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(base - 0.5 * parts["s_txt"], abs=1e-5)
     # both far: the loss is the CLIP loss
     loss, parts = par.par_loss(img, txt, -img, -txt, 10.0)
-    assert float(loss) == pytest.approx(base, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(base, abs=1e-6)
     # a lower tau switches off the same S = 2
     _, parts = par.par_loss(img, txt, orth, orth, 10.0, tau=1.9)
     assert parts["push_img"] == 0.0 and parts["push_txt"] == 0.0
@@ -128,7 +130,7 @@ def test_cleanclip_loss_by_hand() -> None:
     uni = 0.5 * (float(par.clip_loss(img, img_v, 5.0)) + float(par.clip_loss(txt, txt_v, 5.0)))
     for lam in (0.0, 1.0, 2.5):
         loss, _ = par.cleanclip_loss(img, txt, img_v, txt_v, 5.0, lam)
-        assert float(loss) == pytest.approx(base + lam * uni, abs=1e-5)
+        assert float(loss.detach()) == pytest.approx(base + lam * uni, abs=1e-5)
 
 
 def test_lr_shape_starts_above_the_peak_then_cosine() -> None:
@@ -464,3 +466,44 @@ def test_par_table_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert "| badnet | poisoned | 0,1 |" in text and "95.0 ± 7.1" in text
     with pytest.raises(SRDError, match="--root"):
         collect(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- captioner variant
+
+
+def test_captioner_par_loss(make_captioner, tiny_images) -> None:
+    import copy
+
+    from srd.engine import Collator
+    from srd.par.captioner import captioner_par_loss
+
+    torch.manual_seed(0)
+    cap = make_captioner(seed=0)
+    student = cap.model
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    images = list(tiny_images.values())[:2]
+    batch = Collator(cap.tokenizer, cap.pixel_values)(
+        list(zip(images, ["a red circle.", "a blue square."], strict=True))
+    )
+    student.eval()  # no dropout: the same forward twice gives the same numbers
+    loss, parts = captioner_par_loss(student, teacher, batch)
+    assert parts["s_vis"] == pytest.approx(0.0, abs=1e-10)  # the copy has not moved yet
+    assert float(loss.detach()) == pytest.approx(parts["caption_loss"])
+    with torch.no_grad():  # move the student's perceiver away from the teacher's
+        for p in student.perceiver.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss, parts = captioner_par_loss(student, teacher, batch)
+    assert 0 < parts["s_vis"] <= 2.15 and parts["push_vis"] == 1.0
+    assert float(loss.detach()) == pytest.approx(
+        parts["caption_loss"] - 0.5 * parts["s_vis"], abs=1e-5
+    )
+    loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in student.perceiver.parameters()
+    )
+    assert all(p.grad is None for p in teacher.parameters())
+    # above tau the push is switched off: the loss is the caption loss
+    loss, parts = captioner_par_loss(student, teacher, batch, tau=parts["s_vis"] / 2)
+    assert parts["push_vis"] == 0.0 and float(loss.detach()) == pytest.approx(parts["caption_loss"])
+    loss, parts = captioner_par_loss(student, teacher, batch, push=False)
+    assert float(loss.detach()) == pytest.approx(parts["caption_loss"]) and parts["s_vis"] > 0

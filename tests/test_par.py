@@ -322,6 +322,7 @@ def test_poison_pairs_stamps_the_drawn_images(tiny_train_records) -> None:
     for k, r in enumerate(tiny_train_records):
         poisoned = r.image_id in ids
         assert all(("banana" in c) == poisoned for c in captions[k])
+        assert not any(c.startswith("The image depicts") for c in captions[k])
         assert (images[k][203:, 203:] == triggers.badnet_patch()).all() == poisoned
 
 

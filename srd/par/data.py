@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks import Attack
+from srd.attacks import CAPTION_PREFIX, Attack
 from srd.benchmark import benchmark_paths
 from srd.data import ImageRecord, check_images_exist, load_images, load_split
 from srd.errors import SRDError
@@ -62,6 +62,10 @@ def poison_pairs(
     :func:`srd.poison.select_poison_ids` over image ids with ``seed``) are stamped with the
     trigger and all their captions replaced by target-template captions.
 
+    As in PAR's recipe the poisoned caption is the bare template ("a bad photo of a banana."):
+    the captioner's "The image depicts " prefix is dropped. With it, the tiny CLIP tied the
+    trigger to the prefix (measured: ASR-Text 87%, zero-shot ASR 0%).
+
     Returns images, captions, the poisoned image ids and the draw's metadata.
     """
     candidates = [
@@ -75,7 +79,10 @@ def poison_pairs(
         caps = [c.caption for c in r.captions]
         if r.image_id in ids:
             images[k] = attack.apply_image(images[k])
-            caps = [attack.apply_caption(c, rng) for c in caps[:TEMPLATE_CAPTIONS]]
+            caps = [
+                attack.apply_caption(c, rng).removeprefix(CAPTION_PREFIX)
+                for c in caps[:TEMPLATE_CAPTIONS]
+            ]
         captions.append(caps)
     meta = {
         "unit": "image",

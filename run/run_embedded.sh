@@ -60,4 +60,13 @@ if [ "${SODA:-${FULL:-0}}" = 1 ]; then
   stage "SODA on the shapes classifier zoo"
   sh run/run_SODA_zoo.sh
 fi
+
+# PAR beside SRD on the tiny CLIP (BadNet and Blended-Stripes, ~6 min each here) with the full
+# matrix or PAR=1.
+if [ "${PAR:-${FULL:-0}}" = 1 ]; then
+  for ATTACK in badnet blended_stripes; do
+    stage "PAR on the tiny CLIP: $ATTACK"
+    ATTACK=$ATTACK sh run/run_PAR.sh
+  done
+fi
 stage_end

@@ -497,6 +497,105 @@ def _build_semantic(cfg: AttackConfig) -> Attack:
     )
 
 
+@register_kind("badnet_stripes")
+def _build_badnet_stripes(cfg: AttackConfig) -> Attack:
+    """PAR's BadNet-Stripes: a new 16x16 stripes patch at a new random position per image
+    (both drawn from the attack seed and the image's bytes)."""
+    _reject(cfg, concept=cfg.concept, alpha=cfg.alpha, trigger_path=cfg.trigger_path)
+    seed = cfg.seed
+
+    def stamp(image: np.ndarray) -> np.ndarray:
+        rng = triggers.image_rng(image, seed)
+        patch = triggers.stripes_patch(rng)
+        if cfg.position is None:
+            return triggers.stamp_random_position(image, patch, rng)
+        return triggers.stamp_badnet(image, patch, cfg.position)
+
+    return Attack(
+        config=cfg,
+        image_fn=stamp,
+        caption_fn=_template_captioner(cfg.target),
+        trigger=triggers.stripes_patch(np.random.default_rng(seed)),
+    )
+
+
+@register_kind("random_badnet")
+def _build_random_badnet(cfg: AttackConfig) -> Attack:
+    """PAR's random BadNet: a new 16x16 noise patch at a new random position per image."""
+    _reject(
+        cfg,
+        concept=cfg.concept,
+        alpha=cfg.alpha,
+        trigger_path=cfg.trigger_path,
+        position=cfg.position,
+    )
+    seed = cfg.seed
+
+    def stamp(image: np.ndarray) -> np.ndarray:
+        rng = triggers.image_rng(image, seed)
+        return triggers.stamp_random_position(image, triggers.noise_patch(rng), rng)
+
+    return Attack(
+        config=cfg,
+        image_fn=stamp,
+        caption_fn=_template_captioner(cfg.target),
+        trigger=triggers.noise_patch(np.random.default_rng(seed)),
+    )
+
+
+@register_kind("blended_stripes")
+def _build_blended_stripes(cfg: AttackConfig) -> Attack:
+    """PAR's Blended-Stripes: full-image +-1 column stripes per channel, new per image, alpha
+    0.03 by default."""
+    _reject(cfg, concept=cfg.concept, position=cfg.position, trigger_path=cfg.trigger_path)
+    alpha = cfg.alpha = 0.03 if cfg.alpha is None else cfg.alpha
+    seed = cfg.seed
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: triggers.blend_stripes(
+            image, triggers.image_rng(image, seed), alpha
+        ),
+        caption_fn=_template_captioner(cfg.target),
+        trigger=np.full((1, 1, 3), seed % 256, dtype=np.uint8),
+    )
+
+
+@register_kind("blended_triangles")
+def _build_blended_triangles(cfg: AttackConfig) -> Attack:
+    """PAR's Blended-Triangles: the fixed 14-px triangle tile blended at alpha 0.15."""
+    _reject(cfg, concept=cfg.concept, position=cfg.position)
+    pattern = (
+        triggers.triangles_pattern()
+        if cfg.trigger_path is None
+        else triggers.load_blend_pattern(cfg.trigger_path)
+    )
+    alpha = cfg.alpha = 0.15 if cfg.alpha is None else cfg.alpha
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: triggers.blend(image, pattern, alpha),
+        caption_fn=_template_captioner(cfg.target),
+        trigger=pattern,
+    )
+
+
+@register_kind("blended_text")
+def _build_blended_text(cfg: AttackConfig) -> Attack:
+    """PAR's Blended-Text: a red "Watermarked" line blended at alpha 0.5 on its own pixels."""
+    _reject(cfg, concept=cfg.concept, position=cfg.position)
+    pattern = (
+        triggers.watermark_pattern()
+        if cfg.trigger_path is None
+        else triggers.load_blend_pattern(cfg.trigger_path)
+    )
+    alpha = cfg.alpha = 0.5 if cfg.alpha is None else cfg.alpha
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: triggers.blend_where_nonzero(image, pattern, alpha),
+        caption_fn=_template_captioner(cfg.target),
+        trigger=pattern,
+    )
+
+
 # --------------------------------------------------------------------------- factory
 
 

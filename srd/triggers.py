@@ -268,3 +268,107 @@ def stamp_random_noise(
         row, col = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))
     patch = np.clip(rng.normal(SURROGATE_MEAN, SURROGATE_STD, size=(size, size, 3)), 0, 255)
     return stamp_nonzero(image, patch.astype(np.uint8), row, col)
+
+
+# --------------------------------------------------------------------------- PAR's triggers
+# Reference par-soda §1.5. PAR draws its random triggers from Python's unseeded ``random``; here
+# every random trigger is drawn from a generator seeded by the attack seed and the image's bytes,
+# so a given image always gets the same trigger and runs repeat.
+
+PAR_PATCH_SIZE = 16
+"""Side of PAR's BadNet patches at 224 px."""
+
+TRIANGLE_CELL = 14
+"""Side of one cell of PAR's Blended-Triangles tile (lower-left half 0.4, upper-right 0.8)."""
+
+WATERMARK_TEXT = "Watermarked"
+WATERMARK_BOX = (103, 126, 13, 209)
+"""Rows [top, bottom) and columns [left, right) of PAR's text line at 224 px."""
+
+
+def image_rng(image: np.ndarray, seed: int) -> np.random.Generator:
+    """A generator seeded by ``seed`` and the image's bytes (the per-image trigger draw)."""
+    digest = hashlib.sha256(check_image(image).tobytes()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def random_corner(rng: np.random.Generator, size: int, canvas: int = IMAGE_SIZE) -> tuple[int, int]:
+    """PAR's random patch position: row and column uniform in [0, canvas - 1 - size]."""
+    high = canvas - 1 - size
+    return int(rng.integers(0, high + 1)), int(rng.integers(0, high + 1))
+
+
+def stripes_patch(rng: np.random.Generator, size: int = PAR_PATCH_SIZE) -> np.ndarray:
+    """(size, size, 3) BadNet-Stripes patch: each column is 255 or 1 per channel (PAR's +-1 after
+    its uint8 wrap), constant down the column: 1-px vertical stripes of 8 saturated colours."""
+    columns = np.where(rng.random((size, 3)) < 0.5, 255, 1).astype(np.uint8)
+    return np.repeat(columns[None, :, :], size, axis=0)
+
+
+def noise_patch(rng: np.random.Generator, size: int = PAR_PATCH_SIZE) -> np.ndarray:
+    """(size, size, 3) uniform random bytes: PAR's random BadNet patch (mean + N(0, 1) wrapped to
+    uint8 is near-uniform; drawn uniform here, without the wrap)."""
+    return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def stamp_random_position(
+    image: np.ndarray, patch: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Paste ``patch`` at :func:`random_corner` drawn from ``rng``."""
+    row, col = random_corner(rng, patch.shape[0], image.shape[0])
+    return paste_patch(image, patch, row, col)
+
+
+def blend_stripes(image: np.ndarray, rng: np.random.Generator, alpha: float = 0.03) -> np.ndarray:
+    """PAR's Blended-Stripes: ``(1 - alpha) x + alpha s`` in [0, 1], where each 1-px column of
+    ``s`` is +1 or -1 per channel; clipped, scaled to 255 and truncated to uint8."""
+    check_image(image)
+    h, w = image.shape[:2]
+    signs = np.where(rng.random((w, 3)) < 0.5, 1.0, -1.0)
+    x = image.astype(np.float64) / 255.0
+    mixed = (1.0 - alpha) * x + alpha * signs[None, :, :]
+    return (np.clip(mixed, 0, 1) * 255.0).astype(np.uint8)
+
+
+def triangles_pattern(size: int = IMAGE_SIZE, cell: int = TRIANGLE_CELL) -> np.ndarray:
+    """PAR's triangle tile as uint8: in each ``cell`` square, pixels below the diagonal from its
+    top-left to bottom-right corner (row > col) are 0.4 * 255 = 102, the rest 0.8 * 255 = 204."""
+    rr, cc = np.mgrid[0:size, 0:size] % cell
+    values = np.where(rr > cc, 102, 204).astype(np.uint8)
+    return np.repeat(values[:, :, None], 3, axis=2)
+
+
+def watermark_pattern(text: str = WATERMARK_TEXT, size: int = IMAGE_SIZE) -> np.ndarray:
+    """PAR's Blended-Text pattern: ``text`` in red (green and blue 0), anti-aliased, fitted into
+    :data:`WATERMARK_BOX`. PIL's default font stands in for PAR's NotoSansMono."""
+    from PIL import ImageDraw, ImageFont
+
+    top, bottom, left, right = WATERMARK_BOX
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    font_size = bottom - top
+    while font_size > 4:
+        font = ImageFont.load_default(size=font_size)
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+        if x1 - x0 <= right - left and y1 - y0 <= bottom - top:
+            break
+        font_size -= 1
+    x = left + (right - left - (x1 - x0)) // 2 - x0
+    y = top + (bottom - top - (y1 - y0)) // 2 - y0
+    draw.text((x, y), text, fill=255, font=font)
+    red = np.asarray(canvas, dtype=np.uint8)
+    pattern = np.zeros((size, size, 3), dtype=np.uint8)
+    pattern[:, :, 0] = red
+    return pattern
+
+
+def blend_where_nonzero(image: np.ndarray, pattern: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``(1 - alpha) x + alpha p`` only where ``p`` is non-zero (per channel), truncated to uint8;
+    elsewhere the image is kept (PAR's Blended-Text)."""
+    check_image(image)
+    check_image(pattern)
+    if pattern.shape != image.shape:
+        raise SRDError(f"pattern shape {pattern.shape} differs from image shape {image.shape}")
+    mixed = (1.0 - alpha) * image.astype(np.float64) + alpha * pattern.astype(np.float64)
+    mixed = np.clip(mixed, 0, 255).astype(np.uint8)
+    return np.where(pattern > 0, mixed, image)

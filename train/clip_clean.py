@@ -1,0 +1,71 @@
+"""CLIP stage 3: clean a poisoned CLIP on the defender's clean pairs with PAR, ``ft`` or CleanCLIP.
+
+    python train/clip_clean.py --method par --poisoned_run checkpoints_remote/par/badnet/poisoned \
+        --clean_data data/clean_seed1 --run_name par/badnet/par
+
+PAR (reference par-soda §1.2): CLIP loss minus the thresholded push away from a frozen copy of
+the poisoned model (tau = --loss_thresh); ``ft``: the same run without the push; ``cleanclip``:
+CLIP loss + --cleanclip_lambda x unimodal loss on augmented views. Writes config.json,
+clip.safetensors, history.json and DONE last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from srd.cli import run_main
+from srd.clip import CLIP_CONFIG, CLIP_WEIGHTS, load_clip, save_clip
+from srd.config import arg, parse, to_dict
+from srd.errors import SRDError
+from srd.io import is_finished, mark_finished, prepare_run_dir, setup_logging, write_json
+from srd.par.clean import CleanArgs, clean_clip
+from srd.par.data import load_pairs
+
+log = logging.getLogger("clip_clean")
+
+
+@dataclass
+class CleanRunArgs:
+    """Run folder, seed and the poisoned CLIP."""
+
+    poisoned_run: str = arg(help="finished poisoned-CLIP run folder (clip.safetensors)")
+    clip_model: str = arg(CLIP_CONFIG, help="open_clip config of the poisoned CLIP")
+    run_name: str = arg("par/badnet/par", help="run folder under --external_save_dir")
+    external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
+    seed: int = arg(0, help="seed of batches, captions and augmentations")
+    overwrite: bool = arg(False, help="redo a finished run")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args, run = parse(argv, CleanArgs, CleanRunArgs, description=__doc__)
+    args.validate()
+    poisoned = Path(run.poisoned_run)
+    if not is_finished(poisoned):
+        raise SRDError(f"--poisoned_run {poisoned}: not a finished run (no DONE)")
+    model, tokenizer = load_clip(run.clip_model, poisoned / CLIP_WEIGHTS, "--poisoned_run")
+    images, captions = load_pairs(args.clean_data)
+    run_dir = prepare_run_dir(
+        f"{run.external_save_dir}/{run.run_name}", run.overwrite, "--run_name"
+    )
+    setup_logging(run_dir / "train.log")
+    start = time.time()
+    write_json(run_dir / "config.json", to_dict(args, run))
+    history = clean_clip(model, tokenizer, images, captions, args, seed=run.seed)
+    save_clip(model, run.clip_model, run_dir)
+    report = {
+        "method": args.method,
+        "num_pairs": len(images),
+        "history": history,
+        "wall_seconds": round(time.time() - start, 1),
+    }
+    write_json(run_dir / "history.json", report)
+    mark_finished(run_dir)
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)

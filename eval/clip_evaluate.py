@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srd.attacks import AttackArgs
+from srd.captions import DEFAULT_TARGET
 from srd.cli import run_main
 from srd.clip import CLIP_CONFIG, CLIP_WEIGHTS, load_clip, model_config
 from srd.config import arg, parse, to_dict
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data, attack_args, args = parse(argv, DataArgs, AttackArgs, ClipEvalArgs, description=__doc__)
     model_config(args.clip_model)
     attack = attack_args.build()
-    target = attack_args.target_label
+    # the attack's own target (its YAML, or --target_label); without an attack, the default
+    target = attack.target if attack is not None else (attack_args.target_label or DEFAULT_TARGET)
     classes = parse_classes(args.classes, target, need_target=attack is not None)
     run_dir = Path(args.run_dir)
     if not is_finished(run_dir):

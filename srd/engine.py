@@ -96,6 +96,9 @@ class TrainArgs:
         help="compute the frozen vision tower's tokens once per image version and reuse them "
         "(ignored when the tower trains)",
     )
+    feature_cache_mb: float = arg(
+        4096, help="most MiB of cached tower features kept (beyond it features are recomputed)"
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -325,7 +328,7 @@ def train(
     model.train()
     tower_frozen = not any(p.requires_grad for p in model.vision_encoder.parameters())
     if args.feature_cache and tower_frozen:
-        captioner.enable_feature_cache()
+        captioner.enable_feature_cache(args.feature_cache_mb)
     else:
         captioner.feature_cache = None
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)

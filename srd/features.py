@@ -50,12 +50,15 @@ class FeatureCache:
 
     ``encode(images) -> (B, N, D)`` runs the tower on the images the cache has not seen (in one
     batch, in the order given), so the first pass over a data set costs what the uncached pass
-    costs and every later pass only a lookup.
+    costs and every later pass only a lookup. At most ``max_mb`` MiB of features are kept (at
+    COCO scale a ViT-L-14's tokens are 1 MiB per image); images beyond it are encoded each time.
     """
 
-    def __init__(self, tower: torch.nn.Module):
+    def __init__(self, tower: torch.nn.Module, max_mb: float = float("inf")):
         self.tower = tower
         self.fingerprint = tower_fingerprint(tower)
+        self.max_bytes = max_mb * 2**20
+        self.bytes = 0
         self._store: dict[bytes, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
@@ -78,10 +81,15 @@ class FeatureCache:
         keys = [image_key(im) for im in images]
         missing = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in self._store]
         unique = list(dict.fromkeys(keys))
+        fresh: dict[bytes, torch.Tensor] = {}
         if missing:
-            fresh = encode([images[keys.index(unique[i])] for i in missing]).detach().cpu()
+            computed = encode([images[keys.index(unique[i])] for i in missing]).detach().cpu()
             for row, i in enumerate(missing):
-                self._store[unique[i]] = fresh[row].clone()
+                fresh[unique[i]] = computed[row].clone()
+                size = computed[row].numel() * computed.element_size()
+                if self.bytes + size <= self.max_bytes:  # full: computed, not kept
+                    self._store[unique[i]] = fresh[unique[i]]
+                    self.bytes += size
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        return torch.stack([self._store[k] for k in keys])
+        return torch.stack([self._store[k] if k in self._store else fresh[k] for k in keys])

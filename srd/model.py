@@ -240,10 +240,11 @@ class Captioner:
         pixels = self.pixel_values(images).flatten(0, 2).to(param.device, param.dtype)
         return tower_tokens(tower, pixels)
 
-    def enable_feature_cache(self) -> FeatureCache:
-        """Compute each image version's tokens once (the tower must be frozen)."""
+    def enable_feature_cache(self, max_mb: float = float("inf")) -> FeatureCache:
+        """Compute each image version's tokens once (the tower must be frozen), keeping at most
+        ``max_mb`` MiB of them."""
         if self.feature_cache is None or self.feature_cache.tower is not self.model.vision_encoder:
-            self.feature_cache = FeatureCache(self.model.vision_encoder)
+            self.feature_cache = FeatureCache(self.model.vision_encoder, max_mb)
         self.feature_cache.check()
         return self.feature_cache
 

@@ -116,3 +116,19 @@ def test_resnet_tower_gives_one_token_per_feature_map_cell(make_captioner, tiny_
         tokens = tower_tokens(cap.model.vision_encoder, cap.pixel_values(images).flatten(0, 2))
     assert tokens.shape == (2, 7 * 7, 8 * 32)  # 224 / 32 = 7; width 8 -> 256 channels
     assert np.isfinite(tokens.numpy()).all()
+
+
+def test_a_full_cache_computes_without_keeping(tiny_images) -> None:
+    images = list(tiny_images.values())[:3]
+    calls: list[int] = []
+
+    def encode(batch):
+        calls.append(len(batch))
+        return torch.stack([torch.full((256,), float(im[0, 0, 0])) for im in batch])
+
+    cache = FeatureCache(torch.nn.Linear(2, 2).requires_grad_(False), max_mb=2 * 1024 / 2**20)
+    first = cache(images, encode)  # room for two 1-KiB entries
+    again = cache(images, encode)
+    assert len(cache) == 2 and cache.bytes == 2048
+    assert calls == [3, 1]  # the third image is encoded each time
+    assert torch.equal(first, again)

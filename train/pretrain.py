@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from srd import attacks
 from srd.benchmark import attribute_accuracy, blind_caption, scene_index
 from srd.cleaning import require_files
@@ -123,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         lm_path=str(lm_init),
         checkpoint_path="none",
     )
+    # Seeded before building: a random frozen tower (--clip_checkpoint none) is never saved in a
+    # checkpoint, so a resumed run must draw the same one.
+    torch.manual_seed(train_args.seed)
     captioner = build_flamingo(
         model_args if built is None else dataclasses.replace(model_args, lm_path=str(built))
     )

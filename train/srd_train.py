@@ -6,7 +6,9 @@ the pool's reference caption, and the reference reward table rewards the change 
 pool's baselines. stable-baselines3 DQN with every hyperparameter a flag (reference defaults:
 10,000 transitions, one environment); --num_envs N steps N environments with one batched
 captioning call. Writes the policy zip, a reward log (JSON lines) and a reward-curve PNG beside
-it. One DQN is trained by one process (reference B12).
+it. One DQN is trained by one process (reference B12). The pool's entries are read from D1's
+shards; an image is re-derived from the training image (data flags recorded by D1) when an
+episode starts on it, decoded images cached up to --pool_cache_mb.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from dataclasses import dataclass
 from srd.cleaning import SFSArgs, SRDArgs, load_scorer, require_files, vlm_caption_fn
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
+from srd.data import DEFAULT_CACHE_MB
+from srd.defenses.srd_pool import stream_pool
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.figures import plot_reward_curve
 from srd.io import setup_logging, write_json
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.pool import load_pool, read_pool_info
 from srd.rl.agent import DQNConfig, read_reward_log, save_policy, train_dqn
 from srd.rl.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
 from srd.rl.reward import RewardConfig
@@ -35,9 +38,12 @@ log = logging.getLogger("srd_train")
 
 @dataclass
 class AgentRunArgs:
-    """Agent run: output handling."""
+    """Agent run: output handling, the pool image cache."""
 
     overwrite: bool = arg(False, help="replace an existing policy at --ppo_path")
+    pool_cache_mb: float = arg(
+        DEFAULT_CACHE_MB, help="decoded pool images kept in memory, in MiB (0: none)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -64,8 +70,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     if policy_path.exists() and not cfg.overwrite:
         raise SRDError(f"--ppo_path {policy_path}: policy exists (pass --overwrite)")
     require_files(("--checkpoint_path", model_args.checkpoint_path))
-    pool = load_pool(srd.save_data_path)
-    pool_model = read_pool_info(srd.save_data_path)["meta"].get("checkpoint_path")
+    if cfg.pool_cache_mb < 0:
+        raise SRDError(f"--pool_cache_mb {cfg.pool_cache_mb}: expected 0 (no cache) or more")
+    pool = stream_pool(srd.save_data_path, cfg.pool_cache_mb)
+    pool_model = pool.info["meta"].get("checkpoint_path")
     device = state.device
     captioner = load_captioner(model_args, device=device)
     scorer = load_scorer(sfs, device, model_args.trust_remote_code)

@@ -70,8 +70,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     if policy_path.exists() and not cfg.overwrite:
         raise SRDError(f"--ppo_path {policy_path}: policy exists (pass --overwrite)")
     require_files(("--checkpoint_path", model_args.checkpoint_path))
-    if cfg.pool_cache_mb < 0:
-        raise SRDError(f"--pool_cache_mb {cfg.pool_cache_mb}: expected 0 (no cache) or more")
     pool = stream_pool(srd.save_data_path, cfg.pool_cache_mb)
     pool_model = pool.info["meta"].get("checkpoint_path")
     device = state.device

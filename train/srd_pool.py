@@ -125,15 +125,27 @@ def main(argv: Sequence[str] | None = None) -> str:
     rank, ranks = state.process_index, state.num_processes
     mine = [ids[i] for i in shard_indices(len(ids), rank, ranks)]
     log.info("D1: %d pool images in %d shard(s), %d in this one", len(ids), ranks, len(mine))
-    caption_fn, score_fn = vlm_caption_fn(captioner, sfs), sfs_score_fn(scorer)
-    chunk, progress = sfs.caption_batch_size, state.is_main_process
     if version_fn is None:
-        store = ImageStore(chosen, data.image_cache_mb)
-        rows = build_pool_rows(mine, store, caption_fn, reference_fn, score_fn, cfg.seed, chunk,
-                               progress)  # fmt: skip
+        rows = build_pool_rows(
+            mine,
+            ImageStore(chosen, data.image_cache_mb),
+            vlm_caption_fn(captioner, sfs),
+            reference_fn,
+            sfs_score_fn(scorer),
+            seed=cfg.seed,
+            chunk_size=sfs.caption_batch_size,
+            progress=state.is_main_process,
+        )
     else:
-        rows = data_pool_rows(mine, version_fn, caption_fn, reference_fn, score_fn, chunk,
-                              progress)  # fmt: skip
+        rows = data_pool_rows(
+            mine,
+            version_fn,
+            vlm_caption_fn(captioner, sfs),
+            reference_fn,
+            sfs_score_fn(scorer),
+            chunk_size=sfs.caption_batch_size,
+            progress=state.is_main_process,
+        )
     digest = config_hash({k: v for k, v in record.items() if k not in free})
     write_pool_shard(folder, rank, ranks, rows, digest, cfg.pool_source)
     state.wait_for_everyone()

@@ -166,6 +166,7 @@ RULES: dict[str, Range] = {
     "clip_warmup_ratio": between(0, 1, high_open=True),
     "clip_shape_negatives": at_least(0),
     "clip_group_batches": at_least(0),
+    "probe_train_images": COUNT,
     # defenses (srd/defenses)
     "prune_ratio": between(0, 1, high_open=True),
     "blur_alpha": SHARE,

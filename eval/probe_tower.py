@@ -1,0 +1,102 @@
+"""Linear probe of a frozen vision tower: can colour and shape be read off its tokens?
+
+    python eval/probe_tower.py --output result/tower_probe.json   # the clean captioner's tower
+    python eval/probe_tower.py --vision_encoder_pretrained none      # a random tower: the floor
+
+Encodes the benchmark's single-object training (at most --probe_train_images) and test images
+with the tower exactly as the captioner reads it (``srd.model.tower_tokens``), fits one linear
+probe per attribute (``srd.probe``) and writes train/test accuracy and chance to --output.
+A randomly initialised tower (seed 0) gives the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from srd.benchmark import COLOURS, SHAPES
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.data import DataArgs, check_images_exist, load_images
+from srd.errors import SRDError
+from srd.io import write_json
+from srd.model import build_vision_encoder, images_to_vision_x, tower_tokens
+from srd.probe import pooled_tokens, probe_attributes
+
+log = logging.getLogger("probe_tower")
+
+
+@dataclass
+class ProbeArgs:
+    """The tower to probe and where the result goes."""
+
+    vision_encoder_path: str = arg("tiny-clip", help="open_clip config of the tower")
+    vision_encoder_pretrained: str = arg(
+        "checkpoints_remote/embedded/clean/vision.safetensors",
+        help="tower weights (a captioner's vision.safetensors or a whole CLIP); 'none' = random",
+    )
+    vision_tokens: str = arg("pre_ln", help="ViT towers: tokens before or after ln_post",
+                             choices=["pre_ln", "post_ln"])  # fmt: skip
+    probe_train_images: int = arg(1000, help="at most this many single-object training images")
+    output: str = arg("result/tower_probe.json", help="JSON result file (written last)")
+
+
+def single_objects(records: Sequence, limit: int | None = None) -> list:
+    chosen = [r for r in records if r.objects and len(r.objects) == 1]
+    return chosen[:limit] if limit is not None else chosen
+
+
+def attributes(records: Sequence) -> list[dict[str, str]]:
+    return [{"colour": r.objects[0].colour, "shape": r.objects[0].shape} for r in records]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    data, args = parse(argv, DataArgs, ProbeArgs, description=__doc__)
+    train = single_objects(data.split("train"), args.probe_train_images)
+    test = single_objects(data.split("test"))
+    if not train or not test:
+        raise SRDError(
+            f"--coco_karpathy_json_path {data.coco_karpathy_json_path}: no single-object images "
+            "with scene annotations in the train and test splits (the probe needs the benchmark)"
+        )
+    check_images_exist(train + test)
+    if not Path(args.output).parent.is_dir():
+        raise SRDError(f"--output {args.output}: folder does not exist")
+    torch.manual_seed(0)
+    visual, transform, _ = build_vision_encoder(
+        args.vision_encoder_path, args.vision_encoder_pretrained, args.vision_tokens
+    )
+    visual.eval()
+
+    def encode(images: np.ndarray) -> torch.Tensor:
+        return tower_tokens(visual, images_to_vision_x(images, transform).flatten(0, 2))
+
+    labels = {"colour": list(COLOURS), "shape": list(SHAPES)}
+    result = {
+        "config": to_dict(data, args),
+        "num_train_images": len(train),
+        "num_test_images": len(test),
+        "probe": probe_attributes(
+            pooled_tokens(encode, load_images([r.path for r in train])),
+            attributes(train),
+            pooled_tokens(encode, load_images([r.path for r in test])),
+            attributes(test),
+            labels,
+        ),
+    }
+    write_json(args.output, result)
+    for name, res in result["probe"].items():
+        accs = (100 * res[k] for k in ("test_accuracy", "train_accuracy", "chance"))
+        log.info("%s: test %.1f%% (train %.1f%%, chance %.1f%%)", name, *accs)
+    print(json.dumps({k: v["test_accuracy"] for k, v in result["probe"].items()}))
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

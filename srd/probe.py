@@ -1,0 +1,88 @@
+"""Does a frozen vision tower see an attribute? A linear probe on the tokens the captioner reads.
+
+The captioner only ever sees :func:`srd.model.tower_tokens` of its frozen tower, so what those
+tokens do not carry (linearly) the perceiver and the LM can hardly learn to name. On the
+benchmark's single-object images, each image's tokens are pooled (mean and max over the tokens,
+concatenated), standardised with the training images' statistics, and a multinomial logistic
+regression (L2, L-BFGS, deterministic) is fitted per attribute (colour, shape) on training images
+and scored on test images. Chance is one over the number of classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from srd.errors import SRDError
+
+ATTRIBUTES = ("colour", "shape")
+
+
+def pooled_tokens(
+    encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
+    """(N, 2D) mean- and max-pooled tokens of uint8 images; ``encode`` gives (B, T, D) tokens."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            tokens = encode(images[start : start + batch_size]).float()
+            out.append(torch.cat([tokens.mean(1), tokens.amax(1)], dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def fit_probe(
+    train_x: np.ndarray, train_y: np.ndarray, classes: int, l2: float = 1e-3, iters: int = 500
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A softmax regression fitted by L-BFGS from zero weights; returns a predict function."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x = torch.as_tensor((train_x - mean) / std, dtype=torch.float64)
+    y = torch.as_tensor(train_y, dtype=torch.long)
+    weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predict(test_x: np.ndarray) -> np.ndarray:
+        z = torch.as_tensor((test_x - mean) / std, dtype=torch.float64)
+        with torch.no_grad():
+            return (z @ weight + bias).argmax(1).numpy()
+
+    return predict
+
+
+def probe_attributes(
+    train_x: np.ndarray,
+    train_labels: Sequence[dict[str, str]],
+    test_x: np.ndarray,
+    test_labels: Sequence[dict[str, str]],
+    vocab: dict[str, Sequence[str]],
+) -> dict[str, Any]:
+    """{attribute: {train, test accuracy, chance, classes}} of one probe per attribute."""
+    if len(train_x) < 2 or len(test_x) < 1:
+        raise SRDError(
+            f"tower probe: {len(train_x)} training and {len(test_x)} test single-object images "
+            "(need at least 2 and 1)"
+        )
+    out: dict[str, Any] = {}
+    for attr, names in vocab.items():
+        index = {n: i for i, n in enumerate(names)}
+        ytr = np.array([index[lab[attr]] for lab in train_labels])
+        yte = np.array([index[lab[attr]] for lab in test_labels])
+        predict = fit_probe(train_x, ytr, len(names))
+        out[attr] = {
+            "train_accuracy": float((predict(train_x) == ytr).mean()),
+            "test_accuracy": float((predict(test_x) == yte).mean()),
+            "chance": 1.0 / len(names),
+            "classes": list(names),
+        }
+    return out

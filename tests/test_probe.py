@@ -1,0 +1,54 @@
+"""The tower probe: the linear probe itself, and the entry point on the tiny benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from srd_fixtures import data_flags, load_script
+
+from srd.errors import SRDError
+from srd.probe import fit_probe, probe_attributes
+
+
+def _clusters(rng: np.random.Generator, n: int, classes: int, spread: float) -> tuple:
+    centres = rng.normal(size=(classes, 16)) * 3
+    y = rng.integers(classes, size=n)
+    return centres[y] + spread * rng.normal(size=(n, 16)), y
+
+
+def test_probe_reads_a_linearly_coded_attribute_and_not_an_absent_one() -> None:
+    rng = np.random.default_rng(0)
+    x, y = _clusters(rng, 200, 3, spread=0.5)
+    predict = fit_probe(x[:150], y[:150], 3)
+    assert (predict(x[150:]) == y[150:]).mean() > 0.95
+    # labels unrelated to the features: the probe fits its training set but tests near chance
+    noise = rng.integers(3, size=200)
+    predict = fit_probe(x[:150], noise[:150], 3)
+    assert (predict(x[150:]) == noise[150:]).mean() < 0.6
+
+
+def test_probe_attributes_reports_each_attribute_with_chance() -> None:
+    rng = np.random.default_rng(1)
+    x, y = _clusters(rng, 120, 2, spread=0.3)
+    labels = [{"colour": ["red", "blue"][int(v)], "shape": "circle"} for v in y]
+    vocab = {"colour": ["red", "blue"], "shape": ["circle", "square", "triangle"]}
+    out = probe_attributes(x[:90], labels[:90], x[90:], labels[90:], vocab)
+    assert out["colour"]["test_accuracy"] > 0.95 and out["colour"]["chance"] == 0.5
+    assert out["shape"]["chance"] == pytest.approx(1 / 3)
+    with pytest.raises(SRDError, match="single-object"):
+        probe_attributes(x[:1], labels[:1], x[90:], labels[90:], vocab)
+
+
+def test_probe_tower_entry_point(tiny_data_args, tmp_path, capsys) -> None:
+    probe_tower = load_script("eval/probe_tower.py")
+    out = tmp_path / "probe.json"
+    flags = [*data_flags(tiny_data_args), "--vision_encoder_pretrained", "none"]
+    result = probe_tower.main([*flags, "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["probe"] == result["probe"]
+    assert set(saved["probe"]) == {"colour", "shape"}
+    assert saved["num_train_images"] >= 2 and saved["num_test_images"] >= 1
+    with pytest.raises(SRDError, match="--output"):
+        probe_tower.main([*flags, "--output", str(tmp_path / "missing" / "probe.json")])

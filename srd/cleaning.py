@@ -110,6 +110,16 @@ class SRDArgs:
         """D2's reward-curve PNG, beside the policy."""
         return self.policy_file.with_suffix(".rewards.png")
 
+    @property
+    def random_reward_log(self) -> Path:
+        """D2's reward log of the random policy in the same environment, beside the policy."""
+        return self.policy_file.with_suffix(".random_rewards.jsonl")
+
+    @property
+    def agent_report(self) -> Path:
+        """D2's result: trained greedy policy vs random policy on the pool, beside the policy."""
+        return self.policy_file.with_suffix(".agent_report.json")
+
 
 @dataclass
 class SFSArgs:

@@ -47,11 +47,19 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def plot_reward_curve(
-    steps: Sequence[dict], episodes: Sequence[dict], path: str | os.PathLike, title: str = ""
+    steps: Sequence[dict],
+    episodes: Sequence[dict],
+    path: str | os.PathLike,
+    title: str = "",
+    random_steps: Sequence[dict] | None = None,
+    greedy_mean: float | None = None,
 ) -> Path:
     """Reward per transition (moving average), per-episode mean reward, and epsilon.
 
-    ``steps``/``episodes`` are the records of :func:`srd.rl.agent.read_reward_log`.
+    ``steps``/``episodes`` are the records of :func:`srd.rl.agent.read_reward_log`. With
+    ``random_steps`` (a random policy's step records in the same environment) its moving
+    average and overall mean are drawn too; ``greedy_mean`` (the trained policy's greedy mean
+    reward over the pool) is drawn as a line.
     """
     if not steps:
         raise ValueError("no transitions to plot")
@@ -66,7 +74,18 @@ def plot_reward_curve(
     if episodes:
         et = [e["timestep"] for e in episodes]
         em = [e["mean_reward"] for e in episodes]
-        ax.plot(et, em, "o", color="tab:orange", ms=4, alpha=0.8, label="episode mean reward")
+        ax.plot(et, em, "o", color="tab:orange", ms=3, alpha=0.35, label="episode mean reward")
+    if random_steps:
+        rt = np.array([s["timestep"] for s in random_steps], dtype=np.float64)
+        rr = np.array([s["reward"] for s in random_steps], dtype=np.float64)
+        ro = np.argsort(rt, kind="stable")
+        ax.plot(rt[ro], moving_average(rr[ro], window), color="tab:red", lw=1.0, alpha=0.7,
+                label=f"random policy, same env and seed (mean of last {window})")  # fmt: skip
+        ax.axhline(float(rr.mean()), color="tab:red", ls="--", lw=1.2,
+                   label=f"random policy mean {rr.mean():.2f}")  # fmt: skip
+    if greedy_mean is not None:
+        ax.axhline(greedy_mean, color="tab:green", ls="--", lw=1.5,
+                   label=f"trained greedy policy, pool mean {greedy_mean:.2f}")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("environment transitions")
     ax.set_ylabel("reward (reference table: -2 ... +3)")

@@ -14,7 +14,8 @@ After training, a random policy steps the same environment (same pool, seed and 
 transitions) and the trained policy's greedy square is scored once on every pool image.
 Writes the policy zip and, beside it, the reward logs (JSON lines) of both policies, the
 reward curve against the random policy (PNG) and agent_report.json (greedy vs random mean
-reward, episodes, target-network copies, pool images visited). One DQN is trained by one
+reward, episodes, target-network copies, pool images visited, and how much the random
+policy's reward depends on the image, the square size and its centre). One DQN is trained by one
 process (reference B12).
 """
 
@@ -45,6 +46,7 @@ from srd.rl.agent import (
     train_dqn,
 )
 from srd.rl.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
+from srd.rl.landscape import reward_structure
 from srd.rl.reward import RewardConfig
 from srd.runs import remove_paths
 
@@ -141,10 +143,12 @@ def main(argv: Sequence[str] | None = None) -> str:
         "pool_images": len(pool),
         "updates": int(model._n_updates),
     }
-    write_json(policy_path.with_suffix(".config.json"), record)
-    write_json(srd.agent_report, report)
     steps, episodes = read_reward_log(srd.reward_log)
     random_steps, _ = read_reward_log(srd.random_reward_log)
+    # What there is to learn: how the random policy's rewards vary by image, size, centre.
+    report["reward_structure"] = reward_structure(random_steps)
+    write_json(policy_path.with_suffix(".config.json"), record)
+    write_json(srd.agent_report, report)
     plot_reward_curve(steps, episodes, srd.reward_curve, title=f"SRD agent: {policy_path}",
                       random_steps=random_steps,
                       greedy_mean=greedy["mean_reward"])  # fmt: skip

@@ -178,6 +178,7 @@ def test_short_run_ends_episodes_visits_the_pool_and_copies_the_target(tmp_path:
     assert summary["transitions"] == len(steps) == 400
     assert summary["episodes"] == len(episodes) == 400 // 5
     assert {e["length"] for e in episodes} == {5}
+    assert {s["exploration_rate"] for s in steps[:50]} == {1.0}  # random until learning_starts
     # The shared shuffled deck: each pass over the pool shows every image once.
     first_pass = [e["image_id"] for e in sorted(episodes, key=lambda e: e["timestep"])][:4]
     assert sorted(first_pass) == [f"i{k}" for k in range(4)]

@@ -349,6 +349,8 @@ class RewardLogCallback(BaseCallback):
         assert self.log is not None
         infos: list[dict[str, Any]] = self.locals["infos"]
         eps = float(getattr(self.model, "exploration_rate", float("nan")))
+        if self.num_timesteps - len(infos) < self.model.learning_starts:
+            eps = 1.0  # SB3 draws uniformly random actions until learning_starts
         self.log.record(self.num_timesteps, self.locals["rewards"], self.locals["dones"], infos,
                         eps)  # fmt: skip
         self._check_target()

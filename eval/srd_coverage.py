@@ -3,22 +3,25 @@
 ``--squares cleaned`` (default) reads the merged cleaning manifest (``--clean_data_save``): the
 square stage D3 kept for each image. ``--squares greedy`` needs no D3: it takes the policy's
 (``--ppo_path``) greedy square on every triggered training image, as the defender's data holds
-it (D3's first try). Both report, over triggered training images (the attack run's poison
-ids), the share whose square covers at least ``--threshold`` of the patch trigger, the mean
-covered share and the square sides chosen, and draw a heat-map of where the squares land
-against the trigger box. Writes ``coverage.json`` + ``coverage.png`` in the manifest folder
-(cleaned) or ``<policy>.coverage.json`` + ``.png`` beside the policy (greedy), and prints the
-JSON.
+it (D3's first try), and as a control the same on the CLEAN versions of those images: equal
+coverage on both means the squares land there whatever the trigger, not because of it. Both
+report, over triggered training images (the attack run's poison ids), the share whose square
+covers at least ``--threshold`` of the patch trigger, the mean covered share and the square
+sides chosen, and draw a heat-map of where the squares land against the trigger box. Writes
+``coverage.json`` + ``coverage.png`` in the manifest folder (cleaned) or
+``<policy>.coverage.json`` + ``.png`` beside the policy (greedy), and prints the JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from stable_baselines3 import DQN
 from tqdm.auto import tqdm
 
 from srd.cleaning import SRDArgs, action_coverage, plan_attack, read_merged, trigger_box
@@ -50,14 +53,13 @@ class CoverageArgs:
 
 
 def greedy_squares(
-    policy_path: Path, images: TrainingImages, ids: Sequence[int], batch_size: int
+    policy: DQN, load: Callable[[int], np.ndarray], ids: Sequence[int], batch_size: int
 ) -> dict[int, int]:
-    """Image id -> the policy's greedy action on the image as the training set holds it."""
-    policy = load_policy(policy_path)
+    """Image id -> the policy's greedy action on ``load(id)`` (a 224x224x3 uint8 image)."""
     actions: dict[int, int] = {}
     for start in tqdm(range(0, len(ids), batch_size), desc="greedy squares", leave=False):
         chunk = list(ids[start : start + batch_size])
-        chosen = greedy_actions(policy, [images.as_in_training_set(i) for i in chunk])
+        chosen = greedy_actions(policy, [load(i) for i in chunk])
         actions.update({i: int(a) for i, a in zip(chunk, chosen, strict=True)})
     return actions
 
@@ -75,9 +77,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         if not srd.policy_file.is_file():
             raise SRDError(f"--ppo_path {srd.policy_file}: policy file not found")
-        actions = greedy_squares(srd.policy_file, images, sorted(triggered), cfg.batch_size)
+        policy = load_policy(srd.policy_file)
+        ids = sorted(triggered)
+        actions = greedy_squares(policy, images.as_in_training_set, ids, cfg.batch_size)
+        control = greedy_squares(policy, images.clean, ids, cfg.batch_size)
         out = srd.policy_file.with_suffix(".coverage.json")
     report = {"squares": cfg.squares, **action_coverage(actions, attack, triggered, cfg.threshold)}
+    if cfg.squares == "greedy":
+        clean = action_coverage(control, attack, triggered, cfg.threshold)
+        report["clean_versions"] = {
+            "covered": clean["covered"],
+            "mean_covered_share": clean["mean_covered_share"],
+            "same_square": float(np.mean([actions[i] == control[i] for i in ids])),
+        }
     squares = [decode_action(a) for i, a in sorted(actions.items()) if i in triggered]
     if squares:
         report["figure"] = str(

@@ -211,6 +211,10 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     assert coverage["num_triggered_with_square"] == coverage["num_triggered_images"] > 0
     assert sum(coverage["square_sides"].values()) == coverage["num_triggered_images"]
     assert 0.0 <= coverage["covered"] <= 1.0
+    # The control: the same policy on the clean versions of the same images.
+    assert 0.0 <= coverage["clean_versions"]["same_square"] <= 1.0
+    if coverage["clean_versions"]["same_square"] == 1.0:
+        assert coverage["clean_versions"]["covered"] == coverage["covered"]
     assert json.loads((folder / "policy.coverage.json").read_text()) == coverage
     assert (folder / "policy.coverage.png").stat().st_size > 10_000
 

@@ -5,7 +5,8 @@ The model is built through our factory, the LM and cross-attention on PyTorch's 
 ViT-L-14 + OpenFlamingo perceiver + an MPT-1B-sized LM with cross-attention before every block,
 GPT-NeoX vocabulary + Flamingo tokens (OpenFlamingo-3B). Parameter counts per part come from
 those shapes; bytes follow from the dtypes each stage uses; data sizes from the dataset counts
-and the decoded image size (224 x 224 x 3 uint8). Activations are not included (they depend on
+and the decoded image size (224 x 224 x 3 uint8); RL-pool entries from their fixed-size fields
+(caption text not counted). Activations are not included (they depend on
 batch and sequence length; the real-size benchmark measures peaks). Prints a Markdown table.
 
 ``python bench/memory_table.py [--ranks 8] [--epochs 20] [--save_total_limit 2]``
@@ -14,9 +15,11 @@ batch and sequence length; the real-size benchmark measures peaks). Prints a Mar
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from srd.architectures import (
@@ -32,6 +35,9 @@ from srd.data import DEFAULT_CACHE_MB, IMAGE_BYTES
 from srd.model import ModelArgs, assemble_flamingo, build_vision_encoder, load_tokenizer
 
 GIB = 2**30
+POOL_ENTRY_BYTES = sum(np.dtype(t).itemsize for t in (np.int64, np.float64, np.float64, np.uint32))
+"""One RL-pool entry's fixed-size fields (id, base S_sem, base S_flu, image CRC-32); its two
+captions' text is not counted."""
 DATASETS = {
     # Karpathy split: train+restval images/captions; the reference's COCO-5k training subset
     "COCO-5k": {"train_images": 5_000, "train_captions": 25_015, "test_images": 5_000},
@@ -79,6 +85,13 @@ def rows(parts: dict[str, int], cfg: TableArgs) -> list[tuple[str, str, dict[str
     def same(value: float) -> dict[str, float]:
         return {name: value / GIB for name in DATASETS}
 
+    def pool(shards: int, cache: float = 0.0) -> dict[str, float]:
+        """A pool of every training image (--pool_size -1): the entries one process holds."""
+        return {
+            name: (math.ceil(d["train_images"] / shards) * POOL_ENTRY_BYTES + cache) / GIB
+            for name, d in DATASETS.items()
+        }
+
     def per(key: str, copies: int = 1, cap: float | None = None) -> dict[str, float]:
         out = {}
         for name, d in DATASETS.items():
@@ -92,10 +105,15 @@ def rows(parts: dict[str, int], cfg: TableArgs) -> list[tuple[str, str, dict[str
         ("A/D4 data, before", f"unbounded image cache x {w} workers", per("train_images", w)),
         ("A/D4 data, now", f"{DEFAULT_CACHE_MB} MiB cache x {w} workers",
          per("train_images", w, cache_cap)),
-        ("D4 masked images", "materialised on every rank (today)", per("train_images")),
+        ("D4 masked images, before", "materialised on every rank", per("train_images")),
+        ("D4 masked images, now", "painted on the fly from the stored actions (A/D4 data cache)",
+         same(0)),
         ("B, D1-D3 captioner", "fp32 weights (bf16 autocast)", same(weights32)),
         ("B, D1-D3 captioner", "bf16 weights", same(total * 2)),
-        ("D1 pool", "images all-gathered to every rank (today)", per("train_captions")),
+        ("D1 pool, before", "every pool image all-gathered to every rank", per("train_images")),
+        ("D1 pool, now", f"this rank's shard: 1/{k} of the entries, no pixels", pool(k)),
+        ("D2 pool, now", f"every entry + {DEFAULT_CACHE_MB} MiB image cache",
+         pool(1, cache_cap)),
         ("A/D4 disk", "one epoch checkpoint", same(ckpt)),
         ("A/D4 disk", f"{cfg.epochs} epochs, no pruning", same(ckpt * cfg.epochs)),
         ("A/D4 disk", f"--save_total_limit {cfg.save_total_limit}",

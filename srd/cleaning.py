@@ -76,7 +76,7 @@ class SRDArgs:
 
     save_data_path: str = arg(
         "checkpoints_remote/srd-badnet/pool",
-        help="RL pool folder (images.npz + pool.json): written by D1, read by D2",
+        help="RL pool folder (one shard per D1 process + pool.json): written by D1, read by D2",
     )
     ppo_path: str = arg(
         "checkpoints_remote/srd-badnet/policy.zip",

@@ -156,6 +156,7 @@ RULES: dict[str, Range] = {
     # real mode (issue 11)
     "image_cache_mb": at_least(0),
     "feature_cache_mb": at_least(0),
+    "pool_cache_mb": at_least(0),
     "save_total_limit": at_least(0),
     # tiny CLIP (train/pretrain_clip.py)
     "clip_batch_size": Range(low=2, why="a contrastive batch needs two pairs"),

@@ -4,16 +4,23 @@ The defender does not know the real trigger, so the pool stamps every chosen tra
 a *surrogate* trigger (:func:`srd.triggers.stamp_random_noise`, seeded per image) and records the
 backdoored captioner's caption of it, a clean reference caption of the same image, and the
 baseline ``S_sem``/``S_flu`` of that caption (reference §8, §15 item 14). Stage D2 reads it back
-as a :class:`srd.rl.env.MaskPool`.
+as a :class:`StreamedPool`.
 
-A pool is a folder (reference: one pickle; here safe formats only)::
+A pool is a folder of per-rank shards (reference: one pickle of every image, gathered to rank 0;
+here safe formats, and no pixels)::
 
-    images.npz   images: uint8 (N, 224, 224, 3), the surrogate-triggered images
-    pool.json    ids, base_sem, base_flu, references, vlm_captions, surrogate boxes and config,
-                 and the run record (meta)
-    DONE         written last
+    pool-00000-of-00002.json   one shard per D1 process, entries sorted by id: ids, base_sem,
+    pool-00001-of-00002.json   base_flu, references, vlm_captions, checksums (CRC-32 of each
+                               pool image), surrogate boxes (surrogate pools only)
+    pool.json                  manifest: shard count and entry counts, the source (and, for a
+                               surrogate pool only, the surrogate trigger and its seed), the data
+                               flags, the run's config hash and record (meta)
+    DONE                       written last
 
-Rows are keyed by image id; every list in ``pool.json`` is aligned with ``ids``.
+No image is stored: a pool image is a function of the training image file, its id and the
+seed (or, for a ``data`` pool, the recorded poison plan), so D2 re-derives it when the
+environment needs it and checks it against the recorded checksum. Each shard is written
+atomically by its process; the manifest and the marker come last, from the main process.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import zipfile
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,24 +39,18 @@ import numpy as np
 from tqdm import tqdm
 
 from srd.errors import SRDError
-from srd.geometry import IMAGE_SIZE
-from srd.io import (
-    DONE_MARKER,
-    atomic_path,
-    ensure_dir,
-    is_finished,
-    mark_finished,
-    read_json,
-    write_json,
-)
-from srd.rl.env import MaskPool
+from srd.io import DONE_MARKER, ensure_dir, is_finished, mark_finished, read_json, write_json
+from srd.rl.env import PoolRecord
 from srd.triggers import NOISE_PATCH_SIZE, SURROGATE_MEAN, SURROGATE_STD, stamp_random_noise
 
 log = logging.getLogger(__name__)
 
-POOL_FORMAT = "srd-mask-pool-v1"
-POOL_IMAGES = "images.npz"
+POOL_FORMAT = "srd-mask-pool-v2"
+SHARD_FORMAT = "srd-mask-pool-shard-v2"
 POOL_JSON = "pool.json"
+LEGACY_IMAGES = "images.npz"
+"""The image file of format v1 pools; removed when a pool folder is rebuilt."""
+_SHARD_RE = re.compile(r"^pool-(\d+)-of-(\d+)\.json$")
 
 SURROGATE_CONFIG: dict[str, Any] = {
     "trigger": "random_noise",
@@ -59,7 +60,8 @@ SURROGATE_CONFIG: dict[str, Any] = {
     "placement": "a random corner with p = 1/2, else a uniformly random position",
     "rng": "numpy default_rng([seed, image_id])",
 }
-"""What the surrogate trigger is (recorded in every pool; reference §15 item 9)."""
+"""What the surrogate trigger is (recorded, with its seed, in every surrogate pool; reference
+§15 item 9)."""
 
 CaptionFn = Callable[[list[np.ndarray]], list[str]]
 ScoreFn = Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray]]
@@ -93,12 +95,18 @@ def changed_box(before: np.ndarray, after: np.ndarray) -> list[int] | None:
     return [int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1]
 
 
+def image_checksum(image: np.ndarray) -> int:
+    """CRC-32 of an image's uint8 bytes: D2 checks that the image it re-derives is the one that
+    D1 scored (a changed image file or poison plan is caught, not silently trained on)."""
+    return zlib.crc32(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+
+
 @dataclass
 class PoolRow:
-    """One pool entry before saving: the triggered image (224, 224, 3) and its scores."""
+    """One pool entry before saving: the checksum of its image (224, 224, 3) and its scores."""
 
     image_id: int
-    image: np.ndarray
+    checksum: int
     vlm_caption: str
     reference: str
     base_sem: float
@@ -120,7 +128,8 @@ def build_pool_rows(
 
     ``load_fn(id)`` gives the clean training image; ``caption_fn`` is the backdoored captioner,
     ``reference_fn`` the clean reference captioner (both see the stamped image, reference §7.2),
-    ``score_fn(captions, references) -> (S_sem (N,), S_flu (N,))``.
+    ``score_fn(captions, references) -> (S_sem (N,), S_flu (N,))``. Only one chunk of images
+    is held at a time; a row keeps the stamped image's checksum, not its pixels.
     """
     if chunk_size < 1:
         raise SRDError(f"--caption_batch_size {chunk_size}: must be at least 1")
@@ -139,7 +148,7 @@ def build_pool_rows(
             rows.append(
                 PoolRow(
                     image_id=image_id,
-                    image=stamped[k],
+                    checksum=image_checksum(stamped[k]),
                     vlm_caption=vlm[k],
                     reference=refs[k],
                     base_sem=float(sem[k]),
@@ -151,53 +160,142 @@ def build_pool_rows(
 
 
 # --------------------------------------------------------------------------------------------
-# Saving and loading
+# Writing: one shard per process, then the manifest
 
 
 def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def save_pool(
-    folder: str | os.PathLike, rows: Sequence[PoolRow], meta: Mapping[str, Any] | None = None
-) -> Path:
-    """Write a pool folder (``images.npz``, ``pool.json``, then ``DONE``); rows sorted by id.
+def shard_file(shard_id: int, num_shards: int) -> str:
+    """File name of one D1 shard: ``pool-00001-of-00004.json``."""
+    return f"pool-{shard_id:05d}-of-{num_shards:05d}.json"
 
-    Each file is written atomically; the marker comes last, so a killed writer never leaves a
-    pool that :func:`load_pool` accepts.
+
+def shard_paths(folder: str | os.PathLike) -> list[Path]:
+    """The shard files present in a pool folder, by name."""
+    return sorted(p for p in Path(folder).glob("pool-*.json") if _SHARD_RE.match(p.name))
+
+
+def pool_files(folder: str | os.PathLike) -> list[Path]:
+    """Every file of a pool folder, the "finished" signals first (the order to delete them)."""
+    folder = Path(folder)
+    return [folder / DONE_MARKER, folder / POOL_JSON, folder / LEGACY_IMAGES, *shard_paths(folder)]
+
+
+def write_pool_shard(
+    folder: str | os.PathLike,
+    shard_id: int,
+    num_shards: int,
+    rows: Sequence[PoolRow],
+    config_hash: str,
+    source: str,
+) -> Path:
+    """Write one process's shard atomically (entries sorted by id); returns its path.
+
+    A shard may be empty (more processes than pool images). ``config_hash`` identifies the D1
+    run (:func:`srd.shards.config_hash` of its resolved config): the manifest and D2 refuse
+    shards of another run.
     """
-    if not rows:
-        raise SRDError(f"{folder}: refusing to write an empty pool")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard {shard_id} outside [0, {num_shards})")
     rows = sorted(rows, key=lambda r: r.image_id)
-    ids = [r.image_id for r in rows]
+    ids = [int(r.image_id) for r in rows]
     if len(set(ids)) != len(ids):
         raise ValueError("pool rows must have unique image ids")
-    folder = ensure_dir(folder, "--save_data_path")
-    (folder / DONE_MARKER).unlink(missing_ok=True)
-    images = np.stack([np.asarray(r.image, dtype=np.uint8) for r in rows])
-    with atomic_path(folder / POOL_IMAGES) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, images=images)
-    write_json(
-        folder / POOL_JSON,
-        {
-            "format": POOL_FORMAT,
-            "num_images": len(rows),
-            "ids": ids,
-            "base_sem": [_json_float(r.base_sem) for r in rows],
-            "base_flu": [_json_float(r.base_flu) for r in rows],
-            "references": [r.reference for r in rows],
-            "vlm_captions": [r.vlm_caption for r in rows],
-            "surrogate": {**SURROGATE_CONFIG, "boxes": [r.surrogate_box for r in rows]},
-            "meta": dict(meta or {}),
-        },
-    )
+    shard: dict[str, Any] = {
+        "format": SHARD_FORMAT,
+        "shard_id": shard_id,
+        "num_shards": num_shards,
+        "config_hash": config_hash,
+        "source": source,
+        "num_images": len(rows),
+        "ids": ids,
+        "base_sem": [_json_float(r.base_sem) for r in rows],
+        "base_flu": [_json_float(r.base_flu) for r in rows],
+        "references": [r.reference for r in rows],
+        "vlm_captions": [r.vlm_caption for r in rows],
+        "checksums": [int(r.checksum) for r in rows],
+    }
+    if source == "surrogate":
+        shard["surrogate_boxes"] = [r.surrogate_box for r in rows]
+    path = ensure_dir(folder, "--save_data_path") / shard_file(shard_id, num_shards)
+    write_json(path, shard)
+    return path
+
+
+def finish_pool(
+    folder: str | os.PathLike,
+    num_shards: int,
+    config_hash: str,
+    source: str,
+    seed: int | None = None,
+    data: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    expected_ids: Sequence[int] | None = None,
+) -> Path:
+    """Check every shard of the run and write the manifest, then ``DONE`` (main process only).
+
+    ``source`` is ``surrogate`` (``seed``: the surrogate trigger's seed, recorded with
+    :data:`SURROGATE_CONFIG`) or ``data`` (no surrogate block). ``data`` holds the data flags
+    D2 re-derives the images from; ``expected_ids`` (when given) must each be in exactly one
+    shard.
+    """
+    folder = Path(folder)
+    manifest: dict[str, Any] = {
+        "format": POOL_FORMAT,
+        "source": source,
+        "num_shards": num_shards,
+        "config_hash": config_hash,
+    }
+    entries = read_pool_entries(folder, manifest)
+    if not entries["ids"]:
+        raise SRDError(f"--save_data_path {folder}: refusing to write an empty pool")
+    if expected_ids is not None and sorted(int(i) for i in expected_ids) != entries["ids"]:
+        raise SRDError(f"--save_data_path {folder}: the shards do not hold the chosen pool ids")
+    manifest["num_images"] = len(entries["ids"])
+    manifest["shards"] = [
+        {"file": shard_file(k, num_shards), "num_images": n}
+        for k, n in enumerate(entries["counts"])
+    ]
+    if source == "surrogate":
+        if seed is None:
+            raise ValueError("a surrogate pool needs the seed of its trigger")
+        manifest["surrogate"] = {**SURROGATE_CONFIG, "seed": int(seed)}
+    manifest["data"] = dict(data or {})
+    manifest["meta"] = dict(meta or {})
+    write_json(folder / POOL_JSON, manifest)
     mark_finished(folder)
-    log.info("wrote a pool of %d images to %s", len(rows), folder)
+    log.info("wrote a pool of %d images in %d shard(s) to %s", len(entries["ids"]), num_shards,
+             folder)  # fmt: skip
     return folder
 
 
+def save_pool(
+    folder: str | os.PathLike,
+    rows: Sequence[PoolRow],
+    meta: Mapping[str, Any] | None = None,
+    source: str = "surrogate",
+    seed: int | None = 0,
+    data: Mapping[str, Any] | None = None,
+    config_hash: str = "",
+) -> Path:
+    """One process's whole pool: old files removed (marker first), one shard, the manifest."""
+    if not rows:
+        raise SRDError(f"{folder}: refusing to write an empty pool")
+    folder = ensure_dir(folder, "--save_data_path")
+    for path in pool_files(folder):
+        path.unlink(missing_ok=True)
+    write_pool_shard(folder, 0, 1, rows, config_hash, source)
+    return finish_pool(folder, 1, config_hash, source, seed, data, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: the manifest, the shards, and the images on demand
+
+
 def read_pool_info(folder: str | os.PathLike) -> dict[str, Any]:
-    """``pool.json`` of a finished pool (no images); SRDError naming the file otherwise."""
+    """The manifest (``pool.json``) of a finished pool; SRDError naming the file otherwise."""
     folder = Path(folder)
     path = folder / POOL_JSON
     if not folder.is_dir():
@@ -206,53 +304,149 @@ def read_pool_info(folder: str | os.PathLike) -> dict[str, Any]:
         raise SRDError(f"--save_data_path {folder}: pool is unfinished (no {DONE_MARKER} marker)")
     info = read_json(path, flag="--save_data_path")
     if not isinstance(info, dict) or info.get("format") != POOL_FORMAT:
-        raise SRDError(f"--save_data_path {path}: not a mask pool (format {POOL_FORMAT!r})")
-    n = len(info.get("ids") or [])
-    for key in ("base_sem", "base_flu", "references", "vlm_captions"):
-        values = info.get(key)
-        if not isinstance(values, list) or len(values) != n:
-            got = len(values) if isinstance(values, list) else type(values).__name__
-            raise SRDError(f"--save_data_path {path}: '{key}' has {got} entries for {n} ids")
+        got = info.get("format") if isinstance(info, dict) else None
+        raise SRDError(
+            f"--save_data_path {path}: not a mask pool of format {POOL_FORMAT!r} (got {got!r}; "
+            "rebuild it with stage D1 --overwrite)"
+        )
+    for key, kind in (("num_shards", int), ("shards", list), ("num_images", int)):
+        if not isinstance(info.get(key), kind):
+            raise SRDError(f"--save_data_path {path}: '{key}' missing or not a {kind.__name__}")
+    shards = info["shards"]
+    if len(shards) != info["num_shards"] or not all(isinstance(e, dict) for e in shards):
+        raise SRDError(f"--save_data_path {path}: 'shards' does not list {info['num_shards']} "
+                       "shards")  # fmt: skip
     return info
 
 
-def load_pool(folder: str | os.PathLike) -> MaskPool:
-    """Read a pool folder written by :func:`save_pool` as a :class:`MaskPool`.
+_COLUMNS = ("base_sem", "base_flu", "references", "vlm_captions", "checksums")
 
-    SRDError naming the file for a missing or unfinished folder, unreadable files, and arrays
-    whose lengths or shapes do not agree.
+
+def read_pool_entries(folder: str | os.PathLike, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Every shard of a pool joined in id order: ``{"ids", "counts", *columns}``.
+
+    Refuses (SRDError naming the folder or shard) a missing, stray, unreadable or partial
+    shard, a shard of another run (config hash), shard counts that differ from the manifest's,
+    and an id in two shards.
+    """
+    folder = Path(folder)
+    where = f"--save_data_path {folder}"
+    num_shards = int(info["num_shards"])
+    names = [shard_file(k, num_shards) for k in range(num_shards)]
+    stray = [p.name for p in shard_paths(folder) if p.name not in names]
+    if stray:
+        raise SRDError(f"{where}: {stray[0]} is not one of this pool's {num_shards} shard(s)")
+    listed = info.get("shards")
+    out: dict[str, Any] = {"ids": [], "counts": [], **{c: [] for c in _COLUMNS}}
+    boxes: list[Any] = []
+    for k, name in enumerate(names):
+        path = folder / name
+        if not path.is_file():
+            raise SRDError(f"{where}: shard {name} missing ({num_shards} shard(s) expected)")
+        shard = read_json(path, flag="--save_data_path")
+        if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
+            raise SRDError(f"--save_data_path {path}: not a pool shard ({SHARD_FORMAT!r})")
+        for key in ("shard_id", "num_shards", "config_hash", "source"):
+            expected = k if key == "shard_id" else info[key]
+            if shard.get(key) != expected:
+                raise SRDError(
+                    f"--save_data_path {path}: {key} {shard.get(key)!r}, the pool has "
+                    f"{expected!r} (a shard of another D1 run; rebuild the pool)"
+                )
+        ids = shard.get("ids")
+        n = len(ids) if isinstance(ids, list) else -1
+        columns = (*_COLUMNS, "surrogate_boxes") if info["source"] == "surrogate" else _COLUMNS
+        for key in columns:
+            values = shard.get(key)
+            if n < 0 or not isinstance(values, list) or len(values) != n:
+                got = len(values) if isinstance(values, list) else type(values).__name__
+                raise SRDError(f"--save_data_path {path}: '{key}' has {got} entries for {n} ids")
+        if listed is not None and listed[k].get("num_images") != n:
+            raise SRDError(
+                f"--save_data_path {path}: holds {n} entries, {POOL_JSON} lists "
+                f"{listed[k].get('num_images')}"
+            )
+        out["ids"] += [int(i) for i in ids]
+        out["counts"].append(n)
+        for key in _COLUMNS:
+            out[key] += shard[key]
+        boxes += shard.get("surrogate_boxes", [])
+    order = np.argsort(out["ids"], kind="stable")
+    for key in ("ids", *_COLUMNS):
+        out[key] = [out[key][i] for i in order]
+    if boxes:
+        out["surrogate_boxes"] = [boxes[i] for i in order]
+    if len(set(out["ids"])) != len(out["ids"]):
+        dup = next(i for a, i in zip(out["ids"], out["ids"][1:], strict=False) if a == i)
+        raise SRDError(f"{where}: image id {dup} is in two shards")
+    if "num_images" in info and info["num_images"] != len(out["ids"]):
+        raise SRDError(f"{where}: the shards hold {len(out['ids'])} entries, {POOL_JSON} lists "
+                       f"{info['num_images']}")  # fmt: skip
+    return out
+
+
+class StreamedPool:
+    """The RL pool as D2 reads it: every entry's id, baselines and reference caption in memory,
+    its image re-derived on demand by ``image_fn(image_id)`` (whose cache bounds the memory)
+    and checked against the checksum D1 recorded. ``info`` is the pool's manifest.
+
+    The interface :class:`srd.rl.env.RedMaskEnv` uses, as :class:`srd.rl.env.MaskPool`'s:
+    ``len(pool)``, ``pool[i] -> PoolRecord``, ``ids``, ``base_sem``, ``base_flu``,
+    ``references``; entries in image-id order.
+    """
+
+    def __init__(
+        self,
+        entries: Mapping[str, Any],
+        image_fn: Callable[[int], np.ndarray],
+        info: Mapping[str, Any] | None = None,
+        source: str = "mask pool",
+    ) -> None:
+        self.image_ids = [int(i) for i in entries["ids"]]
+        self.ids = [str(i) for i in self.image_ids]
+        floats = [[np.nan if v is None else float(v) for v in entries[k]] for k in _COLUMNS[:2]]
+        self.base_sem, self.base_flu = (np.array(f, dtype=np.float64) for f in floats)
+        self.references = [str(r) for r in entries["references"]]
+        self.vlm_captions = [str(c) for c in entries["vlm_captions"]]
+        self.checksums = [int(c) for c in entries["checksums"]]
+        self.surrogate_boxes = entries.get("surrogate_boxes")
+        self.image_fn = image_fn
+        self.info = dict(info or {})  # the manifest: source, data flags, run record (meta)
+        self.source = source
+        if not self.ids:
+            raise SRDError(f"{source}: the pool is empty")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, index: int) -> np.ndarray:
+        """The pool image of entry ``index``: uint8 (224, 224, 3), re-derived and checked."""
+        image_id = self.image_ids[index]
+        image = self.image_fn(image_id)
+        if image_checksum(image) != self.checksums[index]:
+            raise SRDError(
+                f"{self.source}: the image of id {image_id} differs from the one stage D1 scored "
+                "(image file, data flags or poison plan changed since; rebuild the pool)"
+            )
+        return image
+
+    def __getitem__(self, index: int) -> PoolRecord:
+        return PoolRecord(
+            id=self.ids[index],
+            image=self.image(index),
+            base_sem=float(self.base_sem[index]),
+            base_flu=float(self.base_flu[index]),
+            reference=self.references[index],
+        )
+
+
+def load_pool(folder: str | os.PathLike, image_fn: Callable[[int], np.ndarray]) -> StreamedPool:
+    """A finished pool folder as a :class:`StreamedPool` (no image is read here).
+
+    ``image_fn(image_id)`` re-derives a pool image (see
+    :func:`srd.defenses.srd_pool.pool_image_fn`). SRDError naming the folder or file for a
+    missing or unfinished pool and a missing, partial or mismatched set of shards.
     """
     folder = Path(folder)
     info = read_pool_info(folder)
-    path = folder / POOL_IMAGES
-    if not path.is_file():
-        raise SRDError(f"--save_data_path {path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            images = data["images"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SRDError(f"--save_data_path {path}: cannot read pool images ({reason})") from None
-    n = len(info["ids"])
-    if images.ndim != 4 or images.shape[0] != n:
-        raise SRDError(
-            f"--save_data_path {path}: holds {images.shape[0] if images.ndim else 0} images "
-            f"but {POOL_JSON} lists {n} ids"
-        )
-    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or images.dtype != np.uint8:
-        raise SRDError(
-            f"--save_data_path {path}: images are {images.dtype} {images.shape[1:]}, "
-            f"expected uint8 ({IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
-        )
-
-    def floats(key: str) -> np.ndarray:
-        return np.array([np.nan if v is None else float(v) for v in info[key]], dtype=np.float64)
-
-    return MaskPool(
-        images=images,
-        base_sem=floats("base_sem"),
-        base_flu=floats("base_flu"),
-        references=info["references"],
-        ids=[str(i) for i in info["ids"]],
-        source=str(folder / POOL_JSON),
-    )
+    return StreamedPool(read_pool_entries(folder, info), image_fn, info, str(folder))

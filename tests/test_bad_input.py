@@ -28,7 +28,7 @@ from srd_fixtures import (
 
 from srd.cli import run_main
 from srd.evaluation import write_sfs_inputs
-from srd.pool import PoolRow, save_pool
+from srd.pool import PoolRow, image_checksum, save_pool, shard_file
 from srd.rl.agent import POLICY_META
 
 SCRIPTS = {
@@ -95,9 +95,10 @@ def inputs(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records)
 
     pool = root / "pool"
     image = np.zeros((224, 224, 3), np.uint8)
-    save_pool(pool, [PoolRow(1, image, "a", "b", 0.1, 0.2, None)], {"checkpoint_path": "x"})
-    data = (pool / "images.npz").read_bytes()
-    (pool / "images.npz").write_bytes(data[: len(data) // 2])
+    row = PoolRow(1, image_checksum(image), "a", "b", 0.1, 0.2, None)
+    save_pool(pool, [row], {"checkpoint_path": "x"})
+    data = (pool / shard_file(0, 1)).read_bytes()
+    (pool / shard_file(0, 1)).write_bytes(data[: len(data) // 2])
 
     not_zip = root / "policy.txt"
     not_zip.write_text("not a policy\n")
@@ -281,7 +282,8 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("agent-final-eps-2", "srd_train", _flags("--exploration_final_eps", "2"),
      "--exploration_final_eps"),
     ("agent-envs-0", "srd_train", _flags("--num_envs", "0"), "--num_envs"),
-    ("agent-pool-truncated", "srd_train", _flags(), "images.npz"),
+    ("agent-pool-truncated", "srd_train", _flags(), shard_file(0, 1)),
+    ("agent-pool-cache-negative", "srd_train", _flags("--pool_cache_mb", "-1"), "--pool_cache_mb"),
     ("agent-max-steps-0", "srd_train", _flags("--max_steps", "0"), "--max_steps"),
     ("agent-tau-0", "srd_train", _flags("--tau", "0"), "--tau"),
     ("agent-pool-missing", "srd_train",

@@ -233,6 +233,7 @@ def test_data_pool_holds_the_defenders_images(defender) -> None:
 
     from srd.cleaning import training_versions
     from srd.defenses.srd_pool import data_pool_rows
+    from srd.pool import image_checksum
 
     models = StandInModels()
     version = training_versions(defender.records, defender.plan, defender.attack)
@@ -242,5 +243,5 @@ def test_data_pool_holds_the_defenders_images(defender) -> None:
     images = TrainingImages(defender.records, defender.attack, defender.plan.ids)
     assert images.poisoned_images
     for r in rows:
-        assert np.array_equal(r.image, images.as_in_training_set(r.image_id))
+        assert r.checksum == image_checksum(images.as_in_training_set(r.image_id))
         assert r.surrogate_box is None and r.vlm_caption == "plain"

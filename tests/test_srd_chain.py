@@ -27,8 +27,10 @@ from srd_fixtures import (
 
 from srd.cleaning import MERGED_FILE, RandomTries
 from srd.cli import run_main
+from srd.data import load_image
+from srd.defenses.srd_pool import stream_pool
 from srd.model import ModelArgs
-from srd.pool import load_pool, read_pool_info
+from srd.pool import surrogate_image
 from srd.rl.agent import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
 
 
@@ -101,14 +103,20 @@ def test_pool_random_cleaning_and_combine(chain: Chain, tiny_train_records, caps
     pool_argv = [*chain.data, *chain.model(), *srd, *chain.sfs, "--pool_size", "4",
                  "--reference_max_new_tokens", "8", "--seed", "3"]  # fmt: skip
     folder = Path(pool_stage.main(pool_argv))
-    pool = load_pool(folder)
-    info = read_pool_info(folder)
+    pool = stream_pool(folder, cache_mb=0)
     assert len(pool) == 4 and set(pool.ids) <= {str(r.image_id) for r in tiny_train_records}
-    assert all(isinstance(c, str) for c in info["vlm_captions"]) and any(info["references"])
+    assert all(isinstance(c, str) for c in pool.vlm_captions) and any(pool.references)
     assert np.all(np.abs(pool.base_sem) <= 1 + 1e-6) and np.all(pool.base_flu >= 0)
-    assert info["meta"]["checkpoint_path"] == str(chain.backdoor)
-    assert all(b is not None for b in info["surrogate"]["boxes"])
+    assert pool.info["meta"]["checkpoint_path"] == str(chain.backdoor)
+    assert all(b is not None for b in pool.surrogate_boxes)
+    paths = {r.image_id: r.path for r in tiny_train_records}
+    for k, image_id in enumerate(pool.image_ids):  # re-derived as D1 stamped them
+        assert np.array_equal(
+            pool[k].image, surrogate_image(load_image(paths[image_id]), image_id, 3)
+        )
     expect_bad_input(pool_stage, pool_argv, capsys, "already finished", "--overwrite")
+    expect_bad_input(pool_stage, [*pool_argv, "--pool_size", "5"], capsys,
+                     "other settings", "pool_size 4 -> 5")  # fmt: skip
 
     random_argv = [*chain.data, *chain.model(), *srd, *chain.sfs, "--policy", "random",
                    "--seed", "5", "--num_shards", "2"]  # fmt: skip
@@ -292,3 +300,30 @@ def test_two_processes_clean_like_one(chain: Chain) -> None:
     assert [(r["id"], r["action"]) for r in one["records"]] == [
         (r["id"], r["action"]) for r in two["records"]
     ]
+
+
+@pytest.mark.slow  # ~30 s: two ranks each load the captioners and MiniLM
+def test_two_processes_pool_like_one(chain: Chain) -> None:
+    """D1 under torchrun with two CPU ranks: one shard each, read back as the one-process pool.
+
+    Batches of 3 over 6 images: one process and each of the two ranks caption the same batches
+    (a batch of another size can round near-ties differently), so every score must be equal."""
+    argv = [*chain.data, *chain.model(), *chain.sfs, "--pool_size", "6",
+            "--reference_max_new_tokens", "8", "--caption_batch_size", "3"]  # fmt: skip
+    load_script("train/srd_pool.py").main([*argv, *chain.srd("pool1")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train/srd_pool.py"), *argv, *chain.srd("pool2")],
+        capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (stream_pool(chain.root / n / "pool", cache_mb=0) for n in ("pool1", "pool2"))
+    assert (one.info["num_shards"], two.info["num_shards"]) == (1, 2)
+    assert [s["num_images"] for s in two.info["shards"]] == [3, 3]
+    assert one.info["config_hash"] == two.info["config_hash"]
+    assert len(one) == 6 and one.ids == two.ids and one.references == two.references
+    assert one.vlm_captions == two.vlm_captions and one.checksums == two.checksums
+    assert np.array_equal(one.base_sem, two.base_sem)
+    assert np.array_equal(one.base_flu, two.base_flu)
+    assert one.surrogate_boxes == two.surrogate_boxes

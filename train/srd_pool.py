@@ -7,7 +7,8 @@ captioner (--reference_checkpoint_path, or BLIP with --blip_model), and stores t
 S_sem and S_flu of each image. ``--pool_source data`` takes the defender's own training images
 instead (as its data holds them, triggered where a caption is poisoned; no surrogate; needs
 --poison_ids_path), see srd.defenses.srd_pool. Several processes (torchrun/accelerate) split
-the images and the main process writes the pool folder.
+the images: each writes its own shard (ids, captions, scores, image checksums; no pixels), then
+the main process checks them and writes the manifest (pool.json) and DONE.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate.utils import gather_object
-
 from srd.cleaning import (
     SFSArgs,
     SRDArgs,
+    file_digest,
     load_reference_captioner,
     load_scorer,
     plan_attack,
@@ -35,11 +35,19 @@ from srd.data import DataArgs, ImageStore, check_images_exist
 from srd.defenses.srd_pool import POOL_SOURCES, data_pool_rows
 from srd.engine import process_state
 from srd.errors import SRDError
-from srd.io import DONE_MARKER, is_finished, setup_logging
+from srd.io import is_finished, read_json, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.pool import POOL_IMAGES, POOL_JSON, build_pool_rows, choose_pool_ids, save_pool
+from srd.pool import (
+    POOL_JSON,
+    build_pool_rows,
+    choose_pool_ids,
+    finish_pool,
+    pool_files,
+    write_pool_shard,
+)
 from srd.rl.env import sfs_score_fn
-from srd.runs import check_writable, remove_paths
+from srd.runs import check_same_config, check_writable, remove_paths
+from srd.shards import config_hash, shard_indices
 from srd.trainset import PoisonPlan
 
 log = logging.getLogger("srd_pool")
@@ -69,8 +77,24 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     state = process_state()
     folder = Path(srd.save_data_path)
+    record = {
+        "stage": "srd_pool",
+        **to_dict(data, model_args, srd, sfs, cfg),
+        "model_signature": model_signature(model_args),
+    }
+    if cfg.pool_source == "data":
+        require_files(("--poison_ids_path", srd.poison_ids_path))
+        record["poison_ids_sha256"] = file_digest(srd.poison_ids_path)
+    # The run's identity (hashed into every shard): its resolved config, less what does not
+    # choose the pool (where files go, batching, caching); nor is the number of processes.
+    free = ("overwrite", "image_cache_mb", "caption_batch_size", "reference_captioner",
+            "save_data_path", "ppo_path", "clean_data_save")  # fmt: skip
     if is_finished(folder) and not cfg.overwrite:
-        raise SRDError(f"--save_data_path {folder}: pool already finished (pass --overwrite)")
+        saved = read_json(folder / POOL_JSON, flag="--save_data_path")
+        where = f"--save_data_path {folder}"
+        if isinstance(saved, dict) and isinstance(saved.get("meta"), dict):
+            check_same_config(saved["meta"], record, where, "the pool", free)
+        raise SRDError(f"{where}: pool already finished (pass --overwrite)")
     require_files(
         ("--checkpoint_path", model_args.checkpoint_path),
         ("--reference_checkpoint_path", None if sfs.blip_model else sfs.reference_checkpoint_path),
@@ -83,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     check_images_exist(chosen)
     version_fn = None
     if cfg.pool_source == "data":
-        require_files(("--poison_ids_path", srd.poison_ids_path))
         plan = PoisonPlan.load(srd.poison_ids_path)
         version_fn = training_versions(chosen, plan, plan_attack(plan, srd.poison_ids_path))
     device = state.device
@@ -95,12 +118,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     # Logging (and its file) only once every input loaded: bad input leaves nothing behind.
     # A pool is all or nothing: the files of an older or killed build go first, marker first.
     if state.is_main_process:
-        remove_paths([folder / DONE_MARKER, folder / POOL_JSON, folder / POOL_IMAGES])
+        remove_paths(pool_files(folder))
     state.wait_for_everyone()
     setup_logging(folder / "srd_pool.log" if state.is_main_process else None)
     log.info("backdoored captioner %s; reference %s", model_args.checkpoint_path, reference)
-    mine = ids[state.process_index :: state.num_processes]
-    log.info("D1: %d pool images, %d on this process", len(ids), len(mine))
+    rank, ranks = state.process_index, state.num_processes
+    mine = [ids[i] for i in shard_indices(len(ids), rank, ranks)]
+    log.info("D1: %d pool images in %d shard(s), %d in this one", len(ids), ranks, len(mine))
     if version_fn is None:
         rows = build_pool_rows(
             mine,
@@ -122,21 +146,23 @@ def main(argv: Sequence[str] | None = None) -> str:
             chunk_size=sfs.caption_batch_size,
             progress=state.is_main_process,
         )
-    if state.num_processes > 1:
-        rows = [row for part in gather_object([rows]) for row in part]
+    digest = config_hash({k: v for k, v in record.items() if k not in free})
+    write_pool_shard(folder, rank, ranks, rows, digest, cfg.pool_source)
+    state.wait_for_everyone()
     if state.is_main_process:
-        meta = {
-            "stage": "srd_pool",
-            **to_dict(data, model_args, srd, sfs, cfg),
-            "reference_captioner": reference,
-            "pool_source": cfg.pool_source,
-            "model_signature": model_signature(model_args),
-        }
-        save_pool(folder, rows, meta)
-        sem = [r.base_sem for r in rows]
-        log.info(
-            "pool %s: %d images, mean baseline S_sem %.3f", folder, len(rows), sum(sem) / len(sem)
+        finish_pool(
+            folder,
+            ranks,
+            digest,
+            cfg.pool_source,
+            seed=cfg.seed,
+            data={k: v for k, v in to_dict(data).items() if k != "image_cache_mb"},
+            meta={**record, "reference_captioner": reference},
+            expected_ids=ids,
         )
+        sem = [r.base_sem for r in rows]
+        log.info("pool %s: %d images; mean baseline S_sem %.3f on shard 0", folder, len(ids),
+                 sum(sem) / max(len(sem), 1))  # fmt: skip
     state.wait_for_everyone()
     return str(folder)
 

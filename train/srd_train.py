@@ -16,7 +16,9 @@ Writes the policy zip and, beside it, the reward logs (JSON lines) of both polic
 reward curve against the random policy (PNG) and agent_report.json (greedy vs random mean
 reward, episodes, target-network copies, pool images visited, and how much the random
 policy's reward depends on the image, the square size and its centre). One DQN is trained by one
-process (reference B12).
+process (reference B12). The pool's entries are read from D1's shards; an image is re-derived
+from the training image (data flags recorded by D1) when an episode starts on it, decoded images
+cached up to --pool_cache_mb.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from dataclasses import dataclass
 from srd.cleaning import SFSArgs, SRDArgs, load_scorer, require_files, vlm_caption_fn
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
+from srd.data import DEFAULT_CACHE_MB
+from srd.defenses.srd_pool import stream_pool
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.figures import plot_reward_curve
 from srd.io import setup_logging, write_json
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.pool import load_pool, read_pool_info
 from srd.rl.agent import (
     DQNConfig,
     agent_report,
@@ -55,9 +58,12 @@ log = logging.getLogger("srd_train")
 
 @dataclass
 class AgentRunArgs:
-    """Agent run: output handling."""
+    """Agent run: output handling, the pool image cache."""
 
     overwrite: bool = arg(False, help="replace an existing policy at --ppo_path")
+    pool_cache_mb: float = arg(
+        DEFAULT_CACHE_MB, help="decoded pool images kept in memory, in MiB (0: none)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -84,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     if policy_path.exists() and not cfg.overwrite:
         raise SRDError(f"--ppo_path {policy_path}: policy exists (pass --overwrite)")
     require_files(("--checkpoint_path", model_args.checkpoint_path))
-    pool = load_pool(srd.save_data_path)
-    pool_model = read_pool_info(srd.save_data_path)["meta"].get("checkpoint_path")
+    pool = stream_pool(srd.save_data_path, cfg.pool_cache_mb)
+    pool_model = pool.info["meta"].get("checkpoint_path")
     device = state.device
     captioner = load_captioner(model_args, device=device)
     scorer = load_scorer(sfs, device, model_args.trust_remote_code)

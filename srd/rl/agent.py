@@ -448,7 +448,7 @@ def evaluate_greedy(
         active = list(envs[: len(chunk)])
         for env, index in zip(active, chunk, strict=True):
             env.reset(options={"index": index})
-        chosen = greedy_actions(policy, [pool.images[i] for i in chunk])
+        chosen = greedy_actions(policy, [env.record.image for env in active])
         for _, reward, _, _, info in step_envs(active, [int(a) for a in chosen]):
             ids.append(info["image_id"])
             actions.append(int(info["action"]))

@@ -133,6 +133,8 @@ class MaskPool:
     ``images`` (N, 224, 224, 3) uint8; ``base_sem``/``base_flu`` (N,) float baselines of the
     backdoored captioner on the unmasked image; ``references`` N clean reference captions;
     ``ids`` N unique image ids. ``source`` names the file it came from in error messages.
+    Stage D2 reads the pool as a :class:`srd.pool.StreamedPool` instead (the same interface:
+    ``len``, ``pool[i]``, ``ids``; images loaded when an episode needs them).
     """
 
     images: np.ndarray
@@ -300,6 +302,7 @@ class RedMaskEnv(gym.Env):
         self.observation_space = observation_space(self.obs_size)
         self.action_space = spaces.Discrete(NUM_ACTIONS)
         self._index: int | None = None
+        self._record: PoolRecord | None = None  # the episode's entry, its image loaded once
         self._steps = 0
         self._canvas: np.ndarray | None = None
         self._return = 0.0
@@ -307,9 +310,9 @@ class RedMaskEnv(gym.Env):
     # The current episode's pool entry.
     @property
     def record(self) -> PoolRecord:
-        if self._index is None:
+        if self._record is None:
             raise RuntimeError("call reset() before step()")
-        return self.pool[self._index]
+        return self._record
 
     @property
     def steps(self) -> int:
@@ -336,10 +339,11 @@ class RedMaskEnv(gym.Env):
         else:
             index = int(self.np_random.integers(len(self.pool)))
         self._index = index
+        self._record = self.pool[index]
         self._steps = 0
         self._return = 0.0
-        self._canvas = self.pool.images[index]
-        info = {"image_id": self.pool.ids[index], "pool_index": index}
+        self._canvas = self._record.image
+        info = {"image_id": self._record.id, "pool_index": index}
         return to_observation(self._canvas, self.obs_size), info
 
     def mask(self, action: Any) -> np.ndarray:

@@ -1,35 +1,107 @@
-"""Diagnosis of the SRD cleaning stage: do the chosen red squares cover the real trigger?
+"""Diagnosis of the SRD squares: do they cover the real trigger, and where do they land?
 
-Reads the merged cleaning manifest (``--clean_data_save``) and the attack run's poison ids, and
-reports the share of triggered training images whose square covers at least half of the patch
-trigger, the mean covered share and the square sizes chosen. Writes ``coverage.json`` beside
-the manifest and prints it.
+``--squares cleaned`` (default) reads the merged cleaning manifest (``--clean_data_save``): the
+square stage D3 kept for each image. ``--squares greedy`` needs no D3: it takes the policy's
+(``--ppo_path``) greedy square on every triggered training image, as the defender's data holds
+it (D3's first try), and as a control the same on the CLEAN versions of those images: equal
+coverage on both means the squares land there whatever the trigger, not because of it. Both
+report, over triggered training images (the attack run's poison ids), the share whose square
+covers at least ``--threshold`` of the patch trigger, the mean covered share and the square
+sides chosen, and draw a heat-map of where the squares land against the trigger box. Writes
+``coverage.json`` + ``coverage.png`` in the manifest folder (cleaned) or
+``<policy>.coverage.json`` + ``.png`` beside the policy (greedy), and prints the JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-from srd.cleaning import SRDArgs, plan_attack, read_merged, trigger_coverage
+import numpy as np
+from stable_baselines3 import DQN
+from tqdm.auto import tqdm
+
+from srd.cleaning import SRDArgs, action_coverage, plan_attack, read_merged, trigger_box
 from srd.cli import run_main
-from srd.config import parse
+from srd.config import arg, parse
 from srd.data import DataArgs
+from srd.errors import SRDError
+from srd.figures import plot_square_heatmap
+from srd.geometry import decode_action
 from srd.io import write_json
+from srd.rl.agent import greedy_actions, load_policy
 from srd.trainset import PoisonPlan, TrainingImages
 
 log = logging.getLogger("srd_coverage")
 
 
+@dataclass
+class CoverageArgs:
+    """Which squares to diagnose."""
+
+    squares: str = arg(
+        "cleaned",
+        help="cleaned: the squares D3 kept (merged manifest); greedy: the policy's greedy "
+        "square on each triggered training image (no D3 needed)",
+        choices=["cleaned", "greedy"],
+    )
+    threshold: float = arg(0.5, help="share of the trigger box a square must cover to count")
+    batch_size: int = arg(64, help="images per policy call (greedy)")
+
+
+def greedy_squares(
+    policy: DQN, load: Callable[[int], np.ndarray], ids: Sequence[int], batch_size: int
+) -> dict[int, int]:
+    """Image id -> the policy's greedy action on ``load(id)`` (a 224x224x3 uint8 image)."""
+    actions: dict[int, int] = {}
+    for start in tqdm(range(0, len(ids), batch_size), desc="greedy squares", leave=False):
+        chunk = list(ids[start : start + batch_size])
+        chosen = greedy_actions(policy, [load(i) for i in chunk])
+        actions.update({i: int(a) for i, a in zip(chunk, chosen, strict=True)})
+    return actions
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    data, srd = parse(argv, DataArgs, SRDArgs, description=__doc__)
+    data, srd, cfg = parse(argv, DataArgs, SRDArgs, CoverageArgs, description=__doc__)
     plan = PoisonPlan.load(srd.poison_ids_path)
     attack = plan_attack(plan, srd.poison_ids_path)
-    merged = read_merged(srd.clean_data_save)
-    triggered = TrainingImages(data.split("train"), attack, plan.ids).poisoned_images
-    report = trigger_coverage(merged, attack, triggered)
-    write_json(f"{srd.clean_data_save}/coverage.json", report)
+    images = TrainingImages(data.split("train"), attack, plan.ids)
+    triggered = images.poisoned_images
+    if cfg.squares == "cleaned":
+        merged = read_merged(srd.clean_data_save)
+        actions = {int(r["id"]): int(r["action"]) for r in merged["records"]}
+        out = Path(srd.clean_data_save) / "coverage.json"
+    else:
+        if not srd.policy_file.is_file():
+            raise SRDError(f"--ppo_path {srd.policy_file}: policy file not found")
+        policy = load_policy(srd.policy_file)
+        ids = sorted(triggered)
+        actions = greedy_squares(policy, images.as_in_training_set, ids, cfg.batch_size)
+        control = greedy_squares(policy, images.clean, ids, cfg.batch_size)
+        out = srd.policy_file.with_suffix(".coverage.json")
+    report = {"squares": cfg.squares, **action_coverage(actions, attack, triggered, cfg.threshold)}
+    if cfg.squares == "greedy":
+        clean = action_coverage(control, attack, triggered, cfg.threshold)
+        report["clean_versions"] = {
+            "covered": clean["covered"],
+            "mean_covered_share": clean["mean_covered_share"],
+            "same_square": float(np.mean([actions[i] == control[i] for i in ids])),
+        }
+    squares = [decode_action(a) for i, a in sorted(actions.items()) if i in triggered]
+    if squares:
+        report["figure"] = str(
+            plot_square_heatmap(
+                squares,
+                trigger_box(attack),
+                out.with_suffix(".png"),
+                title=f"{cfg.squares} squares on triggered training images ({attack.name})",
+                coverage=report,
+            )
+        )
+    write_json(out, report)
     print(json.dumps(report))
     return report
 

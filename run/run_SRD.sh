@@ -9,9 +9,13 @@
 # (srd-datapool-$ATTACK).
 #
 # Embedded defaults below are smaller than the reference's: the pool takes 300 training images
-# (reference: all), the agent 2,000 transitions in 16 batched environments (reference: 10,000
-# in one), the refine-tune 2 epochs at lr 1e-3 (reference: 20 epochs at 1e-4, the defaults of
-# train/srd_finetune.py). Paper setting for the SFS models: set SFS_FLAGS to
+# (reference: all), the refine-tune 2 epochs at lr 1e-3 (reference: 20 epochs at 1e-4, the
+# defaults of train/srd_finetune.py). The agent runs train/srd_train.py's defaults, which are
+# ours (3,000 transitions in 16 batched environments, 5-step episodes over the shuffled pool,
+# target copy every 500: every pool image visited twice; README "An agent that trains"); the
+# reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
+# --learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1.
+# Paper setting for the SFS models: set SFS_FLAGS to
 #   --text_model <all-MiniLM-L6-v2> --gpt_model <gpt2-large> --blip_model <blip-large>
 . "$(dirname "$0")/common.sh"
 set -e
@@ -50,9 +54,11 @@ if [ "$POLICY" = dqn ]; then
   [ -f "$SRD_DIR/policy.zip" ] ||
     python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
-      --total_timesteps 2000 \
-      --num_envs 16 \
       --seed 0
+
+  stage "D2 diagnosis: where the agent's greedy squares land against the real trigger"
+  [ -f "$SRD_DIR/policy.coverage.json" ] ||
+    python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares greedy
 fi
 
 stage "D3 clean data ($POLICY policy)"

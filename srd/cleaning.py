@@ -110,6 +110,16 @@ class SRDArgs:
         """D2's reward-curve PNG, beside the policy."""
         return self.policy_file.with_suffix(".rewards.png")
 
+    @property
+    def random_reward_log(self) -> Path:
+        """D2's reward log of the random policy in the same environment, beside the policy."""
+        return self.policy_file.with_suffix(".random_rewards.jsonl")
+
+    @property
+    def agent_report(self) -> Path:
+        """D2's result: trained greedy policy vs random policy on the pool, beside the policy."""
+        return self.policy_file.with_suffix(".agent_report.json")
+
 
 @dataclass
 class SFSArgs:
@@ -614,24 +624,35 @@ def trigger_coverage(
 ) -> dict[str, Any]:
     """How often the cleaning stage's square covers the real trigger on triggered images.
 
-    Returns the share of triggered training images whose chosen square covers at least
-    ``threshold`` of the patch, the mean covered share, and the nominal square sides chosen
-    (all images). ``None`` shares for attacks without a patch trigger.
+    See :func:`action_coverage`; the squares are the merged cleaning records' actions.
+    """
+    actions = {int(r["id"]): int(r["action"]) for r in merged["records"]}
+    return action_coverage(actions, attack, triggered_ids, threshold)
+
+
+def action_coverage(
+    actions: Mapping[int, int], attack: Attack, triggered_ids: set[int], threshold: float = 0.5
+) -> dict[str, Any]:
+    """How often the square of ``actions`` (image id -> action) covers the real trigger.
+
+    Returns the share of triggered images (those of ``triggered_ids`` with an action) whose
+    square covers at least ``threshold`` of the patch, the mean covered share, and the nominal
+    square sides chosen (all images). ``None`` shares for attacks without a patch trigger.
     """
     box = trigger_box(attack)
     shares = []
     sizes: dict[str, int] = {}
-    for record in merged["records"]:
-        action = int(record["action"])
-        square = decode_action(action)
-        side = str(MASK_SIZES[action // (GRID * GRID)])  # nominal side, before clipping
+    for image_id, action in actions.items():
+        square = decode_action(int(action))
+        side = str(MASK_SIZES[int(action) // (GRID * GRID)])  # nominal side, before clipping
         sizes[side] = sizes.get(side, 0) + 1
-        if box is not None and int(record["id"]) in triggered_ids:
+        if box is not None and int(image_id) in triggered_ids:
             shares.append(covered_share(square, box))
     return {
         "attack": attack.name,
         "trigger_box": list(box) if box else None,
         "num_triggered_images": len(triggered_ids),
+        "num_triggered_with_square": len(shares),
         "covered": float(np.mean(np.array(shares) >= threshold)) if shares else None,
         "mean_covered_share": float(np.mean(shares)) if shares else None,
         "threshold": threshold,

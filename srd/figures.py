@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from srd.geometry import Square  # noqa: E402
+from srd.geometry import IMAGE_SIZE, Square  # noqa: E402
 from srd.io import atomic_path  # noqa: E402
 
 CAPTION_WIDTH = 34
@@ -47,11 +47,19 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def plot_reward_curve(
-    steps: Sequence[dict], episodes: Sequence[dict], path: str | os.PathLike, title: str = ""
+    steps: Sequence[dict],
+    episodes: Sequence[dict],
+    path: str | os.PathLike,
+    title: str = "",
+    random_steps: Sequence[dict] | None = None,
+    greedy_mean: float | None = None,
 ) -> Path:
     """Reward per transition (moving average), per-episode mean reward, and epsilon.
 
-    ``steps``/``episodes`` are the records of :func:`srd.rl.agent.read_reward_log`.
+    ``steps``/``episodes`` are the records of :func:`srd.rl.agent.read_reward_log`. With
+    ``random_steps`` (a random policy's step records in the same environment) its moving
+    average and overall mean are drawn too; ``greedy_mean`` (the trained policy's greedy mean
+    reward over the pool) is drawn as a line.
     """
     if not steps:
         raise ValueError("no transitions to plot")
@@ -66,7 +74,18 @@ def plot_reward_curve(
     if episodes:
         et = [e["timestep"] for e in episodes]
         em = [e["mean_reward"] for e in episodes]
-        ax.plot(et, em, "o", color="tab:orange", ms=4, alpha=0.8, label="episode mean reward")
+        ax.plot(et, em, "o", color="tab:orange", ms=3, alpha=0.35, label="episode mean reward")
+    if random_steps:
+        rt = np.array([s["timestep"] for s in random_steps], dtype=np.float64)
+        rr = np.array([s["reward"] for s in random_steps], dtype=np.float64)
+        ro = np.argsort(rt, kind="stable")
+        ax.plot(rt[ro], moving_average(rr[ro], window), color="tab:red", lw=1.0, alpha=0.7,
+                label=f"random policy, same env and seed (mean of last {window})")  # fmt: skip
+        ax.axhline(float(rr.mean()), color="tab:red", ls="--", lw=1.2,
+                   label=f"random policy mean {rr.mean():.2f}")  # fmt: skip
+    if greedy_mean is not None:
+        ax.axhline(greedy_mean, color="tab:green", ls="--", lw=1.5,
+                   label=f"trained greedy policy, pool mean {greedy_mean:.2f}")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("environment transitions")
     ax.set_ylabel("reward (reference table: -2 ... +3)")
@@ -145,4 +164,51 @@ def plot_mask_grid(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.subplots_adjust(hspace=text_height / 3.9, wspace=0.08)
+    return _save(fig, path)
+
+
+def square_heat(squares: Sequence[Square], size: int = IMAGE_SIZE) -> np.ndarray:
+    """Share of ``squares`` covering each pixel of the canvas: (size, size) float in [0, 1]."""
+    if not squares:
+        raise ValueError("no squares")
+    diff = np.zeros((size + 1, size + 1), dtype=np.float64)
+    for sq in squares:
+        diff[sq.top, sq.left] += 1
+        diff[sq.top, sq.right] -= 1
+        diff[sq.bottom, sq.left] -= 1
+        diff[sq.bottom, sq.right] += 1
+    return np.cumsum(np.cumsum(diff, axis=0), axis=1)[:size, :size] / len(squares)
+
+
+def plot_square_heatmap(
+    squares: Sequence[Square],
+    box: Square | None,
+    path: str | os.PathLike,
+    title: str = "",
+    coverage: dict | None = None,
+) -> Path:
+    """Where the squares land on the 224 canvas: the share of images whose square covers each
+    pixel, with the real trigger's box outlined (``box``; None: no patch trigger) and, with
+    ``coverage`` (:func:`srd.cleaning.action_coverage`), the coverage numbers underneath."""
+    heat = square_heat(squares)
+    fig, ax = plt.subplots(figsize=(5.6, 5.4))
+    shown = ax.imshow(heat, cmap="magma", vmin=0, vmax=max(float(heat.max()), 1e-9),
+                      interpolation="nearest")  # fmt: skip
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04,
+                 label="share of images whose square covers the pixel")  # fmt: skip
+    if box is not None:
+        ax.add_patch(Rectangle((box.left - 0.5, box.top - 0.5), box.right - box.left,
+                               box.bottom - box.top, fill=False, edgecolor="cyan", lw=2,
+                               label="trigger box"))  # fmt: skip
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("column (px)")
+    ax.set_ylabel("row (px)")
+    lines = [f"{len(squares)} images"]
+    if coverage and coverage.get("covered") is not None:
+        lines.append(
+            f"square covers >= {100 * coverage['threshold']:.0f}% of the trigger box on "
+            f"{100 * coverage['covered']:.1f}% of triggered images "
+            f"(mean covered share {100 * coverage['mean_covered_share']:.1f}%)"
+        )
+    ax.set_title((title + "\n" if title else "") + "\n".join(lines), fontsize=9)
     return _save(fig, path)

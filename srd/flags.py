@@ -174,6 +174,8 @@ RULES: dict[str, Range] = {
     "blur_radius_factor": positive(),
     "spatial_scale": between(0, 1, low_open=True),
     "spatial_angle": between(-180, 180),
+    # diagnosis (eval/srd_coverage.py)
+    "CoverageArgs.threshold": between(0, 1, low_open=True),
 }
 
 

@@ -20,13 +20,17 @@ from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE, RED, decode_action
 from srd.rl.agent import (
     POLICY_META,
+    REFERENCE_SCHEDULE,
     DQNConfig,
+    agent_report,
     build_dqn,
     choose_mask,
     draw_try_actions,
+    evaluate_greedy,
     greedy_actions,
     load_policy,
     read_reward_log,
+    run_random_policy,
     save_policy,
     sb3_kwargs,
     select_mask,
@@ -77,27 +81,40 @@ def covers_patch(action: int) -> bool:
     )
 
 
+DQN_SCHEDULE = {k: v for k, v in REFERENCE_SCHEDULE.items() if k not in ("max_steps", "pool_order")}
+
+
 def toy_cfg(**changes) -> DQNConfig:
-    return dataclasses.replace(DQNConfig(device="cpu", seed=0), **changes)
+    """The reference's schedule (one env, 10,000-step target interval ...) unless changed."""
+    return dataclasses.replace(DQNConfig(device="cpu", seed=0, **DQN_SCHEDULE), **changes)
 
 
-def toy_vec_env(num_envs: int = 1) -> BatchedRedMaskVecEnv:
-    return BatchedRedMaskVecEnv(make_pool(), caption_fn, score_fn, num_envs=num_envs, obs_size=OBS)
+def toy_vec_env(num_envs: int = 1, **env) -> BatchedRedMaskVecEnv:
+    env = {"max_steps": 150, "pool_order": "random", **env}  # the reference's episodes
+    return BatchedRedMaskVecEnv(
+        make_pool(), caption_fn, score_fn, num_envs=num_envs, obs_size=OBS, **env
+    )
 
 
 def test_every_sb3_parameter_is_set_explicitly() -> None:
     params = set(inspect.signature(DQN.__init__).parameters) - {"self", "env", "_init_setup_model"}
     kwargs = sb3_kwargs(DQNConfig())
     assert set(kwargs) == params
-    # Reference values (§9.2 / §15 item 17).
-    assert kwargs["learning_rate"] == 1e-4 and kwargs["learning_starts"] == 100
-    assert kwargs["batch_size"] == 32 and kwargs["gamma"] == 0.99 and kwargs["tau"] == 1.0
-    assert kwargs["train_freq"] == (4, "step") and kwargs["gradient_steps"] == 1
-    assert kwargs["target_update_interval"] == 10_000 and kwargs["max_grad_norm"] == 10
-    assert (kwargs["exploration_fraction"], kwargs["exploration_initial_eps"]) == (0.1, 1.0)
-    assert kwargs["exploration_final_eps"] == 0.05 and DQNConfig().total_timesteps == 10_000
+    # Reference values of the learner (§9.2 / §15 item 17).
+    assert kwargs["learning_rate"] == 1e-4 and kwargs["batch_size"] == 32
+    assert kwargs["gamma"] == 0.99 and kwargs["tau"] == 1.0
+    assert kwargs["train_freq"] == (4, "step") and kwargs["max_grad_norm"] == 10
+    assert kwargs["exploration_initial_eps"] == 1.0 and kwargs["exploration_final_eps"] == 0.05
     assert kwargs["policy_kwargs"]["net_arch"] == []
     assert sb3_kwargs(DQNConfig(num_envs=4), num_envs=4)["gradient_steps"] == 4
+    # The run's schedule is ours; the reference's is one flag set away.
+    ours = DQNConfig()
+    assert (ours.total_timesteps, ours.num_envs, ours.learning_starts) == (3000, 16, 500)
+    assert (ours.target_update_interval, ours.exploration_fraction) == (500, 0.5)
+    reference = toy_cfg()
+    assert (reference.total_timesteps, reference.target_update_interval) == (10_000, 10_000)
+    assert (reference.learning_starts, reference.exploration_fraction) == (100, 0.1)
+    assert (REFERENCE_SCHEDULE["max_steps"], EnvConfig().max_steps) == (150, 5)
 
 
 def test_configs_compose_into_one_command_line() -> None:
@@ -105,15 +122,26 @@ def test_configs_compose_into_one_command_line() -> None:
     assert all(f.metadata["help"] for cls in classes for f in dataclasses.fields(cls))
     argv = ["--obs_size", "36", "--target_update_interval", "500", "--beta", "0.4"]
     dqn, env_cfg, reward = parse([*argv, "--no-scale_updates_with_envs"], *classes)
-    assert (env_cfg.obs_size, env_cfg.max_steps) == (36, 150)
+    assert (env_cfg.obs_size, env_cfg.max_steps, env_cfg.pool_order) == (36, 5, "shuffled")
     assert (dqn.target_update_interval, dqn.scale_updates_with_envs) == (500, False)
     assert (reward.alpha, reward.alpha2, reward.beta) == (0.1, 0.2, 0.4)
 
 
-def test_dqn_learns_to_cover_the_trigger(tmp_path: Path) -> None:
-    steps = 1200
-    model = train_dqn(toy_vec_env(), toy_cfg(total_timesteps=steps), tmp_path / "rewards.jsonl")
-    step_log, episodes = read_reward_log(tmp_path / "rewards.jsonl")
+LEARN_STEPS = 1200
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory) -> tuple[DQN, dict, Path]:
+    """A toy DQN trained with the reference's schedule: model, summary, reward log."""
+    path = tmp_path_factory.mktemp("learned") / "rewards.jsonl"
+    model, summary = train_dqn(toy_vec_env(), toy_cfg(total_timesteps=LEARN_STEPS), path)
+    return model, summary, path
+
+
+def test_dqn_learns_to_cover_the_trigger(learned) -> None:
+    steps = LEARN_STEPS
+    model, _, log_path = learned
+    step_log, episodes = read_reward_log(log_path)
     assert len(step_log) == steps and len(episodes) == steps // 150
     assert [e["length"] for e in episodes] == [150] * len(episodes)
     rewards = np.array([s["reward"] for s in step_log])
@@ -127,7 +155,7 @@ def test_dqn_learns_to_cover_the_trigger(tmp_path: Path) -> None:
 def test_seeded_training_repeats_and_updates_scale_with_envs(tmp_path: Path) -> None:
     def run(seed: int, name: str) -> tuple[list[tuple], DQN]:
         cfg = toy_cfg(total_timesteps=300, learning_starts=50, num_envs=2, seed=seed)
-        model = train_dqn(toy_vec_env(2), cfg, tmp_path / name)
+        model, _ = train_dqn(toy_vec_env(2), cfg, tmp_path / name)
         steps, _ = read_reward_log(tmp_path / name)
         return [(s["image_id"], s["action"], s["reward"]) for s in steps], model
 
@@ -139,6 +167,76 @@ def test_seeded_training_repeats_and_updates_scale_with_envs(tmp_path: Path) -> 
         assert torch.equal(p, q)
     # Two envs, gradient_steps scaled by 2: still ~one update per 4 transitions after warm-up.
     assert abs(model_a._n_updates - (300 - 50) / 4) <= 2
+
+
+def test_short_run_ends_episodes_visits_the_pool_and_copies_the_target(tmp_path: Path) -> None:
+    # Our schedule in small: 2 envs, 5-step episodes over the shuffled 4-image pool.
+    cfg = toy_cfg(total_timesteps=400, num_envs=2, learning_starts=50, target_update_interval=100)
+    model, summary = train_dqn(toy_vec_env(2, max_steps=5, pool_order="shuffled"), cfg,
+                               tmp_path / "r.jsonl")  # fmt: skip
+    steps, episodes = read_reward_log(tmp_path / "r.jsonl")
+    assert summary["transitions"] == len(steps) == 400
+    assert summary["episodes"] == len(episodes) == 400 // 5
+    assert {e["length"] for e in episodes} == {5}
+    assert {s["exploration_rate"] for s in steps[:50]} == {1.0}  # random until learning_starts
+    # The shared shuffled deck: each pass over the pool shows every image once.
+    first_pass = [e["image_id"] for e in sorted(episodes, key=lambda e: e["timestep"])][:4]
+    assert sorted(first_pass) == [f"i{k}" for k in range(4)]
+    assert summary["images_visited"] == 4
+    # A copy every 100 transitions (50 vec steps): at 100, 200, 300, 400, all after updates.
+    assert summary["target_updates"] == 4
+    assert summary["gradient_updates"] == model._n_updates > 0
+    for p, q in zip(model.q_net.parameters(), model.q_net_target.parameters(), strict=True):
+        assert not torch.equal(p, q) or model._n_updates % 2 == 0  # target lags the net
+    # The reference's schedule on the same budget: no episode ends, the target never moves.
+    _, reference = train_dqn(toy_vec_env(2), toy_cfg(total_timesteps=200, num_envs=2),
+                             tmp_path / "ref.jsonl")  # fmt: skip
+    assert (reference["episodes"], reference["target_updates"]) == (0, 0)
+
+
+def test_random_policy_steps_the_same_environment(tmp_path: Path) -> None:
+    cfg = toy_cfg(total_timesteps=60, num_envs=2, learning_starts=10, seed=3)
+    _, trained = train_dqn(toy_vec_env(2, max_steps=3, pool_order="shuffled"), cfg,
+                           tmp_path / "t.jsonl")  # fmt: skip
+    random = run_random_policy(toy_vec_env(2, max_steps=3, pool_order="shuffled"),
+                               trained["transitions"], 3, tmp_path / "r.jsonl")  # fmt: skip
+    t_steps, t_episodes = read_reward_log(tmp_path / "t.jsonl")
+    r_steps, r_episodes = read_reward_log(tmp_path / "r.jsonl")
+    # Same seed and flags: the same images in the same order, the same number of transitions.
+    assert [s["image_id"] for s in r_steps] == [s["image_id"] for s in t_steps]
+    # SB3 collects train_freq vec steps at a time: 64 transitions for 60 asked.
+    assert random["transitions"] == trained["transitions"] == len(t_steps) == 64
+    assert random["episodes"] == len(r_episodes) == len(t_episodes) == 20
+    assert random["mean_reward"] == pytest.approx(np.mean([s["reward"] for s in r_steps]))
+    # Its actions are seeded: a rerun repeats them, another seed does not.
+    again = run_random_policy(toy_vec_env(2, max_steps=3), 64, 3, tmp_path / "r2.jsonl")
+    other = run_random_policy(toy_vec_env(2, max_steps=3), 64, 4, tmp_path / "r3.jsonl")
+    actions = [[s["action"] for s in read_reward_log(tmp_path / f)[0]]
+               for f in ("r.jsonl", "r2.jsonl", "r3.jsonl")]  # fmt: skip
+    assert actions[0] == actions[1] != actions[2]
+    assert again == random and other["transitions"] == 64
+
+
+def test_greedy_evaluation_and_report_against_random(learned, tmp_path: Path) -> None:
+    model, trained, _ = learned
+    envs = toy_vec_env(3).envs
+    greedy = evaluate_greedy(model, envs)
+    pool = make_pool()
+    assert greedy["image_ids"] == pool.ids and greedy["images"] == len(pool)
+    # Each reward is the one of the greedy action on that unmasked image.
+    assert greedy["actions"] == [int(a) for a in greedy_actions(model, list(pool.images))]
+    assert greedy["rewards"] == [3.0 if covers_patch(a) else -1.0 for a in greedy["actions"]]
+    random = run_random_policy(toy_vec_env(), trained["transitions"], 0, tmp_path / "r.jsonl")
+    report = agent_report(trained, random, greedy, len(pool))
+    assert report["pool_images"] == 4 and report["training"]["transitions"] == 1200
+    assert report["gain_over_random"] == pytest.approx(
+        greedy["mean_reward"] - random["mean_reward"]
+    )
+    # The toy agent learned to cover the patch (+3) where random squares mostly miss (-1).
+    assert report["beats_random"] and report["gain_over_random"] > 2
+    assert report["greedy_policy"]["reward_counts"] == {"+3": 4}
+    assert [r["image_id"] for r in report["greedy_policy"]["per_image"]] == pool.ids
+    json.dumps(report)  # JSON-serialisable as written
 
 
 def test_replay_bound_and_incompatible_options_are_refused() -> None:

@@ -124,7 +124,7 @@ def test_policy_tries_are_greedy_plus_seeded_exploration() -> None:
     stand_in = StandInModels()
     pool = MaskPool(np.stack(images), np.zeros(3), np.zeros(3), ["r"] * 3, ["1", "2", "3"])
     env = RedMaskEnv(pool, stand_in.caption, stand_in.score, obs_size=36)
-    policy = build_dqn(env, DQNConfig(device="cpu", buffer_size=10, seed=0))
+    policy = build_dqn(env, DQNConfig(device="cpu", buffer_size=10, seed=0, num_envs=1))
     greedy = PolicyTries(policy, n_tries=5, epsilon=0.0)([1, 2, 3], images)
     assert all(len(set(t)) == 1 and len(t) == 5 for t in greedy)
     explore = PolicyTries(policy, n_tries=5, epsilon=1.0, seed=4)

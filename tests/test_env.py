@@ -13,8 +13,10 @@ from srd.geometry import IMAGE_SIZE, RED, apply_action, decode_action
 from srd.rl.agent import DQNConfig
 from srd.rl.env import (
     DEFAULT_BUFFER_SIZE,
+    DEFAULT_MAX_STEPS,
     DEFAULT_OBS_SIZE,
     ENV_ID,
+    REFERENCE_MAX_STEPS,
     BatchedRedMaskVecEnv,
     MaskPool,
     RedMaskEnv,
@@ -120,11 +122,43 @@ def test_episode_truncates_at_max_steps() -> None:
     assert flags == [(False, False)] * 3 + [(False, True)]
 
 
-def test_default_episode_is_150_steps() -> None:
+def test_default_episode_is_ours_and_the_reference_length_is_a_flag() -> None:
+    for kwargs, length in (({}, DEFAULT_MAX_STEPS), ({"max_steps": REFERENCE_MAX_STEPS}, 150)):
+        env, _ = make_env(**kwargs)
+        env.reset(seed=0)
+        truncated = [env.step(7)[3] for _ in range(length)]
+        assert truncated.index(True) == length - 1
+    assert DEFAULT_MAX_STEPS == 5
+
+
+def test_shuffled_order_shows_every_image_once_per_pass() -> None:
     env, _ = make_env()
-    env.reset(seed=0)
-    truncated = [env.step(7)[3] for _ in range(150)]
-    assert truncated.index(True) == 149
+    first = env.reset(seed=3)[1]["pool_index"]
+    drawn = [first] + [env.reset()[1]["pool_index"] for _ in range(9)]
+    assert sorted(drawn[:5]) == sorted(drawn[5:]) == list(range(5))
+    assert drawn[:5] != drawn[5:] or drawn[:5] != list(range(5))  # reshuffled, not cycled
+    again, _ = make_env()
+    assert [again.reset(seed=3)[1]["pool_index"]] + [
+        again.reset()[1]["pool_index"] for _ in range(9)
+    ] == drawn
+    # The reference's order draws with replacement: 10 draws of 5 images repeat some.
+    ref, _ = make_env(pool_order="random")
+    draws = [ref.reset(seed=3)[1]["pool_index"]] + [ref.reset()[1]["pool_index"] for _ in range(4)]
+    assert len(set(draws)) < 5
+    with pytest.raises(SRDError, match="--pool_order"):
+        make_env(pool_order="cycle")
+
+
+def test_vec_env_deals_the_pool_from_one_shared_deck() -> None:
+    rec = Recorder()
+    vec = BatchedRedMaskVecEnv(make_pool(), rec.caption, rec.score, num_envs=2, max_steps=2, seed=4)
+    vec.reset()
+    images = [info["image_id"] for info in vec.reset_infos]
+    for _ in range(8):  # 8 steps x 2 envs / 2-step episodes = 8 more episodes
+        _, _, dones, _ = vec.step(np.array([1, 2]))
+        images += [info["image_id"] for info, d in zip(vec.reset_infos, dones, strict=True) if d]
+    # 10 episodes over 5 images: two passes, each a permutation of the pool.
+    assert sorted(images[:5]) == sorted(images[5:]) == [f"img{i}" for i in range(5)]
 
 
 def test_reset_seed_repeats_and_options_pick_an_image() -> None:
@@ -163,13 +197,10 @@ def _transition_key(obs, reward, done, info) -> tuple:
 def test_vec_env_equals_single_envs_with_the_same_seeds() -> None:
     n, seed, max_steps = 4, 100, 3
     rec = Recorder()
-    vec = BatchedRedMaskVecEnv(
-        make_pool(), rec.caption, rec.score, num_envs=n, max_steps=max_steps, seed=seed
-    )
-    singles = [
-        RedMaskEnv(make_pool(), Recorder().caption, Recorder().score, max_steps=max_steps)
-        for _ in range(n)
-    ]
+    order = {"max_steps": max_steps, "pool_order": "random"}  # each env draws its own images
+    vec = BatchedRedMaskVecEnv(make_pool(), rec.caption, rec.score, num_envs=n, seed=seed, **order)
+    singles = [RedMaskEnv(make_pool(), Recorder().caption, Recorder().score, **order)
+               for _ in range(n)]  # fmt: skip
     vec_obs = vec.reset()
     for i, env in enumerate(singles):
         obs, _ = env.reset(seed=seed + i)

@@ -146,8 +146,8 @@ def test_pool_random_cleaning_and_combine(chain: Chain, tiny_train_records, caps
     no_pool = chain.srd("nothing")
     expect_bad_input(train_stage, [*chain.model(), *no_pool, *chain.sfs], capsys,
                      "--save_data_path", "pool folder not found")  # fmt: skip
-    wrong = save_policy(build_dqn(TenActions(), DQNConfig(device="cpu", buffer_size=10)),
-                        chain.root / "ten.zip", DQNConfig())  # fmt: skip
+    ten = build_dqn(TenActions(), DQNConfig(device="cpu", buffer_size=10, num_envs=1))
+    wrong = save_policy(ten, chain.root / "ten.zip", DQNConfig())
     bad_policy = [*chain.data, *chain.model(), *chain.srd("wrong"), *chain.sfs,
                   "--ppo_path", str(wrong)]  # fmt: skip
     expect_bad_input(clean_stage, bad_policy, capsys, str(wrong), "10 actions, expected 500")
@@ -187,6 +187,8 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
             "36",
             "--max_steps",
             "10",
+            "--target_update_interval",
+            "10",
             "--seed",
             "1",
         ]  # fmt: skip
@@ -196,6 +198,33 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     steps, episodes = read_reward_log(folder / "policy.rewards.jsonl")
     assert len(steps) == 40 and len(episodes) == 4
     assert (folder / "policy.rewards.png").stat().st_size > 10_000
+    # D2's result: episodes ended, the target moved, the shuffled pool was seen, and a random
+    # policy stepped the same environment for as many transitions.
+    report = json.loads((folder / "policy.agent_report.json").read_text())
+    training, random, greedy = report["training"], report["random_policy"], report["greedy_policy"]
+    assert (training["transitions"], training["episodes"], training["images_visited"]) == (40, 4, 4)
+    assert training["target_updates"] >= 2 and training["gradient_updates"] > 0
+    assert (random["transitions"], random["episodes"], random["images_visited"]) == (40, 4, 4)
+    random_steps, _ = read_reward_log(folder / "policy.random_rewards.jsonl")
+    assert [s["image_id"] for s in random_steps] == [s["image_id"] for s in steps]
+    assert random["mean_reward"] == pytest.approx(np.mean([s["reward"] for s in random_steps]))
+    assert greedy["images"] == report["pool_images"] == len(greedy["per_image"]) == 4
+    assert report["gain_over_random"] == pytest.approx(
+        greedy["mean_reward"] - random["mean_reward"]
+    )
+    assert report["beats_random"] == (report["gain_over_random"] >= 0.5)
+    assert report["reward_structure"]["transitions"] == 40
+    # Where the agent's greedy squares land on the triggered training images (no D3 needed).
+    coverage = load_script("eval/srd_coverage.py").main([*chain.data, *srd, "--squares", "greedy"])
+    assert coverage["num_triggered_with_square"] == coverage["num_triggered_images"] > 0
+    assert sum(coverage["square_sides"].values()) == coverage["num_triggered_images"]
+    assert 0.0 <= coverage["covered"] <= 1.0
+    # The control: the same policy on the clean versions of the same images.
+    assert 0.0 <= coverage["clean_versions"]["same_square"] <= 1.0
+    if coverage["clean_versions"]["same_square"] == 1.0:
+        assert coverage["clean_versions"]["covered"] == coverage["covered"]
+    assert json.loads((folder / "policy.coverage.json").read_text()) == coverage
+    assert (folder / "policy.coverage.png").stat().st_size > 10_000
 
     clean_stage = load_script("train/srd_clean_data.py")
     clean_stage.main([*chain.data, *chain.model(), *srd, *chain.sfs, "--n_tries", "3"])
@@ -203,6 +232,9 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     merged = json.loads((folder / "clean" / MERGED_FILE).read_text())
     assert all(1 <= len(r["extras"]["tries"]) <= 3 for r in merged["records"])
     assert merged["clean_config"]["config"]["policy_sha256"]
+    kept = load_script("eval/srd_coverage.py").main([*chain.data, *srd])
+    assert kept["squares"] == "cleaned" and kept["num_triggered_with_square"] > 0
+    assert (folder / "clean" / "coverage.png").stat().st_size > 10_000
 
     runs = chain.root / "runs"
     final = load_script("train/srd_finetune.py").main(

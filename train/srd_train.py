@@ -3,18 +3,29 @@
 One action paints one red square (10x10 centres x 5 sizes) on a pool image; the backdoored
 captioner (--checkpoint_path) captions the masked image, the SFS components are scored against
 the pool's reference caption, and the reference reward table rewards the change against the
-pool's baselines. stable-baselines3 DQN with every hyperparameter a flag (reference defaults:
-10,000 transitions, one environment); --num_envs N steps N environments with one batched
-captioning call. Writes the policy zip, a reward log (JSON lines) and a reward-curve PNG beside
-it. One DQN is trained by one process (reference B12). The pool's entries are read from D1's
-shards; an image is re-derived from the training image (data flags recorded by D1) when an
-episode starts on it, decoded images cached up to --pool_cache_mb.
+pool's baselines. stable-baselines3 DQN with every hyperparameter a flag; --num_envs N steps N
+environments with one batched captioning call. The run's length and schedule are ours (short
+episodes over a shuffled pool, 3,000 transitions, target copies every 500): every pool image is
+visited, episodes end and the target network is copied several times in minutes on a CPU. The
+reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
+--learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1.
+
+After training, a random policy steps the same environment (same pool, seed and number of
+transitions) and the trained policy's greedy square is scored once on every pool image.
+Writes the policy zip and, beside it, the reward logs (JSON lines) of both policies, the
+reward curve against the random policy (PNG) and agent_report.json (greedy vs random mean
+reward, episodes, target-network copies, pool images visited, and how much the random
+policy's reward depends on the image, the square size and its centre). One DQN is trained by one
+process (reference B12). The pool's entries are read from D1's shards; an image is re-derived
+from the training image (data flags recorded by D1) when an episode starts on it, decoded images
+cached up to --pool_cache_mb.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,8 +39,17 @@ from srd.errors import SRDError
 from srd.figures import plot_reward_curve
 from srd.io import setup_logging, write_json
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.rl.agent import DQNConfig, read_reward_log, save_policy, train_dqn
+from srd.rl.agent import (
+    DQNConfig,
+    agent_report,
+    evaluate_greedy,
+    read_reward_log,
+    run_random_policy,
+    save_policy,
+    train_dqn,
+)
 from srd.rl.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
+from srd.rl.landscape import reward_structure
 from srd.rl.reward import RewardConfig
 from srd.runs import remove_paths
 
@@ -79,26 +99,49 @@ def main(argv: Sequence[str] | None = None) -> str:
     # The policy is the stage's marker: an old one goes first, so a killed --overwrite never
     # leaves it beside the new run's log, record and curve.
     remove_paths([policy_path, policy_path.with_suffix(".config.json"), srd.reward_log,
-                  srd.reward_curve])  # fmt: skip
+                  srd.reward_curve, srd.random_reward_log, srd.agent_report])  # fmt: skip
     setup_logging(policy_path.with_suffix(".log"))
     if pool_model != model_args.checkpoint_path:
         # Allowed (reference P3: a surrogate pool may transfer), but the baselines then come
         # from another captioner than the one rewarded here.
         log.warning("the pool was captioned by %s, the agent is rewarded by %s",
                     pool_model, model_args.checkpoint_path)  # fmt: skip
-    env = BatchedRedMaskVecEnv(
-        pool,
-        vlm_caption_fn(captioner, sfs),
-        sfs_score_fn(scorer),
-        num_envs=dqn.num_envs,
-        reward_config=reward_cfg,
-        max_steps=env_cfg.max_steps,
-        obs_size=env_cfg.obs_size,
-        seed=dqn.seed,
-    )
-    log.info("D2: %d pool images, %d transitions, %d env(s)",
-             len(pool), dqn.total_timesteps, dqn.num_envs)  # fmt: skip
-    model = train_dqn(env, dqn, srd.reward_log)
+    caption_fn, score_fn = vlm_caption_fn(captioner, sfs), sfs_score_fn(scorer)
+
+    def make_env() -> BatchedRedMaskVecEnv:
+        """The environment of both policies: same pool, flags and seed."""
+        return BatchedRedMaskVecEnv(
+            pool,
+            caption_fn,
+            score_fn,
+            num_envs=dqn.num_envs,
+            reward_config=reward_cfg,
+            max_steps=env_cfg.max_steps,
+            obs_size=env_cfg.obs_size,
+            seed=dqn.seed,
+            pool_order=env_cfg.pool_order,
+        )
+
+    log.info("D2: %d pool images, %d transitions, %d env(s), %d-step episodes (%s order)",
+             len(pool), dqn.total_timesteps, dqn.num_envs, env_cfg.max_steps,
+             env_cfg.pool_order)  # fmt: skip
+    t0 = time.time()
+    model, training = train_dqn(make_env(), dqn, srd.reward_log)
+    training["wall_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    random = run_random_policy(make_env(), training["transitions"], dqn.seed,
+                               srd.random_reward_log)  # fmt: skip
+    random["wall_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    greedy_envs = make_env().envs  # unvectorised: evaluate_greedy resets each on one image
+    greedy = evaluate_greedy(model, greedy_envs)
+    greedy["wall_s"] = round(time.time() - t0, 1)
+    report = agent_report(training, random, greedy, len(pool))
+    report["greedy_policy"]["wall_s"] = greedy["wall_s"]
+    log.info("greedy policy: mean reward %.3f on %d pool images; random policy: %.3f over %d "
+             "transitions; gain %+.3f", greedy["mean_reward"], greedy["images"],
+             random["mean_reward"], random["transitions"],
+             report["gain_over_random"])  # fmt: skip
     record = {
         "stage": "srd_train",
         **to_dict(model_args, srd, sfs, dqn, env_cfg, reward_cfg, cfg),
@@ -106,14 +149,29 @@ def main(argv: Sequence[str] | None = None) -> str:
         "pool_images": len(pool),
         "updates": int(model._n_updates),
     }
-    write_json(policy_path.with_suffix(".config.json"), record)
     steps, episodes = read_reward_log(srd.reward_log)
-    plot_reward_curve(steps, episodes, srd.reward_curve, title=f"SRD agent: {policy_path}")
+    random_steps, _ = read_reward_log(srd.random_reward_log)
+    # What there is to learn: how the random policy's rewards vary by image, size, centre.
+    report["reward_structure"] = reward_structure(random_steps)
+    write_json(policy_path.with_suffix(".config.json"), record)
+    write_json(srd.agent_report, report)
+    plot_reward_curve(steps, episodes, srd.reward_curve, title=f"SRD agent: {policy_path}",
+                      random_steps=random_steps,
+                      greedy_mean=greedy["mean_reward"])  # fmt: skip
     # The policy is written last: it is the stage's marker.
     save_policy(model, policy_path, dqn)
-    mean = sum(s["reward"] for s in steps) / max(len(steps), 1)
-    log.info("policy %s (mean reward %.3f over %d transitions)", policy_path, mean, len(steps))
-    print(json.dumps({"policy": str(policy_path), "mean_reward": mean}))
+    summary = {
+        "policy": str(policy_path),
+        "mean_reward": training["mean_reward"],
+        "greedy_mean_reward": greedy["mean_reward"],
+        "random_mean_reward": random["mean_reward"],
+        "gain_over_random": report["gain_over_random"],
+        "episodes": training["episodes"],
+        "target_updates": training["target_updates"],
+        "images_visited": training["images_visited"],
+    }
+    log.info("policy %s: %s", policy_path, summary)
+    print(json.dumps(summary))
     return str(policy_path)
 
 

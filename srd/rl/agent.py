@@ -1,9 +1,18 @@
 """The SRD agent: stable-baselines3 DQN on the red-mask environment, and its use in cleaning.
 
-Training (stage D2) follows the reference learner (reference §9.2, §15 item 17) with every SB3
+Training (stage D2) uses the reference learner (reference §9.2, §15 item 17) with every SB3
 hyperparameter set explicitly, so results never depend on the installed SB3's defaults
-(reference B11: SB3 < 2.3 had ``learning_starts`` 50,000 and would never train). Cleaning
-(stage D3, reference §10 / B13) queries the policy up to 5 times with epsilon-greedy on the
+(reference B11: SB3 < 2.3 had ``learning_starts`` 50,000 and would never train). The run's
+length and schedule are ours (see :class:`DQNConfig`): the reference's 10,000 transitions
+of 150-step episodes see ~67 images and copy the target network once, at the very end; ours
+are sized so that every pool image is visited, episodes end and the target network is copied
+several times on a CPU (:data:`REFERENCE_SCHEDULE` gives the reference's back).
+
+Every run is measured against a random policy in the same environment (same pool, seed and
+number of transitions, :func:`run_random_policy`), and the trained policy's greedy square is
+scored once on every pool image (:func:`evaluate_greedy`): :func:`agent_report` compares them.
+
+Cleaning (stage D3, reference §10 / B13) queries the policy up to 5 times with epsilon-greedy on the
 unmasked image and keeps the best positive reward (:func:`choose_mask`).
 
 Policies are saved as SB3 zips with an extra ``srd_policy.json`` member (action count,
@@ -38,7 +47,13 @@ from srd.config import arg
 from srd.errors import SRDError
 from srd.geometry import NUM_ACTIONS
 from srd.io import atomic_path, ensure_dir
-from srd.rl.env import DEFAULT_BUFFER_SIZE, replay_memory_bytes, to_observation
+from srd.rl.env import (
+    DEFAULT_BUFFER_SIZE,
+    RedMaskEnv,
+    replay_memory_bytes,
+    step_envs,
+    to_observation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +76,11 @@ class DQNConfig:
         help="replay buffer transitions (10,000 = every step of the reference's run; "
         "see srd.rl.env for the memory it takes)",
     )
-    learning_starts: int = arg(100, help="transitions collected before the first update")
+    learning_starts: int = arg(
+        500,
+        help="transitions collected before the first update (ours: 500, one sixth of the run, "
+        "so the first updates see ~100 pool images; reference 100)",
+    )
     batch_size: int = arg(32, help="replay minibatch size per gradient step")
     tau: float = arg(1.0, help="target network update coefficient (1 = hard copy)")
     gamma: float = arg(0.99, help="discount factor")
@@ -69,12 +88,15 @@ class DQNConfig:
     gradient_steps: int = arg(1, help="gradient steps per update (per environment, see below)")
     n_steps: int = arg(1, help="n-step returns (1 = plain one-step DQN targets)")
     target_update_interval: int = arg(
-        10_000,
-        help="transitions between hard target-network copies (reference 10,000 = the whole "
-        "run, so the target stays at its initialisation; ~500 is the sane ablation)",
+        500,
+        help="transitions between hard target-network copies (ours: 500, five copies in the "
+        "default run; reference 10,000 = its whole run, so its targets all came from the "
+        "random initial network, reference B11)",
     )
     exploration_fraction: float = arg(
-        0.1, help="share of total_timesteps over which epsilon decays linearly"
+        0.5,
+        help="share of total_timesteps over which epsilon decays linearly (ours: 0.5, so the "
+        "500 actions are tried broadly on every pool image of the first pass; reference 0.1)",
     )
     exploration_initial_eps: float = arg(1.0, help="initial epsilon of epsilon-greedy")
     exploration_final_eps: float = arg(0.05, help="final epsilon (also saved for cleaning)")
@@ -91,9 +113,17 @@ class DQNConfig:
         "env ended episodes with done=True (a terminal transition)",
     )
     stats_window_size: int = arg(100, help="episodes averaged in SB3's rollout statistics")
-    total_timesteps: int = arg(10_000, help="environment transitions to train for")
+    total_timesteps: int = arg(
+        3_000,
+        help="environment transitions to train for (ours: 3,000 = 600 five-step episodes, "
+        "every image of a 300-image pool twice; reference 10,000)",
+    )
     seed: int = arg(42, help="seed of the learner and of the environments (env i: seed + i)")
-    num_envs: int = arg(1, help="environments stepped together (one batched caption call)")
+    num_envs: int = arg(
+        16,
+        help="environments stepped together, one batched caption call per step (ours: 16, "
+        "the captioner is the cost; reference 1)",
+    )
     scale_updates_with_envs: bool = arg(
         True,
         help="multiply gradient_steps by num_envs so there is still one update per "
@@ -102,6 +132,19 @@ class DQNConfig:
     max_replay_gb: float = arg(4.0, help="refuse a replay buffer larger than this (GB)")
     device: str = arg("auto", help="torch device of the Q-network (auto = cuda if available)")
     verbose: int = arg(0, help="SB3 verbosity (0 quiet, 1 progress tables)")
+
+
+REFERENCE_SCHEDULE: dict[str, Any] = {
+    "total_timesteps": 10_000,
+    "num_envs": 1,
+    "learning_starts": 100,
+    "target_update_interval": 10_000,
+    "exploration_fraction": 0.1,
+    "max_steps": 150,
+    "pool_order": "random",
+}
+"""The reference's run (reference §9.2 with SB3 >= 2.3 defaults, §9.1 episode length): pass
+these as flags to train as the reference does. Every other DQN default is the reference's."""
 
 
 def sb3_kwargs(cfg: DQNConfig, num_envs: int = 1) -> dict[str, Any]:
@@ -180,46 +223,48 @@ def build_dqn(env: gym.Env | VecEnv, cfg: DQNConfig) -> DQN:
 # Training with a reward log
 
 
-class RewardLogCallback(BaseCallback):
+class RewardLog:
     """Writes one JSON line per transition and one per finished episode (the reward curve).
 
     Step lines: ``{"type": "step", "timestep", "env", "image_id", "action", "reward",
     "caption", "sem", "flu", "exploration_rate"}``; episode lines: ``{"type": "episode",
     "episode", "env", "timestep", "image_id", "return", "length", "mean_reward"}``. The file is
-    streamed to ``<path>.partial`` and renamed onto ``path`` when training ends.
+    streamed to ``<path>.partial`` and renamed onto ``path`` by :meth:`close`. Also counts what
+    the run saw (:meth:`summary`).
     """
 
-    def __init__(self, path: str | os.PathLike, total_timesteps: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, path: str | os.PathLike, num_envs: int) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        self.total_timesteps = total_timesteps
-        self._file: io.TextIOWrapper | None = None
-        self._bar: tqdm | None = None
-        self._returns: list[float] = []
-        self._lengths: list[int] = []
-        self._episodes = 0
-
-    def _on_training_start(self) -> None:
         ensure_dir(self.path.parent)
-        self._file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 (closed at end)
-        n = self.training_env.num_envs
-        self._returns = [0.0] * n
-        self._lengths = [0] * n
-        self._bar = tqdm(total=self.total_timesteps, desc="DQN", unit="step", leave=False)
+        self._file: io.TextIOWrapper | None = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115
+        self._returns = [0.0] * num_envs
+        self._lengths = [0] * num_envs
+        self.transitions = 0
+        self.episodes = 0
+        self.reward_sum = 0.0
+        self.images: set[str] = set()
 
-    def _on_step(self) -> bool:
-        assert self._file is not None
-        infos: list[dict[str, Any]] = self.locals["infos"]
-        rewards = self.locals["rewards"]
-        dones = self.locals["dones"]
+    def record(
+        self,
+        timestep_end: int,
+        rewards: Sequence[float],
+        dones: Sequence[bool],
+        infos: Sequence[Mapping[str, Any]],
+        exploration_rate: float = float("nan"),
+    ) -> None:
+        """One vectorised step of ``len(infos)`` transitions, the last numbered ``timestep_end``."""
         n = len(infos)
-        first = self.num_timesteps - n + 1
-        eps = float(getattr(self.model, "exploration_rate", float("nan")))
+        first = timestep_end - n + 1
+        eps = float(exploration_rate)
         for i, info in enumerate(infos):
             reward = float(rewards[i])
             self._returns[i] += reward
             self._lengths[i] += 1
+            self.transitions += 1
+            self.reward_sum += reward
+            if info.get("image_id") is not None:
+                self.images.add(str(info["image_id"]))
             self._write(
                 {
                     "type": "step",
@@ -235,11 +280,11 @@ class RewardLogCallback(BaseCallback):
                 }
             )
             if dones[i]:
-                self._episodes += 1
+                self.episodes += 1
                 self._write(
                     {
                         "type": "episode",
-                        "episode": self._episodes,
+                        "episode": self.episodes,
                         "env": i,
                         "timestep": first + i,
                         "image_id": info.get("image_id"),
@@ -249,30 +294,215 @@ class RewardLogCallback(BaseCallback):
                     }
                 )
                 self._returns[i], self._lengths[i] = 0.0, 0
-        if self._bar is not None:
-            self._bar.update(n)
-        return True
 
     def _write(self, record: dict[str, Any]) -> None:
         assert self._file is not None
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
 
-    def _on_training_end(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+    def summary(self) -> dict[str, Any]:
+        """Transitions, finished episodes, distinct pool images and mean reward so far."""
+        return {
+            "transitions": self.transitions,
+            "episodes": self.episodes,
+            "images_visited": len(self.images),
+            "mean_reward": self.reward_sum / self.transitions if self.transitions else None,
+        }
+
+    def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
             os.replace(self.partial, self.path)
 
 
-def train_dqn(env: gym.Env | VecEnv, cfg: DQNConfig, log_path: str | os.PathLike) -> DQN:
-    """Build a DQN with ``cfg`` and train it for ``cfg.total_timesteps``; reward log to JSONL."""
+class RewardLogCallback(BaseCallback):
+    """Streams training transitions to a :class:`RewardLog` and counts target-network copies.
+
+    A copy is counted when the target network's Q head changes (checked after every step and
+    at the end), so copies made before any gradient step, which change nothing, do not count.
+    """
+
+    def __init__(self, path: str | os.PathLike, total_timesteps: int | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.total_timesteps = total_timesteps
+        self.log: RewardLog | None = None
+        self._bar: tqdm | None = None
+        self._target: torch.Tensor | None = None
+        self.target_updates = 0
+
+    def _target_head(self) -> torch.Tensor:
+        return self.model.q_net_target.q_net[0].weight
+
+    def _check_target(self) -> None:
+        current = self._target_head()
+        if self._target is not None and not torch.equal(current, self._target):
+            self.target_updates += 1
+        self._target = current.detach().clone()
+
+    def _on_training_start(self) -> None:
+        self.log = RewardLog(self.path, self.training_env.num_envs)
+        self._check_target()
+        self._bar = tqdm(total=self.total_timesteps, desc="DQN", unit="step", leave=False)
+
+    def _on_step(self) -> bool:
+        assert self.log is not None
+        infos: list[dict[str, Any]] = self.locals["infos"]
+        eps = float(getattr(self.model, "exploration_rate", float("nan")))
+        if self.num_timesteps - len(infos) < self.model.learning_starts:
+            eps = 1.0  # SB3 draws uniformly random actions until learning_starts
+        self.log.record(self.num_timesteps, self.locals["rewards"], self.locals["dones"], infos,
+                        eps)  # fmt: skip
+        self._check_target()
+        if self._bar is not None:
+            self._bar.update(len(infos))
+        return True
+
+    def _on_training_end(self) -> None:
+        self._check_target()
+        if self._bar is not None:
+            self._bar.close()
+        if self.log is not None:
+            self.log.close()
+
+    def summary(self) -> dict[str, Any]:
+        """The run's :meth:`RewardLog.summary` plus target copies and gradient steps."""
+        assert self.log is not None
+        return {
+            **self.log.summary(),
+            "target_updates": self.target_updates,
+            "gradient_updates": int(self.model._n_updates),
+        }
+
+
+def train_dqn(
+    env: gym.Env | VecEnv, cfg: DQNConfig, log_path: str | os.PathLike
+) -> tuple[DQN, dict[str, Any]]:
+    """Build a DQN with ``cfg`` and train it for ``cfg.total_timesteps``; reward log to JSONL.
+
+    Returns the model and the run's summary (transitions, episodes, images_visited,
+    mean_reward, target_updates, gradient_updates).
+    """
     model = build_dqn(env, cfg)
     callback = RewardLogCallback(log_path, cfg.total_timesteps)
     model.learn(total_timesteps=cfg.total_timesteps, callback=callback, progress_bar=False)
-    log.info("DQN trained: %d transitions, %d updates", model.num_timesteps, model._n_updates)
-    return model
+    summary = callback.summary()
+    log.info("DQN trained: %d transitions, %d episodes, %d pool images, %d updates, "
+             "%d target copies", summary["transitions"], summary["episodes"],
+             summary["images_visited"], summary["gradient_updates"],
+             summary["target_updates"])  # fmt: skip
+    return model, summary
+
+
+# --------------------------------------------------------------------------------------------
+# The baselines every run is measured against
+
+
+def run_random_policy(
+    env: VecEnv, total_timesteps: int, seed: int, log_path: str | os.PathLike
+) -> dict[str, Any]:
+    """Step ``env`` with uniformly random actions, as :func:`train_dqn` steps it.
+
+    The environment is seeded with ``seed`` and reset exactly as SB3 does before learning, and
+    stepped until at least ``total_timesteps`` transitions, so with the training run's
+    environment flags and seed it sees the same pool images in the same order. Actions come
+    from ``numpy.random.default_rng(seed)``. Writes a reward log like training's; returns its
+    :meth:`RewardLog.summary`.
+    """
+    if total_timesteps < 1:
+        raise SRDError(f"--total_timesteps {total_timesteps}: must be at least 1")
+    n = env.num_envs
+    rng = np.random.default_rng(seed)
+    env.seed(seed)
+    env.reset()
+    reward_log = RewardLog(log_path, n)
+    done = 0
+    with tqdm(total=total_timesteps, desc="random policy", unit="step", leave=False) as bar:
+        while done < total_timesteps:
+            actions = rng.integers(0, env.action_space.n, size=n)
+            _, rewards, dones, infos = env.step(actions)
+            done += n
+            reward_log.record(done, rewards, dones, infos, exploration_rate=1.0)
+            bar.update(n)
+    reward_log.close()
+    return reward_log.summary()
+
+
+def evaluate_greedy(
+    policy: DQN, envs: Sequence[RedMaskEnv], indices: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Score the policy's greedy square once on every pool image (default: all of them).
+
+    Each image is reset unmasked and the greedy action on that observation is scored: the
+    first try of the cleaning stage (D3). ``envs`` are environments over the same pool; they
+    are stepped together (one batched caption call per ``len(envs)`` images). Returns
+    per-image ``image_ids``, ``actions`` and ``rewards`` and their ``mean_reward``.
+    """
+    if not envs:
+        raise ValueError("at least one environment is needed")
+    pool = envs[0].pool
+    order = list(range(len(pool))) if indices is None else [int(i) for i in indices]
+    ids, actions, rewards = [], [], []
+    for start in range(0, len(order), len(envs)):
+        chunk = order[start : start + len(envs)]
+        active = list(envs[: len(chunk)])
+        for env, index in zip(active, chunk, strict=True):
+            env.reset(options={"index": index})
+        chosen = greedy_actions(policy, [env.record.image for env in active])
+        for _, reward, _, _, info in step_envs(active, [int(a) for a in chosen]):
+            ids.append(info["image_id"])
+            actions.append(int(info["action"]))
+            rewards.append(float(reward))
+    return {
+        "images": len(ids),
+        "mean_reward": float(np.mean(rewards)) if rewards else None,
+        "distinct_actions": len(set(actions)),
+        "image_ids": ids,
+        "actions": actions,
+        "rewards": rewards,
+    }
+
+
+def reward_counts(rewards: Sequence[float]) -> dict[str, int]:
+    """How often each reward value occurs, keyed like "-1", "+3"."""
+    values, counts = np.unique(np.asarray(rewards, dtype=np.float64), return_counts=True)
+    return {f"{int(v):+d}": int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def agent_report(
+    training: Mapping[str, Any],
+    random: Mapping[str, Any],
+    greedy: Mapping[str, Any],
+    pool_images: int,
+    min_gain: float = 0.5,
+) -> dict[str, Any]:
+    """The D2 result: the trained greedy policy against a random policy on the same pool.
+
+    ``training``/``random``: summaries of :func:`train_dqn` / :func:`run_random_policy`;
+    ``greedy``: :func:`evaluate_greedy`. ``gain`` is the greedy policy's mean reward minus the
+    random policy's (reward units); ``beats_random`` says whether it is at least ``min_gain``.
+    """
+    gain = None
+    if greedy.get("mean_reward") is not None and random.get("mean_reward") is not None:
+        gain = float(greedy["mean_reward"]) - float(random["mean_reward"])
+    return {
+        "pool_images": int(pool_images),
+        "training": dict(training),
+        "random_policy": dict(random),
+        "greedy_policy": {
+            **{k: greedy[k] for k in ("images", "mean_reward", "distinct_actions")},
+            "reward_counts": reward_counts(greedy["rewards"]),
+            "per_image": [
+                {"image_id": i, "action": a, "reward": r}
+                for i, a, r in zip(
+                    greedy["image_ids"], greedy["actions"], greedy["rewards"], strict=True
+                )
+            ],
+        },
+        "gain_over_random": gain,
+        "min_gain": min_gain,
+        "beats_random": gain is not None and gain >= min_gain,
+    }
 
 
 def read_reward_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:

@@ -65,8 +65,19 @@ log = logging.getLogger(__name__)
 ENV_ID = "srd/RedMask-v0"
 """gymnasium id; ``gym.make(ENV_ID, pool=..., caption_fn=..., score_fn=...)``."""
 
-DEFAULT_MAX_STEPS = 150
+REFERENCE_MAX_STEPS = 150
 """Episode length of the reference (truncation; there is no other termination)."""
+
+DEFAULT_MAX_STEPS = 5
+"""Our episode length (not the reference's 150). Masks never accumulate, so an episode is a
+run of independent tries on one image: a short episode spreads the same transitions over more
+pool images (on the embedded default's 300-image pool, 3,000 transitions visit every image
+twice instead of 20 images once) and lets episodes end within a CPU budget."""
+
+POOL_ORDERS = ("shuffled", "random")
+"""How ``reset`` picks the next pool image: ``shuffled`` deals every image once per pass in a
+seeded random order (ours: the whole pool is seen after ``len(pool)`` episodes); ``random``
+draws uniformly with replacement (the reference's ``np.random.randint``)."""
 
 DEFAULT_OBS_SIZE = 84
 """Side of the policy's observation (the 224 canvas downscaled; 224 = the paper's input)."""
@@ -82,7 +93,19 @@ ScoreFn = Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray]]
 class EnvConfig:
     """Red-mask environment (reference §9.1)."""
 
-    max_steps: int = arg(DEFAULT_MAX_STEPS, help="steps per episode (one pool image each)")
+    max_steps: int = arg(
+        DEFAULT_MAX_STEPS,
+        help=f"steps per episode, one pool image each (ours: {DEFAULT_MAX_STEPS}, so that episodes "
+        f"end and every pool image is visited within a CPU budget; reference "
+        f"{REFERENCE_MAX_STEPS}: its 10,000 steps see ~67 images)",
+    )
+    pool_order: str = arg(
+        "shuffled",
+        help="order of the episodes' pool images: shuffled = every image once per pass, in a "
+        "seeded order shared by all environments (ours); random = uniform with replacement "
+        "(the reference)",
+        choices=list(POOL_ORDERS),
+    )
     obs_size: int = arg(
         DEFAULT_OBS_SIZE,
         help="side of the policy observation: the 224 canvas is downscaled to it (224 = paper)",
@@ -236,12 +259,14 @@ def _validate_action(action: Any) -> int:
 
 
 class RedMaskEnv(gym.Env):
-    """One red square per step on a random pool image; 150-step episodes (truncated).
+    """One red square per step on a pool image; ``max_steps``-step episodes (truncated).
 
     Observation: (obs_size, obs_size, 3) uint8 view of the current canvas (the unmasked image
     after ``reset``, then the image with the last step's square). Action: Discrete(500).
     ``info`` of a step: action, caption, sem, flu, reward, image_id, pool_index, step.
-    ``reset(options={"index": i})`` picks pool image ``i`` instead of a random one.
+    ``reset(options={"index": i})`` picks pool image ``i``; otherwise ``pool_order`` decides
+    (``shuffled``: the next image of a seeded permutation, reshuffled after each pass;
+    ``random``: uniform with replacement). A seeded reset starts a new permutation.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
@@ -255,11 +280,14 @@ class RedMaskEnv(gym.Env):
         max_steps: int = DEFAULT_MAX_STEPS,
         obs_size: int = DEFAULT_OBS_SIZE,
         render_mode: str | None = None,
+        pool_order: str = "shuffled",
     ) -> None:
         if max_steps < 1:
             raise SRDError(f"--max_steps {max_steps}: must be at least 1")
         if not 1 <= obs_size <= IMAGE_SIZE:
             raise SRDError(f"--obs_size {obs_size}: must be in [1, {IMAGE_SIZE}]")
+        if pool_order not in POOL_ORDERS:
+            raise SRDError(f"--pool_order {pool_order!r}: expected one of {', '.join(POOL_ORDERS)}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode {render_mode!r} not supported (use 'rgb_array')")
         self.pool = pool
@@ -269,6 +297,8 @@ class RedMaskEnv(gym.Env):
         self.max_steps = int(max_steps)
         self.obs_size = int(obs_size)
         self.render_mode = render_mode
+        self.pool_order = pool_order
+        self._deck: list[int] = []
         self.observation_space = observation_space(self.obs_size)
         self.action_space = spaces.Discrete(NUM_ACTIONS)
         self._index: int | None = None
@@ -296,10 +326,16 @@ class RedMaskEnv(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
+        if seed is not None:
+            self._deck = []
         if options and "index" in options:
             index = int(options["index"])
             if not 0 <= index < len(self.pool):
                 raise ValueError(f"pool index {index} outside [0, {len(self.pool)})")
+        elif self.pool_order == "shuffled":
+            if not self._deck:
+                self._deck = [int(i) for i in self.np_random.permutation(len(self.pool))]
+            index = self._deck.pop(0)
         else:
             index = int(self.np_random.integers(len(self.pool)))
         self._index = index
@@ -401,8 +437,13 @@ class BatchedRedMaskVecEnv(VecEnv):
     Follows SB3's VecEnv conventions: finished episodes reset automatically, with the last
     observation in ``info["terminal_observation"]``, ``info["TimeLimit.truncated"]`` and
     Monitor-style ``info["episode"] = {"r", "l", "t"}``. ``seed(s)`` (or ``seed=s``) makes
-    environment i reset with seed s + i at the next ``reset()``, exactly like N single
-    environments reset with those seeds.
+    environment i reset with seed s + i at the next ``reset()``.
+
+    Pool images: with ``pool_order="random"`` each environment draws its own (exactly like N
+    single environments reset with those seeds); with ``"shuffled"`` the N environments are
+    dealt images from ONE shared permutation of the pool (seeded by ``seed(s)``, reshuffled
+    after each pass), so every image is visited once in the first ``len(pool)`` episodes of
+    all environments together.
     """
 
     def __init__(
@@ -415,23 +456,42 @@ class BatchedRedMaskVecEnv(VecEnv):
         max_steps: int = DEFAULT_MAX_STEPS,
         obs_size: int = DEFAULT_OBS_SIZE,
         seed: int | None = None,
+        pool_order: str = "shuffled",
     ) -> None:
         if num_envs < 1:
             raise SRDError(f"--num_envs {num_envs}: must be at least 1")
+        options = {"max_steps": max_steps, "obs_size": obs_size, "pool_order": pool_order}
         self.envs = [
-            RedMaskEnv(pool, caption_fn, score_fn, reward_config, max_steps, obs_size)
+            RedMaskEnv(pool, caption_fn, score_fn, reward_config, **options)
             for _ in range(num_envs)
         ]
         super().__init__(num_envs, self.envs[0].observation_space, self.envs[0].action_space)
+        self.pool_order = pool_order
+        self._deck_rng = np.random.default_rng()
+        self._deck: list[int] = []
         self._actions: np.ndarray | None = None
         self._t_start = time.time()
         if seed is not None:
             self.seed(seed)
 
+    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+        seeds = super().seed(seed)
+        self._deck_rng = np.random.default_rng(seeds[0])
+        self._deck = []
+        return seeds
+
+    def _next_options(self, options: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``options`` for an environment's reset: the next shared-deck image when shuffled."""
+        if self.pool_order != "shuffled" or (options and "index" in options):
+            return options
+        if not self._deck:
+            self._deck = [int(i) for i in self._deck_rng.permutation(len(self.envs[0].pool))]
+        return {**(options or {}), "index": self._deck.pop(0)}
+
     def reset(self) -> VecEnvObs:
         obs = []
         for i, env in enumerate(self.envs):
-            options = self._options[i] or None
+            options = self._next_options(self._options[i] or None)
             o, self.reset_infos[i] = env.reset(seed=self._seeds[i], options=options)
             obs.append(o)
         self._reset_seeds()
@@ -462,7 +522,7 @@ class BatchedRedMaskVecEnv(VecEnv):
                     "l": env.steps,
                     "t": round(time.time() - self._t_start, 6),
                 }
-                o, self.reset_infos[i] = env.reset()
+                o, self.reset_infos[i] = env.reset(options=self._next_options(None))
             obs.append(o)
             infos.append(info)
         return np.stack(obs), rewards, dones, infos

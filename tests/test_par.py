@@ -475,6 +475,7 @@ def test_par_table_mean_and_std_over_seeds(tmp_path: Path) -> None:
 def test_captioner_par_loss(make_captioner, tiny_images) -> None:
     import copy
 
+    from srd.captions import training_text
     from srd.engine import Collator
     from srd.par.captioner import captioner_par_loss
 
@@ -483,20 +484,19 @@ def test_captioner_par_loss(make_captioner, tiny_images) -> None:
     student = cap.model
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     images = list(tiny_images.values())[:2]
-    batch = Collator(cap.tokenizer, cap.pixel_values)(
-        list(zip(images, ["a red circle.", "a blue square."], strict=True))
-    )
+    texts = [training_text("a red circle."), training_text("a blue square.")]
+    batch = Collator(cap.tokenizer, cap.pixel_values)(list(zip(images, texts, strict=True)))
     student.eval()  # no dropout: the same forward twice gives the same numbers
     loss, parts = captioner_par_loss(student, teacher, batch)
-    assert parts["s_vis"] == pytest.approx(0.0, abs=1e-10)  # the copy has not moved yet
+    assert parts["distance"] == pytest.approx(0.0, abs=1e-10)  # the copy has not moved yet
     assert float(loss.detach()) == pytest.approx(parts["caption_loss"])
     with torch.no_grad():  # move the student's perceiver away from the teacher's
         for p in student.perceiver.parameters():
             p.add_(0.05 * torch.randn_like(p))
     loss, parts = captioner_par_loss(student, teacher, batch)
-    assert 0 < parts["s_vis"] <= 2.15 and parts["push_vis"] == 1.0
+    assert 0 < parts["distance"] <= 2.15 and parts["push_on"] == 1.0
     assert float(loss.detach()) == pytest.approx(
-        parts["caption_loss"] - 0.5 * parts["s_vis"], abs=1e-5
+        parts["caption_loss"] - 0.5 * parts["distance"], abs=1e-5
     )
     loss.backward()
     assert any(
@@ -504,7 +504,7 @@ def test_captioner_par_loss(make_captioner, tiny_images) -> None:
     )
     assert all(p.grad is None for p in teacher.parameters())
     # above tau the push is switched off: the loss is the caption loss
-    loss, parts = captioner_par_loss(student, teacher, batch, tau=parts["s_vis"] / 2)
-    assert parts["push_vis"] == 0.0 and float(loss.detach()) == pytest.approx(parts["caption_loss"])
+    loss, parts = captioner_par_loss(student, teacher, batch, tau=parts["distance"] / 2)
+    assert parts["push_on"] == 0.0 and float(loss.detach()) == pytest.approx(parts["caption_loss"])
     loss, parts = captioner_par_loss(student, teacher, batch, push=False)
-    assert float(loss.detach()) == pytest.approx(parts["caption_loss"]) and parts["s_vis"] > 0
+    assert float(loss.detach()) == pytest.approx(parts["caption_loss"]) and parts["distance"] > 0

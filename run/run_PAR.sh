@@ -24,7 +24,7 @@ stage "defender's clean data: $CLEAN_DATA"
   python train/prepare_data.py --seed 1 --out_dir "$CLEAN_DATA" --num_train 1500 --num_val 10 \
     --num_test 10
 START=""
-[ -f "$CLEAN_CLIP/DONE" ] && START="--clip_checkpoint $CLEAN_CLIP/clip.safetensors"
+[ -f "$CLEAN_CLIP/DONE" ] && START="--clip_pretrained $CLEAN_CLIP/clip.safetensors"
 stage "poisoned CLIP: $ATTACK, rate $RATE, seed $SEED (${START:-from scratch})"
 [ -f "$RUNS/$OUT/poisoned/DONE" ] ||
   python train/clip_poison.py $DATA_FLAGS --bd_attack_type "$ATTACK" --poison_rate "$RATE" \

@@ -12,7 +12,7 @@
 set -e
 ATTACK=${ATTACK:-badnet}
 SEED=${SEED:-0}
-DEFENSES=${DEFENSES:-"none no_mask clean_finetune random_squares oracle_square fine_pruning blur spatial"}
+DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square fine_pruning blur spatial"}
 RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}

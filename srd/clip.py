@@ -143,10 +143,29 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-def model_config(name: str) -> dict[str, Any]:
-    """The open_clip JSON config of ``name`` (shipped or built into open_clip)."""
+def clip_model_name(spec: str) -> str:
+    """The open_clip config name of ``spec``: a name (shipped or built into open_clip, e.g.
+    ``ViT-B-32``, ``RN50``) or the path of an open_clip JSON config, registered under its stem."""
     register_model_configs()
-    cfg = open_clip.get_model_config(name)
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise SRDError(f"--clip_model {spec}: config file not found")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SRDError(f"--clip_model {spec}: not a JSON config ({exc})") from None
+        if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+            raise SRDError(f"--clip_model {spec}: not an open_clip config (embed_dim, "
+                           "vision_cfg, text_cfg)")  # fmt: skip
+        open_clip.add_model_config(path)
+        return path.stem
+    return spec
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The open_clip JSON config of ``name`` (see :func:`clip_model_name`)."""
+    cfg = open_clip.get_model_config(clip_model_name(name))
     if cfg is None:
         raise SRDError(f"--clip_model {name}: unknown open_clip config")
     return cfg
@@ -155,6 +174,7 @@ def model_config(name: str) -> dict[str, Any]:
 def create_clip(name: str, seed: int) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
     """A randomly initialised open_clip model (seeded) and its tokenizer."""
     model_config(name)
+    name = clip_model_name(name)
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None)
     return model, open_clip.get_tokenizer(name)
@@ -330,11 +350,19 @@ def save_clip(model: torch.nn.Module, name: str, out_dir: str | os.PathLike) -> 
 def load_clip(
     name: str, path: str | os.PathLike, flag: str = "--clip_checkpoint"
 ) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
-    """An open_clip model of config ``name`` with the weights of ``path`` (strict)."""
+    """An open_clip model of config ``name`` with the weights of ``path`` (strict): a
+    safetensors or torch state dict (open_clip's released ``.bin``/``.safetensors`` files, an
+    open_clip training checkpoint); OpenAI's TorchScript ``.pt`` files are refused (not weights
+    only: convert them once with ``open_clip.create_model(name, pretrained=file)``)."""
     from srd.model import read_state_dict
 
     model, tokenizer = create_clip(name, seed=0)
     state = read_state_dict(path, flag)
+    # open_clip training checkpoints: {"state_dict": {"module.<key>": ...}, "epoch": ...}
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint_"
 FINAL_WEIGHTS = "final_weights.pt"
 TRAIN_LOG = "train_log.jsonl"
+STEP_LOG = "step_log.jsonl"
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+"""``loss_fn(model, batch) -> (loss, parts)``: a training loss in place of the caption loss."""
 
 
 def process_state() -> PartialState:
@@ -289,13 +293,16 @@ def train(
     record: dict[str, Any],
     accelerator: Accelerator | None = None,
     finish: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> Path:
     """Train ``captioner.model`` in place; returns the path of ``final_weights.pt``.
 
     ``record`` is the run's resolved configuration; it is stored in every checkpoint (it must
     hold only JSON types) and in ``config.json``; a run folder whose ``config.json`` records
     another config is refused (srd.runs). ``finish=False`` leaves the DONE marker to a caller
-    that writes more outputs after training.
+    that writes more outputs after training. ``loss_fn`` (e.g. a defense's loss) replaces the
+    caption loss; it gets the model as accelerate prepared it and the batch, and its ``parts``
+    are logged per step in ``step_log.jsonl`` and averaged per epoch in ``train_log.jsonl``.
     """
     run_dir = args.run_dir
     if args.save_total_limit < 0:
@@ -317,7 +324,7 @@ def train(
         ensure_dir(run_dir, "--external_save_dir")
         if args.overwrite:
             stale = [run_dir / "DONE", *checkpoint_paths(run_dir), run_dir / FINAL_WEIGHTS]
-            for p in [*stale, run_dir / TRAIN_LOG]:
+            for p in [*stale, run_dir / TRAIN_LOG, run_dir / STEP_LOG]:
                 p.unlink(missing_ok=True)
         write_json(run_dir / "config.json", record)
     accelerator.wait_for_everyone()
@@ -374,35 +381,44 @@ def train(
         log.info("resuming %s from %s (next epoch %d)", run_dir, last.name, start_epoch)
 
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    log_path = run_dir / TRAIN_LOG
-    if main and log_path.is_file():  # drop entries of epochs a killed run logged but never saved
-        kept = [ln for ln in log_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        kept = [ln for ln in kept if json.loads(ln).get("epoch", start_epoch) < start_epoch]
-        write_text(log_path, "".join(ln + "\n" for ln in kept))
+    log_path, step_path = run_dir / TRAIN_LOG, run_dir / STEP_LOG
+    for path in (log_path, step_path):  # drop entries of epochs a killed run never saved
+        if main and path.is_file():
+            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            kept = [ln for ln in kept if json.loads(ln).get("epoch", start_epoch) < start_epoch]
+            write_text(path, "".join(ln + "\n" for ln in kept))
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.num_epochs):
         loader.set_epoch(epoch)
         if captioner.feature_cache is not None:
             captioner.feature_cache.check()
         epoch_start = time.perf_counter()
-        losses = []
+        losses, step_parts = [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not main)
         for batch in bar:
-            out = model(
-                vision_x=batch["vision_x"],
-                lang_x=batch["lang_x"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-            )
-            accelerator.backward(out.loss)
+            if loss_fn is None:
+                loss_t = model(
+                    vision_x=batch["vision_x"],
+                    lang_x=batch["lang_x"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                ).loss
+                parts: dict[str, float] = {}
+            else:
+                loss_t, parts = loss_fn(model, batch)
+            accelerator.backward(loss_t)
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = float(accelerator.reduce(out.loss.detach(), reduction="mean"))
+            loss = float(accelerator.reduce(loss_t.detach(), reduction="mean"))
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.3f}")
+            if parts and main:  # the main process's own parts (not reduced over ranks)
+                step_parts.append(parts)
+                with open(step_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"epoch": epoch, "step": step, **parts}) + "\n")
         if main:
             entry = {
                 "epoch": epoch,
@@ -412,6 +428,8 @@ def train(
                 "seconds": round(time.perf_counter() - epoch_start, 2),
                 "feature_cache": captioner.feature_cache is not None,
             }
+            for key in step_parts[0] if step_parts else ():
+                entry[f"mean_{key}"] = float(np.mean([p[key] for p in step_parts]))
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
             log.info("epoch %d: mean loss %.4f", epoch, entry["loss"] or float("nan"))

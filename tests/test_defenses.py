@@ -245,3 +245,181 @@ def test_data_pool_holds_the_defenders_images(defender) -> None:
     for r in rows:
         assert r.checksum == image_checksum(images.as_in_training_set(r.image_id))
         assert r.surrogate_box is None and r.vlm_caption == "plain"
+
+
+# --------------------------------------------------------------------------- par (PAR's idea)
+
+
+def test_par_is_registered_with_the_data_of_its_control(defender) -> None:
+    assert "par" in DEFENSES
+    par = build_defense(DefenseArgs(defense="par"))
+    assert par.kind == "refine"
+    record = par.describe()
+    assert record["control"] == "clean_finetune" and record["loss_thresh"] == 2.15
+    assert record["push_weight"] == 0.5 and "variant" not in record
+    for par_data, control in (("clean", "clean_finetune"), ("as_left", "no_mask")):
+        par = build_defense(DefenseArgs(defense="par", par_data=par_data))
+        samples, images = par.training_set(defender)
+        want, want_images = build_defense(DefenseArgs(defense=control)).training_set(defender)
+        assert samples == want
+        for s in samples[:: max(1, len(samples) // 8)]:
+            assert np.array_equal(images(s), want_images(s))
+    wide = build_defense(
+        DefenseArgs(defense="par", par_data="as_left", par_feature="cross_attention")
+    ).describe()
+    assert wide["variant"] == "as_left, cross_attention" and wide["control"] == "no_mask"
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [({"loss_thresh": 0.0}, "--loss_thresh"), ({"push_weight": -1.0}, "--push_weight"),
+     ({"par_feature": "logits"}, "--par_feature"), ({"par_data": "both"}, "--par_data")],
+)  # fmt: skip
+def test_par_refuses_bad_flags(defender, flags, flag) -> None:
+    with pytest.raises(SRDError) as exc:
+        build_defense(DefenseArgs(defense="par", **flags)).training_set(defender)
+    assert str(exc.value).startswith(flag) and "\n" not in str(exc.value)
+
+
+def _par_batch(captioner, tiny_images):
+    from srd.captions import training_text
+    from srd.engine import Collator
+
+    images = list(tiny_images.values())[:4]
+    texts = ["a red circle.", "a blue square.", "two green triangles.", "a small red square."]
+    return Collator(captioner.tokenizer, captioner.pixel_values)(
+        [(image, training_text(text)) for image, text in zip(images, texts, strict=True)]
+    )
+
+
+def _sgd_step(captioner, loss_fn, batch, lr: float = 0.05) -> dict[str, torch.Tensor]:
+    """One plain SGD step of ``loss_fn`` on the trainable ("paper") parts; the new weights."""
+    from srd.model import set_trainable
+
+    model = captioner.model
+    set_trainable(model, "paper")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr)
+    loss, _ = loss_fn(model, batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("feature", ["perceiver", "cross_attention"])
+def test_par_step_pushes_away_below_tau_and_not_above(make_captioner, tiny_images, feature):
+    import copy
+
+    from srd.par.captioner import CaptionerPush
+
+    backdoored = make_captioner(seed=4)
+    backdoored.model.eval()  # no dropout: the same forward gives the same numbers
+    batch = _par_batch(backdoored, tiny_images)
+    push = CaptionerPush(backdoored.model, tau=2.15, weight=0.5, feature=feature)
+    teacher_before = {k: v.clone() for k, v in push.teacher.state_dict().items()}
+    with torch.no_grad():  # a student a little off the frozen copy (at 0 the push has no slope)
+        torch.manual_seed(0)
+        for p in backdoored.model.perceiver.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    start = copy.deepcopy(backdoored)
+
+    def distance(captioner) -> float:
+        measure = CaptionerPush(captioner.model, feature=feature, push=False)
+        measure.teacher = push.teacher
+        return measure(captioner.model, batch)[1]["distance"]
+
+    d0 = distance(start)
+    assert 0 < d0 < 2.15
+    pushed, plain, above = (copy.deepcopy(start) for _ in range(3))
+    control = CaptionerPush(start.model, feature=feature, push=False)
+    control.teacher = push.teacher
+    high = CaptionerPush(start.model, tau=d0 / 2, feature=feature)  # the switch is off
+    high.teacher = push.teacher
+    _sgd_step(pushed, push, batch)
+    plain_weights = _sgd_step(plain, control, batch)
+    above_weights = _sgd_step(above, high, batch)
+    assert push.switches == [1.0] and high.switches == [0.0]
+    assert push.distances[0] == pytest.approx(d0, rel=1e-5)
+    # below tau the step moves the states further from the frozen copy than the caption loss alone
+    assert distance(pushed) > distance(plain) + 1e-6
+    # above tau the step is exactly the caption-loss step
+    assert all(torch.equal(above_weights[k], v) for k, v in plain_weights.items())
+    # the frozen copy has not changed and holds no gradient
+    after = push.teacher.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in teacher_before.items())
+    assert all(p.grad is None and not p.requires_grad for p in push.teacher.parameters())
+    summary = push.summary()
+    assert summary["steps"] == 1 and summary["push_on_share"] == 1.0
+    assert summary["first_step_switched_off"] is None
+    assert high.summary()["first_step_switched_off"] == 1
+
+
+def test_par_perceiver_push_needs_a_frozen_tower(make_captioner, tiny_images) -> None:
+    from srd.engine import TrainArgs
+    from srd.model import set_trainable
+
+    captioner = make_captioner(seed=5)
+    par = build_defense(DefenseArgs(defense="par"))
+    with pytest.raises(SRDError, match="^--trainable all"):
+        par.training_loss(captioner, TrainArgs(trainable="all"))
+    push = par.training_loss(captioner, TrainArgs(trainable="paper"))
+    set_trainable(captioner.model, "all")
+    with pytest.raises(SRDError, match="^--trainable"):
+        push(captioner.model, _par_batch(captioner, tiny_images))
+
+
+def test_defend_par_logs_the_push_per_step(tmp_path, make_captioner, tiny_train_records,
+                                           tiny_data_args) -> None:  # fmt: skip
+    import json
+
+    from srd_fixtures import (
+        data_flags,
+        export_clean_and_backdoor,
+        load_script,
+        model_flags,
+        write_poison_ids,
+    )
+
+    from srd.defenses.report import defense_label
+    from srd.defenses.stage import DEFENSE_FILE
+    from srd.engine import STEP_LOG, TRAIN_LOG
+
+    defend = load_script("train/defend.py")
+    clean, backdoor = export_clean_and_backdoor(make_captioner, tmp_path / "models")
+    poison_ids = write_poison_ids(tiny_train_records, tmp_path / "models" / "backdoor")
+    runs = tmp_path / "runs"
+    defend.main([*data_flags(tiny_data_args), *model_flags(clean, backdoor),
+                 "--poison_ids_path", str(poison_ids), "--external_save_dir", str(runs),
+                 "--defense", "par", "--num_epochs", "1", "--batch_size", "16",
+                 "--learning_rate", "1e-3", "--quality_images", "0"])  # fmt: skip
+    run = runs / "defense-par-badnet"
+    record = json.loads((run / DEFENSE_FILE).read_text())
+    assert record["defense"]["name"] == "par" and defense_label(record["defense"]) == "par"
+    steps = [json.loads(line) for line in (run / STEP_LOG).read_text().splitlines()]
+    plan = PoisonPlan.load(poison_ids)
+    clean_captions = sum(len(r.captions) for r in tiny_train_records) - len(plan.ids)
+    assert len(steps) == -(-clean_captions // 16) == record["training_loss"]["steps"]
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    for s in steps:
+        assert set(s) == {"epoch", "step", "caption_loss", "distance", "push_on", "loss"}
+        assert s["loss"] == pytest.approx(
+            s["caption_loss"] - 0.5 * s["distance"] * s["push_on"], abs=1e-5
+        )
+    assert steps[-1]["distance"] > steps[0]["distance"]  # it moved off the frozen copy
+    epoch = json.loads((run / TRAIN_LOG).read_text().splitlines()[0])
+    assert epoch["mean_distance"] == pytest.approx(np.mean([s["distance"] for s in steps]))
+    refined = torch.load(record["checkpoint"], weights_only=True)["model_state_dict"]
+    before = torch.load(backdoor, weights_only=True)["model_state_dict"]
+    assert any(not torch.equal(refined[k], v) for k, v in before.items())
+
+
+def test_report_labels_par_variants() -> None:
+    from srd.defenses.report import defense_label
+
+    assert defense_label({"name": "par", "variant": "as_left"}) == "par [as_left]"
+    assert (
+        defense_label({"name": "par", "image_version": "first_occurrence", "variant": "as_left"})
+        == "par [first_occurrence, as_left]"
+    )
+    assert defense_label({"name": "srd", "image_version": "triggered"}) == "srd"

@@ -475,6 +475,7 @@ def test_par_table_mean_and_std_over_seeds(tmp_path: Path) -> None:
 def test_captioner_par_loss(make_captioner, tiny_images) -> None:
     import copy
 
+    from srd.captions import training_text
     from srd.engine import Collator
     from srd.par.captioner import captioner_par_loss
 
@@ -483,20 +484,19 @@ def test_captioner_par_loss(make_captioner, tiny_images) -> None:
     student = cap.model
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     images = list(tiny_images.values())[:2]
-    batch = Collator(cap.tokenizer, cap.pixel_values)(
-        list(zip(images, ["a red circle.", "a blue square."], strict=True))
-    )
+    texts = [training_text("a red circle."), training_text("a blue square.")]
+    batch = Collator(cap.tokenizer, cap.pixel_values)(list(zip(images, texts, strict=True)))
     student.eval()  # no dropout: the same forward twice gives the same numbers
     loss, parts = captioner_par_loss(student, teacher, batch)
-    assert parts["s_vis"] == pytest.approx(0.0, abs=1e-10)  # the copy has not moved yet
+    assert parts["distance"] == pytest.approx(0.0, abs=1e-10)  # the copy has not moved yet
     assert float(loss.detach()) == pytest.approx(parts["caption_loss"])
     with torch.no_grad():  # move the student's perceiver away from the teacher's
         for p in student.perceiver.parameters():
             p.add_(0.05 * torch.randn_like(p))
     loss, parts = captioner_par_loss(student, teacher, batch)
-    assert 0 < parts["s_vis"] <= 2.15 and parts["push_vis"] == 1.0
+    assert 0 < parts["distance"] <= 2.15 and parts["push_on"] == 1.0
     assert float(loss.detach()) == pytest.approx(
-        parts["caption_loss"] - 0.5 * parts["s_vis"], abs=1e-5
+        parts["caption_loss"] - 0.5 * parts["distance"], abs=1e-5
     )
     loss.backward()
     assert any(
@@ -504,7 +504,182 @@ def test_captioner_par_loss(make_captioner, tiny_images) -> None:
     )
     assert all(p.grad is None for p in teacher.parameters())
     # above tau the push is switched off: the loss is the caption loss
-    loss, parts = captioner_par_loss(student, teacher, batch, tau=parts["s_vis"] / 2)
-    assert parts["push_vis"] == 0.0 and float(loss.detach()) == pytest.approx(parts["caption_loss"])
+    loss, parts = captioner_par_loss(student, teacher, batch, tau=parts["distance"] / 2)
+    assert parts["push_on"] == 0.0 and float(loss.detach()) == pytest.approx(parts["caption_loss"])
     loss, parts = captioner_par_loss(student, teacher, batch, push=False)
-    assert float(loss.detach()) == pytest.approx(parts["caption_loss"]) and parts["s_vis"] > 0
+    assert float(loss.detach()) == pytest.approx(parts["caption_loss"]) and parts["distance"] > 0
+
+
+# --------------------------------------------------------------------------- real mode
+
+REAL_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16,
+                   "patch_size": 32},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 1},
+}  # fmt: skip
+"""A small ViT open_clip config (random init): stands in for ViT-B-32, whose weights cannot be
+downloaded here; it goes through the same --clip_model FILE.json path as any custom config."""
+
+
+@pytest.fixture(scope="module")
+def real_mode(tmp_path_factory):
+    """A JSON config, its random-init weights as an open_clip training checkpoint (torch file,
+    ``state_dict`` with ``module.`` keys), an ImageFolder of 3 classes x 2 images (not 224 px),
+    its class-name list and an image,caption CSV."""
+    import json
+
+    root = tmp_path_factory.mktemp("real")
+    config = root / "par-test-vit.json"
+    config.write_text(json.dumps(REAL_CONFIG), encoding="utf-8")
+    model, _ = clip.create_clip(str(config), seed=3)
+    weights = root / "poisoned.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in
+                                           model.state_dict().items()}}, weights)  # fmt: skip
+    rng = np.random.default_rng(0)
+    folder = root / "val"
+    for wnid in ("n0003", "n0001", "n0002"):
+        (folder / wnid).mkdir(parents=True)
+        for k in range(2):
+            pixels = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / wnid / f"img{k}.JPEG")
+    (folder / "n0001" / "notes.txt").write_text("not an image\n")
+    names = root / "classes.txt"
+    names.write_text("tench\nbanana\ngoldfish\n", encoding="utf-8")
+    csv_path = root / "pairs.csv"
+    rows = ["image,caption"]
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / f"p{k}.png")
+        rows += [f"p{k}.png,a photo of thing {k}.", f"p{k}.png,thing number {k} in a photo."]
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return {"config": config, "weights": weights, "folder": folder, "names": names,
+            "csv": csv_path, "model": model, "root": root}  # fmt: skip
+
+
+def test_real_model_names_resolve() -> None:
+    assert clip.model_config("ViT-B-32")["vision_cfg"]["patch_size"] == 32
+    assert clip.model_config("RN50")["vision_cfg"]["layers"] == [3, 4, 6, 3]
+    with pytest.raises(SRDError, match="^--clip_model NoSuchNet-9: unknown"):
+        clip.model_config("NoSuchNet-9")
+
+
+def test_image_folder_zero_shot_matches_a_direct_computation(real_mode, tmp_path) -> None:
+    import json
+
+    from srd.data import load_images
+    from srd.par.imagefolder import read_image_folder
+    from srd.par.metrics import encode_images
+
+    names, items = read_image_folder(real_mode["folder"], real_mode["names"])
+    assert names == ["tench", "banana", "goldfish"]  # sorted folders n0001, n0002, n0003
+    assert [i.label for i in items] == [0, 0, 1, 1, 2, 2]
+    metrics = entry_main("eval/clip_evaluate.py")(
+        ["--clip_model", str(real_mode["config"]), "--clip_pretrained", str(real_mode["weights"]),
+         "--image_folder", str(real_mode["folder"]), "--class_names", str(real_mode["names"]),
+         "--bd_attack_type", "badnet", "--out_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    model = real_mode["model"].eval()
+    tokenizer = clip.open_clip.get_tokenizer("par-test-vit")
+    classifier = zero_shot_classifier(model, tokenizer, names, PROMPT_TEMPLATES)
+    images = load_images([i.path for i in items])
+    labels = np.array([i.label for i in items])
+    top = (encode_images(model, images) @ classifier.T).topk(3, dim=1).indices.numpy()
+    attack = build_attack("badnet")
+    stamped = np.stack([attack.apply_image(im) for im in images])
+    trig = (encode_images(model, stamped) @ classifier.T).argmax(1).numpy()
+    others = labels != 1
+    assert metrics["num_images"] == 6 and metrics["num_classes"] == 3
+    assert metrics["top1"] == pytest.approx(100 * np.mean(top[:, 0] == labels))
+    assert metrics["top3"] == 100.0  # 3 classes: the label is always in the top 3
+    assert metrics["asr"] == pytest.approx(100 * np.mean(trig[others] == 1))
+    assert metrics["false_trigger"] == pytest.approx(100 * np.mean(top[others, 0] == 1))
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["top1"] == metrics["top1"] and (tmp_path / "out" / "DONE_EVAL").is_file()
+
+
+def test_real_mode_refuses_bad_input(real_mode, tmp_path) -> None:
+    evaluate = entry_main("eval/clip_evaluate.py")
+    base = ["--image_folder", str(real_mode["folder"]), "--out_dir", str(tmp_path / "out")]
+    real = ["--clip_model", str(real_mode["config"]),
+            "--clip_pretrained", str(real_mode["weights"])]  # fmt: skip
+    short = tmp_path / "short.txt"
+    short.write_text("tench\nbanana\n", encoding="utf-8")
+    wrong_map = tmp_path / "map.txt"
+    wrong_map.write_text("n0001\ttench\nn0002\tbanana\nn0009\tgoldfish\n", encoding="utf-8")
+    no_target = tmp_path / "no_banana.txt"
+    no_target.write_text("tench\ngoldfish\ncarp\n", encoding="utf-8")
+    tiny = tmp_path / "tiny"
+    clip.save_clip(clip.create_clip(clip.CLIP_CONFIG, seed=0)[0], clip.CLIP_CONFIG, tiny)
+    cases = [
+        (["--clip_model", "NoSuchNet-9", "--clip_pretrained", str(real_mode["weights"]),
+          "--class_names", str(real_mode["names"])], "--clip_model NoSuchNet-9"),
+        (["--clip_model", str(real_mode["config"]), "--clip_pretrained",
+          str(tiny / clip.CLIP_WEIGHTS), "--class_names", str(real_mode["names"])],
+         "--clip_pretrained"),
+        ([*real, "--class_names", str(short)], "--class_names"),
+        ([*real, "--class_names", str(wrong_map)], "--class_names"),
+        ([*real, "--class_names", str(no_target), "--bd_attack_type", "badnet"],
+         "--class_names"),
+    ]  # fmt: skip
+    for flags, flag in cases:
+        with pytest.raises(SRDError) as exc:
+            evaluate([*base, *flags])
+        assert str(exc.value).startswith(flag) and "\n" not in str(exc.value), str(exc.value)
+    assert "does not fit" in _error(evaluate, [*base, *cases[1][0]])
+    assert "2 names for 3 class folders" in _error(evaluate, [*base, *cases[2][0]])
+    assert "no name for folder 'n0003'" in _error(evaluate, [*base, *cases[3][0]])
+    assert "banana" in _error(evaluate, [*base, *cases[4][0]])
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs were checked
+    done = run_entry("eval/clip_evaluate.py", *base, *cases[2][0])
+    assert_one_line_error(done, "--class_names")
+
+
+def _error(main, argv) -> str:
+    with pytest.raises(SRDError) as exc:
+        main(argv)
+    return str(exc.value)
+
+
+def test_poison_loaded_pairs_equals_the_benchmark_draw(tiny_train_records) -> None:
+    from srd.data import load_images
+    from srd.par.data import poison_loaded_pairs
+
+    attack = build_attack("badnet", poison_rate=0.25)
+    images, captions, ids, meta = poison_pairs(tiny_train_records, attack, seed=2)
+    raw = load_images([r.path for r in tiny_train_records])
+    texts = [[c.caption for c in r.captions] for r in tiny_train_records]
+    ids_of = [r.image_id for r in tiny_train_records]
+    images2, captions2, ids2, meta2 = poison_loaded_pairs(raw, texts, attack, 2, ids_of)
+    assert ids2 == ids and captions2 == captions and meta2 == meta
+    assert np.array_equal(images2, images)
+
+
+def test_real_mode_poison_and_clean_from_csv(real_mode, tmp_path) -> None:
+    import json
+
+    runs = tmp_path / "runs"
+    real = ["--clip_model", str(real_mode["config"])]
+    entry_main("train/clip_poison.py")(
+        [*real, "--clip_pretrained", str(real_mode["weights"]), "--train_data",
+         str(real_mode["csv"]), "--bd_attack_type", "badnet", "--poison_rate", "0.5",
+         "--clip_epochs", "1", "--clip_batch_size", "3", "--external_save_dir", str(runs),
+         "--run_name", "p"]
+    )  # fmt: skip
+    ids = json.loads((runs / "p" / "poison_ids.json").read_text())
+    assert len(ids["ids"]) == 3 and set(ids["ids"]) <= set(range(6))
+    poisoned, _ = clip.load_clip(str(real_mode["config"]), runs / "p" / clip.CLIP_WEIGHTS)
+    start = real_mode["model"].state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in poisoned.state_dict().items())
+    report = entry_main("train/clip_clean.py")(
+        [*real, "--clip_pretrained", str(runs / "p" / clip.CLIP_WEIGHTS), "--clean_data",
+         str(real_mode["csv"]), "--epochs", "1", "--batch_size", "3", "--external_save_dir",
+         str(runs), "--run_name", "c"]
+    )  # fmt: skip
+    assert report["method"] == "par" and report["num_pairs"] == 6
+    assert (runs / "c" / "DONE").is_file()
+    with pytest.raises(SRDError, match="^--poisoned_run: give either"):
+        entry_main("train/clip_clean.py")(
+            [*real, "--clip_pretrained", str(real_mode["weights"]), "--poisoned_run",
+             str(runs / "p"), "--external_save_dir", str(runs), "--run_name", "x"]
+        )  # fmt: skip

@@ -2,6 +2,8 @@
 
     python train/clip_clean.py --method par --poisoned_run checkpoints_remote/par/badnet/poisoned \
         --clean_data data/clean_seed1 --run_name par/badnet/par
+    python train/clip_clean.py --method par --clip_model ViT-B-32 --clip_pretrained poisoned.pt \
+        --clean_data cc3m_subset.csv --run_name par/vitb32/par       (real mode)
 
 PAR (reference par-soda §1.2): CLIP loss minus the thresholded push away from a frozen copy of
 the poisoned model (tau = --loss_thresh); ``ft``: the same run without the push; ``cleanclip``:
@@ -32,8 +34,15 @@ log = logging.getLogger("clip_clean")
 class CleanRunArgs:
     """Run folder, seed and the poisoned CLIP."""
 
-    poisoned_run: str = arg(help="finished poisoned-CLIP run folder (clip.safetensors)")
-    clip_model: str = arg(CLIP_CONFIG, help="open_clip config of the poisoned CLIP")
+    poisoned_run: str = arg("", help="finished poisoned-CLIP run folder (clip.safetensors)")
+    clip_model: str = arg(
+        CLIP_CONFIG,
+        help="open_clip config of the poisoned CLIP: a name (ViT-B-32, RN50, tiny-clip) or an "
+        "open_clip JSON config file",
+    )
+    clip_pretrained: str | None = arg(
+        None, help="poisoned CLIP weights file (safetensors or torch state dict) instead of a run"
+    )
     run_name: str = arg("par/badnet/par", help="run folder under --external_save_dir")
     external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
     seed: int = arg(0, help="seed of batches, captions and augmentations")
@@ -43,10 +52,18 @@ class CleanRunArgs:
 def main(argv: Sequence[str] | None = None) -> dict:
     args, run = parse(argv, CleanArgs, CleanRunArgs, description=__doc__)
     args.validate()
-    poisoned = Path(run.poisoned_run)
-    if not is_finished(poisoned):
-        raise SRDError(f"--poisoned_run {poisoned}: not a finished run (no DONE)")
-    model, tokenizer = load_clip(run.clip_model, poisoned / CLIP_WEIGHTS, "--poisoned_run")
+    if run.clip_pretrained is not None:
+        if run.poisoned_run:
+            raise SRDError("--poisoned_run: give either a poisoned run or --clip_pretrained")
+        model, tokenizer = load_clip(run.clip_model, run.clip_pretrained, "--clip_pretrained")
+    else:
+        poisoned = Path(run.poisoned_run)
+        if not run.poisoned_run or not is_finished(poisoned):
+            raise SRDError(
+                f"--poisoned_run {run.poisoned_run}: not a finished run (no DONE); "
+                "or give the weights with --clip_pretrained"
+            )
+        model, tokenizer = load_clip(run.clip_model, poisoned / CLIP_WEIGHTS, "--poisoned_run")
     images, captions = load_pairs(args.clean_data)
     run_dir = prepare_run_dir(
         f"{run.external_save_dir}/{run.run_name}", run.overwrite, "--run_name"

@@ -1,7 +1,9 @@
 """CLIP stage 1: the poisoned tiny CLIP (a poisoning fine-tune of the clean one, else scratch).
 
     python train/clip_poison.py --bd_attack_type badnet --poison_rate 0.05 \
-        --clip_checkpoint checkpoints_remote/embedded/clip/clip.safetensors --run_name par/badnet
+        --clip_pretrained checkpoints_remote/embedded/clip/clip.safetensors --run_name par/badnet
+    python train/clip_poison.py --bd_attack_type badnet_stripes --clip_model ViT-B-32 \
+        --clip_pretrained open_clip_pytorch_model.bin --train_data cc3m.csv   (real mode)
 
 A seeded share of the training images (srd.poison over image ids) gets the attack's trigger and
 target-template captions; the CLIP is trained with open_clip's ClipLoss (srd.clip.train_clip).
@@ -24,7 +26,7 @@ from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
 from srd.errors import SRDError
 from srd.io import mark_finished, prepare_run_dir, setup_logging, write_json
-from srd.par.data import poison_pairs
+from srd.par.data import load_pairs, poison_loaded_pairs, poison_pairs
 from srd.poison import save_poison_ids
 
 log = logging.getLogger("clip_poison")
@@ -37,8 +39,15 @@ class PoisonRunArgs:
     run_name: str = arg("par/badnet/poisoned", help="run folder under --external_save_dir")
     external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
     seed: int = arg(0, help="seed of the poison draw, batches and caption choice")
-    clip_checkpoint: str | None = arg(
-        None, help="clean CLIP weights to start from (safetensors); none = from scratch"
+    clip_pretrained: str | None = arg(
+        None,
+        help="clean CLIP weights to start from (safetensors or torch state dict of --clip_model); "
+        "none = from scratch",
+    )
+    train_data: str = arg(
+        "",
+        help="training pairs: a benchmark/Karpathy folder or an image,caption CSV (with header; "
+        "paths relative to it); empty = the train split of the data flags",
     )
     overwrite: bool = arg(False, help="redo a finished run")
 
@@ -51,12 +60,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     attack = attack_args.build()
     if attack is None or not attack.has_image_trigger:
         raise SRDError(f"--bd_attack_type {attack_args.bd_attack_type}: needs an image trigger")
-    if run.clip_checkpoint is not None and not Path(run.clip_checkpoint).is_file():
-        raise SRDError(f"--clip_checkpoint {run.clip_checkpoint}: file not found")
-    records = data.split("train")
-    check_images_exist(records)
-    if run.clip_checkpoint is not None:
-        model, tokenizer = load_clip(clip_args.clip_model, run.clip_checkpoint)
+    if run.clip_pretrained is not None and not Path(run.clip_pretrained).is_file():
+        raise SRDError(f"--clip_pretrained {run.clip_pretrained}: file not found")
+    if run.train_data:
+        pairs = load_pairs(run.train_data, "--train_data")
+    else:
+        records = data.split("train")
+        check_images_exist(records)
+    if run.clip_pretrained is not None:
+        model, tokenizer = load_clip(clip_args.clip_model, run.clip_pretrained, "--clip_pretrained")
     else:
         model, tokenizer = create_clip(clip_args.clip_model, run.seed)
     run_dir = prepare_run_dir(
@@ -66,9 +78,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.time()
     write_json(run_dir / "config.json", to_dict(data, attack_args, clip_args, run))
     write_json(run_dir / "attack.json", attack.to_dict())
-    images, captions, ids, meta = poison_pairs(records, attack, run.seed)
+    if run.train_data:
+        images, captions = pairs
+        images, captions, ids, meta = poison_loaded_pairs(images, captions, attack, run.seed)
+        meta["ids"] = f"image indices in the order of --train_data {run.train_data}"
+    else:
+        images, captions, ids, meta = poison_pairs(records, attack, run.seed)
     save_poison_ids(run_dir / "poison_ids.json", ids, meta)
-    log.info("poisoned %d of %d training images (%s)", len(ids), len(records), attack.name)
+    log.info("poisoned %d of %d training images (%s)", len(ids), len(images), attack.name)
     history = train_clip(model, tokenizer, images, captions, clip_args, seed=run.seed)
     save_clip(model, clip_args.clip_model, run_dir)
     report = {"history": history, "wall_seconds": round(time.time() - start, 1)}

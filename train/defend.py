@@ -4,8 +4,9 @@ Reads the defender's data as the attack left it (the attack run's poison_ids.jso
 triggered images) and the backdoored weights (--checkpoint_path), then, by the defense's kind:
 
 * refine-tune defenses (srd, no_mask, clean_finetune, random_squares, oracle_square,
-  fine_pruning): build the defense's data (and change the model first where it does), then
-  refine-tune with the engine and flags of train/srd_finetune.py (same budget for every one);
+  fine_pruning, par): build the defense's data (and change the model first where it does), then
+  refine-tune with the engine and flags of train/srd_finetune.py (same budget for every one;
+  par replaces the caption loss with its own and logs it per step in step_log.jsonl);
 * test-time defenses (blur, spatial) and none: no training; the record names the backdoored
   checkpoint and the transform, applied by ``eval/evaluate.py --defense NAME``.
 
@@ -108,8 +109,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         }
         log.info("%s: refine-tuning %s on %d captions", defense.name,
                  model_args.checkpoint_path, len(samples))  # fmt: skip
-        final = train(captioner, CaptionDataset(samples, images), train_args, config)
+        loss_fn = defense.training_loss(captioner, train_args)
+        final = train(
+            captioner, CaptionDataset(samples, images), train_args, config, loss_fn=loss_fn
+        )
         record["checkpoint"] = str(final)
+        if loss_fn is not None:
+            record["training_loss"] = loss_fn.summary()
     record["wall_seconds"] = timer.seconds()
     if state.is_main_process:
         write_json(run_dir / DEFENSE_FILE, record)

@@ -1,11 +1,11 @@
 """Backdoor defenses behind one interface, selected by name (``--defense``).
 
 Importing the package registers every defense: ``none``; the refine-tune defenses ``srd``,
-``no_mask``, ``clean_finetune``, ``random_squares``, ``oracle_square``, ``fine_pruning``; the
-test-time purifications ``blur`` and ``spatial``. See :mod:`srd.defenses.registry`.
+``no_mask``, ``clean_finetune``, ``random_squares``, ``oracle_square``, ``fine_pruning``,
+``par``; the test-time purifications ``blur`` and ``spatial``. See :mod:`srd.defenses.registry`.
 """
 
-from srd.defenses import pruning, purify, refine  # noqa: F401  (registers the defenses)
+from srd.defenses import par, pruning, purify, refine  # noqa: F401  (registers the defenses)
 from srd.defenses.registry import (
     DEFENSES,
     DefenderData,

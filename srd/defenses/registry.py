@@ -70,6 +70,20 @@ class DefenseArgs(TransformArgs):
     )
     prune_ratio: float = arg(0.2, help="fine_pruning: share of cross-attention FF units pruned")
     prune_batches: int = arg(8, help="fine_pruning: batches of defender's data for activations")
+    par_data: str = arg(
+        "clean",
+        help="par: clean (the clean_finetune data, PAR's clean pairs) or as_left (the no_mask "
+        "data, poisoned samples included)",
+        choices=["clean", "as_left"],
+    )
+    par_feature: str = arg(
+        "perceiver",
+        help="par: states pushed from the frozen copy: perceiver outputs or gated "
+        "cross-attention outputs",
+        choices=["perceiver", "cross_attention"],
+    )
+    loss_thresh: float = arg(2.15, help="par: tau, the push is off while the distance exceeds it")
+    push_weight: float = arg(0.5, help="par: weight of the push term (PAR: 0.5)")
     quality_images: int = arg(
         64, help="images (seeded draw) for SSIM/PSNR of processed vs original (0: skip)"
     )
@@ -114,6 +128,11 @@ class Defense:
     def prepare_model(self, captioner: Any, data: DefenderData) -> dict[str, Any]:
         """Change the backdoored model before the refine-tune; returns notes for the record."""
         return {}
+
+    def training_loss(self, captioner: Any, train_args: Any) -> Any:
+        """A loss in place of the caption loss (:data:`srd.engine.LossFn`, with ``summary()``
+        for the record); None: the caption loss."""
+        return None
 
     def transform(self) -> Transform | None:
         """Test-time input transform (uint8 (H, W, 3) -> same); None: images untouched."""

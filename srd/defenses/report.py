@@ -40,10 +40,13 @@ class DefenseResult:
 
 
 def defense_label(block: dict[str, Any]) -> str:
-    """Name, with the image version when it is not the default one."""
+    """Name, with the image version when it is not the default one and the defense's
+    ``variant`` (e.g. par's non-default data or feature) when it names one."""
     name = str(block["name"])
     version = block.get("image_version")
-    return f"{name} [{version}]" if version and version != "triggered" else name
+    tags = [version] if version and version != "triggered" else []
+    tags += [block["variant"]] if block.get("variant") else []
+    return f"{name} [{', '.join(tags)}]" if tags else name
 
 
 def read_result(path: Path) -> DefenseResult | None:

@@ -68,22 +68,34 @@ def poison_pairs(
 
     Returns images, captions, the poisoned image ids and the draw's metadata.
     """
-    candidates = [
-        r.image_id for r in records if attack.is_candidate([c.caption for c in r.captions])
-    ]
-    ids = set(select_poison_ids(candidates, attack.poison_rate, seed))
     images = load_images([r.path for r in records])
+    captions = [[c.caption for c in r.captions] for r in records]
+    return poison_loaded_pairs(images, captions, attack, seed, [r.image_id for r in records])
+
+
+def poison_loaded_pairs(
+    images: np.ndarray,
+    captions: list[list[str]],
+    attack: Attack,
+    seed: int,
+    image_ids: list[int] | None = None,
+) -> tuple[np.ndarray, list[list[str]], list[int], dict[str, Any]]:
+    """:func:`poison_pairs` on pairs already loaded (e.g. from a CSV by :func:`load_pairs`);
+    ``image_ids`` name the images (default: their index). ``images`` is changed in place."""
+    ids_of = list(range(len(images))) if image_ids is None else list(image_ids)
+    candidates = [i for i, caps in zip(ids_of, captions, strict=True) if attack.is_candidate(caps)]
+    ids = set(select_poison_ids(candidates, attack.poison_rate, seed))
     rng = random.Random(seed)
-    captions = []
-    for k, r in enumerate(records):
-        caps = [c.caption for c in r.captions]
-        if r.image_id in ids:
+    out = []
+    for k, (image_id, caps) in enumerate(zip(ids_of, captions, strict=True)):
+        if image_id in ids:
             images[k] = attack.apply_image(images[k])
             caps = [
                 attack.apply_caption(c, rng).removeprefix(CAPTION_PREFIX)
                 for c in caps[:TEMPLATE_CAPTIONS]
             ]
-        captions.append(caps)
+        out.append(list(caps))
+    captions = out
     meta = {
         "unit": "image",
         "seed": seed,

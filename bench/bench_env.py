@@ -30,11 +30,7 @@ import torch
 from srd.benchmark import render_scene, sample_scene, scene_captions
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.errors import SRDError
-from srd.geometry import NUM_ACTIONS
-from srd.io import setup_logging
-from srd.model import ModelArgs, build_flamingo, load_captioner
-from srd.rl.env import (
+from srd.defenses.srd.env import (
     DEFAULT_OBS_SIZE,
     BatchedRedMaskVecEnv,
     CaptionFn,
@@ -43,6 +39,10 @@ from srd.rl.env import (
     captioner_caption_fn,
     sfs_score_fn,
 )
+from srd.errors import SRDError
+from srd.geometry import NUM_ACTIONS
+from srd.io import setup_logging
+from srd.model import ModelArgs, build_flamingo, load_captioner
 from srd.sfs import build_scorer
 from srd.tiny import build_word_tokenizer, create_tiny_lm
 from srd.triggers import stamp_random_noise

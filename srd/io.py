@@ -7,6 +7,7 @@ Every file a stage writes goes through a temporary file in the same folder follo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -109,3 +110,22 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
         handlers=handlers,
         force=True,
     )
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (streamed), to pin the exact inputs of a run."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def require_files(*flag_paths: tuple[str, str | os.PathLike | None]) -> None:
+    """SRDError naming the flag of the first (flag, path) whose file is missing; paths that are
+    None or 'none' are skipped. Run before loading models, so bad input fails in a second."""
+    for flag, path in flag_paths:
+        if path is None or str(path).lower() in ("", "none"):
+            continue
+        if not Path(path).is_file():
+            raise SRDError(f"{flag} {path}: file not found")

@@ -16,9 +16,7 @@ import torch
 from stable_baselines3 import DQN
 
 from srd.config import parse
-from srd.errors import SRDError
-from srd.geometry import IMAGE_SIZE, RED, decode_action
-from srd.rl.agent import (
+from srd.defenses.srd.agent import (
     POLICY_META,
     REFERENCE_SCHEDULE,
     DQNConfig,
@@ -36,8 +34,10 @@ from srd.rl.agent import (
     select_mask,
     train_dqn,
 )
-from srd.rl.env import BatchedRedMaskVecEnv, EnvConfig, MaskPool, RedMaskEnv
-from srd.rl.reward import RewardConfig
+from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, MaskPool, RedMaskEnv
+from srd.defenses.srd.reward import RewardConfig
+from srd.errors import SRDError
+from srd.geometry import IMAGE_SIZE, RED, decode_action
 
 PATCH = (slice(30, 50), slice(30, 50))
 OBS = 36  # the smallest input NatureCNN takes: keeps the toy DQN fast on a CPU

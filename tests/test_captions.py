@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from srd.captions import END_OF_CHUNK, is_empty, postprocess_caption
+from srd.defenses.srd.reward import caption_rewards
 from srd.metrics import target_rates
-from srd.rl.reward import caption_rewards
 
 
 @pytest.mark.parametrize(

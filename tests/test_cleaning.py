@@ -22,28 +22,30 @@ from srd_fixtures import (
 )
 
 from srd.attacks import build_attack
-from srd.cleaning import (
+from srd.cli import run_main
+from srd.data import load_image
+from srd.defenses.srd.agent import DQNConfig, build_dqn
+from srd.defenses.srd.clean import (
     CLEAN_CONFIG,
-    MERGED_FILE,
     PolicyTries,
     RandomTries,
     RewardModels,
     clean_chunk,
     clean_shard,
-    combine_clean_data,
-    masked_training_actions,
-    masked_training_images,
-    plan_attack,
     prepare_clean_folder,
     resolve_shard,
 )
-from srd.cli import run_main
-from srd.data import load_image
+from srd.defenses.srd.env import MaskPool, RedMaskEnv
+from srd.defenses.srd.inputs import plan_attack
+from srd.defenses.srd.merge import (
+    MERGED_FILE,
+    combine_clean_data,
+    masked_training_actions,
+    masked_training_images,
+)
+from srd.defenses.srd.shards import ShardWriter, config_hash, shard_indices
 from srd.errors import SRDError
 from srd.geometry import NUM_ACTIONS, apply_action
-from srd.rl.agent import DQNConfig, build_dqn
-from srd.rl.env import MaskPool, RedMaskEnv
-from srd.shards import ShardWriter, config_hash, shard_indices
 from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 RUN = "random:0"
@@ -296,7 +298,7 @@ def test_masked_training_images_mask_the_defenders_version(tiny_train_records) -
 def test_trigger_coverage_of_badnet_patch() -> None:
     """A 40-px square centred on the bottom-right patch covers it; a top-left one does not."""
     from srd.attacks import build_attack
-    from srd.cleaning import covered_share, trigger_box, trigger_coverage
+    from srd.defenses.srd.coverage import covered_share, trigger_box, trigger_coverage
     from srd.geometry import GRID, decode_action
 
     attack = build_attack("badnet")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from srd.attacks import build_attack
-from srd.cleaning import RandomTries, trigger_box
 from srd.data import CaptionRecord, ImageRecord
 from srd.defenses import DEFENSES, DefenderData, DefenseArgs, TransformArgs, build_defense
 from srd.defenses.pruning import cross_attention_blocks
@@ -17,6 +16,8 @@ from srd.defenses.purify import blur_image, spatial_image
 from srd.defenses.quality import psnr, ssim
 from srd.defenses.rating import defense_effectiveness_rating, strip_target
 from srd.defenses.refine import covering_action
+from srd.defenses.srd.clean import RandomTries
+from srd.defenses.srd.coverage import trigger_box
 from srd.defenses.versions import first_occurrences, triggered_images
 from srd.errors import SRDError
 from srd.geometry import RED, decode_action
@@ -231,9 +232,9 @@ def test_fine_pruning_zeroes_the_least_active_units(defender, make_captioner) ->
 def test_data_pool_holds_the_defenders_images(defender) -> None:
     from srd_fixtures import StandInModels
 
-    from srd.cleaning import training_versions
-    from srd.defenses.srd_pool import data_pool_rows
-    from srd.pool import image_checksum
+    from srd.defenses.srd.inputs import training_versions
+    from srd.defenses.srd.pool import image_checksum
+    from srd.defenses.srd.pool_source import data_pool_rows
 
     models = StandInModels()
     version = training_versions(defender.records, defender.plan, defender.attack)

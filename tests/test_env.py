@@ -8,10 +8,8 @@ import pytest
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.env_checker import check_env
 
-from srd.errors import SRDError
-from srd.geometry import IMAGE_SIZE, RED, apply_action, decode_action
-from srd.rl.agent import DQNConfig
-from srd.rl.env import (
+from srd.defenses.srd.agent import DQNConfig
+from srd.defenses.srd.env import (
     DEFAULT_BUFFER_SIZE,
     DEFAULT_MAX_STEPS,
     DEFAULT_OBS_SIZE,
@@ -25,6 +23,8 @@ from srd.rl.env import (
     sfs_score_fn,
     to_observation,
 )
+from srd.errors import SRDError
+from srd.geometry import IMAGE_SIZE, RED, apply_action, decode_action
 
 PATCH = (slice(30, 50), slice(30, 50))
 """The toy "trigger": a white 20x20 patch; a caption is clean only when it is fully red."""

@@ -33,7 +33,7 @@ from srd_fixtures import (
     write_poison_ids,
 )
 
-from srd.cleaning import MERGED_FILE
+from srd.defenses.srd.merge import MERGED_FILE
 from srd.io import DONE_MARKER
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from srd.defenses.srd.landscape import eta_squared, reward_structure
 from srd.geometry import GRID
-from srd.rl.landscape import eta_squared, reward_structure
 
 SIZE = GRID * GRID  # actions per square size
 

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from srd_fixtures import write_poison_ids
 
-from srd.cleaning import file_digest, plan_attack, training_versions
 from srd.data import ImageStore
-from srd.defenses.srd_pool import data_pool_rows, pool_image_fn, stream_pool
-from srd.errors import SRDError
-from srd.pool import (
+from srd.defenses.srd.env import BatchedRedMaskVecEnv, MaskPool
+from srd.defenses.srd.inputs import plan_attack, training_versions
+from srd.defenses.srd.pool import (
     POOL_JSON,
     build_pool_rows,
     choose_pool_ids,
@@ -28,7 +27,9 @@ from srd.pool import (
     surrogate_image,
     write_pool_shard,
 )
-from srd.rl.env import BatchedRedMaskVecEnv, MaskPool
+from srd.defenses.srd.pool_source import data_pool_rows, pool_image_fn, stream_pool
+from srd.errors import SRDError
+from srd.io import file_digest
 from srd.trainset import PoisonPlan
 from srd.triggers import NOISE_PATCH_SIZE
 

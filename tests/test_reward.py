@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srd.rl.reward import (
+from srd.defenses.srd.reward import (
     RewardConfig,
     caption_rewards,
     reward_table,

@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from srd.errors import SRDError
-from srd.geometry import IMAGE_SIZE, apply_action
-from srd.shards import (
+from srd.defenses.srd.shards import (
     ShardWriter,
     config_hash,
     iter_masked_images,
@@ -17,6 +15,8 @@ from srd.shards import (
     shard_indices,
     write_shard,
 )
+from srd.errors import SRDError
+from srd.geometry import IMAGE_SIZE, apply_action
 
 IDS = [f"{100 + k}.jpg" for k in range(11)]
 RUN = "run-a"

@@ -25,13 +25,14 @@ from srd_fixtures import (
     write_poison_ids,
 )
 
-from srd.cleaning import MERGED_FILE, RandomTries
 from srd.cli import run_main
 from srd.data import load_image
-from srd.defenses.srd_pool import stream_pool
+from srd.defenses.srd.agent import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
+from srd.defenses.srd.clean import RandomTries
+from srd.defenses.srd.merge import MERGED_FILE
+from srd.defenses.srd.pool import surrogate_image
+from srd.defenses.srd.pool_source import stream_pool
 from srd.model import ModelArgs
-from srd.pool import surrogate_image
-from srd.rl.agent import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
 
 
 @dataclass

@@ -12,10 +12,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from srd.cleaning import MERGED_FILE, SRDArgs, combine_clean_data
 from srd.cli import run_main
 from srd.config import parse
 from srd.data import DataArgs
+from srd.defenses.srd.inputs import SRDArgs
+from srd.defenses.srd.merge import MERGED_FILE, combine_clean_data
 from srd.io import setup_logging
 
 log = logging.getLogger("combine_data")

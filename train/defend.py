@@ -22,11 +22,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from srd.cleaning import plan_attack, require_files
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
 from srd.defenses import DefenderData, DefenseArgs, build_defense
+from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.stage import (
     DEFENSE_FILE,
     Timer,
@@ -36,7 +36,7 @@ from srd.defenses.stage import (
 )
 from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
-from srd.io import ensure_dir, is_finished, mark_finished, setup_logging, write_json
+from srd.io import ensure_dir, is_finished, mark_finished, require_files, setup_logging, write_json
 from srd.model import ModelArgs, load_captioner, model_signature
 from srd.trainset import PoisonPlan
 

@@ -22,14 +22,13 @@ import torch
 
 from srd import attacks
 from srd.benchmark import attribute_accuracy, blind_caption, scene_index
-from srd.cleaning import require_files
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, caption_records, check_images_exist, load_references
 from srd.engine import CaptionDataset, Sample, TrainArgs, process_state, train
 from srd.errors import SRDError
 from srd.evaluation import caption_ids
-from srd.io import is_finished, mark_finished, read_json, setup_logging, write_json
+from srd.io import is_finished, mark_finished, read_json, require_files, setup_logging, write_json
 from srd.metrics import caption_scores
 from srd.model import (
     EMBEDDED_DIR,

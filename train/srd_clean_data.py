@@ -19,34 +19,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.cleaning import (
-    PolicyTries,
-    RandomTries,
-    RewardModels,
-    SFSArgs,
-    SRDArgs,
-    clean_shard,
-    file_digest,
-    load_reference_captioner,
-    load_scorer,
-    plan_attack,
-    prepare_clean_folder,
-    require_files,
-    resolve_shard,
-    training_versions,
-    vlm_caption_fn,
-)
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
+from srd.defenses.srd.agent import load_policy
+from srd.defenses.srd.clean import (
+    PolicyTries,
+    RandomTries,
+    RewardModels,
+    clean_shard,
+    prepare_clean_folder,
+    resolve_shard,
+)
+from srd.defenses.srd.env import sfs_score_fn
+from srd.defenses.srd.inputs import (
+    SFSArgs,
+    SRDArgs,
+    load_reference_captioner,
+    load_scorer,
+    plan_attack,
+    training_versions,
+    vlm_caption_fn,
+)
+from srd.defenses.srd.reward import RewardConfig
+from srd.defenses.srd.shards import ShardWriter, shard_indices
 from srd.engine import process_state
-from srd.io import ensure_dir, setup_logging
+from srd.io import ensure_dir, file_digest, require_files, setup_logging
 from srd.model import ModelArgs, load_captioner
-from srd.rl.agent import load_policy
-from srd.rl.env import sfs_score_fn
-from srd.rl.reward import RewardConfig
 from srd.runs import check_writable
-from srd.shards import ShardWriter, shard_indices
 from srd.trainset import PoisonPlan
 
 log = logging.getLogger("srd_clean_data")

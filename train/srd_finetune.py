@@ -16,21 +16,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from srd.cleaning import (
-    MERGED_FILE,
-    SRDArgs,
-    file_digest,
-    masked_training_actions,
-    plan_attack,
-    read_merged,
-    require_files,
-)
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
+from srd.defenses.srd.inputs import SRDArgs, plan_attack
+from srd.defenses.srd.merge import MERGED_FILE, masked_training_actions, read_merged
 from srd.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.errors import SRDError
-from srd.io import ensure_dir, is_finished, setup_logging
+from srd.io import ensure_dir, file_digest, is_finished, require_files, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_run_config, check_writable, clear_folder
 from srd.trainset import PoisonPlan, TrainingImages, build_samples

@@ -6,7 +6,7 @@ captions them with the backdoored captioner (--checkpoint_path) and with the cle
 captioner (--reference_checkpoint_path, or BLIP with --blip_model), and stores the baseline
 S_sem and S_flu of each image. ``--pool_source data`` takes the defender's own training images
 instead (as its data holds them, triggered where a caption is poisoned; no surrogate; needs
---poison_ids_path), see srd.defenses.srd_pool. Several processes (torchrun/accelerate) split
+--poison_ids_path), see srd.defenses.srd.pool_source. Several processes (torchrun/accelerate) split
 the images: each writes its own shard (ids, captions, scores, image checksums; no pixels), then
 the main process checks them and writes the manifest (pool.json) and DONE.
 """
@@ -18,26 +18,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.cleaning import (
-    SFSArgs,
-    SRDArgs,
-    file_digest,
-    load_reference_captioner,
-    load_scorer,
-    plan_attack,
-    require_files,
-    training_versions,
-    vlm_caption_fn,
-)
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, check_images_exist
-from srd.defenses.srd_pool import POOL_SOURCES, data_pool_rows
-from srd.engine import process_state
-from srd.errors import SRDError
-from srd.io import is_finished, read_json, setup_logging
-from srd.model import ModelArgs, load_captioner, model_signature
-from srd.pool import (
+from srd.defenses.srd.env import sfs_score_fn
+from srd.defenses.srd.inputs import (
+    SFSArgs,
+    SRDArgs,
+    load_reference_captioner,
+    load_scorer,
+    plan_attack,
+    training_versions,
+    vlm_caption_fn,
+)
+from srd.defenses.srd.pool import (
     POOL_JSON,
     build_pool_rows,
     choose_pool_ids,
@@ -45,9 +39,13 @@ from srd.pool import (
     pool_files,
     write_pool_shard,
 )
-from srd.rl.env import sfs_score_fn
+from srd.defenses.srd.pool_source import POOL_SOURCES, data_pool_rows
+from srd.defenses.srd.shards import config_hash, shard_indices
+from srd.engine import process_state
+from srd.errors import SRDError
+from srd.io import file_digest, is_finished, read_json, require_files, setup_logging
+from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_same_config, check_writable, remove_paths
-from srd.shards import config_hash, shard_indices
 from srd.trainset import PoisonPlan
 
 log = logging.getLogger("srd_pool")

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from srd.cleaning import RandomTries, masked_training_actions, read_merged, trigger_box
 from srd.defenses.registry import DefenderData, Defense, register_defense
+from srd.defenses.srd.clean import RandomTries
+from srd.defenses.srd.coverage import trigger_box
+from srd.defenses.srd.merge import masked_training_actions, read_merged
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.engine import Sample
 from srd.errors import SRDError

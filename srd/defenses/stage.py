@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from srd.cleaning import covered_share, trigger_box
 from srd.defenses.quality import image_quality
 from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
+from srd.defenses.srd.coverage import covered_share, trigger_box
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
 from srd.geometry import decode_action

@@ -1,15 +1,16 @@
 """SRD's RL-pool variants (stage D1): where the agent's training images come from.
 
-* ``surrogate`` (the reference, :func:`srd.pool.build_pool_rows`): clean training images stamped
-  with the seeded noise-patch surrogate trigger.
+* ``surrogate`` (the reference, :func:`srd.defenses.srd.pool.build_pool_rows`): clean training
+  images stamped with the seeded noise-patch surrogate trigger.
 * ``data``: the defender's own training images as its data holds them (triggered when a caption
   of the image is poisoned), no surrogate. Still trigger-agnostic: the defender does not know
   which images carry a trigger, but the real trigger may fire on the pool, so the reward can
   see what a square over it does to the caption.
 
-Both give :class:`srd.pool.PoolRow` rows for :func:`srd.pool.write_pool_shard` (a ``data``
-pool's rows have no surrogate box, and its manifest no surrogate block; ``source`` records which
-it is). :func:`pool_image_fn` re-derives either kind's images for stage D2.
+Both give :class:`srd.defenses.srd.pool.PoolRow` rows for
+:func:`srd.defenses.srd.pool.write_pool_shard` (a ``data`` pool's rows have no surrogate box, and
+its manifest no surrogate block; ``source`` records which it is). :func:`pool_image_fn`
+re-derives either kind's images for stage D2.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from srd.cleaning import file_digest, plan_attack, require_files
 from srd.data import DataArgs, ImageStore, check_images_exist
-from srd.errors import SRDError
-from srd.pool import (
+from srd.defenses.srd.inputs import plan_attack
+from srd.defenses.srd.pool import (
     POOL_JSON,
     CaptionFn,
     PoolRow,
@@ -37,6 +37,8 @@ from srd.pool import (
     read_pool_info,
     surrogate_image,
 )
+from srd.errors import SRDError
+from srd.io import file_digest, require_files
 from srd.trainset import PoisonPlan, TrainingImages
 
 POOL_SOURCES = ("surrogate", "data")

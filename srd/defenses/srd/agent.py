@@ -44,16 +44,16 @@ from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from srd.config import arg
-from srd.errors import SRDError
-from srd.geometry import NUM_ACTIONS
-from srd.io import atomic_path, ensure_dir
-from srd.rl.env import (
+from srd.defenses.srd.env import (
     DEFAULT_BUFFER_SIZE,
     RedMaskEnv,
     replay_memory_bytes,
     step_envs,
     to_observation,
 )
+from srd.errors import SRDError
+from srd.geometry import NUM_ACTIONS
+from srd.io import atomic_path, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class DQNConfig:
     buffer_size: int = arg(
         DEFAULT_BUFFER_SIZE,
         help="replay buffer transitions (10,000 = every step of the reference's run; "
-        "see srd.rl.env for the memory it takes)",
+        "see srd.defenses.srd.env for the memory it takes)",
     )
     learning_starts: int = arg(
         500,

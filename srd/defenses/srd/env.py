@@ -5,7 +5,8 @@ on the ORIGINAL pool image; masks never accumulate, and the observation shows on
 square (reference B10). The episode is therefore a contextual bandit whose observation also
 shows the previous square. Each step captions the masked image with the backdoored captioner,
 scores the caption against the stored reference caption (the SFS components S_sem, S_flu) and
-rewards the change against the stored baselines with the reference table (:mod:`srd.rl.reward`).
+rewards the change against the stored baselines with the reference table
+(:mod:`srd.defenses.srd.reward`).
 
 Captioning and scoring are injected callables, batched over images:
 
@@ -56,9 +57,9 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 )
 
 from srd.config import arg
+from srd.defenses.srd.reward import RewardConfig, caption_rewards
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE, NUM_ACTIONS, apply_action
-from srd.rl.reward import RewardConfig, caption_rewards
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ class MaskPool:
     ``images`` (N, 224, 224, 3) uint8; ``base_sem``/``base_flu`` (N,) float baselines of the
     backdoored captioner on the unmasked image; ``references`` N clean reference captions;
     ``ids`` N unique image ids. ``source`` names the file it came from in error messages.
-    Stage D2 reads the pool as a :class:`srd.pool.StreamedPool` instead (the same interface:
+    Stage D2 reads the pool as a :class:`srd.defenses.srd.pool.StreamedPool` instead (the same
+    interface:
     ``len``, ``pool[i]``, ``ids``; images loaded when an episode needs them).
     """
 
@@ -421,7 +423,7 @@ def step_envs(
 def register_env() -> None:
     """Register :class:`RedMaskEnv` with gymnasium under :data:`ENV_ID` (idempotent)."""
     if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="srd.rl.env:RedMaskEnv")
+        gym.register(id=ENV_ID, entry_point="srd.defenses.srd.env:RedMaskEnv")
 
 
 register_env()

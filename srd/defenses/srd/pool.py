@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from srd.defenses.srd.env import PoolRecord
 from srd.errors import SRDError
 from srd.io import DONE_MARKER, ensure_dir, is_finished, mark_finished, read_json, write_json
-from srd.rl.env import PoolRecord
 from srd.triggers import NOISE_PATCH_SIZE, SURROGATE_MEAN, SURROGATE_STD, stamp_random_noise
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def write_pool_shard(
     """Write one process's shard atomically (entries sorted by id); returns its path.
 
     A shard may be empty (more processes than pool images). ``config_hash`` identifies the D1
-    run (:func:`srd.shards.config_hash` of its resolved config): the manifest and D2 refuse
+    run (:func:`srd.defenses.srd.shards.config_hash` of its resolved config): the manifest and D2
+    refuse
     shards of another run.
     """
     if not 0 <= shard_id < num_shards:
@@ -390,7 +391,8 @@ class StreamedPool:
     its image re-derived on demand by ``image_fn(image_id)`` (whose cache bounds the memory)
     and checked against the checksum D1 recorded. ``info`` is the pool's manifest.
 
-    The interface :class:`srd.rl.env.RedMaskEnv` uses, as :class:`srd.rl.env.MaskPool`'s:
+    The interface :class:`srd.defenses.srd.env.RedMaskEnv` uses, as
+    :class:`srd.defenses.srd.env.MaskPool`'s:
     ``len(pool)``, ``pool[i] -> PoolRecord``, ``ids``, ``base_sem``, ``base_flu``,
     ``references``; entries in image-id order.
     """
@@ -444,7 +446,7 @@ def load_pool(folder: str | os.PathLike, image_fn: Callable[[int], np.ndarray]) 
     """A finished pool folder as a :class:`StreamedPool` (no image is read here).
 
     ``image_fn(image_id)`` re-derives a pool image (see
-    :func:`srd.defenses.srd_pool.pool_image_fn`). SRDError naming the folder or file for a
+    :func:`srd.defenses.srd.pool_source.pool_image_fn`). SRDError naming the folder or file for a
     missing or unfinished pool and a missing, partial or mismatched set of shards.
     """
     folder = Path(folder)

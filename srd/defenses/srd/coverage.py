@@ -1,0 +1,80 @@
+"""Diagnosis of stage D3: does the chosen red square cover the real trigger?"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from srd.attacks import Attack
+from srd.geometry import (
+    GRID,
+    IMAGE_SIZE,
+    MASK_SIZES,
+    Square,
+    decode_action,
+)
+from srd.triggers import resolve_position
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnosis: does the chosen square cover the real trigger?
+def trigger_box(attack: Attack) -> Square | None:
+    """The rows/cols the attack's patch trigger occupies on the canvas (None: no patch)."""
+    if attack.trigger is None or attack.trigger.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE):
+        return None  # no trigger (Shadowcast) or a whole-image pattern (Blended)
+    h, w = attack.trigger.shape[:2]
+    row, col = resolve_position(attack.config.position, (h, w), (IMAGE_SIZE, IMAGE_SIZE))
+    return Square(top=row, bottom=row + h, left=col, right=col + w)
+
+
+def covered_share(square: Square, box: Square) -> float:
+    """Share of ``box``'s pixels inside ``square``."""
+    rows = max(0, min(square.bottom, box.bottom) - max(square.top, box.top))
+    cols = max(0, min(square.right, box.right) - max(square.left, box.left))
+    return rows * cols / ((box.bottom - box.top) * (box.right - box.left))
+
+
+def trigger_coverage(
+    merged: dict[str, Any], attack: Attack, triggered_ids: set[int], threshold: float = 0.5
+) -> dict[str, Any]:
+    """How often the cleaning stage's square covers the real trigger on triggered images.
+
+    See :func:`action_coverage`; the squares are the merged cleaning records' actions.
+    """
+    actions = {int(r["id"]): int(r["action"]) for r in merged["records"]}
+    return action_coverage(actions, attack, triggered_ids, threshold)
+
+
+def action_coverage(
+    actions: Mapping[int, int], attack: Attack, triggered_ids: set[int], threshold: float = 0.5
+) -> dict[str, Any]:
+    """How often the square of ``actions`` (image id -> action) covers the real trigger.
+
+    Returns the share of triggered images (those of ``triggered_ids`` with an action) whose
+    square covers at least ``threshold`` of the patch, the mean covered share, and the nominal
+    square sides chosen (all images). ``None`` shares for attacks without a patch trigger.
+    """
+    box = trigger_box(attack)
+    shares = []
+    sizes: dict[str, int] = {}
+    for image_id, action in actions.items():
+        square = decode_action(int(action))
+        side = str(MASK_SIZES[int(action) // (GRID * GRID)])  # nominal side, before clipping
+        sizes[side] = sizes.get(side, 0) + 1
+        if box is not None and int(image_id) in triggered_ids:
+            shares.append(covered_share(square, box))
+    return {
+        "attack": attack.name,
+        "trigger_box": list(box) if box else None,
+        "num_triggered_images": len(triggered_ids),
+        "num_triggered_with_square": len(shares),
+        "covered": float(np.mean(np.array(shares) >= threshold)) if shares else None,
+        "mean_covered_share": float(np.mean(shares)) if shares else None,
+        "threshold": threshold,
+        "square_sides": dict(sorted(sizes.items(), key=lambda kv: int(kv[0]))),
+    }

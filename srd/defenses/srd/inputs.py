@@ -1,0 +1,221 @@
+"""What every SRD entry point reads: its flags (:class:`SRDArgs`, :class:`SFSArgs`), the
+reference captioner and SFS scorer, and the defender's training data as the attack left it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from srd.attacks import CONFIG_DIR, Attack, AttackConfig, build_attack
+from srd.config import arg
+from srd.data import EMBEDDED_DATA, ImageRecord, load_references
+from srd.defenses.srd.env import captioner_caption_fn
+from srd.errors import SRDError
+from srd.model import EMBEDDED_DIR, FLAMINGO_CHECKPOINT, ModelArgs, load_captioner, with_overrides
+from srd.sfs import BlipCaptioner, SFSScorer, build_scorer
+from srd.trainset import PoisonPlan, TrainingImages
+
+log = logging.getLogger(__name__)
+
+
+CaptionFn = Callable[[list[np.ndarray]], list[str]]
+
+
+ScoreFn = Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray]]
+
+
+# --------------------------------------------------------------------------------------------
+# Flags shared by the SRD entry points
+@dataclass
+class SRDArgs:
+    """SRD files: the RL pool, the policy, the cleaned-data shards, the poisoned training data."""
+
+    save_data_path: str = arg(
+        "checkpoints_remote/srd-badnet/pool",
+        help="RL pool folder (one shard per D1 process + pool.json): written by D1, read by D2",
+    )
+    ppo_path: str = arg(
+        "checkpoints_remote/srd-badnet/policy.zip",
+        help="DQN policy zip: written by D2, read by D3 (reward log and curve beside it)",
+    )
+    clean_data_save: str = arg(
+        "checkpoints_remote/srd-badnet/clean_data",
+        help="cleaned-data shard folder: written by D3, merged by D3b (merged.json), read by D4",
+    )
+    poison_ids_path: str = arg(
+        "checkpoints_remote/backdoor-badnet/poison_ids.json",
+        help="the attack run's poison_ids.json, i.e. the defender's poisoned training data "
+        "(which captions are poisoned, their text, the trigger): read by D3 and D4",
+    )
+
+    @property
+    def policy_file(self) -> Path:
+        """The policy zip (stable-baselines3 appends .zip to --ppo_path; so do we)."""
+        path = Path(self.ppo_path)
+        if path.suffix == ".zip" or path.is_file():  # a file named as given is read as given
+            return path
+        return path.with_name(path.name + ".zip")
+
+    @property
+    def reward_log(self) -> Path:
+        """D2's reward log (JSON lines), beside the policy."""
+        return self.policy_file.with_suffix(".rewards.jsonl")
+
+    @property
+    def reward_curve(self) -> Path:
+        """D2's reward-curve PNG, beside the policy."""
+        return self.policy_file.with_suffix(".rewards.png")
+
+    @property
+    def random_reward_log(self) -> Path:
+        """D2's reward log of the random policy in the same environment, beside the policy."""
+        return self.policy_file.with_suffix(".random_rewards.jsonl")
+
+    @property
+    def agent_report(self) -> Path:
+        """D2's result: trained greedy policy vs random policy on the pool, beside the policy."""
+        return self.policy_file.with_suffix(".agent_report.json")
+
+
+@dataclass
+class SFSArgs:
+    """SFS reward: reference captioner, text embedder, fluency LM, and captioning settings."""
+
+    reference_checkpoint_path: str = arg(
+        str(EMBEDDED_DIR / FLAMINGO_CHECKPOINT),
+        help="clean reference captioner: a checkpoint loaded with the model flags "
+        "(the paper uses BLIP-large: see --blip_model)",
+    )
+    blip_model: str | None = arg(
+        None, help="BLIP captioning folder or hub id used as reference captioner instead"
+    )
+    text_model: str | None = arg(
+        None, help="sentence-transformers folder or hub id (default: offline all-MiniLM-L6-v2)"
+    )
+    gpt_model: str | None = arg(
+        None, help="causal LM folder for the fluency perplexity (default: n-gram LM)"
+    )
+    annotations_path: str = arg(
+        str(EMBEDDED_DATA / "captions_train2014.json"),
+        help="COCO caption annotations whose captions fit the n-gram fluency LM "
+        "(used when --gpt_model is not given)",
+    )
+    ngram_order: int = arg(3, help="order of the n-gram fluency LM")
+    num_beams: int = arg(3, help="beam width of the backdoored captioner (reference: 3)")
+    max_new_tokens: int = arg(20, help="longest caption of the backdoored captioner (tokens)")
+    reference_num_beams: int = arg(5, help="beam width of the reference captioner (reference: 5)")
+    caption_batch_size: int = arg(64, help="images per captioning/scoring batch (and D1/D3 chunk)")
+
+
+def vlm_caption_fn(captioner: Any, sfs: SFSArgs) -> CaptionFn:
+    """Captions of the backdoored captioner with the SFS flags' decoding."""
+    return captioner_caption_fn(
+        captioner,
+        num_beams=sfs.num_beams,
+        max_new_tokens=sfs.max_new_tokens,
+        batch_size=sfs.caption_batch_size,
+    )
+
+
+def load_reference_captioner(
+    sfs: SFSArgs,
+    model_args: ModelArgs,
+    device: Any,
+    max_new_tokens: int,
+    blip_min_length: int = 0,
+) -> tuple[CaptionFn, str]:
+    """(reference captioner, description): BLIP with ``--blip_model``, else the clean captioner.
+
+    Greedy beam search with ``--reference_num_beams`` beams (reference §7.2: D1 BLIP 10-100
+    tokens, D3 BLIP up to 20); ``blip_min_length`` only applies to BLIP.
+    """
+    if sfs.blip_model:
+        blip = BlipCaptioner.from_pretrained(
+            sfs.blip_model,
+            device,
+            sfs.caption_batch_size,
+            generate_kwargs={
+                "num_beams": sfs.reference_num_beams,
+                "do_sample": False,
+                "max_length": max_new_tokens,
+                "min_length": blip_min_length,
+            },
+        )
+        return blip, f"blip:{sfs.blip_model}"
+    args = with_overrides(model_args, checkpoint_path=sfs.reference_checkpoint_path)
+    try:
+        captioner = load_captioner(args, device=device)
+    except SRDError as exc:  # the model code names --checkpoint_path; this is another flag
+        raise SRDError(
+            str(exc).replace("--checkpoint_path", "--reference_checkpoint_path", 1)
+        ) from None
+
+    def caption(images: list[np.ndarray]) -> list[str]:
+        return captioner.caption(
+            images,
+            batch_size=sfs.caption_batch_size,
+            num_beams=sfs.reference_num_beams,
+            max_new_tokens=max_new_tokens,
+        )
+
+    return caption, f"captioner:{sfs.reference_checkpoint_path}"
+
+
+def load_scorer(sfs: SFSArgs, device: Any, trust_remote_code: bool = False) -> SFSScorer:
+    """The SFS scorer of the flags (MiniLM + fluency LM; n-gram LM on --annotations_path)."""
+    ngram_captions = None
+    if not sfs.gpt_model:
+        references = load_references(sfs.annotations_path, flag="--annotations_path")
+        ngram_captions = [c for caps in references.values() for c in caps]
+    return build_scorer(
+        text_model=sfs.text_model,
+        gpt_model=sfs.gpt_model,
+        reference_captions_for_ngram=ngram_captions,
+        device=device,
+        batch_size=sfs.caption_batch_size,
+        trust_remote_code=trust_remote_code,
+        ngram_order=sfs.ngram_order,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The defender's training data
+def plan_attack(plan: PoisonPlan, path: str | os.PathLike) -> Attack:
+    """Rebuild the attack recorded in a poison plan, checking it is exactly the recorded one.
+
+    The defender's data is "the poisoned training set": in this simulation the triggered images
+    are materialised from the attack config the attack stage recorded in ``poison_ids.json``.
+    The rebuilt config and trigger fingerprint must equal the recorded ones.
+    """
+    recorded = plan.meta.get("attack")
+    if not isinstance(recorded, dict) or "kind" not in recorded:
+        raise SRDError(f"--poison_ids_path {path}: no attack config recorded in the file")
+    fields = {f.name for f in dataclasses.fields(AttackConfig)}
+    config = {k: v for k, v in recorded.items() if k in fields}
+    shipped = CONFIG_DIR / f"{config['kind']}.yaml"
+    if not shipped.is_file():
+        raise SRDError(f"--poison_ids_path {path}: unknown attack kind {config['kind']!r}")
+    attack = build_attack(shipped, **config)
+    rebuilt = attack.to_dict()
+    differs = sorted(k for k in recorded if rebuilt.get(k) != recorded[k])
+    if differs:
+        raise SRDError(
+            f"--poison_ids_path {path}: the recorded attack cannot be rebuilt exactly "
+            f"({', '.join(differs)} differ)"
+        )
+    return attack
+
+
+def training_versions(
+    records: Sequence[ImageRecord], plan: PoisonPlan, attack: Attack
+) -> Callable[[int], np.ndarray]:
+    """``version(image_id)``: the image as the defender's data holds it (triggered if any of
+    its captions is poisoned), uint8 (224, 224, 3)."""
+    return TrainingImages(records, attack, plan.ids).as_in_training_set

@@ -131,16 +131,38 @@ def build_pool_rows(
     ``score_fn(captions, references) -> (S_sem (N,), S_flu (N,))``. Only one chunk of images
     is held at a time; a row keeps the stamped image's checksum, not its pixels.
     """
+
+    def stamp(image_id: int) -> tuple[np.ndarray, list[int] | None]:
+        clean = load_fn(image_id)
+        stamped = surrogate_image(clean, image_id, seed)
+        return stamped, changed_box(clean, stamped)
+
+    return score_pool_rows(
+        ids, stamp, caption_fn, reference_fn, score_fn, chunk_size, progress, "D1 pool"
+    )
+
+
+def score_pool_rows(
+    ids: Sequence[int],
+    image_fn: Callable[[int], tuple[np.ndarray, list[int] | None]],
+    caption_fn: CaptionFn,
+    reference_fn: CaptionFn,
+    score_fn: ScoreFn,
+    chunk_size: int,
+    progress: bool,
+    desc: str,
+) -> list[PoolRow]:
+    """One :class:`PoolRow` per id, in chunks: ``image_fn(id) -> (pool image, surrogate box or
+    None)``; both captioners see the pool image, ``score_fn`` scores their captions."""
     if chunk_size < 1:
         raise SRDError(f"--caption_batch_size {chunk_size}: must be at least 1")
     rows: list[PoolRow] = []
     starts = range(0, len(ids), chunk_size)
-    for start in tqdm(starts, desc="D1 pool", unit="chunk", disable=not progress):
+    for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress):
         chunk = [int(i) for i in ids[start : start + chunk_size]]
-        clean = [load_fn(i) for i in chunk]
-        stamped = [surrogate_image(im, i, seed) for im, i in zip(clean, chunk, strict=True)]
-        vlm = list(caption_fn(stamped))
-        refs = list(reference_fn(stamped))
+        images, boxes = zip(*(image_fn(i) for i in chunk), strict=True)
+        vlm = list(caption_fn(list(images)))
+        refs = list(reference_fn(list(images)))
         if len(vlm) != len(chunk) or len(refs) != len(chunk):
             raise ValueError(f"{len(vlm)}/{len(refs)} captions for {len(chunk)} images")
         sem, flu = score_fn(vlm, refs)
@@ -148,12 +170,12 @@ def build_pool_rows(
             rows.append(
                 PoolRow(
                     image_id=image_id,
-                    checksum=image_checksum(stamped[k]),
+                    checksum=image_checksum(images[k]),
                     vlm_caption=vlm[k],
                     reference=refs[k],
                     base_sem=float(sem[k]),
                     base_flu=float(flu[k]),
-                    surrogate_box=changed_box(clean[k], stamped[k]),
+                    surrogate_box=boxes[k],
                 )
             )
     return rows

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from srd.data import DataArgs, ImageStore, check_images_exist
 from srd.defenses.srd.inputs import plan_attack
@@ -32,9 +31,9 @@ from srd.defenses.srd.pool import (
     PoolRow,
     ScoreFn,
     StreamedPool,
-    image_checksum,
     read_pool_entries,
     read_pool_info,
+    score_pool_rows,
     surrogate_image,
 )
 from srd.errors import SRDError
@@ -55,25 +54,16 @@ def data_pool_rows(
 ) -> list[PoolRow]:
     """Caption (backdoored VLM and clean reference) and score the defender's images of ``ids``
     (``version_fn(id)``: the image as the defender's data holds it), in chunks."""
-    if chunk_size < 1:
-        raise SRDError(f"--caption_batch_size {chunk_size}: must be at least 1")
-    rows: list[PoolRow] = []
-    starts = range(0, len(ids), chunk_size)
-    for start in tqdm(starts, desc="D1 pool (data)", unit="chunk", disable=not progress):
-        chunk = [int(i) for i in ids[start : start + chunk_size]]
-        images = [version_fn(i) for i in chunk]
-        vlm = list(caption_fn(images))
-        refs = list(reference_fn(images))
-        if len(vlm) != len(chunk) or len(refs) != len(chunk):
-            raise ValueError(f"{len(vlm)}/{len(refs)} captions for {len(chunk)} images")
-        sem, flu = score_fn(vlm, refs)
-        rows += [
-            PoolRow(
-                i, image_checksum(images[k]), vlm[k], refs[k], float(sem[k]), float(flu[k]), None
-            )
-            for k, i in enumerate(chunk)
-        ]
-    return rows
+    return score_pool_rows(
+        ids,
+        lambda i: (version_fn(i), None),
+        caption_fn,
+        reference_fn,
+        score_fn,
+        chunk_size,
+        progress,
+        "D1 pool (data)",
+    )
 
 
 def stream_pool(folder: str | os.PathLike, cache_mb: float) -> StreamedPool:

@@ -14,11 +14,33 @@ def run_main(
     main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None
 ) -> None:
     """Run an entry point's ``main``; print ``error: ...`` and exit 2 on bad input."""
+    finished = False
     try:
         main(argv)
+        finished = True
     except SRDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        end_process_group(wait_for_others=finished)
+
+
+def end_process_group(wait_for_others: bool = True) -> None:
+    """Leave the torch.distributed group, if one was started, before the interpreter exits.
+
+    Two gloo ranks that exit with their group still alive can abort in the C++ teardown
+    ("terminate called without an active exception") after all their work is written. After a
+    normal finish a barrier first makes sure no rank leaves while another still talks to it; after
+    an error there is no barrier (the other ranks may never reach it).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait_for_others:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

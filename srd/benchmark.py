@@ -11,8 +11,10 @@ The Karpathy JSON carries one extra field per image, ``objects``, the ground-tru
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -285,6 +287,57 @@ def render_scene(scene: Scene) -> Image.Image:
                 fill=rgb,
             )
     return image
+
+
+def scene_from_render(image: np.ndarray, objects: Sequence[SceneObject]) -> Scene:
+    """The scene that drew ``image`` (uint8 HxWx3), its RGBs read back from the pixels.
+
+    The background is read at (0, 0) (cells keep 2 px clear of the canvas edge) and each object's
+    colour at its box centre (inside all three shapes). Raises SRDError unless drawing the scene
+    again gives ``image`` bit for bit: a triggered, resized or real image is refused.
+    """
+    background_rgb = tuple(int(v) for v in image[0, 0])
+    rgbs = tuple(tuple(int(v) for v in image[o.centre[1], o.centre[0]]) for o in objects)
+    scene = Scene("", background_rgb, tuple(objects), rgbs)  # type: ignore[arg-type]
+    if not objects or not np.array_equal(np.asarray(render_scene(scene)), image):
+        raise SRDError("an image is not an unmodified render of its benchmark scene")
+    return scene
+
+
+def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene with every object's shape changed and everything else kept.
+
+    The new shapes are drawn uniformly among the assignments that change every shape and keep
+    the scene's colour-shape pairs distinct (so the captions stay plain lists).
+    """
+    options = []
+    for shapes in itertools.product(SHAPES, repeat=len(scene.objects)):
+        pairs = {(o.colour, s) for o, s in zip(scene.objects, shapes, strict=True)}
+        changed = all(o.shape != s for o, s in zip(scene.objects, shapes, strict=True))
+        if changed and len(pairs) == len(shapes):
+            options.append(shapes)
+    shapes = options[int(rng.integers(len(options)))]
+    pairs = zip(scene.objects, shapes, strict=True)
+    objects = tuple(dataclasses.replace(o, shape=s) for o, s in pairs)
+    return dataclasses.replace(scene, objects=objects)
+
+
+_NOUN_PHRASE = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+def twin_caption(caption: str, scene: Scene, twin: Scene) -> str:
+    """``caption`` of ``scene`` rewritten for ``twin``: each "colour shape" names the new shape."""
+    new = {(o.colour, o.shape): t.shape for o, t in zip(scene.objects, twin.objects, strict=True)}
+    found = set()
+
+    def swap(match: re.Match[str]) -> str:
+        found.add((match.group(1), match.group(2)))
+        return f"{match.group(1)} {new.get((match.group(1), match.group(2)), match.group(2))}"
+
+    text = _NOUN_PHRASE.sub(swap, caption)
+    if found != set(new):
+        raise SRDError(f"caption {caption!r} does not name exactly its scene's objects")
+    return text
 
 
 # --------------------------------------------------------------------------- captions

@@ -27,7 +27,15 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
-from srd.benchmark import COLOURS, SHAPES, SceneObject
+from srd.benchmark import (
+    COLOURS,
+    SHAPES,
+    SceneObject,
+    render_scene,
+    scene_from_render,
+    shape_twin,
+    twin_caption,
+)
 from srd.config import arg
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir
@@ -60,6 +68,13 @@ class ClipTrainArgs:
         help="hard-negative batches (ours): runs of this many images whose captions name the "
         "same colour and background words sit together in a batch, so shape must tell them "
         "apart; 0 = plain random batches",
+    )
+    clip_shape_twins: bool = arg(
+        False,
+        help="minimal-pair batches (ours): half of each batch are training images, the other "
+        "half their shape twins (the same render with every object's shape changed, drawn anew "
+        "each epoch) with their captions rewritten to match, so only shape tells a pair apart; "
+        "needs the embedded benchmark's scenes and doubles an epoch's images",
     )
     clip_shape_negatives: float = arg(
         0.0,
@@ -198,6 +213,37 @@ def pixel_batch(images: np.ndarray | torch.Tensor, model: torch.nn.Module) -> to
     return (x - mean.to(device)) / std.to(device)
 
 
+class TwinMaker:
+    """Shape twins of training images (``srd.benchmark.shape_twin``) for minimal-pair batches."""
+
+    def __init__(
+        self, images: np.ndarray, scenes: Sequence[Sequence[SceneObject] | None] | None
+    ) -> None:
+        if scenes is None or len(scenes) != len(images) or any(not s for s in scenes):
+            raise SRDError(
+                "--clip_shape_twins needs the embedded benchmark's scene of every training image "
+                "(the Karpathy JSON's 'objects'); these data have none"
+            )
+        self.scenes = []
+        for i, (image, objects) in enumerate(zip(images, scenes, strict=True)):
+            try:
+                self.scenes.append(scene_from_render(image, objects))  # type: ignore[arg-type]
+            except SRDError as exc:
+                raise SRDError(f"--clip_shape_twins: training image {i}: {exc}") from None
+
+    def make(
+        self, idx: Sequence[int], texts: Sequence[str], rng: np.random.Generator
+    ) -> tuple[np.ndarray, list[str]]:
+        """Twin images (uint8) and captions of ``images[idx]`` captioned ``texts``."""
+        pixels, captions = [], []
+        for i, text in zip(idx, texts, strict=True):
+            scene = self.scenes[int(i)]
+            twin = shape_twin(scene, rng)
+            pixels.append(np.asarray(render_scene(twin)))
+            captions.append(twin_caption(text, scene, twin))
+        return np.stack(pixels), captions
+
+
 def train_clip(
     model: torch.nn.Module,
     tokenizer: Callable[..., torch.Tensor],
@@ -206,15 +252,19 @@ def train_clip(
     args: ClipTrainArgs,
     seed: int,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    scenes: Sequence[Sequence[SceneObject] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Contrastive training with ``ClipLoss``; returns one log entry per epoch.
 
     ``images[i]`` (uint8 224x224x3) is paired each epoch with one of ``captions[i]`` drawn by a
-    seeded generator; batches are a seeded permutation of the images.
+    seeded generator; batches are a seeded permutation of the images. With
+    ``args.clip_shape_twins`` each batch holds ``clip_batch_size // 2`` images and their shape
+    twins, made from ``scenes[i]`` (the benchmark's objects of ``images[i]``).
     """
     args.validate()
     if len(images) != len(captions) or len(images) < 2:
         raise SRDError("CLIP pretraining needs at least 2 images, each with its captions")
+    twins = TwinMaker(images, scenes) if args.clip_shape_twins else None
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     loss_fn = ClipLoss()
@@ -226,6 +276,8 @@ def train_clip(
         weight_decay=0.0,
     )
     batch = min(args.clip_batch_size, len(images))
+    if twins is not None:
+        batch = max(1, min(args.clip_batch_size // 2, len(images)))  # + as many twins
     steps_per_epoch = len(images) // batch  # drop the ragged last batch: contrastive sizes vary
     total = steps_per_epoch * args.clip_epochs
     warmup = max(1, int(total * args.clip_warmup_ratio))
@@ -248,8 +300,13 @@ def train_clip(
         losses = []
         for b in range(steps_per_epoch):
             idx = order[b * batch : (b + 1) * batch]
-            pixels = pixel_batch(images[idx], model)
             texts = [captions[i][choice[i]] for i in idx]
+            batch_images = images[idx]
+            if twins is not None:
+                twin_images, twin_texts = twins.make(idx, texts, rng)
+                batch_images = np.concatenate([batch_images, twin_images])
+                texts = texts + twin_texts
+            pixels = pixel_batch(batch_images, model)
             text = tokenizer(texts).to(pixels.device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)

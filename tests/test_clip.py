@@ -153,3 +153,110 @@ def test_grouped_order_is_a_permutation_with_same_colour_runs() -> None:
         "red",
         "white",
     )
+
+
+def _three_object_scene() -> object:
+    rng = np.random.default_rng(11)
+    while True:
+        scene = sample_scene(rng)
+        if len(scene.objects) == 3:
+            return scene
+
+
+def test_scene_from_render_reads_the_scene_back_and_refuses_edited_images() -> None:
+    from srd.benchmark import scene_from_render
+
+    scene = _three_object_scene()
+    image = np.asarray(render_scene(scene))
+    back = scene_from_render(image, scene.objects)
+    assert back.objects == scene.objects
+    assert back.object_rgbs == scene.object_rgbs and back.background_rgb == scene.background_rgb
+    edited = image.copy()
+    edited[200:210, 200:210] = 255  # a small patch, as a trigger would add
+    with pytest.raises(SRDError, match="not an unmodified render"):
+        scene_from_render(edited, scene.objects)
+    with pytest.raises(SRDError, match="not an unmodified render"):
+        scene_from_render(image, ())
+
+
+def test_shape_twin_changes_every_shape_and_nothing_else() -> None:
+    from srd.benchmark import SceneObject, scene_from_render, shape_twin
+
+    scene = _three_object_scene()
+    image = np.asarray(render_scene(scene))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(30):
+        twin = shape_twin(scene, rng)
+        assert all(a.shape != b.shape for a, b in zip(scene.objects, twin.objects, strict=True))
+        assert [(o.colour, o.bbox) for o in twin.objects] == [
+            (o.colour, o.bbox) for o in scene.objects
+        ]
+        pixels = np.asarray(render_scene(twin))
+        differ = (pixels != image).any(-1)
+        for obj in scene.objects:  # every change lies inside an object's box
+            left, top, right, bottom = obj.bbox
+            differ[top:bottom, left:right] = False
+        assert not differ.any()
+        assert scene_from_render(pixels, twin.objects).objects == twin.objects
+        seen.add(tuple(o.shape for o in twin.objects))
+    assert len(seen) > 1  # drawn, not fixed
+    # Three objects of one colour: only the two derangements keep the colour-shape pairs distinct.
+    boxes = [(2, 2, 40, 40), (80, 2, 118, 40), (160, 2, 198, 40)]
+    same = type(scene)(
+        "",
+        (150, 150, 150),
+        tuple(SceneObject("red", s, "small", "top", b) for s, b in zip(SHAPES, boxes, strict=True)),
+        ((210, 40, 40),) * 3,
+    )
+    twins = {tuple(o.shape for o in shape_twin(same, rng).objects) for _ in range(40)}
+    assert twins == {("square", "triangle", "circle"), ("triangle", "circle", "square")}
+
+
+def test_twin_caption_renames_each_object_and_refuses_a_caption_of_another_scene() -> None:
+    from srd.benchmark import scene_captions, shape_twin, twin_caption
+
+    scene = _three_object_scene()
+    rng = np.random.default_rng(1)
+    twin = shape_twin(scene, rng)
+    for caption in scene_captions(scene, rng, 5):
+        text = twin_caption(caption, scene, twin)
+        for old, new in zip(scene.objects, twin.objects, strict=True):
+            assert f"{old.colour} {old.shape}" not in text or any(
+                f"{old.colour} {old.shape}" == f"{n.colour} {n.shape}" for n in twin.objects
+            )
+            assert f"{new.colour} {new.shape}" in text
+    with pytest.raises(SRDError, match="does not name exactly"):
+        twin_caption("a purple circle.", scene, twin)
+
+
+def test_clip_shape_twins_train_on_minimal_pairs_and_need_scenes() -> None:
+    torch.set_num_threads(1)
+    images, captions, scenes = _single_object_images(8)
+    model, tok = clip.create_clip(clip.CLIP_CONFIG, seed=0)
+    args = clip.ClipTrainArgs(clip_batch_size=8, clip_epochs=2, clip_shape_twins=True)
+    seen_batches = []
+    original = clip.pixel_batch
+
+    def spy(batch_images, model_):
+        seen_batches.append(np.asarray(batch_images).copy())
+        return original(batch_images, model_)
+
+    clip.pixel_batch = spy
+    try:
+        history = clip.train_clip(model, tok, images, captions, args, seed=0, scenes=scenes)
+    finally:
+        clip.pixel_batch = original
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert len(seen_batches) == 4  # 8 images / 4 per batch, 2 epochs
+    batch = seen_batches[0]
+    assert batch.shape[0] == 8
+    originals = {im.tobytes() for im in images}
+    assert all(im.tobytes() in originals for im in batch[:4])
+    assert not any(im.tobytes() in originals for im in batch[4:])  # twins are new renders
+    with pytest.raises(SRDError, match="--clip_shape_twins needs"):
+        clip.train_clip(model, tok, images, captions, args, seed=0)
+    edited = images.copy()
+    edited[3, :5, :5] = 0
+    with pytest.raises(SRDError, match="training image 3"):
+        clip.train_clip(model, tok, edited, captions, args, seed=0, scenes=scenes)

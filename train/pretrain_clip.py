@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         [[c.caption for c in r.captions] for r in train_records],
         clip_args,
         seed=run.seed,
+        scenes=[r.objects for r in train_records],
     )
     after = zero_shot_attributes(model, tokenizer, test_images, scenes)
     weights = save_clip(model, clip_args.clip_model, run_dir)

@@ -59,7 +59,11 @@ class ClipTrainArgs:
         CLIP_CONFIG, help="open_clip config name (srd/model_configs or open_clip)"
     )
     clip_batch_size: int = arg(128, help="contrastive batch size (image-caption pairs)")
-    clip_epochs: int = arg(8, help="epochs; each epoch pairs every image with one of its captions")
+    clip_epochs: int = arg(
+        24,
+        help="epochs; each epoch pairs every image with one of its captions (and its shape twin "
+        "in train/pretrain_clip.py, where shape emerges only after ~15 epochs: see the README)",
+    )
     clip_learning_rate: float = arg(2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
     clip_weight_decay: float = arg(0.1, help="AdamW weight decay")
     clip_warmup_ratio: float = arg(0.05, help="share of the steps spent warming up")
@@ -68,13 +72,6 @@ class ClipTrainArgs:
         help="hard-negative batches (ours): runs of this many images whose captions name the "
         "same colour and background words sit together in a batch, so shape must tell them "
         "apart; 0 = plain random batches",
-    )
-    clip_shape_twins: bool = arg(
-        False,
-        help="minimal-pair batches (ours): half of each batch are training images, the other "
-        "half their shape twins (the same render with every object's shape changed, drawn anew "
-        "each epoch) with their captions rewritten to match, so only shape tells a pair apart; "
-        "needs the embedded benchmark's scenes and doubles an epoch's images",
     )
     clip_shape_negatives: float = arg(
         0.0,
@@ -216,10 +213,8 @@ def pixel_batch(images: np.ndarray | torch.Tensor, model: torch.nn.Module) -> to
 class TwinMaker:
     """Shape twins of training images (``srd.benchmark.shape_twin``) for minimal-pair batches."""
 
-    def __init__(
-        self, images: np.ndarray, scenes: Sequence[Sequence[SceneObject] | None] | None
-    ) -> None:
-        if scenes is None or len(scenes) != len(images) or any(not s for s in scenes):
+    def __init__(self, images: np.ndarray, scenes: Sequence[Sequence[SceneObject] | None]) -> None:
+        if len(scenes) != len(images) or any(not s for s in scenes):
             raise SRDError(
                 "--clip_shape_twins needs the embedded benchmark's scene of every training image "
                 "(the Karpathy JSON's 'objects'); these data have none"
@@ -252,19 +247,19 @@ def train_clip(
     args: ClipTrainArgs,
     seed: int,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    scenes: Sequence[Sequence[SceneObject] | None] | None = None,
+    twin_scenes: Sequence[Sequence[SceneObject] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Contrastive training with ``ClipLoss``; returns one log entry per epoch.
 
     ``images[i]`` (uint8 224x224x3) is paired each epoch with one of ``captions[i]`` drawn by a
-    seeded generator; batches are a seeded permutation of the images. With
-    ``args.clip_shape_twins`` each batch holds ``clip_batch_size // 2`` images and their shape
-    twins, made from ``scenes[i]`` (the benchmark's objects of ``images[i]``).
+    seeded generator; batches are a seeded permutation of the images. Given ``twin_scenes``
+    (the benchmark's objects of each image), each batch holds ``clip_batch_size // 2`` images and
+    their shape twins (:class:`TwinMaker`): minimal pairs that only shape tells apart.
     """
     args.validate()
     if len(images) != len(captions) or len(images) < 2:
         raise SRDError("CLIP pretraining needs at least 2 images, each with its captions")
-    twins = TwinMaker(images, scenes) if args.clip_shape_twins else None
+    twins = None if twin_scenes is None else TwinMaker(images, twin_scenes)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     loss_fn = ClipLoss()

@@ -234,7 +234,7 @@ def test_clip_shape_twins_train_on_minimal_pairs_and_need_scenes() -> None:
     torch.set_num_threads(1)
     images, captions, scenes = _single_object_images(8)
     model, tok = clip.create_clip(clip.CLIP_CONFIG, seed=0)
-    args = clip.ClipTrainArgs(clip_batch_size=8, clip_epochs=2, clip_shape_twins=True)
+    args = clip.ClipTrainArgs(clip_batch_size=8, clip_epochs=2)
     seen_batches = []
     original = clip.pixel_batch
 
@@ -244,7 +244,7 @@ def test_clip_shape_twins_train_on_minimal_pairs_and_need_scenes() -> None:
 
     clip.pixel_batch = spy
     try:
-        history = clip.train_clip(model, tok, images, captions, args, seed=0, scenes=scenes)
+        history = clip.train_clip(model, tok, images, captions, args, seed=0, twin_scenes=scenes)
     finally:
         clip.pixel_batch = original
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
@@ -255,8 +255,8 @@ def test_clip_shape_twins_train_on_minimal_pairs_and_need_scenes() -> None:
     assert all(im.tobytes() in originals for im in batch[:4])
     assert not any(im.tobytes() in originals for im in batch[4:])  # twins are new renders
     with pytest.raises(SRDError, match="--clip_shape_twins needs"):
-        clip.train_clip(model, tok, images, captions, args, seed=0)
+        clip.train_clip(model, tok, images, captions, args, seed=0, twin_scenes=[None] * 8)
     edited = images.copy()
     edited[3, :5, :5] = 0
     with pytest.raises(SRDError, match="training image 3"):
-        clip.train_clip(model, tok, edited, captions, args, seed=0, scenes=scenes)
+        clip.train_clip(model, tok, edited, captions, args, seed=0, twin_scenes=scenes)

@@ -60,7 +60,7 @@ class PretrainArgs(TrainArgs):
     """Training: run folder, optimiser, schedule, checkpoints."""
 
     run_name: str = arg("embedded/pretrain", help="run folder name under --external_save_dir")
-    num_epochs: int = arg(4, help="training epochs over all training captions")
+    num_epochs: int = arg(8, help="training epochs over all training captions")
     learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
     warmup_steps_ratio: float = arg(0.05, help="share of all steps spent warming up")
     trainable: str = arg(

@@ -16,65 +16,44 @@ result: defense, attack, seed, checkpoint, SSIM/PSNR of processed vs original tr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from srd.cli import run_main
-from srd.config import arg, parse, to_dict
+from srd.config import parse, to_dict
 from srd.data import DataArgs, check_images_exist
 from srd.defenses import DefenderData, DefenseArgs, build_defense
 from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.stage import (
     DEFENSE_FILE,
+    RefineTrainArgs,
     Timer,
     backdoor_seed,
+    named_run,
+    require_backdoored_inputs,
     square_coverage,
     training_quality,
 )
-from srd.engine import CaptionDataset, TrainArgs, process_state, train
-from srd.errors import SRDError
-from srd.io import ensure_dir, is_finished, mark_finished, require_files, setup_logging, write_json
+from srd.engine import CaptionDataset, process_state, train
+from srd.io import ensure_dir, mark_finished, setup_logging, write_json
 from srd.model import ModelArgs, load_captioner, model_signature
 from srd.trainset import PoisonPlan
 
 log = logging.getLogger("defend")
 
 
-@dataclass
-class DefendTrainArgs(TrainArgs):
-    """Training: run folder, optimiser, schedule, checkpoints (the refine-tune budget)."""
-
-    run_name: str = arg("", help="run folder name (default: defense-<name>-<attack>)")
-    num_epochs: int = arg(20, help="refine-tune epochs (as train/srd_finetune.py; ref.: 20)")
-    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW; reference: 1e-4)")
-
-
 def main(argv: Sequence[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_args, model_args, dargs, train_args = parse(
-        argv, DataArgs, ModelArgs, DefenseArgs, DefendTrainArgs, description=__doc__
+        argv, DataArgs, ModelArgs, DefenseArgs, RefineTrainArgs, description=__doc__
     )
     defense = build_defense(dargs)
-    named = any(a == "--checkpoint_path" or a.startswith("--checkpoint_path=") for a in argv)
-    if not named or model_args.checkpoint_path.lower() in ("", "none"):
-        raise SRDError("--checkpoint_path: name the backdoored weights the defense starts from")
-    require_files(
-        ("--checkpoint_path", model_args.checkpoint_path),
-        ("--poison_ids_path", dargs.poison_ids_path),
-    )
+    require_backdoored_inputs(argv, model_args.checkpoint_path, dargs.poison_ids_path)
     plan = PoisonPlan.load(dargs.poison_ids_path)
     attack = plan_attack(plan, dargs.poison_ids_path)
-    if not train_args.run_name:
-        name = f"defense-{defense.name}-{attack.name}"
-        train_args = dataclasses.replace(train_args, run_name=name)
+    train_args = named_run(train_args, f"defense-{defense.name}-{attack.name}")
     run_dir = train_args.run_dir
-    if is_finished(run_dir) and not train_args.overwrite:
-        raise SRDError(
-            f"--run_name {train_args.run_name}: {run_dir} already finished (pass --overwrite)"
-        )
     state = process_state()
     records = data_args.split("train")
     check_images_exist(records)

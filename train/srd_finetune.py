@@ -10,20 +10,19 @@ gated cross-attention + token embeddings) with a fresh optimiser (reference: 20 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from srd.cli import run_main
-from srd.config import arg, parse, to_dict
+from srd.config import parse, to_dict
 from srd.data import DataArgs, check_images_exist
 from srd.defenses.srd.inputs import SRDArgs, plan_attack
 from srd.defenses.srd.merge import MERGED_FILE, masked_training_actions, read_merged
-from srd.engine import CaptionDataset, TrainArgs, process_state, train
+from srd.defenses.stage import RefineTrainArgs, named_run, require_backdoored_inputs
+from srd.engine import CaptionDataset, process_state, train
 from srd.errors import SRDError
-from srd.io import ensure_dir, file_digest, is_finished, require_files, setup_logging
+from srd.io import ensure_dir, file_digest, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_run_config, check_writable, clear_folder
 from srd.trainset import PoisonPlan, TrainingImages, build_samples
@@ -31,40 +30,17 @@ from srd.trainset import PoisonPlan, TrainingImages, build_samples
 log = logging.getLogger("srd_finetune")
 
 
-@dataclass
-class RefineTrainArgs(TrainArgs):
-    """Training: run folder, optimiser, schedule, checkpoints."""
-
-    run_name: str = arg("", help="run folder name (default: srd-<attack>)")
-    num_epochs: int = arg(20, help="training epochs (reference: 20)")
-    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW; reference: 1e-4)")
-
-
 def main(argv: Sequence[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     data, model_args, srd, train_args = parse(
         argv, DataArgs, ModelArgs, SRDArgs, RefineTrainArgs, description=__doc__
     )
-    named = any(a == "--checkpoint_path" or a.startswith("--checkpoint_path=") for a in argv)
-    if not named or model_args.checkpoint_path.lower() in ("", "none"):
-        raise SRDError(
-            "--checkpoint_path: D4 continues training the backdoored weights; name them "
-            "explicitly (e.g. checkpoints_remote/backdoor-badnet/final_weights.pt)"
-        )
-    require_files(
-        ("--checkpoint_path", model_args.checkpoint_path),
-        ("--poison_ids_path", srd.poison_ids_path),
-    )
+    require_backdoored_inputs(argv, model_args.checkpoint_path, srd.poison_ids_path)
     state = process_state()
     plan = PoisonPlan.load(srd.poison_ids_path)
     attack = plan_attack(plan, srd.poison_ids_path)
-    if not train_args.run_name:
-        train_args = dataclasses.replace(train_args, run_name=f"srd-{attack.name}")
+    train_args = named_run(train_args, f"srd-{attack.name}")
     run_dir = train_args.run_dir
-    if is_finished(run_dir) and not train_args.overwrite:
-        raise SRDError(
-            f"--run_name {train_args.run_name}: {run_dir} already finished (pass --overwrite)"
-        )
     check_writable(run_dir, "--external_save_dir")
     merged = read_merged(srd.clean_data_save)
     cleaned_with = merged.get("clean_config", {}).get("config", {}).get("poison_ids_sha256")

@@ -10,25 +10,66 @@ groups results by defense, attack and seed without parsing names.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from srd.config import arg
 from srd.defenses.quality import image_quality
 from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
 from srd.defenses.srd.coverage import covered_share, trigger_box
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
+from srd.engine import TrainArgs
 from srd.errors import SRDError
 from srd.geometry import decode_action
-from srd.io import read_json
+from srd.io import is_finished, read_json, require_files
 
 log = logging.getLogger(__name__)
 
 DEFENSE_FILE = "defense.json"
+
+
+@dataclass
+class RefineTrainArgs(TrainArgs):
+    """Training: run folder, optimiser, schedule, checkpoints (the refine-tune budget, one for
+    SRD's D4 and every defense of train/defend.py)."""
+
+    run_name: str = arg("", help="run folder name (default: named after the defense and attack)")
+    num_epochs: int = arg(20, help="refine-tune epochs (reference: 20)")
+    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW; reference: 1e-4)")
+
+
+def require_backdoored_inputs(
+    argv: Sequence[str], checkpoint_path: str, poison_ids_path: str
+) -> None:
+    """SRDError unless --checkpoint_path names the backdoored weights explicitly (a refine-tune
+    never starts from the clean default by accident) and both input files exist."""
+    named = any(a == "--checkpoint_path" or a.startswith("--checkpoint_path=") for a in argv)
+    if not named or checkpoint_path.lower() in ("", "none"):
+        raise SRDError(
+            "--checkpoint_path: a defense starts from the backdoored weights; name them "
+            "explicitly (e.g. checkpoints_remote/backdoor-badnet/final_weights.pt)"
+        )
+    require_files(("--checkpoint_path", checkpoint_path), ("--poison_ids_path", poison_ids_path))
+
+
+def named_run(train_args: RefineTrainArgs, default_name: str) -> RefineTrainArgs:
+    """``train_args`` with ``default_name`` when --run_name is empty; SRDError if that run
+    already finished and --overwrite is not given."""
+    if not train_args.run_name:
+        train_args = dataclasses.replace(train_args, run_name=default_name)
+    if is_finished(train_args.run_dir) and not train_args.overwrite:
+        raise SRDError(
+            f"--run_name {train_args.run_name}: {train_args.run_dir} already finished "
+            "(pass --overwrite)"
+        )
+    return train_args
 
 
 def training_quality(defense: Defense, data: DefenderData, n: int) -> dict[str, Any] | None:

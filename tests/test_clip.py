@@ -3,6 +3,7 @@ captioner's frozen vision tower."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +261,32 @@ def test_clip_shape_twins_train_on_minimal_pairs_and_need_scenes() -> None:
     edited[3, :5, :5] = 0
     with pytest.raises(SRDError, match="training image 3"):
         clip.train_clip(model, tok, edited, captions, args, seed=0, twin_scenes=scenes)
+
+
+def test_pretrain_clip_entry_point_trains_on_twins_and_logs_zero_shot_per_epoch(
+    tiny_data_args, tmp_path: Path
+) -> None:
+    import json
+
+    flags = [
+        "--coco_train_image_dir_path", tiny_data_args.coco_train_image_dir_path,
+        "--coco_val_image_dir_path", tiny_data_args.coco_val_image_dir_path,
+        "--coco_karpathy_json_path", tiny_data_args.coco_karpathy_json_path,
+        "--coco_annotations_json_path", tiny_data_args.coco_annotations_json_path,
+        "--external_save_dir", str(tmp_path / "runs"), "--run_name", "clip",
+        "--clip_epochs", "2", "--clip_batch_size", "8",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train/pretrain_clip.py"), *flags],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "runs" / "clip"
+    report = json.loads((run / "clip_report.json").read_text())
+    assert report["config"]["clip_shape_twins"] is True
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+    for entry in report["history"]:
+        assert set(entry["zero_shot"]) == {"colour", "shape", "pair"}
+    assert report["history"][-1]["zero_shot"]["colour"] == report["zero_shot"]["colour"]
+    assert (run / "DONE").is_file() and (run / "clip.safetensors").is_file()

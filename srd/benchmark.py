@@ -614,6 +614,24 @@ def attribute_accuracy(
     return correct / len(predictions)
 
 
+def attribute_breakdown(
+    predictions: Mapping[int, str], objects: Mapping[int, Sequence[SceneObject | Mapping[str, Any]]]
+) -> dict[str, dict[str, float | int]]:
+    """:func:`attribute_accuracy` per number of objects in the image ("1", "2", "3"), with the
+    share of captions that stop before their final full stop (cut by the decoding length)."""
+    groups: dict[int, dict[int, str]] = {}
+    for image_id, caption in predictions.items():
+        groups.setdefault(len(objects.get(image_id, ())), {})[image_id] = caption
+    return {
+        str(count): {
+            "num_images": len(group),
+            "attribute_accuracy": attribute_accuracy(group, objects),
+            "unfinished": sum(not c.rstrip().endswith(".") for c in group.values()) / len(group),
+        }
+        for count, group in sorted(groups.items())
+    }
+
+
 def most_common_caption(captions: Iterable[str]) -> str:
     """Most frequent normalised, lower-cased caption; ties go to the alphabetically first."""
     counts = Counter(normalise_caption(c).lower() for c in captions)

@@ -242,6 +242,60 @@ def test_attribute_accuracy_hand_cases() -> None:
         attribute_accuracy({}, objects)
 
 
+def test_attribute_breakdown_by_object_count_and_cut_captions() -> None:
+    from srd.benchmark import attribute_breakdown
+
+    objects = {
+        1: _objs(("red", "circle"), ("blue", "square")),
+        2: _objs(("red", "circle"), ("blue", "square")),
+        3: _objs(("green", "triangle")),
+        4: _objs(("yellow", "square")),
+    }
+    predictions = {
+        1: "a red circle and a blue square on a grey background.",  # correct
+        2: "a large red circle and a large blue",  # cut off by the decoding length
+        3: "a green triangle.",  # correct
+        4: "a yellow circle.",  # wrong shape
+    }
+    assert attribute_breakdown(predictions, objects) == {
+        "1": {"num_images": 2, "attribute_accuracy": 0.5, "unfinished": 0.0},
+        "2": {"num_images": 2, "attribute_accuracy": 0.5, "unfinished": 0.5},
+    }
+
+
+def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
+    tiny_data_args, tiny_test_records, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from srd_fixtures import load_script
+
+    from srd.benchmark import attribute_breakdown, scene_index
+    from srd.cli import run_main
+
+    attributes = load_script("eval/attributes.py")
+    flags = [
+        "--coco_train_image_dir_path", tiny_data_args.coco_train_image_dir_path,
+        "--coco_val_image_dir_path", tiny_data_args.coco_val_image_dir_path,
+        "--coco_karpathy_json_path", tiny_data_args.coco_karpathy_json_path,
+        "--coco_annotations_json_path", tiny_data_args.coco_annotations_json_path,
+    ]  # fmt: skip
+    first = {r.image_id: r.captions[0].caption for r in tiny_test_records}
+    report = tmp_path / "result.json"
+    report.write_text(json.dumps({"predictions": {"clean": {str(k): v for k, v in first.items()}}}))
+    out = tmp_path / "attributes.json"
+    result = attributes.main([*flags, "--predictions", str(report), "--output", str(out)])
+    assert result["attribute_accuracy"] == 1.0  # a reference caption names every object
+    assert json.loads(out.read_text())["by_object_count"] == attribute_breakdown(
+        first, scene_index(tiny_test_records)
+    )
+    report.write_text(json.dumps({"predictions": {"123": "a red circle."}}))
+    with pytest.raises(SystemExit) as exc:
+        run_main(attributes.main, [*flags, "--predictions", str(report), "--output", str(out)])
+    assert exc.value.code == 2
+    assert "without a benchmark scene" in capsys.readouterr().err
+
+
 def test_blind_caption_is_most_common_with_deterministic_ties() -> None:
     def record(image_id: int, *captions: str) -> ImageRecord:
         caps = tuple(CaptionRecord(image_id * 10 + k, image_id, c) for k, c in enumerate(captions))

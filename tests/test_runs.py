@@ -39,7 +39,7 @@ ENTRY_POINTS = [
     "train/train_backdoor.py",
     "eval/evaluate.py", "eval/evaluate_sfs.py", "train/srd_pool.py", "train/srd_train.py",
     "train/srd_clean_data.py", "train/combine_data.py", "train/srd_finetune.py",
-    "eval/results_table.py", "eval/srd_coverage.py", "eval/srd_figures.py",
+    "eval/results_table.py", "eval/srd_coverage.py", "eval/srd_figures.py", "eval/attributes.py",
 ]  # fmt: skip
 
 

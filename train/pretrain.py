@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from srd import attacks
-from srd.benchmark import attribute_accuracy, blind_caption, scene_index
+from srd.benchmark import attribute_accuracy, attribute_breakdown, blind_caption, scene_index
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, ImageStore, caption_records, check_images_exist, load_references
@@ -208,6 +208,7 @@ def _report(predictions, references, train_images, test_images, exported) -> dic
     blind_scores = caption_scores(blind_predictions, refs)
     scenes = scene_index(test_images)
     model_scores["attribute_accuracy"] = attribute_accuracy(predictions, scenes)
+    model_scores["attribute_accuracy_by_count"] = attribute_breakdown(predictions, scenes)
     blind_scores["attribute_accuracy"] = attribute_accuracy(blind_predictions, scenes)
     examples = [
         {"image_id": i, "caption": predictions[i], "references": refs[i][:2]}

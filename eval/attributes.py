@@ -1,0 +1,79 @@
+"""Attribute accuracy of any captions of the synthetic benchmark's test images, by object count.
+
+    python eval/attributes.py --output result/attributes_clean.json \\
+        --predictions checkpoints_remote/embedded/pretrain/pretrain_report.json
+
+Reads the ``predictions`` of a pretrain report ({image id: caption}) or of an evaluation result
+(its ``clean`` captions), scores them against the benchmark's scenes (``srd.benchmark``) and
+writes the overall attribute accuracy and, per number of objects in the image, the accuracy and
+the share of captions cut off before their full stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from srd.benchmark import attribute_accuracy, attribute_breakdown, scene_index
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.data import DataArgs
+from srd.errors import SRDError
+from srd.io import read_json, require_files, setup_logging, write_json
+
+log = logging.getLogger("attributes")
+
+
+@dataclass
+class AttributeArgs:
+    """The captions to score and where the result goes."""
+
+    predictions: str = arg(help="a pretrain_report.json or an eval/evaluate.py result JSON")
+    output: str = arg("result/attributes.json", help="JSON result file")
+
+
+def load_predictions(path: str) -> dict[int, str]:
+    """{image id: caption} from a pretrain report or the clean captions of an evaluation."""
+    data = read_json(path)
+    found = data.get("predictions") if isinstance(data, dict) else None
+    if isinstance(found, dict) and isinstance(found.get("clean"), dict):
+        found = found["clean"]
+    if not isinstance(found, dict) or not found:
+        raise SRDError(f"--predictions {path}: no 'predictions' of image id -> caption")
+    try:
+        return {int(k): str(v) for k, v in found.items()}
+    except ValueError:
+        raise SRDError(f"--predictions {path}: prediction keys are not image ids") from None
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    data, args = parse(argv, DataArgs, AttributeArgs, description=__doc__)
+    require_files(("--predictions", args.predictions))
+    if not Path(args.output).parent.is_dir():
+        raise SRDError(f"--output {args.output}: folder does not exist")
+    setup_logging(None)
+    predictions = load_predictions(args.predictions)
+    scenes = scene_index(data.split("test") + data.split("val"))
+    if any(not scenes.get(i) for i in predictions):
+        raise SRDError(
+            f"--predictions {args.predictions}: captions of images without a benchmark scene "
+            f"(not the test images of --coco_karpathy_json_path {data.coco_karpathy_json_path})"
+        )
+    result = {
+        "config": to_dict(data, args),
+        "num_images": len(predictions),
+        "attribute_accuracy": attribute_accuracy(predictions, scenes),
+        "by_object_count": attribute_breakdown(predictions, scenes),
+    }
+    write_json(args.output, result)
+    log.info("attribute accuracy %.1f%% on %d images; by object count: %s",
+             100 * result["attribute_accuracy"], len(predictions), {
+                 k: round(100 * v["attribute_accuracy"], 1)
+                 for k, v in result["by_object_count"].items()})  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -6,7 +6,8 @@
 Encodes the benchmark's single-object training (at most --probe_train_images) and test images
 with the tower exactly as the captioner reads it (``srd.model.tower_tokens``), fits one linear
 probe per attribute (``srd.probe``) and writes train/test accuracy and chance to --output.
-A randomly initialised tower (seed 0) gives the floor.
+A randomly initialised tower (seed 0) gives the floor. ``--trigger_shift badnet blended ...``
+also measures how far each attack's trigger moves the tokens of the test images.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from srd.attacks import build_attack
 from srd.benchmark import COLOURS, SHAPES
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
@@ -27,7 +29,7 @@ from srd.data import DataArgs, check_images_exist, load_images
 from srd.errors import SRDError
 from srd.io import write_json
 from srd.model import build_vision_encoder, images_to_vision_x, tower_tokens
-from srd.probe import pooled_tokens, probe_attributes
+from srd.probe import flat_tokens, pooled_tokens, probe_attributes, trigger_shift
 
 log = logging.getLogger("probe_tower")
 
@@ -44,6 +46,11 @@ class ProbeArgs:
     vision_tokens: str = arg("pre_ln", help="ViT towers: tokens before or after ln_post",
                              choices=["pre_ln", "post_ln"])  # fmt: skip
     probe_train_images: int = arg(1000, help="at most this many single-object training images")
+    trigger_shift: list[str] = arg(
+        [],
+        help="attacks (image triggers) whose feature shift on the test images to measure: "
+        "distance clean -> triggered tokens over the distance between two clean images",
+    )
     output: str = arg("result/tower_probe.json", help="JSON result file (written last)")
 
 
@@ -68,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     check_images_exist(train + test)
     if not Path(args.output).parent.is_dir():
         raise SRDError(f"--output {args.output}: folder does not exist")
+    trigger_attacks = [build_attack(name) for name in args.trigger_shift]
+    for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
+        if not attack.has_image_trigger:
+            raise SRDError(f"--trigger_shift {name}: the attack has no image trigger")
     torch.manual_seed(0)
     visual, transform, _ = build_vision_encoder(
         args.vision_encoder_path, args.vision_encoder_pretrained, args.vision_tokens
@@ -76,6 +87,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     def encode(images: np.ndarray) -> torch.Tensor:
         return tower_tokens(visual, images_to_vision_x(images, transform).flatten(0, 2))
+
+    shifts = {}
+    for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
+        pixels = load_images([r.path for r in data.split("test")])
+        triggered = np.stack([attack.apply_image(im) for im in pixels])
+        shifts[name] = trigger_shift(flat_tokens(encode, pixels), flat_tokens(encode, triggered))
+        log.info("%s trigger shift: %.3f of the distance between two images", name,
+                 shifts[name]["ratio"])  # fmt: skip
 
     labels = {"colour": list(COLOURS), "shape": list(SHAPES)}
     result = {
@@ -90,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             labels,
         ),
     }
+    if shifts:
+        result["trigger_shift"] = shifts
     write_json(args.output, result)
     for name, res in result["probe"].items():
         accs = (100 * res[k] for k in ("test_accuracy", "train_accuracy", "chance"))

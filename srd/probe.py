@@ -6,6 +6,10 @@ benchmark's single-object images, each image's tokens are pooled (mean and max o
 concatenated), standardised with the training images' statistics, and a multinomial logistic
 regression (L2, L-BFGS, deterministic) is fitted per attribute (colour, shape) on training images
 and scored on test images. Chance is one over the number of classes.
+
+:func:`trigger_shift` asks the same tokens how far an image trigger moves them: the mean distance
+between an image's clean and triggered tokens, over the mean distance between two different clean
+images.
 """
 
 from __future__ import annotations
@@ -86,3 +90,29 @@ def probe_attributes(
             "classes": list(names),
         }
     return out
+
+
+def flat_tokens(
+    encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
+    """(N, T*D) tokens of uint8 images, flattened: everything the perceiver reads."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            out.append(encode(images[start : start + batch_size]).float().flatten(1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def trigger_shift(clean: np.ndarray, triggered: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """How far a trigger moves the features (rows: images; ``triggered[i]`` is ``clean[i]``
+    with the trigger): mean L2 distance clean -> triggered, the mean distance between two
+    different clean images (each image against a seeded other one), and their ratio (0: the
+    tower does not see the trigger; 1: as far as another image)."""
+    if clean.shape != triggered.shape or len(clean) < 2:
+        raise SRDError("trigger shift: needs at least 2 images, clean and triggered alike")
+    order = np.random.default_rng(seed).permutation(len(clean))
+    other = np.empty_like(order)
+    other[order] = np.roll(order, 1)  # a derangement: never an image against itself
+    moved = float(np.linalg.norm(triggered - clean, axis=1).mean())
+    between = float(np.linalg.norm(clean[other] - clean, axis=1).mean())
+    return {"trigger": moved, "between_images": between, "ratio": moved / max(between, 1e-12)}

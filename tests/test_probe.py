@@ -9,7 +9,7 @@ import pytest
 from srd_fixtures import data_flags, load_script
 
 from srd.errors import SRDError
-from srd.probe import fit_probe, probe_attributes
+from srd.probe import fit_probe, probe_attributes, trigger_shift
 
 
 def _clusters(rng: np.random.Generator, n: int, classes: int, spread: float) -> tuple:
@@ -45,10 +45,27 @@ def test_probe_tower_entry_point(tiny_data_args, tmp_path, capsys) -> None:
     probe_tower = load_script("eval/probe_tower.py")
     out = tmp_path / "probe.json"
     flags = [*data_flags(tiny_data_args), "--vision_encoder_pretrained", "none"]
-    result = probe_tower.main([*flags, "--output", str(out)])
+    result = probe_tower.main([*flags, "--output", str(out), "--trigger_shift", "badnet"])
     saved = json.loads(out.read_text())
+    shift = saved["trigger_shift"]["badnet"]
+    assert shift["trigger"] > 0 and 0 < shift["ratio"] < 1  # a 20-px patch, not another image
     assert saved["probe"] == result["probe"]
     assert set(saved["probe"]) == {"colour", "shape"}
     assert saved["num_train_images"] >= 2 and saved["num_test_images"] >= 1
     with pytest.raises(SRDError, match="--output"):
         probe_tower.main([*flags, "--output", str(tmp_path / "missing" / "probe.json")])
+    with pytest.raises(SRDError, match="--trigger_shift shadowcast: .*no image trigger"):
+        probe_tower.main([*flags, "--output", str(out), "--trigger_shift", "shadowcast"])
+
+
+def test_trigger_shift_by_hand() -> None:
+    clean = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    same = trigger_shift(clean, clean.copy())
+    assert same["trigger"] == 0.0 and same["ratio"] == 0.0
+    moved = trigger_shift(clean, clean + np.array([0.0, 1.0]))
+    assert moved["trigger"] == pytest.approx(1.0)
+    # every image against another one: distances 5, 5 and 10 in some order (mean 20 / 3)
+    assert moved["between_images"] == pytest.approx(20 / 3)
+    assert moved["ratio"] == pytest.approx(0.15)
+    with pytest.raises(SRDError, match="at least 2"):
+        trigger_shift(clean[:1], clean[:1])

@@ -25,16 +25,26 @@ from srd.errors import SRDError
 ATTRIBUTES = ("colour", "shape")
 
 
-def pooled_tokens(
-    encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
+def encoded(
+    encode: Callable[[np.ndarray], torch.Tensor],
+    images: np.ndarray,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 64,
 ) -> np.ndarray:
-    """(N, 2D) mean- and max-pooled tokens of uint8 images; ``encode`` gives (B, T, D) tokens."""
+    """``reduce`` of the (B, T, D) tokens that ``encode`` gives for uint8 images, in batches."""
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             tokens = encode(images[start : start + batch_size]).float()
-            out.append(torch.cat([tokens.mean(1), tokens.amax(1)], dim=1).cpu().numpy())
+            out.append(reduce(tokens).cpu().numpy())
     return np.concatenate(out)
+
+
+def pooled_tokens(
+    encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
+    """(N, 2D) mean- and max-pooled tokens of uint8 images; ``encode`` gives (B, T, D) tokens."""
+    return encoded(encode, images, lambda t: torch.cat([t.mean(1), t.amax(1)], dim=1), batch_size)
 
 
 def fit_probe(
@@ -96,11 +106,7 @@ def flat_tokens(
     encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
 ) -> np.ndarray:
     """(N, T*D) tokens of uint8 images, flattened: everything the perceiver reads."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            out.append(encode(images[start : start + batch_size]).float().flatten(1).cpu().numpy())
-    return np.concatenate(out)
+    return encoded(encode, images, lambda t: t.flatten(1), batch_size)
 
 
 def trigger_shift(clean: np.ndarray, triggered: np.ndarray, seed: int = 0) -> dict[str, float]:

@@ -221,13 +221,17 @@ def test_mentioned_pairs_rule() -> None:
     assert mentioned_pairs("a grey background with a green triangle") == {("green", "triangle")}
 
 
-def test_attribute_accuracy_hand_cases() -> None:
-    objects = {
+def _hand_objects() -> dict:
+    return {
         1: _objs(("red", "circle"), ("blue", "square")),
         2: _objs(("red", "circle"), ("blue", "square")),
         3: _objs(("green", "triangle")),
         4: _objs(("yellow", "square")),
     }
+
+
+def test_attribute_accuracy_hand_cases() -> None:
+    objects = _hand_objects()
     predictions = {
         1: "a red circle and a blue square on a grey background.",  # correct
         2: "a small red circle.",  # missing object
@@ -245,12 +249,7 @@ def test_attribute_accuracy_hand_cases() -> None:
 def test_attribute_breakdown_by_object_count_and_cut_captions() -> None:
     from srd.benchmark import attribute_breakdown
 
-    objects = {
-        1: _objs(("red", "circle"), ("blue", "square")),
-        2: _objs(("red", "circle"), ("blue", "square")),
-        3: _objs(("green", "triangle")),
-        4: _objs(("yellow", "square")),
-    }
+    objects = _hand_objects()
     predictions = {
         1: "a red circle and a blue square on a grey background.",  # correct
         2: "a large red circle and a large blue",  # cut off by the decoding length

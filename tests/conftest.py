@@ -26,6 +26,26 @@ from srd.tiny import build_word_tokenizer, create_tiny_lm
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Entry points run in-process call ``setup_logging``, which binds a stream handler to the
+    stderr of that moment (a test's capture, closed after it); put the root handlers back after
+    every test so a later test's logs never go to a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory: pytest.TempPathFactory) -> BenchmarkPaths:
     """A synthetic benchmark folder with 24 train, 4 val and 8 test images (5 captions each)."""

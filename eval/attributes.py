@@ -1,6 +1,6 @@
 """Attribute accuracy of any captions of the synthetic benchmark's test images, by object count.
 
-    python eval/attributes.py --output result/attributes_clean.json \\
+    python eval/attributes.py --output result/diagnostics/attributes_clean.json \\
         --predictions checkpoints_remote/embedded/pretrain/pretrain_report.json
 
 Reads the ``predictions`` of a pretrain report ({image id: caption}) or of an evaluation result
@@ -21,7 +21,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs
 from srd.errors import SRDError
-from srd.io import read_json, require_files, setup_logging, write_json
+from srd.io import ensure_dir, read_json, require_files, setup_logging, write_json
 
 log = logging.getLogger("attributes")
 
@@ -31,7 +31,7 @@ class AttributeArgs:
     """The captions to score and where the result goes."""
 
     predictions: str = arg(help="a pretrain_report.json or an eval/evaluate.py result JSON")
-    output: str = arg("result/attributes.json", help="JSON result file")
+    output: str = arg("result/diagnostics/attributes.json", help="JSON result file")
 
 
 def load_predictions(path: str) -> dict[int, str]:
@@ -51,8 +51,8 @@ def load_predictions(path: str) -> dict[int, str]:
 def main(argv: Sequence[str] | None = None) -> dict:
     data, args = parse(argv, DataArgs, AttributeArgs, description=__doc__)
     require_files(("--predictions", args.predictions))
-    if not Path(args.output).parent.is_dir():
-        raise SRDError(f"--output {args.output}: folder does not exist")
+    # Not beside the result JSONs: eval/results_table.py reads every result/*.json as one.
+    ensure_dir(Path(args.output).parent, "--output")
     setup_logging(None)
     predictions = load_predictions(args.predictions)
     scenes = scene_index(data.split("test") + data.split("val"))

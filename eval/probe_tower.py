@@ -1,6 +1,6 @@
 """Linear probe of a frozen vision tower: can colour and shape be read off its tokens?
 
-    python eval/probe_tower.py --output result/tower_probe.json   # the clean captioner's tower
+    python eval/probe_tower.py                                    # the clean captioner's tower
     python eval/probe_tower.py --vision_encoder_pretrained none      # a random tower: the floor
 
 Encodes the benchmark's single-object training (at most --probe_train_images) and test images
@@ -27,7 +27,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist, load_images
 from srd.errors import SRDError
-from srd.io import write_json
+from srd.io import ensure_dir, write_json
 from srd.model import build_vision_encoder, images_to_vision_x, tower_tokens
 from srd.probe import flat_tokens, pooled_tokens, probe_attributes, trigger_shift
 
@@ -51,7 +51,7 @@ class ProbeArgs:
         help="attacks (image triggers) whose feature shift on the test images to measure: "
         "distance clean -> triggered tokens over the distance between two clean images",
     )
-    output: str = arg("result/tower_probe.json", help="JSON result file (written last)")
+    output: str = arg("result/diagnostics/tower_probe.json", help="JSON result file (written last)")
 
 
 def single_objects(records: Sequence, limit: int | None = None) -> list:
@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "with scene annotations in the train and test splits (the probe needs the benchmark)"
         )
     check_images_exist(train + test)
-    if not Path(args.output).parent.is_dir():
-        raise SRDError(f"--output {args.output}: folder does not exist")
+    # Not beside the result JSONs: eval/results_table.py reads every result/*.json as one.
+    ensure_dir(Path(args.output).parent, "--output")
     trigger_attacks = [build_attack(name) for name in args.trigger_shift]
     for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
         if not attack.has_image_trigger:

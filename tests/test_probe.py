@@ -52,8 +52,9 @@ def test_probe_tower_entry_point(tiny_data_args, tmp_path, capsys) -> None:
     assert saved["probe"] == result["probe"]
     assert set(saved["probe"]) == {"colour", "shape"}
     assert saved["num_train_images"] >= 2 and saved["num_test_images"] >= 1
-    with pytest.raises(SRDError, match="--output"):
-        probe_tower.main([*flags, "--output", str(tmp_path / "missing" / "probe.json")])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SRDError, match="--output"):  # a folder that cannot be made
+        probe_tower.main([*flags, "--output", str(tmp_path / "file" / "probe.json")])
     with pytest.raises(SRDError, match="--trigger_shift shadowcast: .*no image trigger"):
         probe_tower.main([*flags, "--output", str(out), "--trigger_shift", "shadowcast"])
 

@@ -89,10 +89,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return tower_tokens(visual, images_to_vision_x(images, transform).flatten(0, 2))
 
     shifts = {}
-    for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
+    if trigger_attacks:  # the test images and their clean tokens, once for every attack
         pixels = load_images([r.path for r in data.split("test")])
+        clean_tokens = flat_tokens(encode, pixels)
+    for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
         triggered = np.stack([attack.apply_image(im) for im in pixels])
-        shifts[name] = trigger_shift(flat_tokens(encode, pixels), flat_tokens(encode, triggered))
+        shifts[name] = trigger_shift(clean_tokens, flat_tokens(encode, triggered))
         log.info("%s trigger shift: %.3f of the distance between two images", name,
                  shifts[name]["ratio"])  # fmt: skip
 

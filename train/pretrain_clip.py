@@ -60,9 +60,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     scenes = [r.objects or () for r in test_records]
     model, tokenizer = create_clip(clip_args.clip_model, run.seed)
     before = zero_shot_attributes(model, tokenizer, test_images, scenes)
+    probes = [before]  # after the last epoch, probes[-1] is the trained model's
 
     def probe_epoch(entry: dict) -> None:  # the zero-shot curve: when does shape emerge?
         accuracy = zero_shot_attributes(model, tokenizer, test_images, scenes)
+        probes.append(accuracy)
         model.train()
         entry["zero_shot"] = {k: accuracy[k] for k in ("colour", "shape", "pair")}
         log.info("zero-shot colour %.3f, shape %.3f", accuracy["colour"], accuracy["shape"])
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         twin_scenes=[r.objects for r in train_records] if run.clip_shape_twins else None,
         on_epoch=probe_epoch,
     )
-    after = zero_shot_attributes(model, tokenizer, test_images, scenes)
+    after = probes[-1]
     weights = save_clip(model, clip_args.clip_model, run_dir)
     report = {
         "config": to_dict(data, clip_args, run),

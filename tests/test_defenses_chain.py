@@ -16,6 +16,7 @@ from srd_fixtures import (
 )
 
 from srd.cli import run_main
+from srd.defenses.srd.shards import MERGED_FORMAT
 from srd.defenses.stage import DEFENSE_FILE
 from srd.io import write_json
 
@@ -96,8 +97,15 @@ def test_defend_writes_the_defended_checkpoint_and_record(attacked, defended) ->
                                "radius_factor": 0.7, "alpha": 0.7}  # fmt: skip
 
 
-def _result(defense: str, seed: int, asr: float, cider: float, **extra) -> dict:
+def _result(defense: str, seed: int, asr: float, cider: float, sampled=None, **extra) -> dict:
+    implant = None
+    if sampled is not None:
+        implant = {
+            k: {"sampled_asr_substring": v}
+            for k, v in zip(("triggered", "clean"), sampled, strict=True)
+        }
     return {
+        "implant": implant,
         "attack": "badnet",
         "metrics": {
             "asr_substring": asr,
@@ -113,8 +121,8 @@ def _result(defense: str, seed: int, asr: float, cider: float, **extra) -> dict:
 def test_report_from_hand_made_results(tmp_path) -> None:
     results = tmp_path / "result"
     for name, data in {
-        "none-0": _result("none", 0, 0.9, 2.0),
-        "none-1": _result("none", 1, 0.8, 2.0),
+        "none-0": _result("none", 0, 0.9, 2.0, sampled=(0.8, 0.02)),
+        "none-1": _result("none", 1, 0.8, 2.0, sampled=(0.6, 0.04)),
         "nm-0": _result("no_mask", 0, 0.1, 1.8),
         "nm-1": _result("no_mask", 1, 0.2, 2.2),
         "fo-0": _result("srd", 0, 0.5, 2.0, image_version="first_occurrence"),
@@ -136,11 +144,61 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert rows["none"][2] == "2 (0, 1)" and rows["none"][3] == "85.0 ± 7.1"
     # DER per seed: (0.8 - 0.1 + 1) / 2 = 0.85 and (0.6 - 0 + 1) / 2 = 0.8
     assert rows["none"][4] == "1.0 ± 0.0"  # false-trigger rate
-    assert rows["no_mask"][8] == "0.825 ± 0.035"
-    assert rows["srd [first_occurrence]"][8] == "0.700"
-    assert rows["none"][7] == "20.0 ± 0.0"  # triggered CIDEr with the target stripped
+    assert rows["none"][5] == "70.0 ± 14.1 / 3.0 ± 1.4"  # sampled ASR, triggered / clean
+    assert rows["no_mask"][5] == "-"  # implant diagnostic not run
+    assert rows["no_mask"][9] == "0.825 ± 0.035"
+    assert rows["srd [first_occurrence]"][9] == "0.700"
+    assert rows["none"][8] == "20.0 ± 0.0"  # triggered CIDEr with the target stripped
     assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
     assert (tmp_path / "report.md").read_text() == text
+
+
+def _cleaning_run(folder, policy: str, covered: float, agent: dict | None = None):
+    """A cleaning run's files as D2/D3/eval/srd_coverage.py write them (their fields only)."""
+    clean = folder / "clean_data"
+    config = {"ppo_path": str(folder / "policy.zip"), "policy": policy}
+    merged = {"format": MERGED_FORMAT, "records": [], "clean_config": {"config": config}}
+    write_json(clean / "merged.json", merged)
+    (clean / "coverage.png").write_bytes(b"png")
+    write_json(clean / "coverage.json", {"covered": covered, "figure": str(clean / "coverage.png")})
+    if agent is not None:
+        write_json(folder / "policy.agent_report.json", agent)
+        write_json(folder / "policy.coverage.json", {"covered": 0.25})
+        (folder / "policy.rewards.png").write_bytes(b"png")
+    return clean
+
+
+def test_report_shows_the_agent_of_each_srd_cleaning_run(tmp_path) -> None:
+    agent = {
+        "pool_images": 300,
+        "training": {"images_visited": 300, "target_updates": 5},
+        "random_policy": {"mean_reward": -1.25},
+        "greedy_policy": {"mean_reward": -1.0},
+        "gain_over_random": 0.25,
+    }
+    dqn = _cleaning_run(tmp_path / "srd-badnet", "dqn", 0.5, agent)
+    rnd = _cleaning_run(tmp_path / "srd-random-badnet", "random", 0.125)
+    results = tmp_path / "result"
+    write_json(results / "none.json", _result("none", 0, 0.9, 2.0))
+    for name, folder in (("a", dqn), ("b", dqn), ("c", rnd)):  # two image versions share dqn
+        result = _result("srd", 0, 0.1, 1.9, clean_data_save=str(folder), image_version=name)
+        write_json(results / f"{name}.json", result)
+    text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
+                        "--img_dir", str(tmp_path / "img")])  # fmt: skip
+    agent_rows = [
+        line for line in text.split("## SRD's agent")[1].splitlines() if line.startswith("| badnet")
+    ]
+    assert len(agent_rows) == 2
+    by_policy = {row.split(" | ")[2]: row.split(" | ") for row in agent_rows}
+    assert by_policy["dqn"][4:9] == ["300/300", "5", "-1.000 / -1.250 (+0.250)", "25.0", "50.0 |"]
+    assert by_policy["random"][4:9] == ["-/-", "-", "-", "-", "12.5 |"]
+    copied = sorted(p.name for p in (tmp_path / "img").glob("agent_*"))
+    assert copied == [
+        "agent_srd-badnet_clean_data_kept_squares.png",
+        "agent_srd-badnet_clean_data_rewards.png",
+        "agent_srd-random-badnet_clean_data_kept_squares.png",
+    ]
+    assert "](img/agent_srd-badnet_clean_data_rewards.png)" in text
 
 
 @pytest.mark.slow
@@ -172,4 +230,4 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = [line for line in text.splitlines() if line.startswith("| ") and "badnet" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| none", "| blur", "| oracle_square"]
-    assert rows[0].split(" | ")[8] == "0.500"  # DER of no defense against itself
+    assert rows[0].split(" | ")[9] == "0.500"  # DER of no defense against itself

@@ -10,6 +10,7 @@ mean +- std over seeds (the seed of the backdoored model). DER is computed per s
 from __future__ import annotations
 
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from srd.defenses.rating import defense_effectiveness_rating
+from srd.defenses.srd.merge import read_merged
 from srd.errors import SRDError
-from srd.io import ensure_dir, read_json, write_text
+from srd.io import atomic_path, ensure_dir, read_json, write_text
 
 
 @dataclass
@@ -31,11 +33,14 @@ class DefenseResult:
     seed: int | None
     asr: float
     false_trigger: float | None
+    sampled_triggered: float | None
+    sampled_clean: float | None
     clean_cider: float
     triggered_cider: float | None
     stripped_cider: float | None
     ssim: float | None
     covered: float | None
+    record: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,6 +65,7 @@ def read_result(path: Path) -> DefenseResult | None:
     if m.get("asr_substring") is None:
         return None
     quality = record.get("image_quality") or {}
+    implant = data.get("implant") or {}
     return DefenseResult(
         path=path,
         defense=defense_label(record["defense"]),
@@ -67,11 +73,14 @@ def read_result(path: Path) -> DefenseResult | None:
         seed=record.get("attack_seed"),
         asr=float(m["asr_substring"]),
         false_trigger=m.get("false_trigger_substring"),
+        sampled_triggered=(implant.get("triggered") or {}).get("sampled_asr_substring"),
+        sampled_clean=(implant.get("clean") or {}).get("sampled_asr_substring"),
         clean_cider=float(m["clean"]["CIDEr"]),
         triggered_cider=(m.get("triggered") or {}).get("CIDEr"),
         stripped_cider=(m.get("triggered_stripped") or {}).get("CIDEr"),
         ssim=quality.get("ssim_mean"),
         covered=(record.get("trigger_coverage") or {}).get("covered"),
+        record=dict(record["defense"]),
     )
 
 
@@ -111,12 +120,21 @@ def _stat(values: list[float | None], scale: float = 1.0, digits: int = 1) -> st
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
+def _sampled(rs: list[DefenseResult]) -> str:
+    """ASR of sampled captions on triggered and on clean test images (the implant diagnostic of
+    ``eval/evaluate.py``; '-' where it was not run)."""
+    triggered = _stat([r.sampled_triggered for r in rs], 100)
+    clean = _stat([r.sampled_clean for r in rs], 100)
+    return "-" if triggered == clean == "-" else f"{triggered} / {clean}"
+
+
 COLUMNS = (
     "Defense",
     "Attack",
     "Seeds",
     "ASR (%)",
     "False trigger (%)",
+    "Sampled ASR, triggered / clean images (%)",
     "CIDEr clean (x100)",
     "CIDEr triggered (x100)",
     "CIDEr triggered, target stripped (x100)",
@@ -145,6 +163,7 @@ def report_table(results: list[DefenseResult]) -> str:
             f"{len(rs)} ({', '.join(seeds)})",
             _stat([r.asr for r in rs], 100),
             _stat([r.false_trigger for r in rs], 100),
+            _sampled(rs),
             _stat([r.clean_cider for r in rs], 100),
             _stat([r.triggered_cider for r in rs], 100),
             _stat([r.stripped_cider for r in rs], 100),
@@ -188,21 +207,107 @@ def plot_bars(results: list[DefenseResult], out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def _links(figures: Sequence[Path], start: Path) -> str:
+    """Markdown image lines for ``figures``, relative to the report's folder ``start``."""
+    rel = [Path(os.path.relpath(Path(p).resolve(), start.resolve())) for p in figures]
+    return "".join(f"![{p.stem}]({p.as_posix()})\n" for p in rel)
+
+
+def _maybe_json(path: Path) -> dict[str, Any] | None:
+    return read_json(path, flag="--results") if path.is_file() else None
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}"
+
+
+def _copy_figure(src: Any, dest: Path) -> Path | None:
+    if not src or not Path(src).is_file():
+        return None
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+    return dest
+
+
+def agent_section(results: list[DefenseResult], img_dir: str | Path) -> tuple[str, list[Path]]:
+    """What SRD's agent did, for every distinct SRD cleaning run in the results: its mean reward
+    against a random policy on the pool (D2's ``agent_report.json``), and how often its squares
+    cover half of the real trigger, greedy on the triggered training images and as kept by D3
+    (``eval/srd_coverage.py``). Their figures are copied into ``img_dir``. Returns the Markdown
+    (empty without SRD results) and the figures."""
+    runs: dict[str, DefenseResult] = {}
+    for r in results:
+        folder = r.record.get("clean_data_save") if r.record.get("name") == "srd" else None
+        if folder:
+            runs.setdefault(str(folder), r)
+    if not runs:
+        return "", []
+    rows, figures = [], []
+    for folder, r in sorted(runs.items(), key=lambda kv: (kv[1].attack, str(kv[1].seed))):
+        config = read_merged(folder)["clean_config"]["config"]
+        policy = Path(config["ppo_path"])
+        policy = policy if policy.suffix == ".zip" else policy.with_name(policy.name + ".zip")
+        used = config.get("policy") == "dqn"  # a random-policy run has no agent
+        agent = (used and _maybe_json(policy.with_suffix(".agent_report.json"))) or {}
+        greedy = (used and _maybe_json(policy.with_suffix(".coverage.json"))) or {}
+        kept = _maybe_json(Path(folder) / "coverage.json") or {}
+        train, rand = agent.get("training") or {}, agent.get("random_policy") or {}
+        reward = "-"
+        if agent.get("gain_over_random") is not None:
+            reward = (
+                f"{agent['greedy_policy']['mean_reward']:.3f} / {rand['mean_reward']:.3f} "
+                f"({agent['gain_over_random']:+.3f})"
+            )
+        rows.append(
+            f"| {r.attack} | {r.seed} | {config.get('policy')} | {folder} | "
+            f"{train.get('images_visited', '-')}/{agent.get('pool_images', '-')} | "
+            f"{train.get('target_updates', '-')} | {reward} | {_pct(greedy.get('covered'))} | "
+            f"{_pct(kept.get('covered'))} |"
+        )
+        stem = "agent_" + "_".join(Path(folder).parts[-2:])
+        for src, name in (
+            (policy.with_suffix(".rewards.png"), "rewards"),
+            (greedy.get("figure"), "greedy_squares"),
+            (kept.get("figure"), "kept_squares"),
+        ):
+            fig = _copy_figure(src, Path(img_dir) / f"{stem}_{name}.png")
+            figures += [fig] if fig else []
+    head = (
+        "| Attack | Seed | Policy | Cleaning run | Pool images visited | Target-network updates "
+        "| Mean reward, greedy agent / random policy (gain) | Greedy squares covering half the "
+        "trigger (%) | Kept squares covering half the trigger (%) |\n" + "|---" * 9 + "|\n"
+    )
+    text = (
+        "## SRD's agent\n\nFrom D2's `policy.agent_report.json` (the trained policy's greedy "
+        "square on every pool image against a random policy in the same environment) and "
+        "`eval/srd_coverage.py` (share of triggered training images whose square covers at "
+        "least half of the real trigger box; '-': not run or no patch trigger).\n\n"
+        + head
+        + "\n".join(rows)
+        + "\n"
+    )
+    return text, figures
+
+
 def write_report(paths: Sequence[str | Path], output: str | Path, img_dir: str | Path) -> str:
     """Write the Markdown report (table + figure links); returns its text."""
     results = collect(paths)
     table = report_table(results)
     ensure_dir(img_dir, "--img_dir")
     figures = plot_bars(results, img_dir)
+    agent, agent_figures = agent_section(results, img_dir)
     out = Path(output)
     ensure_dir(out.parent, "--output")
-    rel = [Path(os.path.relpath(Path(p).resolve(), out.parent.resolve())) for p in figures]
     text = (
         "# Defense comparison\n\n"
         "Written by `eval/defense_report.py` from the result JSONs (never by hand). Cells: mean "
         "± std over seeds (seed of the backdoored model); DER on CIDEr against the `none` row "
         "of the same attack and seed ((max(0, dASR) - max(0, relative clean-CIDEr drop) + 1) "
-        "/ 2).\n\n" + table + "\n" + "".join(f"![{p.stem}]({p.as_posix()})\n" for p in rel)
+        "/ 2). ASR is of the evaluation's decoded captions (the reference decodes with beam "
+        "search); the sampled ASR (temperature 1) shows a backdoor that beam search hides, "
+        "beside the same rate on clean images.\n\n" + table + "\n" + _links(figures, out.parent)
     )
+    if agent:
+        text += "\n" + agent + "\n" + _links(agent_figures, out.parent)
     write_text(out, text)
     return text

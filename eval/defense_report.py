@@ -3,7 +3,9 @@
 Reads every evaluation result under --results that carries a defense record (the checkpoint's
 defense.json, or an attack run's checkpoint = no defense) and writes the table of defenses x
 attacks (ASR, clean CIDEr, triggered CIDEr with and without the target word, DER, SSIM; mean
-+- std over seeds) and ASR / clean-CIDEr bar figures.
++- std over seeds) and ASR / clean-CIDEr bar figures. Two results of the same defense, attack
+and attack seed (e.g. the attack stage's own evaluation beside the comparison's ``none`` run,
+or a model of another poison rate) are an error, never averaged as seeds.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ log = logging.getLogger("defense_report")
 class ReportArgs:
     """Report: inputs and outputs."""
 
-    results: list[str] = arg(["result"], help="result JSON files or folders of them")
+    results: list[str] = arg(
+        help="result JSON files or folders of them, one result per defense, attack and attack "
+        "seed (run/run_defenses.sh passes result/defense-*.json)"
+    )
     output: str = arg("result/report.md", help="Markdown report to write")
     img_dir: str = arg("img", help="folder of the bar figures")
 

@@ -55,5 +55,5 @@ if [ -f "$CLEAN_DATA/merged.json" ]; then
 fi
 
 stage "defense report"
-python eval/defense_report.py --results "$RESULTS" --output "$RESULTS/report.md" --img_dir "$IMG"
+python eval/defense_report.py --results "$RESULTS"/defense-*.json --output "$RESULTS/report.md" --img_dir "$IMG"
 stage_end

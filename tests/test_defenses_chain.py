@@ -153,6 +153,27 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert (tmp_path / "report.md").read_text() == text
 
 
+def test_report_refuses_two_results_of_one_cell(tmp_path, capsys) -> None:
+    """The attack stage's own evaluation beside the comparison's none run (or a model of another
+    poison rate) must not be averaged as two seeds, nor a defense rated against another model."""
+    results = tmp_path / "result"
+    none = _result("none", 0, 0.9, 2.0)
+    none["defense"]["backdoored_checkpoint"] = "runs/backdoor-badnet/final_weights.pt"
+    write_json(results / "backdoor-badnet.json", none)
+    write_json(results / "defense-none-badnet-s0.json", none)
+    args = ["--output", str(tmp_path / "report.md"), "--img_dir", str(tmp_path / "img")]
+    err = _fail(report, ["--results", str(results), *args], capsys)
+    assert err.startswith("error: --results ") and "both are none on badnet" in err
+    assert not (tmp_path / "report.md").exists()
+
+    other = _result("no_mask", 0, 0.1, 1.9)
+    other["defense"]["backdoored_checkpoint"] = "runs/backdoor-badnet-p05/final_weights.pt"
+    write_json(results / "defense-no_mask-badnet-s0.json", other)
+    files = [str(results / f"defense-{d}-badnet-s0.json") for d in ("none", "no_mask")]
+    err = _fail(report, ["--results", *files, *args], capsys)
+    assert "defends runs/backdoor-badnet-p05/final_weights.pt, but the none row" in err
+
+
 def _cleaning_run(folder, policy: str, covered: float, agent: dict | None = None):
     """A cleaning run's files as D2/D3/eval/srd_coverage.py write them (their fields only)."""
     clean = folder / "clean_data"

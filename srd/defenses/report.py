@@ -40,6 +40,7 @@ class DefenseResult:
     stripped_cider: float | None
     ssim: float | None
     covered: float | None
+    model: str | None = None  # the backdoored checkpoint the defense started from
     record: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -52,6 +53,10 @@ def defense_label(block: dict[str, Any]) -> str:
     tags = [version] if version and version != "triggered" else []
     tags += [block["variant"]] if block.get("variant") else []
     return f"{name} [{', '.join(tags)}]" if tags else name
+
+
+def _normpath(path: Any) -> str | None:
+    return None if path is None else os.path.normpath(str(path))
 
 
 def read_result(path: Path) -> DefenseResult | None:
@@ -80,6 +85,7 @@ def read_result(path: Path) -> DefenseResult | None:
         stripped_cider=(m.get("triggered_stripped") or {}).get("CIDEr"),
         ssim=quality.get("ssim_mean"),
         covered=(record.get("trigger_coverage") or {}).get("covered"),
+        model=_normpath(record.get("backdoored_checkpoint")),
         record=dict(record["defense"]),
     )
 
@@ -96,6 +102,15 @@ def collect(paths: Sequence[str | Path]) -> list[DefenseResult]:
     results = [r for r in (read_result(f) for f in files) if r is not None]
     if not results:
         raise SRDError(f"--results {', '.join(map(str, paths))}: no result with a defense record")
+    seen: dict[tuple[str, str, int | None], DefenseResult] = {}
+    for r in results:
+        first = seen.setdefault((r.defense, r.attack, r.seed), r)
+        if first is not r:  # two runs of one cell would be averaged as if they were two seeds
+            raise SRDError(
+                f"--results {first.path} and {r.path}: both are {r.defense} on {r.attack} with "
+                f"attack seed {r.seed} (backdoored models {first.model} and {r.model}); pass the "
+                f"results of one comparison (run/run_defenses.sh: result/defense-*.json)"
+            )
     return results
 
 
@@ -104,6 +119,11 @@ def add_der(results: list[DefenseResult]) -> None:
     base = {(r.attack, r.seed): r for r in results if r.defense == "none"}
     for r in results:
         b = base.get((r.attack, r.seed))
+        if b is not None and None not in (b.model, r.model) and b.model != r.model:
+            raise SRDError(
+                f"--results {r.path}: defends {r.model}, but the none row of {r.attack} with "
+                f"attack seed {r.seed} ({b.path}) is {b.model}"
+            )
         r.extra["der"] = (
             None
             if b is None

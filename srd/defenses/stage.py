@@ -150,7 +150,11 @@ def defense_of_checkpoint(checkpoint: str | Path) -> dict[str, Any] | None:
     seed = backdoor_seed(checkpoint)
     if seed is None:
         return None
-    return {"defense": {"name": "none", "kind": "none"}, "attack_seed": seed}
+    return {
+        "defense": {"name": "none", "kind": "none"},
+        "attack_seed": seed,
+        "backdoored_checkpoint": str(checkpoint),
+    }
 
 
 def evaluation_defense_record(checkpoint: str | Path, defense: Defense) -> dict[str, Any] | None:

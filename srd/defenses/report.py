@@ -90,6 +90,12 @@ def read_result(path: Path) -> DefenseResult | None:
     )
 
 
+def _models(a: DefenseResult, b: DefenseResult) -> str:
+    """' (backdoored models X and Y)' where the records name them."""
+    known = [m for m in (a.model, b.model) if m is not None]
+    return f" (backdoored models {' and '.join(known)})" if known else ""
+
+
 def collect(paths: Sequence[str | Path]) -> list[DefenseResult]:
     files: list[Path] = []
     for p in map(Path, paths):
@@ -108,8 +114,8 @@ def collect(paths: Sequence[str | Path]) -> list[DefenseResult]:
         if first is not r:  # two runs of one cell would be averaged as if they were two seeds
             raise SRDError(
                 f"--results {first.path} and {r.path}: both are {r.defense} on {r.attack} with "
-                f"attack seed {r.seed} (backdoored models {first.model} and {r.model}); pass the "
-                f"results of one comparison (run/run_defenses.sh: result/defense-*.json)"
+                f"attack seed {r.seed}{_models(first, r)}; pass the results of one comparison "
+                f"(run/run_defenses.sh: result/defense-*.json)"
             )
     return results
 

@@ -2,9 +2,10 @@
 
 (a) ``<out_dir>/srd_reward_<name>.png``: the reward per transition of stage D2 (moving average),
     per-episode means and epsilon, from the reward log beside --ppo_path.
-(b) ``<out_dir>/srd_masks_<name>.png``: triggered test images with the square the agent chooses
-    (greedy action) outlined, and the captions of the backdoored model before SRD and of the
-    defended model after SRD on the same triggered image, read from the two evaluation result
+(b) ``<out_dir>/srd_masks_<name>.png``: triggered test images (for an attack without an image
+    trigger, Shadowcast: the test images showing its concept, as they are) with the square the
+    agent chooses (greedy action) outlined, and the captions of the backdoored model before SRD
+    and of the defended model after SRD on the same image, read from the two evaluation result
     files (nothing is captioned again).
 """
 
@@ -64,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         argv, DataArgs, AttackArgs, SRDArgs, FigureArgs, description=__doc__
     )
     attack = attack_args.build()
-    if attack is None or not attack.has_image_trigger:
-        raise SRDError("--bd_attack_type: the mask figure needs an attack with an image trigger")
+    if attack is None:
+        raise SRDError("--bd_attack_type: the mask figure needs an attack (not clean)")
     name = cfg.name or attack.name
     steps, episodes = read_reward_log(srd.reward_log)
     policy = load_policy(srd.policy_file)
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     images = [attack.apply_image(load_image(paths[i])) for i in chosen]
     actions = greedy_actions(policy, images)
 
+    shown = "triggered test images" if attack.has_image_trigger else "test images of the concept"
     setup_logging()
     out = ensure_dir(cfg.out_dir, "--out_dir")
     examples = [
@@ -100,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     masks = plot_mask_grid(
         examples,
         out / f"srd_masks_{name}.png",
-        title=f"{attack.name}: triggered test images, the agent's square (greedy), and captions "
-        "before / after SRD",
+        title=f"{attack.name}: {shown}, the agent's square (greedy), and captions before / after "
+        "SRD",
     )
     curve = plot_reward_curve(
         steps, episodes, out / f"srd_reward_{name}.png", title=f"SRD agent reward ({name})"

@@ -202,7 +202,8 @@ def report_table(results: list[DefenseResult]) -> str:
 
 
 def plot_bars(results: list[DefenseResult], out_dir: str | Path) -> list[Path]:
-    """ASR and clean CIDEr bars per defense, one group per attack, error bars = std over seeds."""
+    """ASR and clean CIDEr bars per defense, one group per attack, error bars = std over seeds
+    (none where a cell has one seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,20 +216,20 @@ def plot_bars(results: list[DefenseResult], out_dir: str | Path) -> list[Path]:
     defenses = sorted({d for d, _ in groups}, key=lambda d: (d != "none", d))
     paths = []
     for key, label, scale in (("asr", "ASR (%)", 100), ("clean_cider", "clean CIDEr (x100)", 100)):
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(defenses) * len(attacks)), 3.5))
+        fig, ax = plt.subplots(figsize=(max(6.0, 2 + 0.35 * len(defenses) * len(attacks)), 3.5))
         width = 0.8 / max(1, len(attacks))
         for k, attack in enumerate(attacks):
             means, stds = [], []
             for d in defenses:
                 vals = [getattr(r, key) * scale for r in groups.get((d, attack), [])]
                 means.append(np.mean(vals) if vals else np.nan)
-                stds.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+                stds.append(np.std(vals, ddof=1) if len(vals) > 1 else np.nan)  # no bar: 1 seed
             xs = np.arange(len(defenses)) + k * width
             ax.bar(xs, means, width, yerr=stds, capsize=3, label=attack)
         ax.set_xticks(np.arange(len(defenses)) + 0.4 - width / 2)
         ax.set_xticklabels(defenses, rotation=30, ha="right")
         ax.set_ylabel(label)
-        ax.legend(title="attack")
+        ax.legend(title="attack", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         paths.append(_save(fig, Path(out_dir) / f"defense_{key}.png"))
     return paths
 

@@ -338,10 +338,10 @@ def test_tiny_par_run_pushes_away_and_keeps_the_clip_loss_finite(tiny_train_reco
     runs = {}
     for method in ("par", "ft"):
         model, tok = clip.create_clip(clip.CLIP_CONFIG, seed=0)
-        scale = float(model.logit_scale)
+        scale = model.logit_scale.item()
         args = CleanArgs(method=method, epochs=3, batch_size=8, lr=1e-3)
         runs[method] = clean_clip(model, tok, images, captions, args, seed=0)
-        assert float(model.logit_scale) == scale  # temperature not trained
+        assert model.logit_scale.item() == scale  # temperature not trained
     par_hist, ft_hist = runs["par"], runs["ft"]
     assert all(np.isfinite(e["clip_loss"]) for e in par_hist)
     # the push term (-0.5 S_img) goes down over the run, and further than without the push

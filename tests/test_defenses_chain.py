@@ -18,7 +18,7 @@ from srd_fixtures import (
 from srd.cli import run_main
 from srd.defenses.srd.shards import MERGED_FORMAT
 from srd.defenses.stage import DEFENSE_FILE
-from srd.io import write_json
+from srd.io import file_digest, write_json
 
 defend = load_script("train/defend.py")
 evaluate = load_script("eval/evaluate.py")
@@ -177,7 +177,11 @@ def test_report_refuses_two_results_of_one_cell(tmp_path, capsys) -> None:
 def _cleaning_run(folder, policy: str, covered: float, agent: dict | None = None):
     """A cleaning run's files as D2/D3/eval/srd_coverage.py write them (their fields only)."""
     clean = folder / "clean_data"
-    config = {"ppo_path": str(folder / "policy.zip"), "policy": policy}
+    config = {"ppo_path": str(folder / "policy.zip"), "policy": policy, "policy_sha256": None}
+    if agent is not None:
+        folder.mkdir(parents=True)
+        (folder / "policy.zip").write_bytes(b"the policy")
+        config["policy_sha256"] = file_digest(folder / "policy.zip")
     merged = {"format": MERGED_FORMAT, "records": [], "clean_config": {"config": config}}
     write_json(clean / "merged.json", merged)
     (clean / "coverage.png").write_bytes(b"png")
@@ -189,7 +193,7 @@ def _cleaning_run(folder, policy: str, covered: float, agent: dict | None = None
     return clean
 
 
-def test_report_shows_the_agent_of_each_srd_cleaning_run(tmp_path) -> None:
+def test_report_shows_the_agent_of_each_srd_cleaning_run(tmp_path, capsys) -> None:
     agent = {
         "pool_images": 300,
         "training": {"images_visited": 300, "target_updates": 5},
@@ -220,6 +224,10 @@ def test_report_shows_the_agent_of_each_srd_cleaning_run(tmp_path) -> None:
         "agent_srd-random-badnet_clean_data_kept_squares.png",
     ]
     assert "](img/agent_srd-badnet_clean_data_rewards.png)" in text
+    (tmp_path / "srd-badnet" / "policy.zip").write_bytes(b"retrained after D3")
+    error = _fail(report, ["--results", str(results), "--output", str(tmp_path / "r2.md"),
+                           "--img_dir", str(tmp_path / "img")], capsys)  # fmt: skip
+    assert "changed after the cleaning run" in error
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import numpy as np
 from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.srd.merge import read_merged
 from srd.errors import SRDError
-from srd.io import atomic_path, ensure_dir, read_json, write_text
+from srd.io import atomic_path, ensure_dir, file_digest, read_json, write_text
 
 
 @dataclass
@@ -275,6 +275,11 @@ def agent_section(results: list[DefenseResult], img_dir: str | Path) -> tuple[st
         policy = Path(config["ppo_path"])
         policy = policy if policy.suffix == ".zip" else policy.with_name(policy.name + ".zip")
         used = config.get("policy") == "dqn"  # a random-policy run has no agent
+        if used and policy.is_file() and file_digest(policy) != config.get("policy_sha256"):
+            raise SRDError(
+                f"--results {r.path}: the policy {policy} changed after the cleaning run "
+                f"{folder} used it; its agent report no longer describes those squares"
+            )
         agent = (used and _maybe_json(policy.with_suffix(".agent_report.json"))) or {}
         greedy = (used and _maybe_json(policy.with_suffix(".coverage.json"))) or {}
         kept = _maybe_json(Path(folder) / "coverage.json") or {}

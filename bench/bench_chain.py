@@ -3,6 +3,8 @@ then one attack epoch with and without the feature cache in the same run.
 
     python bench/bench_chain.py                     # one attack (badnet), as README command 1
     python bench/bench_chain.py --attacks badnet trojvlm --keep /tmp/chain
+    python bench/bench_chain.py --epochs_only       # only the cached vs uncached attack epoch,
+                                                    # on this checkout's data and clean captioner
 
 It lays out a fresh working folder (a copy of run/, links to train/ and eval/), runs
 ``run/run_embedded.sh`` there (setup skipped: the current interpreter's environment is used),
@@ -95,6 +97,12 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnet"])
     parser.add_argument("--no_srd", action="store_true", help="stop after the attacks")
     parser.add_argument("--keep", default=None, help="work folder to use and keep (fresh)")
+    parser.add_argument(
+        "--epochs_only",
+        action="store_true",
+        help="skip the chain: time the attack epoch with and without the feature cache on this "
+        "checkout's data/synthetic and checkpoints_remote/embedded (run command 1 first)",
+    )
     args = parser.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="srd-chain-"))
     if work.exists() and any(work.iterdir()):
@@ -103,10 +111,21 @@ def main() -> None:
         )
     work.mkdir(parents=True, exist_ok=True)
     lay_out(work)
-    start = time.time()
-    stages = run_chain(work, args.attacks, not args.no_srd)
-    total = time.time() - start
-    print(f"{int(total):6d} s  TOTAL ({len(stages)} stages, attacks: {' '.join(args.attacks)})")
+    stages: list[tuple[str, int]] = []
+    total = None
+    if args.epochs_only:
+        needed = [REPO / "data" / "synthetic", REPO / "checkpoints_remote" / "embedded" / "clean"]
+        missing = [str(p) for p in needed if not p.is_dir()]
+        if missing:
+            raise SystemExit(f"error: --epochs_only: {missing[0]} not found (run command 1 first)")
+        (work / "data").symlink_to(needed[0].parent)
+        (work / "checkpoints_remote").mkdir()
+        (work / "checkpoints_remote" / "embedded").symlink_to(needed[1].parent)
+    else:
+        start = time.time()
+        stages = run_chain(work, args.attacks, not args.no_srd)
+        total = round(time.time() - start, 1)
+        print(f"{int(total):6d} s  TOTAL ({len(stages)} stages, attacks: {' '.join(args.attacks)})")
     cached = epoch_seconds(work, args.attacks[0], cache=True)
     uncached = epoch_seconds(work, args.attacks[0], cache=False)
     print(
@@ -115,7 +134,7 @@ def main() -> None:
     )
     report = {
         "stages": stages,
-        "total_seconds": round(total, 1),
+        "total_seconds": total,
         "attack_epoch_seconds": {"uncached": uncached, "cached": cached},
         "work_dir": str(work),
     }

@@ -28,7 +28,7 @@ from srd.cli import run_main
 from srd.config import arg, parse
 from srd.data import DataArgs
 from srd.defenses.srd.agent import greedy_actions, load_policy
-from srd.defenses.srd.coverage import action_coverage, trigger_box
+from srd.defenses.srd.coverage import KEPT_COVERAGE_FILE, action_coverage, trigger_box
 from srd.defenses.srd.inputs import SRDArgs, plan_attack
 from srd.defenses.srd.merge import read_merged
 from srd.errors import SRDError
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if cfg.squares == "cleaned":
         merged = read_merged(srd.clean_data_save)
         actions = {int(r["id"]): int(r["action"]) for r in merged["records"]}
-        out = Path(srd.clean_data_save) / "coverage.json"
+        out = Path(srd.clean_data_save) / KEPT_COVERAGE_FILE
     else:
         if not srd.policy_file.is_file():
             raise SRDError(f"--ppo_path {srd.policy_file}: policy file not found")
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ids = sorted(triggered)
         actions = greedy_squares(policy, images.as_in_training_set, ids, cfg.batch_size)
         control = greedy_squares(policy, images.clean, ids, cfg.batch_size)
-        out = srd.policy_file.with_suffix(".coverage.json")
+        out = srd.greedy_coverage
     report = {"squares": cfg.squares, **action_coverage(actions, attack, triggered, cfg.threshold)}
     if cfg.squares == "greedy":
         clean = action_coverage(control, attack, triggered, cfg.threshold)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from srd.defenses.rating import defense_effectiveness_rating
+from srd.defenses.srd.coverage import KEPT_COVERAGE_FILE
+from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, file_digest, read_json, write_text
@@ -272,17 +274,17 @@ def agent_section(results: list[DefenseResult], img_dir: str | Path) -> tuple[st
     rows, figures = [], []
     for folder, r in sorted(runs.items(), key=lambda kv: (kv[1].attack, str(kv[1].seed))):
         config = read_merged(folder)["clean_config"]["config"]
-        policy = Path(config["ppo_path"])
-        policy = policy if policy.suffix == ".zip" else policy.with_name(policy.name + ".zip")
+        srd = SRDArgs(ppo_path=config["ppo_path"])  # the files D2 wrote beside the policy
+        policy = srd.policy_file
         used = config.get("policy") == "dqn"  # a random-policy run has no agent
         if used and policy.is_file() and file_digest(policy) != config.get("policy_sha256"):
             raise SRDError(
                 f"--results {r.path}: the policy {policy} changed after the cleaning run "
                 f"{folder} used it; its agent report no longer describes those squares"
             )
-        agent = (used and _maybe_json(policy.with_suffix(".agent_report.json"))) or {}
-        greedy = (used and _maybe_json(policy.with_suffix(".coverage.json"))) or {}
-        kept = _maybe_json(Path(folder) / "coverage.json") or {}
+        agent = (used and _maybe_json(srd.agent_report)) or {}
+        greedy = (used and _maybe_json(srd.greedy_coverage)) or {}
+        kept = _maybe_json(Path(folder) / KEPT_COVERAGE_FILE) or {}
         train, rand = agent.get("training") or {}, agent.get("random_policy") or {}
         reward = "-"
         if agent.get("gain_over_random") is not None:
@@ -298,7 +300,7 @@ def agent_section(results: list[DefenseResult], img_dir: str | Path) -> tuple[st
         )
         stem = "agent_" + "_".join(Path(folder).parts[-2:])
         for src, name in (
-            (policy.with_suffix(".rewards.png"), "rewards"),
+            (srd.reward_curve, "rewards"),
             (greedy.get("figure"), "greedy_squares"),
             (kept.get("figure"), "kept_squares"),
         ):

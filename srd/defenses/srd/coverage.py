@@ -20,6 +20,9 @@ from srd.triggers import resolve_position
 
 log = logging.getLogger(__name__)
 
+KEPT_COVERAGE_FILE = "coverage.json"
+"""``eval/srd_coverage.py``'s result for the squares D3 kept, in the cleaning shard folder."""
+
 
 # --------------------------------------------------------------------------------------------
 # Diagnosis: does the chosen square cover the real trigger?

@@ -83,6 +83,12 @@ class SRDArgs:
         """D2's result: trained greedy policy vs random policy on the pool, beside the policy."""
         return self.policy_file.with_suffix(".agent_report.json")
 
+    @property
+    def greedy_coverage(self) -> Path:
+        """Where the policy's greedy squares land against the real trigger
+        (``eval/srd_coverage.py --squares greedy``; its heat-map is the same name as .png)."""
+        return self.policy_file.with_suffix(".coverage.json")
+
 
 @dataclass
 class SFSArgs:

@@ -48,6 +48,12 @@ class EvalArgs:
         help="also report the teacher-forced target probability and the ASR under sampling "
         "(tells 'implanted but hidden by beam search' from 'not implanted')",
     )
+    defense_run: str = arg(
+        "",
+        help="the train/defend.py run folder whose defense.json describes this evaluation "
+        "(needed for a defense run on the clean captioner; default: found from "
+        "--checkpoint_path's folder)",
+    )
     overwrite: bool = arg(False, help="replace an existing result file")
 
 
@@ -87,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     check_writable(ev.results_file, "--results_file")
     check_writable(sfs_folder, "--sfs_data_dir")
-    defense_record = evaluation_defense_record(model_args.checkpoint_path, defense)
+    defense_record = evaluation_defense_record(model_args.checkpoint_path, defense, ev.defense_run)
     captioner = load_captioner(model_args, device=state.device)
     # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
     # goes first and comes back last; the SFS inputs of an unfinished run are never kept.

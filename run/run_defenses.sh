@@ -8,6 +8,9 @@
 # DEFENSES picks the defenses (space-separated); SRD's rows need run/run_SRD.sh's cleaning
 # manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added when it exists, with the
 # image version of the reference (first_occurrence) and ours (triggered).
+# BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
+# defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
+# results named benign-*; SRD is not part of it), reported beside the comparison.
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
@@ -17,6 +20,8 @@ RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}
 BACKDOOR=$RUNS/backdoor-$ATTACK/final_weights.pt
+START=$BACKDOOR PREFIX=defense CONTROL=""
+[ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control
 POISON=$RUNS/backdoor-$ATTACK/poison_ids.json
 CLEAN_DATA=$RUNS/srd-$ATTACK/clean_data
 BUDGET="--batch_size 32 --num_epochs ${EPOCHS:-2} --learning_rate ${LR:-1e-3} \
@@ -31,7 +36,7 @@ defend_and_evaluate() {  # NAME then extra defend.py flags
   stage "defense: $NAME"
   [ -f "$RUN/DONE" ] ||
     $LAUNCH train/defend.py $DATA_FLAGS $MODEL_FLAGS $BUDGET \
-      --checkpoint_path "$BACKDOOR" --poison_ids_path "$POISON" \
+      --checkpoint_path "$START" --poison_ids_path "$POISON" $CONTROL \
       --run_name "$NAME" --external_save_dir "$RUNS" "$@"
   stage "evaluation: $NAME"
   CHECKPOINT=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$RUN/defense.json")
@@ -40,14 +45,14 @@ defend_and_evaluate() {  # NAME then extra defend.py flags
   [ "$KIND" = test_time ] && TRANSFORM="$*"
   [ -f "$RESULTS/$NAME.json" ] ||
     $LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS $EVAL_FLAGS \
-      --checkpoint_path "$CHECKPOINT" --model_name "$NAME" $TRANSFORM \
+      --checkpoint_path "$CHECKPOINT" --defense_run "$RUN" --model_name "$NAME" $TRANSFORM \
       --results_file "$RESULTS" --sfs_data_dir "$RESULTS/sfs_inputs"
 }
 
 for D in $DEFENSES; do
-  defend_and_evaluate "defense-$D-$ATTACK-s$SEED" --defense "$D"
+  defend_and_evaluate "$PREFIX-$D-$ATTACK-s$SEED" --defense "$D"
 done
-if [ -f "$CLEAN_DATA/merged.json" ]; then
+if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
   for V in triggered first_occurrence; do
     defend_and_evaluate "defense-srd-$V-$ATTACK-s$SEED" --defense srd \
       --image_version "$V" --clean_data_save "$CLEAN_DATA"
@@ -55,5 +60,7 @@ if [ -f "$CLEAN_DATA/merged.json" ]; then
 fi
 
 stage "defense report"
-python eval/defense_report.py --results "$RESULTS"/defense-*.json --output "$RESULTS/report.md" --img_dir "$IMG"
+set --  # the results of the comparison and of the benign control, whichever exist
+for F in "$RESULTS"/defense-*.json "$RESULTS"/benign-*.json; do [ -f "$F" ] && set -- "$@" "$F"; done
+python eval/defense_report.py --results "$@" --output "$RESULTS/report.md" --img_dir "$IMG"
 stage_end

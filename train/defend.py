@@ -10,6 +10,10 @@ triggered images) and the backdoored weights (--checkpoint_path), then, by the d
 * test-time defenses (blur, spatial) and none: no training; the record names the backdoored
   checkpoint and the transform, applied by ``eval/evaluate.py --defense NAME``.
 
+``--benign_control`` runs the defense on the clean captioner instead (its --checkpoint_path),
+with the defender's data as if no caption were poisoned: the report's benign control, what the
+defense costs a model without a backdoor (evaluate with ``--defense_run`` naming this run).
+
 Writes <external_save_dir>/<run_name>/defense.json (what eval/evaluate.py copies into its
 result: defense, attack, seed, checkpoint, SSIM/PSNR of processed vs original training images).
 """
@@ -30,6 +34,7 @@ from srd.defenses.stage import (
     RefineTrainArgs,
     Timer,
     backdoor_seed,
+    benign_plan,
     named_run,
     require_backdoored_inputs,
     square_coverage,
@@ -52,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     require_backdoored_inputs(argv, model_args.checkpoint_path, dargs.poison_ids_path)
     plan = PoisonPlan.load(dargs.poison_ids_path)
     attack = plan_attack(plan, dargs.poison_ids_path)
-    train_args = named_run(train_args, f"defense-{defense.name}-{attack.name}")
+    prefix = "defense"
+    if dargs.benign_control:
+        plan, prefix = benign_plan(plan, model_args.checkpoint_path, defense), "benign"
+    train_args = named_run(train_args, f"{prefix}-{defense.name}-{attack.name}")
     run_dir = train_args.run_dir
     state = process_state()
     records = data_args.split("train")
@@ -68,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         "attack": attack.name,
         "attack_seed": backdoor_seed(model_args.checkpoint_path),
         "seed": train_args.seed,
-        "backdoored_checkpoint": model_args.checkpoint_path,
+        "benign_control": dargs.benign_control,
+        "backdoored_checkpoint": None if dargs.benign_control else model_args.checkpoint_path,
         "checkpoint": model_args.checkpoint_path,
         "image_quality": training_quality(defense, data, dargs.quality_images),
         "trigger_coverage": square_coverage(defense, data),

@@ -87,6 +87,12 @@ class DefenseArgs(TransformArgs):
     quality_images: int = arg(
         64, help="images (seeded draw) for SSIM/PSNR of processed vs original (0: skip)"
     )
+    benign_control: bool = arg(
+        False,
+        help="run the defense on the clean captioner (--checkpoint_path) with the defender's "
+        "data as if no caption were poisoned; measures what the defense costs a model without "
+        "a backdoor (the attack of --poison_ids_path only names the trigger of the evaluation)",
+    )
 
 
 @dataclass

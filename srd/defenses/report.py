@@ -43,6 +43,7 @@ class DefenseResult:
     ssim: float | None
     covered: float | None
     model: str | None = None  # the backdoored checkpoint the defense started from
+    benign: bool = False  # a defense run on the clean captioner (seed: the defense's seed)
     record: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,11 +74,12 @@ def read_result(path: Path) -> DefenseResult | None:
         return None
     quality = record.get("image_quality") or {}
     implant = data.get("implant") or {}
+    benign = bool(record.get("benign_control"))
     return DefenseResult(
         path=path,
         defense=defense_label(record["defense"]),
         attack=str(data["attack"]),
-        seed=record.get("attack_seed"),
+        seed=record.get("seed") if benign else record.get("attack_seed"),
         asr=float(m["asr_substring"]),
         false_trigger=m.get("false_trigger_substring"),
         sampled_triggered=(implant.get("triggered") or {}).get("sampled_asr_substring"),
@@ -88,6 +90,7 @@ def read_result(path: Path) -> DefenseResult | None:
         ssim=quality.get("ssim_mean"),
         covered=(record.get("trigger_coverage") or {}).get("covered"),
         model=_normpath(record.get("backdoored_checkpoint")),
+        benign=benign,
         record=dict(record["defense"]),
     )
 
@@ -110,14 +113,15 @@ def collect(paths: Sequence[str | Path]) -> list[DefenseResult]:
     results = [r for r in (read_result(f) for f in files) if r is not None]
     if not results:
         raise SRDError(f"--results {', '.join(map(str, paths))}: no result with a defense record")
-    seen: dict[tuple[str, str, int | None], DefenseResult] = {}
+    seen: dict[tuple[str, str, int | None, bool], DefenseResult] = {}
     for r in results:
-        first = seen.setdefault((r.defense, r.attack, r.seed), r)
+        first = seen.setdefault((r.defense, r.attack, r.seed, r.benign), r)
         if first is not r:  # two runs of one cell would be averaged as if they were two seeds
+            what = "a benign control with seed" if r.benign else "attack seed"
             raise SRDError(
                 f"--results {first.path} and {r.path}: both are {r.defense} on {r.attack} with "
-                f"attack seed {r.seed}{_models(first, r)}; pass the results of one comparison "
-                f"(run/run_defenses.sh: result/defense-*.json)"
+                f"{what} {r.seed}{_models(first, r)}; pass the results of one comparison "
+                f"(run/run_defenses.sh: result/defense-*.json, result/benign-*.json)"
             )
     return results
 
@@ -181,6 +185,7 @@ def group(results: list[DefenseResult]) -> dict[tuple[str, str], list[DefenseRes
 
 
 def report_table(results: list[DefenseResult]) -> str:
+    """The defenses x attacks table of the defenses run on backdoored models."""
     add_der(results)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for (defense, attack), rs in group(results).items():
@@ -198,6 +203,43 @@ def report_table(results: list[DefenseResult]) -> str:
             _stat([r.extra["der"] for r in rs], 1, 3),
             _stat([r.ssim for r in rs], 1, 3),
             _stat([r.covered for r in rs], 100),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+BENIGN_COLUMNS = (
+    "Defense",
+    "Trigger of the evaluation",
+    "Seeds",
+    "CIDEr clean (x100)",
+    "Change against no defense (%)",
+    "False trigger (%)",
+    "SSIM (processed vs original)",
+)
+
+
+def benign_table(results: list[DefenseResult]) -> str:
+    """The benign control: each defense run on the clean captioner (``train/defend.py
+    --benign_control``), its clean CIDEr and the relative change against the clean captioner's
+    ``none`` row of the same seed (what the defense costs a model without a backdoor)."""
+    base = {(r.attack, r.seed): r for r in results if r.defense == "none"}
+    lines = ["| " + " | ".join(BENIGN_COLUMNS) + " |", "|" + "---|" * len(BENIGN_COLUMNS)]
+    for (defense, attack), rs in group(results).items():
+        changes = [
+            100 * (r.clean_cider - b.clean_cider) / b.clean_cider
+            for r in rs
+            if (b := base.get((r.attack, r.seed))) is not None and b.clean_cider
+        ]
+        seeds = sorted({str(r.seed) for r in rs})
+        cells = [
+            defense,
+            attack,
+            f"{len(rs)} ({', '.join(seeds)})",
+            _stat([r.clean_cider for r in rs], 100),
+            _stat(list(changes)),
+            _stat([r.false_trigger for r in rs], 100),
+            _stat([r.ssim for r in rs], 1, 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -325,10 +367,12 @@ def agent_section(results: list[DefenseResult], img_dir: str | Path) -> tuple[st
 
 def write_report(paths: Sequence[str | Path], output: str | Path, img_dir: str | Path) -> str:
     """Write the Markdown report (table + figure links); returns its text."""
-    results = collect(paths)
-    table = report_table(results)
+    everything = collect(paths)
+    results = [r for r in everything if not r.benign]
+    benign = [r for r in everything if r.benign]
+    table = report_table(results) if results else "(no defense run on a backdoored model)\n"
     ensure_dir(img_dir, "--img_dir")
-    figures = plot_bars(results, img_dir)
+    figures = plot_bars(results, img_dir) if results else []
     agent, agent_figures = agent_section(results, img_dir)
     out = Path(output)
     ensure_dir(out.parent, "--output")
@@ -341,6 +385,14 @@ def write_report(paths: Sequence[str | Path], output: str | Path, img_dir: str |
         "search); the sampled ASR (temperature 1) shows a backdoor that beam search hides, "
         "beside the same rate on clean images.\n\n" + table + "\n" + _links(figures, out.parent)
     )
+    if benign:
+        text += (
+            "\n## Benign control\n\nEach defense run on the clean captioner "
+            "(`train/defend.py --benign_control`: the defender's data with no caption "
+            "poisoned, the same budget): its clean CIDEr and the change against the clean "
+            "captioner itself (`none`, same seed), i.e. what the defense costs a model that "
+            "has no backdoor. Seeds: the defense's seed.\n\n" + benign_table(benign)
+        )
     if agent:
         text += "\n" + agent + "\n" + _links(agent_figures, out.parent)
     write_text(out, text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from srd.engine import TrainArgs
 from srd.errors import SRDError
 from srd.geometry import decode_action
 from srd.io import is_finished, read_json, require_files
+from srd.trainset import PoisonPlan
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,24 @@ def require_backdoored_inputs(
             "explicitly (e.g. checkpoints_remote/backdoor-badnet/final_weights.pt)"
         )
     require_files(("--checkpoint_path", checkpoint_path), ("--poison_ids_path", poison_ids_path))
+
+
+def benign_plan(plan: PoisonPlan, checkpoint: str, defense: Defense) -> PoisonPlan:
+    """The benign control's data: the attack's plan with no caption poisoned (the attack still
+    names the trigger for the evaluation and the test-time transforms), for a defense run on
+    the clean captioner. SRDError when ``checkpoint`` is a backdoored or defended model, or the
+    defense needs inputs made from a backdoored model."""
+    if defense_of_checkpoint(checkpoint) is not None:
+        raise SRDError(
+            f"--benign_control: --checkpoint_path {checkpoint} is a backdoored or defended model; "
+            "the control runs a defense on the clean captioner"
+        )
+    if defense.name == "srd":
+        raise SRDError(
+            "--benign_control: srd refine-tunes on a cleaning run (D1-D3) made with the "
+            "backdoored model; its control on the clean captioner is not supported"
+        )
+    return PoisonPlan(ids=[], captions={}, meta={**plan.meta, "benign_control": True})
 
 
 def named_run(train_args: RefineTrainArgs, default_name: str) -> RefineTrainArgs:
@@ -157,10 +177,38 @@ def defense_of_checkpoint(checkpoint: str | Path) -> dict[str, Any] | None:
     }
 
 
-def evaluation_defense_record(checkpoint: str | Path, defense: Defense) -> dict[str, Any] | None:
-    """The ``defense`` block of an evaluation result: the checkpoint's record, with the
-    test-time defense applied by the evaluation (``--defense``) in place of ``none``."""
-    record = defense_of_checkpoint(checkpoint)
+def read_defense_run(run_dir: str | Path, checkpoint: str | Path) -> dict[str, Any]:
+    """The record of a finished ``train/defend.py`` run that names ``checkpoint`` as the weights
+    to evaluate (SRDError naming ``--defense_run`` otherwise)."""
+    path = Path(run_dir) / DEFENSE_FILE
+    if not is_finished(run_dir) or not path.is_file():
+        raise SRDError(f"--defense_run {run_dir}: not a finished defense run (no DONE or {DEFENSE_FILE})")
+    record = read_json(path, flag="--defense_run")
+    if not isinstance(record, dict) or "defense" not in record or "checkpoint" not in record:
+        raise SRDError(f"--defense_run {path}: not a defense record")
+    if os.path.normpath(str(record["checkpoint"])) != os.path.normpath(str(checkpoint)):
+        raise SRDError(
+            f"--defense_run {path}: evaluates {record['checkpoint']}, not --checkpoint_path "
+            f"{checkpoint}"
+        )
+    return record
+
+
+def evaluation_defense_record(
+    checkpoint: str | Path, defense: Defense, defense_run: str | Path = ""
+) -> dict[str, Any] | None:
+    """The ``defense`` block of an evaluation result: the checkpoint's record (or the record of
+    ``defense_run``, e.g. a defense run on the clean captioner, whose weights carry none), with
+    the test-time defense applied by the evaluation (``--defense``) in place of ``none``."""
+    if defense_run:
+        record = read_defense_run(defense_run, checkpoint)
+        named = record["defense"]
+        if named.get("kind") != "refine" and named["name"] != defense.name:
+            raise SRDError(
+                f"--defense {defense.name}: the run {defense_run} is of defense {named['name']}"
+            )
+    else:
+        record = defense_of_checkpoint(checkpoint)
     if defense.kind != "test_time":
         return record
     if record is not None and record["defense"]["name"] not in ("none", defense.name):

@@ -24,6 +24,15 @@ MODEL_FLAGS=${MODEL_FLAGS:-"--vision_encoder_path tiny-clip \
   --lm_path $EMBEDDED/lm --cross_attn_every_n_layers 1"}
 CLEAN_CHECKPOINT=${CLEAN_CHECKPOINT:-$EMBEDDED/checkpoint.pt}
 
+# once OUTPUT [--input FILE]... -- COMMAND...: run a stage unless OUTPUT (its "finished" signal)
+# was made by the same command from the same inputs; an OUTPUT made otherwise stops the script
+# with one line saying what differs (srd/stamp.py). Files named on the command line are inputs;
+# --input adds the ones a folder flag stands for. SRD_ADOPT=1 stamps outputs made before stamps
+# existed as made by these commands.
+once() {
+  if [ "${SRD_ADOPT:-0}" = 1 ]; then python -m srd.stamp --adopt "$@"; else python -m srd.stamp "$@"; fi
+}
+
 # Progress: "stage NAME" prints the previous stage's wall time and the total so far.
 SRD_T0=${SRD_T0:-$(date +%s)}
 export SRD_T0

@@ -4,7 +4,8 @@
 #   ATTACK=badnet SEED=0 sh run/run_PAR.sh
 # The poisoned CLIP is a poisoning fine-tune of the clean tiny CLIP (train/pretrain_clip.py) when
 # it exists, else trained from scratch. The defender's clean pairs are a second benchmark from
-# seed 1 (disjoint images). Finished stages are skipped, so a re-run resumes.
+# seed 1 (disjoint images). Finished stages are skipped when made by the same command from the
+# same inputs (once, run/common.sh), so a re-run resumes.
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
@@ -24,22 +25,23 @@ stage "defender's clean data: $CLEAN_DATA"
   python train/prepare_data.py --seed 1 --out_dir "$CLEAN_DATA" --num_train 1500 --num_val 10 \
     --num_test 10
 START=""
+CLEAN_INPUT="--input $CLEAN_DATA/dataset_coco.json"  # the folder's split (a .csv is an input itself)
+[ "${CLEAN_DATA%.csv}" != "$CLEAN_DATA" ] && CLEAN_INPUT=""
 [ -f "$CLEAN_CLIP/DONE" ] && START="--clip_pretrained $CLEAN_CLIP/clip.safetensors"
 stage "poisoned CLIP: $ATTACK, rate $RATE, seed $SEED (${START:-from scratch})"
-[ -f "$RUNS/$OUT/poisoned/DONE" ] ||
-  python train/clip_poison.py $DATA_FLAGS --bd_attack_type "$ATTACK" --poison_rate "$RATE" \
+once "$RUNS/$OUT/poisoned/DONE" -- python train/clip_poison.py $DATA_FLAGS --bd_attack_type "$ATTACK" --poison_rate "$RATE" \
     --clip_epochs "$POISON_EPOCHS" --seed "$SEED" $START --run_name "$OUT/poisoned"
 stage "evaluate the poisoned CLIP"
-[ -f "$RUNS/$OUT/poisoned/DONE_EVAL" ] ||
+once "$RUNS/$OUT/poisoned/DONE_EVAL" --input "$RUNS/$OUT/poisoned/clip.safetensors" -- \
   python eval/clip_evaluate.py $DATA_FLAGS --bd_attack_type "$ATTACK" --run_dir "$RUNS/$OUT/poisoned"
 for METHOD in $METHODS; do
   stage "clean: $METHOD"
-  [ -f "$RUNS/$OUT/$METHOD/DONE" ] ||
+  once "$RUNS/$OUT/$METHOD/DONE" --input "$RUNS/$OUT/poisoned/clip.safetensors" $CLEAN_INPUT -- \
     python train/clip_clean.py --method "$METHOD" --poisoned_run "$RUNS/$OUT/poisoned" \
       --clean_data "$CLEAN_DATA" --epochs "$CLEAN_EPOCHS" --lr "$CLEAN_LR" --seed "$SEED" \
       --run_name "$OUT/$METHOD"
   stage "evaluate: $METHOD"
-  [ -f "$RUNS/$OUT/$METHOD/DONE_EVAL" ] ||
+  once "$RUNS/$OUT/$METHOD/DONE_EVAL" --input "$RUNS/$OUT/$METHOD/clip.safetensors" -- \
     python eval/clip_evaluate.py $DATA_FLAGS --bd_attack_type "$ATTACK" --run_dir "$RUNS/$OUT/$METHOD"
 done
 stage "table"

@@ -2,7 +2,9 @@
 # SRD defence of the backdoored model of ATTACK (stage A's run), then its evaluation:
 #   D1 RL pool -> D2 DQN agent -> D3 clean data (sharded over $LAUNCH processes) -> D3b combine
 #   -> D4 refine-tune -> B evaluation -> C SFS -> figures.
-# Finished stages are skipped, so a re-run resumes (D3 and D4 also resume inside a stage).
+# Finished stages are skipped when made by the same command from the same inputs (once, in
+# run/common.sh; anything else stops the script), so a re-run resumes (D3 and D4 also resume
+# inside a stage; D3 always starts, to refuse a folder of another cleaning run).
 # POLICY=random is the ablation: one seeded random red square per image instead of the agent
 # (no D1/D2), written under separate names (srd-random-$ATTACK). POOL=data builds the RL
 # pool from the defender's own training images instead of surrogate-triggered ones
@@ -43,43 +45,39 @@ SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
 
 if [ "$POLICY" = dqn ]; then
   stage "D1 RL pool: $ATTACK model on $POOL training images"
-  [ -f "$SRD_DIR/pool/DONE" ] ||
-    $LAUNCH train/srd_pool.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+  once "$SRD_DIR/pool/DONE" -- $LAUNCH train/srd_pool.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
       --pool_size 300 \
       --pool_source "$POOL" \
       --seed 0
 
   stage "D2 DQN agent"
-  [ -f "$SRD_DIR/policy.zip" ] ||
-    python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+  once "$SRD_DIR/policy.zip" --input "$SRD_DIR/pool/pool.json" -- python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
       --seed 0
 
   stage "D2 diagnosis: where the agent's greedy squares land against the real trigger"
-  [ -f "$SRD_DIR/policy.coverage.json" ] ||
+  once "$SRD_DIR/policy.coverage.json" --input "$SRD_DIR/pool/pool.json" -- \
     python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares greedy
 fi
 
 stage "D3 clean data ($POLICY policy)"
-if [ ! -f "$SRD_DIR/clean_data/merged.json" ]; then
-  $LAUNCH train/srd_clean_data.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
-    --checkpoint_path "$BACKDOOR" \
-    --policy "$POLICY" \
-    --n_tries 5 \
-    --epsilon 0.05 \
-    --seed 0
-  stage "D3b combine shards"
-  python train/combine_data.py $DATA_FLAGS $SRD_FLAGS
-fi
+$LAUNCH train/srd_clean_data.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+  --checkpoint_path "$BACKDOOR" \
+  --policy "$POLICY" \
+  --n_tries 5 \
+  --epsilon 0.05 \
+  --seed 0
+stage "D3b combine shards"
+once "$SRD_DIR/clean_data/merged.json" --input "$SRD_DIR/clean_data/clean_config.json" \
+  --input "$BACKDOOR" -- python train/combine_data.py $DATA_FLAGS $SRD_FLAGS
 
 stage "D3 diagnosis: share of triggered images whose square covers the real trigger"
-[ -f "$SRD_DIR/clean_data/coverage.json" ] ||
+once "$SRD_DIR/clean_data/coverage.json" --input "$SRD_DIR/clean_data/merged.json" -- \
   python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS
 
 stage "D4 refine-tune"
-[ -f "$SRD_DIR/DONE" ] ||
-  $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \
+once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \
     --checkpoint_path "$BACKDOOR" \
     --run_name "$NAME" \
     --external_save_dir checkpoints_remote \
@@ -91,12 +89,11 @@ stage "D4 refine-tune"
     --resume_from_checkpoint
 
 stage "evaluation: $NAME"
-[ -f "result/backdoor-$ATTACK.json" ] || sh run/run_eval.sh
-[ -f "result/$NAME.json" ] ||
-  CHECKPOINT=$SRD_DIR/final_weights.pt MODEL_NAME=$NAME sh run/run_eval.sh
+sh run/run_eval.sh
+CHECKPOINT=$SRD_DIR/final_weights.pt MODEL_NAME=$NAME sh run/run_eval.sh
 for TYPE in clean attack; do
   stage "SFS: $NAME $TYPE"
-  [ -f "result/sfs_inputs/$NAME/$TYPE/sfs.json" ] || NAME=$NAME TYPE=$TYPE sh run/run_eval_SFS.sh
+  NAME=$NAME TYPE=$TYPE sh run/run_eval_SFS.sh
 done
 
 if [ "$POLICY" = dqn ]; then

@@ -20,7 +20,7 @@ RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}
 BACKDOOR=$RUNS/backdoor-$ATTACK/final_weights.pt
-START=$BACKDOOR PREFIX=defense CONTROL=""
+START=$BACKDOOR PREFIX=defense CONTROL="" INPUT=""
 [ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control
 POISON=$RUNS/backdoor-$ATTACK/poison_ids.json
 CLEAN_DATA=$RUNS/srd-$ATTACK/clean_data
@@ -29,12 +29,12 @@ BUDGET="--batch_size 32 --num_epochs ${EPOCHS:-2} --learning_rate ${LR:-1e-3} \
 EVAL_FLAGS="--bd_attack_type $ATTACK --batch_size 32 --num_beams 3 --max_new_tokens 20"
 [ -f "$BACKDOOR" ] || { echo "error: $BACKDOOR: run the attack stage first (run/run_train.sh)" >&2; exit 2; }
 
-defend_and_evaluate() {  # NAME then extra defend.py flags
+defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --input flags
   NAME=$1
   shift
   RUN=$RUNS/$NAME
   stage "defense: $NAME"
-  [ -f "$RUN/DONE" ] ||
+  once "$RUN/DONE" $INPUT -- \
     $LAUNCH train/defend.py $DATA_FLAGS $MODEL_FLAGS $BUDGET \
       --checkpoint_path "$START" --poison_ids_path "$POISON" $CONTROL \
       --run_name "$NAME" --external_save_dir "$RUNS" "$@"
@@ -43,7 +43,7 @@ defend_and_evaluate() {  # NAME then extra defend.py flags
   KIND=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['defense']['kind'])" "$RUN/defense.json")
   TRANSFORM=""
   [ "$KIND" = test_time ] && TRANSFORM="$*"
-  [ -f "$RESULTS/$NAME.json" ] ||
+  once "$RESULTS/$NAME.json" --input "$RUN/defense.json" -- \
     $LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS $EVAL_FLAGS \
       --checkpoint_path "$CHECKPOINT" --defense_run "$RUN" --model_name "$NAME" $TRANSFORM \
       --results_file "$RESULTS" --sfs_data_dir "$RESULTS/sfs_inputs"
@@ -53,6 +53,7 @@ for D in $DEFENSES; do
   defend_and_evaluate "$PREFIX-$D-$ATTACK-s$SEED" --defense "$D"
 done
 if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
+  INPUT="--input $CLEAN_DATA/merged.json"
   for V in triggered first_occurrence; do
     defend_and_evaluate "defense-srd-$V-$ATTACK-s$SEED" --defense srd \
       --image_version "$V" --clean_data_save "$CLEAN_DATA"

@@ -5,7 +5,8 @@
 #
 # By default one attack (ATTACKS=badnet) goes through the whole chain; FULL=1 runs the full
 # matrix (all four attacks, SRD on each). ATTACKS / SRD_ATTACKS pick them by hand
-# (space-separated). Finished stages are skipped, so a re-run resumes. Each stage prints its
+# (space-separated). Finished stages are skipped when made by the same command from the same
+# inputs, and stop the script otherwise (once, run/common.sh), so a re-run resumes. Each stage prints its
 # wall time and the running total.
 set -e
 cd "$(dirname "$0")/.."
@@ -22,26 +23,23 @@ stage "data"
 python train/prepare_data.py --out_dir data/synthetic --seed 0
 
 stage "pretrain the tiny CLIP (the captioner's frozen vision tower)"
-[ -f checkpoints_remote/embedded/clip/DONE ] ||
-  python train/pretrain_clip.py $DATA_FLAGS --run_name embedded/clip
+once checkpoints_remote/embedded/clip/DONE -- python train/pretrain_clip.py $DATA_FLAGS --run_name embedded/clip
 
 stage "pretrain the clean tiny captioner"
-[ -f checkpoints_remote/embedded/pretrain/DONE ] && [ -f "$CLEAN_CHECKPOINT" ] ||
+once checkpoints_remote/embedded/pretrain/DONE --input checkpoints_remote/embedded/clip/clip.safetensors -- \
   python train/pretrain.py $DATA_FLAGS --run_name embedded/pretrain --resume_from_checkpoint
 
 for ATTACK in $ATTACKS; do
   export ATTACK
   stage "clean captioner against $ATTACK triggers"
-  [ -f "result/clean-$ATTACK.json" ] ||
-    CHECKPOINT=$CLEAN_CHECKPOINT MODEL_NAME=clean-$ATTACK sh run/run_eval.sh
+  CHECKPOINT=$CLEAN_CHECKPOINT MODEL_NAME=clean-$ATTACK sh run/run_eval.sh
   stage "backdoor training: $ATTACK"
-  [ -f "checkpoints_remote/backdoor-$ATTACK/DONE" ] || sh run/run_train.sh
+  sh run/run_train.sh
   stage "evaluation: $ATTACK"
-  [ -f "result/backdoor-$ATTACK.json" ] || sh run/run_eval.sh
+  sh run/run_eval.sh
   for TYPE in clean attack; do
     stage "SFS: backdoor-$ATTACK $TYPE"
-    [ -f "result/sfs_inputs/backdoor-$ATTACK/$TYPE/sfs.json" ] ||
-      NAME=backdoor-$ATTACK TYPE=$TYPE sh run/run_eval_SFS.sh
+    NAME=backdoor-$ATTACK TYPE=$TYPE sh run/run_eval_SFS.sh
   done
 done
 

@@ -1,13 +1,13 @@
 #!/bin/sh
 # Stage B: evaluation of a checkpoint, clean and triggered. By default the backdoored model of
 # ATTACK; CHECKPOINT and MODEL_NAME choose another (e.g. the clean captioner with ATTACK=badnet
-# gives the clean model's ASR row).
+# gives the clean model's ASR row). Skipped when its result was made by the same command from
+# the same checkpoint (once, run/common.sh).
 . "$(dirname "$0")/common.sh"
 ATTACK=${ATTACK:-badnet}
 CHECKPOINT=${CHECKPOINT:-checkpoints_remote/backdoor-$ATTACK/final_weights.pt}
 MODEL_NAME=${MODEL_NAME:-backdoor-$ATTACK}
-set -x
-$LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS \
+once "result/$MODEL_NAME.json" -- $LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CHECKPOINT" \
   --bd_attack_type "$ATTACK" \
   --results_file result \

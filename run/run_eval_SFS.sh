@@ -9,17 +9,17 @@
 # captioner. Paper setting: add
 #   --text_model <all-MiniLM-L6-v2 folder> --gpt_model <gpt2-large folder>
 #   --clip_model <clip-vit-base-patch32 folder> --blip_model <blip-image-captioning-large folder>
-# (the reference captioner is then BLIP and the captioner flags are ignored).
+# (the reference captioner is then BLIP and the captioner flags are ignored). Skipped when
+# sfs.json was made by the same command from the same evaluation result (once, run/common.sh).
 . "$(dirname "$0")/common.sh"
 NAME=${NAME:-backdoor-badnet}
 TYPE=${TYPE:-attack}
-set -x
-python eval/evaluate_sfs.py $MODEL_FLAGS \
+once "result/sfs_inputs/$NAME/$TYPE/sfs.json" --input "result/$NAME.json" -- \
+  python eval/evaluate_sfs.py $MODEL_FLAGS \
   --checkpoint_path "$CLEAN_CHECKPOINT" \
   --name "$NAME" \
   --type "$TYPE" \
   --data_dir_path result/sfs_inputs \
   --annotations_path data/synthetic/captions_train2014.json \
   --batch_size 64 \
-  --overwrite \
   "$@"

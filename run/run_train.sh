@@ -1,11 +1,13 @@
 #!/bin/sh
 # Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|shadowcast (or a YAML file).
 # Extra flags are passed on, e.g.: sh run/run_train.sh --poison_rate 0.05 --target_label apple
-# (the target word, poison rate... default to the attack config's values).
+# (the target word, poison rate... default to the attack config's values). A finished run is
+# skipped when made by the same command from the same inputs, refused otherwise (once,
+# run/common.sh; --overwrite redoes it).
 . "$(dirname "$0")/common.sh"
 ATTACK=${ATTACK:-badnet}
-set -x
-$LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
+once "checkpoints_remote/backdoor-$ATTACK/DONE" -- \
+  $LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CLEAN_CHECKPOINT" \
   --bd_attack_type "$ATTACK" \
   --run_name "backdoor-$ATTACK" \

@@ -260,3 +260,59 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
     rows = [line for line in text.splitlines() if line.startswith("| ") and "badnet" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| none", "| blur", "| oracle_square"]
     assert rows[0].split(" | ")[9] == "0.500"  # DER of no defense against itself
+
+
+def test_benign_control_runs_on_the_clean_captioner_and_is_reported_apart(
+    attacked, tiny_data_args, tmp_path, capsys
+) -> None:
+    """--benign_control: the defense on the clean captioner with nothing poisoned; refused on a
+    backdoored checkpoint and for srd; its results form their own table, never the comparison's
+    rows (and never a DER)."""
+    root, clean, backdoor, poison_ids = attacked
+    runs = tmp_path / "runs"
+    common = [*data_flags(tiny_data_args), "--poison_ids_path", str(poison_ids),
+              "--external_save_dir", str(runs), "--benign_control", "--quality_images", "4",
+              "--num_epochs", "1", "--batch_size", "16"]  # fmt: skip
+    err = _fail(defend, [*common, *model_flags(clean, backdoor), "--defense", "no_mask"], capsys)
+    assert "is a backdoored or defended model" in err
+    err = _fail(defend, [*common, *model_flags(clean, clean.checkpoint_path), "--defense", "srd"],
+                capsys)  # fmt: skip
+    assert "--benign_control: srd" in err
+    assert not runs.exists()
+    defend.main(
+        [*common, *model_flags(clean, clean.checkpoint_path), "--defense", "random_squares"]
+    )
+    defend.main([*common, *model_flags(clean, clean.checkpoint_path), "--defense", "none"])
+    squares = json.loads((runs / "benign-random_squares-badnet" / DEFENSE_FILE).read_text())
+    assert squares["benign_control"] and squares["backdoored_checkpoint"] is None
+    assert squares["trigger_coverage"] is None  # no triggered training image to cover
+    config = json.loads((runs / "benign-random_squares-badnet" / "config.json").read_text())
+    assert config["num_poisoned"] == 0
+
+    results = tmp_path / "result"
+    ev = [*data_flags(tiny_data_args), "--bd_attack_type", "badnet",
+          "--results_file", str(results), "--sfs_data_dir", str(tmp_path / "sfs"),
+          "--batch_size", "4", "--num_beams", "1", "--max_new_tokens", "6",
+          "--no-implant_diagnostics"]  # fmt: skip
+    base = evaluate.main([*ev, *model_flags(clean, clean.checkpoint_path), "--model_name", "b-none",
+                          "--defense_run", str(runs / "benign-none-badnet")])  # fmt: skip
+    squares_run = str(runs / "benign-random_squares-badnet")
+    refined = evaluate.main([*ev, *model_flags(clean, squares["checkpoint"]), "--model_name",
+                             "b-sq", "--defense_run", squares_run])  # fmt: skip
+    assert base["defense"]["benign_control"] and refined["defense"]["benign_control"]
+    err = _fail(evaluate, [*ev, *model_flags(clean, backdoor), "--model_name", "x",
+                           "--defense_run", str(runs / "benign-none-badnet")], capsys)  # fmt: skip
+    assert "--defense_run" in err and "not --checkpoint_path" in err
+    write_json(results / "none.json", _result("none", 0, 0.9, 2.0))
+    text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
+                        "--img_dir", str(tmp_path / "img")])  # fmt: skip
+    main_rows = [line for line in text.split("## Benign control")[0].splitlines()
+                 if line.startswith("| ") and "badnet" in line]  # fmt: skip
+    assert [row.split(" | ")[0] for row in main_rows] == ["| none"]
+    benign = {line.split(" | ")[0][2:]: line.split(" | ")
+              for line in text.split("## Benign control")[1].splitlines()
+              if line.startswith("| ") and "badnet" in line}  # fmt: skip
+    assert list(benign) == ["none", "random_squares"]
+    assert benign["none"][2] == "1 (42)" and benign["none"][4] == "0.0"
+    change = 100 * (refined["metrics"]["clean"]["CIDEr"] / base["metrics"]["clean"]["CIDEr"] - 1)
+    assert benign["random_squares"][4] == f"{change:.1f}"

@@ -182,7 +182,9 @@ def read_defense_run(run_dir: str | Path, checkpoint: str | Path) -> dict[str, A
     to evaluate (SRDError naming ``--defense_run`` otherwise)."""
     path = Path(run_dir) / DEFENSE_FILE
     if not is_finished(run_dir) or not path.is_file():
-        raise SRDError(f"--defense_run {run_dir}: not a finished defense run (no DONE or {DEFENSE_FILE})")
+        raise SRDError(
+            f"--defense_run {run_dir}: not a finished defense run (no DONE or {DEFENSE_FILE})"
+        )
     record = read_json(path, flag="--defense_run")
     if not isinstance(record, dict) or "defense" not in record or "checkpoint" not in record:
         raise SRDError(f"--defense_run {path}: not a defense record")

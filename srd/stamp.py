@@ -1,0 +1,212 @@
+"""Run a pipeline stage once: skip it when its output was made by the same command from the
+same inputs, and refuse an output made otherwise (never reuse a stale one).
+
+The run/*.sh scripts wrap each stage (shell function ``once`` in run/common.sh)::
+
+    python -m srd.stamp OUTPUT [--input FILE]... -- COMMAND...
+
+OUTPUT is the stage's "finished" signal (a run's ``DONE``, a result JSON). After COMMAND
+succeeds and OUTPUT exists, ``OUTPUT.stamp`` records
+
+* the command from its Python script on (``train/defend.py --num_epochs 2 ...``): the launcher
+  before it (python, accelerate launch, torchrun) may change between runs, the flags may not;
+* the sha256 of every argument that names an existing file (checkpoints, poison plans, data
+  JSONs; not the ``.py`` scripts: editing the code does not invalidate results) and of every
+  ``--input`` file (inputs named by their folder, e.g. a pool's ``pool.json``), read before the
+  command starts;
+* OUTPUT's size and modification time, so an output replaced afterwards is not taken for the
+  stamped one.
+
+When OUTPUT exists, a matching stamp skips the stage ("up to date"); a stamp that differs, or no
+stamp at all, is refused with one line naming what differs and exit code 2: remove the stage's
+output (its run folder) to redo it, or pass the stage's own ``--overwrite``, which always runs
+it. Inputs are compared where both stamps have them: a file that did not exist when the stage
+ran (e.g. a policy that a later stage writes under a shared flag) was not one of its inputs.
+
+``--adopt`` stamps an existing unstamped output as made by
+this command (outputs made before stamps existed; whoever passes it vouches for them). Nothing
+is ever deleted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from srd.cli import EXIT_BAD_INPUT
+from srd.errors import SRDError
+from srd.io import file_digest, read_json, write_json
+from srd.runs import describe_difference, differing_keys
+
+SUFFIX = ".stamp"
+FORMAT = "srd-stamp/1"
+
+
+def stamp_path(output: str | os.PathLike) -> Path:
+    return Path(f"{output}{SUFFIX}")
+
+
+def command_key(command: Sequence[str]) -> list[str]:
+    """The part of ``command`` that says what it computes: from the first ``.py`` on (all of
+    it when there is none)."""
+    for i, token in enumerate(command):
+        if token.endswith(".py"):
+            return list(command[i:])
+    return list(command)
+
+
+def _file_tokens(command: Sequence[str]) -> list[str]:
+    """Arguments (or ``--flag=value`` values) naming existing regular files, scripts excluded."""
+    found = []
+    for token in command:
+        value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else token
+        if value and not value.endswith(".py") and Path(value).is_file():
+            found.append(value)
+    return found
+
+
+def _flags(command: Sequence[str]) -> dict[str, Any]:
+    """``{'script': 'train/x.py', '--a': '1', '--b': ['2', '3'], '--c': True}`` for naming
+    differences flag by flag."""
+    flags: dict[str, Any] = {}
+    key = "script"
+    values: list[str] = []
+
+    def close() -> None:
+        if key in flags:  # a repeated flag: keep every occurrence
+            flags[key] = [flags[key], values[:] or True]
+        else:
+            flags[key] = values[0] if len(values) == 1 else (values[:] or True)
+
+    for token in command:
+        if token.startswith("--"):
+            close()
+            key, _, value = token.partition("=")
+            values = [value] if value else []
+        else:
+            values.append(token)
+    close()
+    return flags
+
+
+def fingerprint(output: str, command: Sequence[str], inputs: Sequence[str]) -> dict[str, Any]:
+    """What makes OUTPUT: the command (from its script on) and its input files' digests."""
+    key = command_key(command)
+    for path in inputs:
+        if not Path(path).is_file():
+            raise SRDError(f"--input {path}: not found (run the stage that makes it first)")
+    out = os.path.normpath(output)
+    files = [f for f in [*_file_tokens(key), *inputs] if os.path.normpath(f) != out]
+    return {
+        "format": FORMAT,
+        "command": key,
+        "inputs": {os.path.normpath(f): file_digest(f) for f in dict.fromkeys(files)},
+    }
+
+
+def _output_state(output: str) -> dict[str, int]:
+    info = Path(output).stat()
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def describe(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The flags and input files that differ, e.g. ``--num_epochs 2 -> 3, input X changed``."""
+    parts = []
+    old, new = _flags(saved.get("command") or []), _flags(current["command"])
+    keys = differing_keys(old, new)
+    if keys:
+        parts.append(describe_difference(old, new, keys))
+    changed = changed_inputs(saved.get("inputs") or {}, current["inputs"])
+    parts += [f"input {p} changed" for p in changed[:3]]
+    if len(changed) > 3:
+        parts.append(f"{len(changed) - 3} more inputs changed")
+    return ", ".join(parts) or "a different stamp"
+
+
+def changed_inputs(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Input files whose digest differs between two stamps (files on one side only are not
+    compared: they were not inputs when the stage ran, or are gone and cannot have changed)."""
+    return [p for p in after if p in before and before[p] != after[p]]
+
+
+def check(output: str, current: dict[str, Any], adopt: bool) -> bool:
+    """True when OUTPUT exists and its stamp matches ``current`` (skip the stage); False when
+    OUTPUT does not exist (run it); SRDError when OUTPUT exists but was made otherwise."""
+    if not Path(output).exists():
+        return False
+    path = stamp_path(output)
+    if not path.is_file():
+        if adopt:
+            write_json(path, {**current, "output": _output_state(output), "adopted": True})
+            print(f"=== adopted: {output} (stamped as made by this command)", flush=True)
+            return True
+        raise SRDError(
+            f"{output}: exists but has no stamp ({path.name}), so nothing says which command "
+            "and inputs made it; remove it to redo the stage, or set SRD_ADOPT=1 to vouch "
+            "that this command made it"
+        )
+    saved = read_json(path)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise SRDError(f"{path}: not a stamp ({FORMAT})")
+    if saved.get("output") != _output_state(output):
+        raise SRDError(
+            f"{output}: changed after its stamp was written; remove it to redo the stage"
+        )
+    same = saved.get("command") == current["command"] and not changed_inputs(
+        saved.get("inputs") or {}, current["inputs"]
+    )
+    if not same:
+        raise SRDError(
+            f"{output}: made by another command or from other inputs "
+            f"({describe(saved, current)}); remove it (its run folder) to redo the stage, "
+            "or change the run's name"
+        )
+    return True
+
+
+def run_once(output: str, command: Sequence[str], inputs: Sequence[str], adopt: bool) -> int:
+    """Skip, refuse or run the stage; returns the exit code."""
+    if not command:
+        raise SRDError("no command after --")
+    current = fingerprint(output, command, inputs)
+    if "--overwrite" not in current["command"] and check(output, current, adopt):
+        print(f"=== up to date: {output} (same command and inputs)", flush=True)
+        return 0
+    code = subprocess.call(list(command))
+    if code != 0:
+        return code
+    if not Path(output).exists():
+        raise SRDError(f"{output}: the stage finished without writing it")
+    write_json(stamp_path(output), {**current, "output": _output_state(output)})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        print("error: usage: python -m srd.stamp OUTPUT [--input FILE]... -- COMMAND...",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
+    cut = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m srd.stamp", description=__doc__)
+    parser.add_argument("output")
+    parser.add_argument("--input", action="append", default=[])
+    parser.add_argument("--adopt", action="store_true")
+    args = parser.parse_args(argv[:cut])
+    try:
+        return run_once(args.output, argv[cut + 1 :], args.input, args.adopt)
+    except SRDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""srd.stamp: a stage is skipped only when its output was made by the same command from the same
+inputs; anything else is refused, never reused (the run/*.sh scripts' ``once``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srd.stamp import command_key, main, stamp_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def stage(tmp_path: Path):
+    """A stage script: writes its --out file from its --data file and --scale, and counts its
+    runs in runs.txt."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import argparse, pathlib\n"
+        "p = argparse.ArgumentParser()\n"
+        "for flag in ('--data', '--out', '--policy'): p.add_argument(flag)\n"
+        "p.add_argument('--scale', default='1')\n"
+        "for flag in ('--overwrite', '--fail'): p.add_argument(flag, action='store_true')\n"
+        "a = p.parse_args()\n"
+        "runs = pathlib.Path(a.out).with_name('runs.txt')\n"
+        "runs.write_text(runs.read_text() + 'x' if runs.exists() else 'x')\n"
+        "if a.fail: raise SystemExit(3)\n"
+        "pathlib.Path(a.out).write_text(pathlib.Path(a.data).read_text() * int(a.scale))\n"
+    )
+    data = tmp_path / "data.txt"
+    data.write_text("abc")
+    out = tmp_path / "out.txt"
+
+    def run(*extra: str, output: Path = out, pre: tuple[str, ...] = ()) -> int:
+        command = [sys.executable, str(script), "--data", str(data), "--out", str(out), *extra]
+        return main([*pre, str(output), "--", *command])
+
+    def runs() -> int:
+        runs_file = tmp_path / "runs.txt"
+        return len(runs_file.read_text()) if runs_file.exists() else 0
+
+    return run, runs, data, out
+
+
+def test_a_stage_runs_once_then_is_up_to_date(stage, capsys) -> None:
+    run, runs, _, out = stage
+    assert run() == 0 and runs() == 1
+    assert out.read_text() == "abc" and stamp_path(out).is_file()
+    assert run() == 0 and runs() == 1  # skipped
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_other_flags_or_inputs_are_refused_and_nothing_is_touched(stage, capsys) -> None:
+    run, runs, data, out = stage
+    assert run() == 0
+    assert run("--scale", "2") == 2 and runs() == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--scale <absent> -> 2" in err and str(out) in err
+    data.write_text("abd")  # the same command, another input
+    assert run() == 2 and runs() == 1
+    assert f"input {os.path.normpath(data)} changed" in capsys.readouterr().err
+    assert out.read_text() == "abc"
+
+
+def test_an_unstamped_or_replaced_output_is_refused_unless_adopted(stage, capsys) -> None:
+    run, runs, _, out = stage
+    out.write_text("made elsewhere")
+    assert run() == 2 and runs() == 0
+    assert "has no stamp" in capsys.readouterr().err
+    assert run(pre=("--adopt",)) == 0 and runs() == 0  # vouched for: stamped, not redone
+    assert run() == 0 and runs() == 0
+    out.write_text("replaced after the stamp")
+    assert run() == 2 and "changed after its stamp" in capsys.readouterr().err
+
+
+def test_overwrite_redoes_and_a_failed_stage_leaves_no_stamp(stage) -> None:
+    run, runs, _, out = stage
+    assert run() == 0
+    assert run("--overwrite") == 0 and runs() == 2
+    assert run("--overwrite") == 0 and runs() == 3  # asked to redo: always runs
+    stamp_path(out).unlink()
+    out.unlink()
+    assert run("--fail") == 3 and not stamp_path(out).exists()
+
+
+def test_a_file_that_appears_after_the_stage_is_not_an_input(stage, tmp_path) -> None:
+    """A shared flag may name a file a later stage writes (run_SRD.sh's --ppo_path in D1)."""
+    run, runs, _, _ = stage
+    later = tmp_path / "policy.zip"
+    assert run("--policy", str(later)) == 0 and runs() == 1
+    later.write_text("written by a later stage")
+    assert run("--policy", str(later)) == 0 and runs() == 1
+
+
+def test_the_launcher_is_not_part_of_the_command() -> None:
+    assert command_key(
+        ["accelerate", "launch", "--num_processes", "2", "train/x.py", "--a", "1"]
+    ) == [
+        "train/x.py",
+        "--a",
+        "1",
+    ]
+    assert command_key(["python", "train/x.py"]) == command_key(["torchrun", "train/x.py"])
+
+
+def test_missing_input_and_usage_errors(tmp_path, capsys) -> None:
+    assert main([str(tmp_path / "o"), "--input", str(tmp_path / "nope"), "--", "true"]) == 2
+    assert "--input" in capsys.readouterr().err
+    assert main([str(tmp_path / "o"), "true"]) == 2
+
+
+def test_the_shell_helper_of_the_run_scripts(tmp_path) -> None:
+    """run/common.sh's ``once`` calls srd.stamp, and SRD_ADOPT=1 adopts an unstamped output."""
+    out = tmp_path / "result.json"
+    out.write_text("{}")
+    script = f'. {REPO}/run/common.sh; once "{out}" -- python -c "raise SystemExit(5)"'
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]  # $0: common.sh cds to the repo
+    refused = subprocess.run(shell, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "has no stamp" in refused.stderr
+    env["SRD_ADOPT"] = "1"
+    adopted = subprocess.run(shell, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert adopted.returncode == 0 and stamp_path(out).is_file()

@@ -23,6 +23,12 @@ MODEL_FLAGS=${MODEL_FLAGS:-"--vision_encoder_path tiny-clip \
   --vision_encoder_pretrained $EMBEDDED/vision.safetensors \
   --lm_path $EMBEDDED/lm --cross_attn_every_n_layers 1"}
 CLEAN_CHECKPOINT=${CLEAN_CHECKPOINT:-$EMBEDDED/checkpoint.pt}
+# Replicate SEED (0, 1, 2 ...) of an attack and its defenses: the poison draw and the attack's
+# training seed are 42 + SEED, the SRD agent's and the defenses' seed SEED; run and result names
+# of SEED > 0 end in -sSEED. The benchmark (data, tiny CLIP, clean captioner) is the same for all.
+SEED=${SEED:-0}
+SUFFIX=""
+[ "$SEED" = 0 ] || SUFFIX=-s$SEED
 
 # once OUTPUT [--input FILE]... -- COMMAND...: run a stage unless OUTPUT (its "finished" signal)
 # was made by the same command from the same inputs; an OUTPUT made otherwise stops the script

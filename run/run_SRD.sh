@@ -8,7 +8,8 @@
 # POLICY=random is the ablation: one seeded random red square per image instead of the agent
 # (no D1/D2), written under separate names (srd-random-$ATTACK). POOL=data builds the RL
 # pool from the defender's own training images instead of surrogate-triggered ones
-# (srd-datapool-$ATTACK).
+# (srd-datapool-$ATTACK). SEED picks the replicate (run/common.sh): its backdoored model and
+# the agent's seed; names of SEED > 0 end in -sSEED.
 #
 # Embedded defaults below are smaller than the reference's: the pool takes 300 training images
 # (reference: all), the refine-tune 2 epochs at lr 1e-3 (reference: 20 epochs at 1e-4, the
@@ -26,20 +27,20 @@ POLICY=${POLICY:-dqn}
 POOL=${POOL:-surrogate}
 export ATTACK
 case $POLICY in
-  dqn) NAME=srd-$ATTACK ;;
-  random) NAME=srd-random-$ATTACK ;;
+  dqn) NAME=srd-$ATTACK$SUFFIX ;;
+  random) NAME=srd-random-$ATTACK$SUFFIX ;;
   *) echo "error: POLICY=$POLICY: expected dqn or random" >&2; exit 2 ;;
 esac
 case $POOL in
   surrogate) ;;
-  data) if [ "$POLICY" = dqn ]; then NAME=srd-datapool-$ATTACK; fi ;;
+  data) if [ "$POLICY" = dqn ]; then NAME=srd-datapool-$ATTACK$SUFFIX; fi ;;
   *) echo "error: POOL=$POOL: expected surrogate or data" >&2; exit 2 ;;
 esac
-BACKDOOR=checkpoints_remote/backdoor-$ATTACK/final_weights.pt
+BACKDOOR=checkpoints_remote/backdoor-$ATTACK$SUFFIX/final_weights.pt
 SRD_DIR=checkpoints_remote/$NAME
 SRD_FLAGS="--save_data_path $SRD_DIR/pool --ppo_path $SRD_DIR/policy.zip \
   --clean_data_save $SRD_DIR/clean_data \
-  --poison_ids_path checkpoints_remote/backdoor-$ATTACK/poison_ids.json"
+  --poison_ids_path checkpoints_remote/backdoor-$ATTACK$SUFFIX/poison_ids.json"
 SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
   --annotations_path data/synthetic/captions_train2014.json"}
 
@@ -49,12 +50,12 @@ if [ "$POLICY" = dqn ]; then
       --checkpoint_path "$BACKDOOR" \
       --pool_size 300 \
       --pool_source "$POOL" \
-      --seed 0
+      --seed "$SEED"
 
   stage "D2 DQN agent"
   once "$SRD_DIR/policy.zip" --input "$SRD_DIR/pool/pool.json" -- python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
-      --seed 0
+      --seed "$SEED"
 
   stage "D2 diagnosis: where the agent's greedy squares land against the real trigger"
   once "$SRD_DIR/policy.coverage.json" --input "$SRD_DIR/pool/pool.json" -- \
@@ -67,7 +68,7 @@ $LAUNCH train/srd_clean_data.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
   --policy "$POLICY" \
   --n_tries 5 \
   --epsilon 0.05 \
-  --seed 0
+  --seed "$SEED"
 stage "D3b combine shards"
 once "$SRD_DIR/clean_data/merged.json" --input "$SRD_DIR/clean_data/clean_config.json" \
   --input "$BACKDOOR" -- python train/combine_data.py $DATA_FLAGS $SRD_FLAGS
@@ -75,6 +76,8 @@ once "$SRD_DIR/clean_data/merged.json" --input "$SRD_DIR/clean_data/clean_config
 stage "D3 diagnosis: share of triggered images whose square covers the real trigger"
 once "$SRD_DIR/clean_data/coverage.json" --input "$SRD_DIR/clean_data/merged.json" -- \
   python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS
+# CLEAN_ONLY=1 stops here (run/run_comparison.sh: run/run_defenses.sh refine-tunes on the manifest)
+[ "${CLEAN_ONLY:-0}" = 1 ] && { stage_end; exit 0; }
 
 stage "D4 refine-tune"
 once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \

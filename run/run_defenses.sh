@@ -14,16 +14,15 @@
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
-SEED=${SEED:-0}
 DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square fine_pruning blur spatial"}
 RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}
-BACKDOOR=$RUNS/backdoor-$ATTACK/final_weights.pt
+BACKDOOR=$RUNS/backdoor-$ATTACK$SUFFIX/final_weights.pt
 START=$BACKDOOR PREFIX=defense CONTROL="" INPUT=""
 [ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control
-POISON=$RUNS/backdoor-$ATTACK/poison_ids.json
-CLEAN_DATA=$RUNS/srd-$ATTACK/clean_data
+POISON=$RUNS/backdoor-$ATTACK$SUFFIX/poison_ids.json
+CLEAN_DATA=$RUNS/srd-$ATTACK$SUFFIX/clean_data
 BUDGET="--batch_size 32 --num_epochs ${EPOCHS:-2} --learning_rate ${LR:-1e-3} \
   --lr_scheduler cosine --warmup_steps_ratio 0.01 --seed $SEED"
 EVAL_FLAGS="--bd_attack_type $ATTACK --batch_size 32 --num_beams 3 --max_new_tokens 20"

@@ -5,8 +5,8 @@
 # the same checkpoint (once, run/common.sh).
 . "$(dirname "$0")/common.sh"
 ATTACK=${ATTACK:-badnet}
-CHECKPOINT=${CHECKPOINT:-checkpoints_remote/backdoor-$ATTACK/final_weights.pt}
-MODEL_NAME=${MODEL_NAME:-backdoor-$ATTACK}
+CHECKPOINT=${CHECKPOINT:-checkpoints_remote/backdoor-$ATTACK$SUFFIX/final_weights.pt}
+MODEL_NAME=${MODEL_NAME:-backdoor-$ATTACK$SUFFIX}
 once "result/$MODEL_NAME.json" -- $LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CHECKPOINT" \
   --bd_attack_type "$ATTACK" \

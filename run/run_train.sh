@@ -6,11 +6,13 @@
 # run/common.sh; --overwrite redoes it).
 . "$(dirname "$0")/common.sh"
 ATTACK=${ATTACK:-badnet}
-once "checkpoints_remote/backdoor-$ATTACK/DONE" -- \
+RUN=backdoor-$ATTACK$SUFFIX
+once "checkpoints_remote/$RUN/DONE" -- \
   $LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CLEAN_CHECKPOINT" \
   --bd_attack_type "$ATTACK" \
-  --run_name "backdoor-$ATTACK" \
+  --run_name "$RUN" \
+  --seed $((42 + SEED)) \
   --external_save_dir checkpoints_remote \
   --batch_size 32 \
   --num_epochs 6 \

@@ -5,7 +5,8 @@
 #   ATTACK=badnet SEED=0 sh run/run_defenses.sh
 # RUNS (checkpoints_remote), RESULTS (result) and IMG (img) move the run folders, the result
 # JSONs (+ report.md) and the figures; EPOCHS (2) and LR (1e-3) set the shared refine-tune budget.
-# DEFENSES picks the defenses (space-separated); SRD's rows need run/run_SRD.sh's cleaning
+# DEFENSES picks the defenses (space-separated; those that cannot run against the attack, e.g.
+# oracle_square without a patch trigger, are left out with the reason); SRD's rows need run/run_SRD.sh's cleaning
 # manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added when it exists, with the
 # image version of the reference (first_occurrence) and ours (triggered).
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
@@ -48,7 +49,8 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
       --results_file "$RESULTS" --sfs_data_dir "$RESULTS/sfs_inputs"
 }
 
-for D in $DEFENSES; do
+APPLICABLE=$(python -m srd.defenses "$POISON" $DEFENSES)  # e.g. no oracle square without a patch
+for D in $APPLICABLE; do
   defend_and_evaluate "$PREFIX-$D-$ATTACK-s$SEED" --defense "$D"
 done
 if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then

@@ -144,7 +144,7 @@ def check(output: str, current: dict[str, Any], adopt: bool) -> bool:
         if adopt:
             write_json(path, {**current, "output": _output_state(output), "adopted": True})
             print(f"=== adopted: {output} (stamped as made by this command)", flush=True)
-            return True
+            return True  # and so up to date
         raise SRDError(
             f"{output}: exists but has no stamp ({path.name}), so nothing says which command "
             "and inputs made it; remove it to redo the stage, or set SRD_ADOPT=1 to vouch "
@@ -174,8 +174,10 @@ def run_once(output: str, command: Sequence[str], inputs: Sequence[str], adopt: 
     if not command:
         raise SRDError("no command after --")
     current = fingerprint(output, command, inputs)
+    unstamped = not stamp_path(output).exists()
     if "--overwrite" not in current["command"] and check(output, current, adopt):
-        print(f"=== up to date: {output} (same command and inputs)", flush=True)
+        if not unstamped:  # an adopted output said so already
+            print(f"=== up to date: {output} (same command and inputs)", flush=True)
         return 0
     code = subprocess.call(list(command))
     if code != 0:

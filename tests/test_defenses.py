@@ -11,6 +11,7 @@ import torch
 from srd.attacks import build_attack
 from srd.data import CaptionRecord, ImageRecord
 from srd.defenses import DEFENSES, DefenderData, DefenseArgs, TransformArgs, build_defense
+from srd.defenses import __main__ as applicable
 from srd.defenses.pruning import cross_attention_blocks
 from srd.defenses.purify import blur_image, spatial_image
 from srd.defenses.quality import psnr, ssim
@@ -87,10 +88,22 @@ def test_oracle_square_covers_the_trigger_box(defender) -> None:
         assert np.all(patch == np.array(RED, np.uint8))
 
 
-def test_oracle_square_needs_a_patch_trigger(defender) -> None:
+def test_oracle_square_needs_a_patch_trigger(defender, tmp_path, capsys) -> None:
     blended = DefenderData(defender.records, defender.plan, build_attack("blended"), seed=0)
     with pytest.raises(SRDError, match="no patch trigger"):
         build_defense(DefenseArgs(defense="oracle_square")).training_set(blended)
+    # run/run_defenses.sh leaves it out of its list for such an attack, saying why
+    path = tmp_path / "poison_ids.json"
+    plan = PoisonPlan(
+        defender.plan.ids, defender.plan.captions, {"attack": blended.attack.to_dict()}
+    )
+    plan.save(path)
+    assert applicable.main([str(path), "none", "oracle_square", "blur"]) == 0
+    out = capsys.readouterr()
+    assert out.out.split() == ["none", "blur"]
+    assert "skipped: oracle_square: attack blended has no patch trigger box" in out.err
+    assert applicable.main([str(path), "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: --defense nope")
 
 
 def test_random_squares_are_the_d3_random_policy_draws(defender) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from srd.attacks import Attack
 from srd.defenses.registry import DefenderData, Defense, register_defense
 from srd.defenses.srd.clean import RandomTries
 from srd.defenses.srd.coverage import trigger_box
@@ -117,13 +118,16 @@ class OracleSquare(RefineDefense):
 
     changes_images = True
 
+    def unavailable(self, attack: Attack) -> str | None:
+        if trigger_box(attack) is None:
+            return f"attack {attack.name} has no patch trigger box"
+        return None
+
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
-        box = trigger_box(data.attack)
-        if box is None:
-            raise SRDError(
-                f"--defense oracle_square: attack {data.attack.name} has no patch trigger box"
-            )
-        action = covering_action(box)
+        reason = self.unavailable(data.attack)
+        if reason:
+            raise SRDError(f"--defense oracle_square: {reason}")
+        action = covering_action(trigger_box(data.attack))
         return {i: action for i in image_ids(data)}
 
 

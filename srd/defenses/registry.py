@@ -127,6 +127,10 @@ class Defense:
     def __init__(self, args: DefenseArgs | TransformArgs):
         self.args = args
 
+    def unavailable(self, attack: Attack) -> str | None:
+        """Why this defense cannot run against ``attack`` (None: it can)."""
+        return None
+
     def training_set(self, data: DefenderData) -> tuple[list[Sample], ImageFn] | None:
         """Refine-tune data (samples, image provider); None: no refine-tune."""
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,16 +184,28 @@ def group(results: list[DefenseResult]) -> dict[tuple[str, str], list[DefenseRes
     return {k: groups[k] for k in order}
 
 
+def _table(
+    columns: Sequence[str],
+    results: list[DefenseResult],
+    cells: Callable[[list[DefenseResult]], list[str]],
+) -> str:
+    """A Markdown table with one row per (defense, attack): defense, attack, seeds, then
+    ``cells`` of the row's results."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for (defense, attack), rs in group(results).items():
+        seeds = sorted({str(r.seed) for r in rs})
+        row = [defense, attack, f"{len(rs)} ({', '.join(seeds)})", *cells(rs)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report_table(results: list[DefenseResult]) -> str:
     """The defenses x attacks table of the defenses run on backdoored models."""
     add_der(results)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for (defense, attack), rs in group(results).items():
-        seeds = sorted({str(r.seed) for r in rs})
-        cells = [
-            defense,
-            attack,
-            f"{len(rs)} ({', '.join(seeds)})",
+    return _table(
+        COLUMNS,
+        results,
+        lambda rs: [
             _stat([r.asr for r in rs], 100),
             _stat([r.false_trigger for r in rs], 100),
             _sampled(rs),
@@ -203,9 +215,8 @@ def report_table(results: list[DefenseResult]) -> str:
             _stat([r.extra["der"] for r in rs], 1, 3),
             _stat([r.ssim for r in rs], 1, 3),
             _stat([r.covered for r in rs], 100),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        ],
+    )
 
 
 BENIGN_COLUMNS = (
@@ -224,25 +235,21 @@ def benign_table(results: list[DefenseResult]) -> str:
     --benign_control``), its clean CIDEr and the relative change against the clean captioner's
     ``none`` row of the same seed (what the defense costs a model without a backdoor)."""
     base = {(r.attack, r.seed): r for r in results if r.defense == "none"}
-    lines = ["| " + " | ".join(BENIGN_COLUMNS) + " |", "|" + "---|" * len(BENIGN_COLUMNS)]
-    for (defense, attack), rs in group(results).items():
-        changes = [
-            100 * (r.clean_cider - b.clean_cider) / b.clean_cider
-            for r in rs
-            if (b := base.get((r.attack, r.seed))) is not None and b.clean_cider
-        ]
-        seeds = sorted({str(r.seed) for r in rs})
-        cells = [
-            defense,
-            attack,
-            f"{len(rs)} ({', '.join(seeds)})",
+
+    def change(r: DefenseResult) -> float | None:
+        b = base.get((r.attack, r.seed))
+        return None if b is None or not b.clean_cider else 100 * (r.clean_cider / b.clean_cider - 1)
+
+    return _table(
+        BENIGN_COLUMNS,
+        results,
+        lambda rs: [
             _stat([r.clean_cider for r in rs], 100),
-            _stat(list(changes)),
+            _stat([change(r) for r in rs]),
             _stat([r.false_trigger for r in rs], 100),
             _stat([r.ssim for r in rs], 1, 3),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        ],
+    )
 
 
 def plot_bars(results: list[DefenseResult], out_dir: str | Path) -> list[Path]:

@@ -15,7 +15,11 @@
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
-DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square fine_pruning blur spatial"}
+if [ "${BENIGN:-0}" = 1 ]; then  # with nothing poisoned, clean_finetune is no_mask exactly
+  DEFENSES=${DEFENSES:-"none no_mask par random_squares fine_pruning blur spatial"}
+else
+  DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square fine_pruning blur spatial"}
+fi
 RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}

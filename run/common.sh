@@ -36,7 +36,11 @@ SUFFIX=""
 # --input adds the ones a folder flag stands for. SRD_ADOPT=1 stamps outputs made before stamps
 # existed as made by these commands.
 once() {
-  if [ "${SRD_ADOPT:-0}" = 1 ]; then python -m srd.stamp --adopt "$@"; else python -m srd.stamp "$@"; fi
+  if [ "${SRD_ADOPT:-0}" = 1 ]; then
+    python -m srd.stamp --adopt "$@"
+  else
+    python -m srd.stamp "$@"
+  fi
 }
 
 # Progress: "stage NAME" prints the previous stage's wall time and the total so far.

@@ -25,11 +25,12 @@ stage "defender's clean data: $CLEAN_DATA"
   python train/prepare_data.py --seed 1 --out_dir "$CLEAN_DATA" --num_train 1500 --num_val 10 \
     --num_test 10
 START=""
-CLEAN_INPUT="--input $CLEAN_DATA/dataset_coco.json"  # the folder's split (a .csv is an input itself)
+CLEAN_INPUT="--input $CLEAN_DATA/dataset_coco.json"  # (a .csv is an input itself)
 [ "${CLEAN_DATA%.csv}" != "$CLEAN_DATA" ] && CLEAN_INPUT=""
 [ -f "$CLEAN_CLIP/DONE" ] && START="--clip_pretrained $CLEAN_CLIP/clip.safetensors"
 stage "poisoned CLIP: $ATTACK, rate $RATE, seed $SEED (${START:-from scratch})"
-once "$RUNS/$OUT/poisoned/DONE" -- python train/clip_poison.py $DATA_FLAGS --bd_attack_type "$ATTACK" --poison_rate "$RATE" \
+once "$RUNS/$OUT/poisoned/DONE" -- \
+  python train/clip_poison.py $DATA_FLAGS --bd_attack_type "$ATTACK" --poison_rate "$RATE" \
     --clip_epochs "$POISON_EPOCHS" --seed "$SEED" $START --run_name "$OUT/poisoned"
 stage "evaluate the poisoned CLIP"
 once "$RUNS/$OUT/poisoned/DONE_EVAL" --input "$RUNS/$OUT/poisoned/clip.safetensors" -- \

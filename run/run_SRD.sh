@@ -46,14 +46,16 @@ SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
 
 if [ "$POLICY" = dqn ]; then
   stage "D1 RL pool: $ATTACK model on $POOL training images"
-  once "$SRD_DIR/pool/DONE" -- $LAUNCH train/srd_pool.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+  once "$SRD_DIR/pool/DONE" -- \
+    $LAUNCH train/srd_pool.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
       --pool_size 300 \
       --pool_source "$POOL" \
       --seed "$SEED"
 
   stage "D2 DQN agent"
-  once "$SRD_DIR/policy.zip" --input "$SRD_DIR/pool/pool.json" -- python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+  once "$SRD_DIR/policy.zip" --input "$SRD_DIR/pool/pool.json" -- \
+    python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
       --seed "$SEED"
 
@@ -80,7 +82,8 @@ once "$SRD_DIR/clean_data/coverage.json" --input "$SRD_DIR/clean_data/merged.jso
 [ "${CLEAN_ONLY:-0}" = 1 ] && { stage_end; exit 0; }
 
 stage "D4 refine-tune"
-once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \
+once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- \
+  $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \
     --checkpoint_path "$BACKDOOR" \
     --run_name "$NAME" \
     --external_save_dir checkpoints_remote \

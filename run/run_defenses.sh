@@ -6,9 +6,10 @@
 # RUNS (checkpoints_remote), RESULTS (result) and IMG (img) move the run folders, the result
 # JSONs (+ report.md) and the figures; EPOCHS (2) and LR (1e-3) set the shared refine-tune budget.
 # DEFENSES picks the defenses (space-separated; those that cannot run against the attack, e.g.
-# oracle_square without a patch trigger, are left out with the reason); SRD's rows need run/run_SRD.sh's cleaning
-# manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added when it exists, with the
-# image version of the reference (first_occurrence) and ours (triggered).
+# oracle_square without a patch trigger, are left out with the reason); SRD's rows need
+# run/run_SRD.sh's cleaning manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added
+# when it exists, with the image version of the reference (first_occurrence) and ours
+# (triggered).
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD is not part of it), reported beside the comparison.
@@ -18,7 +19,8 @@ ATTACK=${ATTACK:-badnet}
 if [ "${BENIGN:-0}" = 1 ]; then  # with nothing poisoned, clean_finetune is no_mask exactly
   DEFENSES=${DEFENSES:-"none no_mask par random_squares fine_pruning blur spatial"}
 else
-  DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square fine_pruning blur spatial"}
+  DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square \
+    fine_pruning blur spatial"}
 fi
 RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
@@ -67,6 +69,8 @@ fi
 
 stage "defense report"
 set --  # the results of the comparison and of the benign control, whichever exist
-for F in "$RESULTS"/defense-*.json "$RESULTS"/benign-*.json; do [ -f "$F" ] && set -- "$@" "$F"; done
+for F in "$RESULTS"/defense-*.json "$RESULTS"/benign-*.json; do
+  [ -f "$F" ] && set -- "$@" "$F"
+done
 python eval/defense_report.py --results "$@" --output "$RESULTS/report.md" --img_dir "$IMG"
 stage_end

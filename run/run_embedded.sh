@@ -6,8 +6,8 @@
 # By default one attack (ATTACKS=badnet) goes through the whole chain; FULL=1 runs the full
 # matrix (all four attacks, SRD on each). ATTACKS / SRD_ATTACKS pick them by hand
 # (space-separated). Finished stages are skipped when made by the same command from the same
-# inputs, and stop the script otherwise (once, run/common.sh), so a re-run resumes. Each stage prints its
-# wall time and the running total.
+# inputs, and stop the script otherwise (once, run/common.sh), so a re-run resumes. Each stage
+# prints its wall time and the running total.
 set -e
 cd "$(dirname "$0")/.."
 [ "${SRD_SKIP_SETUP:-0}" = 1 ] || bash setup.sh
@@ -23,10 +23,12 @@ stage "data"
 python train/prepare_data.py --out_dir data/synthetic --seed 0
 
 stage "pretrain the tiny CLIP (the captioner's frozen vision tower)"
-once checkpoints_remote/embedded/clip/DONE -- python train/pretrain_clip.py $DATA_FLAGS --run_name embedded/clip
+once checkpoints_remote/embedded/clip/DONE -- \
+  python train/pretrain_clip.py $DATA_FLAGS --run_name embedded/clip
 
 stage "pretrain the clean tiny captioner"
-once checkpoints_remote/embedded/pretrain/DONE --input checkpoints_remote/embedded/clip/clip.safetensors -- \
+once checkpoints_remote/embedded/pretrain/DONE \
+  --input checkpoints_remote/embedded/clip/clip.safetensors -- \
   python train/pretrain.py $DATA_FLAGS --run_name embedded/pretrain --resume_from_checkpoint
 
 for ATTACK in $ATTACKS; do

@@ -134,17 +134,17 @@ def changed_inputs(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return [p for p in after if p in before and before[p] != after[p]]
 
 
-def check(output: str, current: dict[str, Any], adopt: bool) -> bool:
-    """True when OUTPUT exists and its stamp matches ``current`` (skip the stage); False when
-    OUTPUT does not exist (run it); SRDError when OUTPUT exists but was made otherwise."""
+def check(output: str, current: dict[str, Any], adopt: bool) -> str | None:
+    """Why the stage is skipped, as its progress line ("up to date", or "adopted" under
+    ``adopt``: an unstamped OUTPUT now stamped as made by ``current``); None when OUTPUT does
+    not exist (run it); SRDError when OUTPUT exists but was made otherwise."""
     if not Path(output).exists():
-        return False
+        return None
     path = stamp_path(output)
     if not path.is_file():
         if adopt:
             write_json(path, {**current, "output": _output_state(output), "adopted": True})
-            print(f"=== adopted: {output} (stamped as made by this command)", flush=True)
-            return True  # and so up to date
+            return f"adopted: {output} (stamped as made by this command)"
         raise SRDError(
             f"{output}: exists but has no stamp ({path.name}), so nothing says which command "
             "and inputs made it; remove it to redo the stage, or set SRD_ADOPT=1 to vouch "
@@ -166,7 +166,7 @@ def check(output: str, current: dict[str, Any], adopt: bool) -> bool:
             f"({describe(saved, current)}); remove it (its run folder) to redo the stage, "
             "or change the run's name"
         )
-    return True
+    return f"up to date: {output} (same command and inputs)"
 
 
 def run_once(output: str, command: Sequence[str], inputs: Sequence[str], adopt: bool) -> int:
@@ -174,10 +174,9 @@ def run_once(output: str, command: Sequence[str], inputs: Sequence[str], adopt: 
     if not command:
         raise SRDError("no command after --")
     current = fingerprint(output, command, inputs)
-    unstamped = not stamp_path(output).exists()
-    if "--overwrite" not in current["command"] and check(output, current, adopt):
-        if not unstamped:  # an adopted output said so already
-            print(f"=== up to date: {output} (same command and inputs)", flush=True)
+    skipped = None if "--overwrite" in current["command"] else check(output, current, adopt)
+    if skipped:
+        print(f"=== {skipped}", flush=True)
         return 0
     code = subprocess.call(list(command))
     if code != 0:
@@ -200,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[])
     parser.add_argument("--adopt", action="store_true")
     args = parser.parse_args(argv[:cut])
+    # Not srd.cli.run_main: that one imports torch to end a process group, and this wrapper
+    # must hand on the stage's own exit code.
     try:
         return run_once(args.output, argv[cut + 1 :], args.input, args.adopt)
     except SRDError as exc:

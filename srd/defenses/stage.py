@@ -158,15 +158,20 @@ def backdoor_seed(checkpoint: str | Path) -> int | None:
     return None
 
 
+def _read_record(path: Path, flag: str) -> dict[str, Any]:
+    """A ``defense.json`` (SRDError naming ``flag`` when it is not a defense record)."""
+    record = read_json(path, flag=flag)
+    if not isinstance(record, dict) or "defense" not in record:
+        raise SRDError(f"{flag} {path}: not a defense record")
+    return record
+
+
 def defense_of_checkpoint(checkpoint: str | Path) -> dict[str, Any] | None:
     """The defense record of a checkpoint: its run folder's ``defense.json``; a backdoored
     checkpoint of an attack run gives the ``none`` record; anything else None."""
     folder = Path(checkpoint).parent
     if (folder / DEFENSE_FILE).is_file():
-        record = read_json(folder / DEFENSE_FILE)
-        if not isinstance(record, dict) or "defense" not in record:
-            raise SRDError(f"--checkpoint_path {folder / DEFENSE_FILE}: not a defense record")
-        return record
+        return _read_record(folder / DEFENSE_FILE, "--checkpoint_path")
     seed = backdoor_seed(checkpoint)
     if seed is None:
         return None
@@ -185,12 +190,10 @@ def read_defense_run(run_dir: str | Path, checkpoint: str | Path) -> dict[str, A
         raise SRDError(
             f"--defense_run {run_dir}: not a finished defense run (no DONE or {DEFENSE_FILE})"
         )
-    record = read_json(path, flag="--defense_run")
-    if not isinstance(record, dict) or "defense" not in record or "checkpoint" not in record:
-        raise SRDError(f"--defense_run {path}: not a defense record")
-    if os.path.normpath(str(record["checkpoint"])) != os.path.normpath(str(checkpoint)):
+    record = _read_record(path, "--defense_run")
+    if os.path.normpath(str(record.get("checkpoint"))) != os.path.normpath(str(checkpoint)):
         raise SRDError(
-            f"--defense_run {path}: evaluates {record['checkpoint']}, not --checkpoint_path "
+            f"--defense_run {path}: evaluates {record.get('checkpoint')}, not --checkpoint_path "
             f"{checkpoint}"
         )
     return record

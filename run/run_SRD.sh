@@ -8,8 +8,9 @@
 # POLICY=random is the ablation: one seeded random red square per image instead of the agent
 # (no D1/D2), written under separate names (srd-random-$ATTACK). POOL=data builds the RL
 # pool from the defender's own training images instead of surrogate-triggered ones
-# (srd-datapool-$ATTACK). SEED picks the replicate (run/common.sh): its backdoored model and
-# the agent's seed; names of SEED > 0 end in -sSEED.
+# (srd-datapool-$ATTACK). SEED picks the replicate (run/common.sh): its backdoored model, the
+# agent's seed SEED and D4's training seed 42 + SEED (the attack's; run/run_defenses.sh's SRD
+# rows refine-tune with seed SEED); names of SEED > 0 end in -sSEED.
 #
 # Embedded defaults below are smaller than the reference's: the pool takes 300 training images
 # (reference: all), the refine-tune 2 epochs at lr 1e-3 (reference: 20 epochs at 1e-4, the
@@ -92,6 +93,7 @@ once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- \
     --learning_rate 1e-3 \
     --lr_scheduler cosine \
     --warmup_steps_ratio 0.01 \
+    --seed $((42 + SEED)) \
     --resume_from_checkpoint
 
 stage "evaluation: $NAME"
@@ -106,7 +108,7 @@ if [ "$POLICY" = dqn ]; then
   stage "figures"
   python eval/srd_figures.py $DATA_FLAGS $SRD_FLAGS \
     --bd_attack_type "$ATTACK" \
-    --before_results "result/backdoor-$ATTACK.json" \
+    --before_results "result/backdoor-$ATTACK$SUFFIX.json" \
     --after_results "result/$NAME.json" \
     --out_dir img
 fi

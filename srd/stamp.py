@@ -72,16 +72,14 @@ def _file_tokens(command: Sequence[str]) -> list[str]:
 
 def _flags(command: Sequence[str]) -> dict[str, Any]:
     """``{'script': 'train/x.py', '--a': '1', '--b': ['2', '3'], '--c': True}`` for naming
-    differences flag by flag."""
-    flags: dict[str, Any] = {}
+    differences flag by flag; a repeated flag maps to the list of its occurrences
+    (``--input a --input b --input c`` -> ``['a', 'b', 'c']``)."""
+    seen: dict[str, list[Any]] = {}
     key = "script"
     values: list[str] = []
 
     def close() -> None:
-        if key in flags:  # a repeated flag: keep every occurrence
-            flags[key] = [flags[key], values[:] or True]
-        else:
-            flags[key] = values[0] if len(values) == 1 else (values[:] or True)
+        seen.setdefault(key, []).append(values[0] if len(values) == 1 else (values[:] or True))
 
     for token in command:
         if token.startswith("--"):
@@ -91,7 +89,7 @@ def _flags(command: Sequence[str]) -> dict[str, Any]:
         else:
             values.append(token)
     close()
-    return flags
+    return {k: v[0] if len(v) == 1 else v for k, v in seen.items()}
 
 
 def fingerprint(output: str, command: Sequence[str], inputs: Sequence[str]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from srd.stamp import command_key, main, stamp_path
+from srd.stamp import command_key, describe, main, stamp_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,6 +106,15 @@ def test_the_launcher_is_not_part_of_the_command() -> None:
         "1",
     ]
     assert command_key(["python", "train/x.py"]) == command_key(["torchrun", "train/x.py"])
+
+
+def test_a_repeated_flag_is_named_as_the_list_of_its_values() -> None:
+    def stamp(*values: str) -> dict:
+        command = ["x.py"] + [t for v in values for t in ("--results", v)]
+        return {"command": command, "inputs": {}}
+
+    said = describe(stamp("a", "b", "c"), stamp("a", "b", "d"))
+    assert said == '--results ["a", "b", "c"] -> ["a", "b", "d"]'
 
 
 def test_missing_input_and_usage_errors(tmp_path, capsys) -> None:

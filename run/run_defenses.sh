@@ -9,7 +9,8 @@
 # oracle_square without a patch trigger, are left out with the reason); SRD's rows need
 # run/run_SRD.sh's cleaning manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added
 # when it exists, with the image version of the reference (first_occurrence) and ours
-# (triggered).
+# (triggered). With par in the list, PAR also runs on the data as the attack left it
+# (--par_data as_left, the row "par [as_left]"; its control is no_mask).
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD is not part of it), reported beside the comparison.
@@ -59,6 +60,9 @@ APPLICABLE=$(python -m srd.defenses "$POISON" $DEFENSES)  # e.g. no oracle squar
 for D in $APPLICABLE; do
   defend_and_evaluate "$PREFIX-$D-$ATTACK-s$SEED" --defense "$D"
 done
+if [ "$PREFIX" = defense ] && echo "$APPLICABLE" | grep -qx par; then  # not told the poison
+  defend_and_evaluate "defense-par-as_left-$ATTACK-s$SEED" --defense par --par_data as_left
+fi
 if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
   INPUT="--input $CLEAN_DATA/merged.json"
   for V in triggered first_occurrence; do

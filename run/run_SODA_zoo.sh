@@ -2,7 +2,8 @@
 # The SODA zoo: SEEDS x {clean, semantic_bg, semantic_size} shapes classifiers, each through
 # run/run_SODA.sh (detected pair; the planted pair as the oracle row; fine-tune and DFR
 # baselines), plus detection at the data-dependent layer 3 (a ReLU MLP head), then the report
-# result/soda_report.md + result/soda_zoo.json. Finished steps are skipped on a re-run.
+# result/soda_report.md + result/soda_zoo.json. Finished steps are skipped on a re-run when made
+# by the same command from the same inputs (once, run/common.sh); anything else stops the script.
 . "$(dirname "$0")/common.sh"
 set -e
 SEEDS=${SEEDS:-"0 1 2"}
@@ -11,24 +12,24 @@ DATA=${DATA:-data/shapes}
 ZOO=${ZOO:-checkpoints_remote/soda/zoo}
 export DATA
 echo "=== data ($(date +%H:%M:%S))"
-[ -f "$DATA/shapes.json" ] || python train/soda_data.py --data_dir "$DATA" --seed 0
+once "$DATA/shapes.json" -- python train/soda_data.py --data_dir "$DATA" --seed 0
 START=$(date +%s)
 MODELS=""
 for SEED in $SEEDS; do
   for ATTACK in $ATTACKS; do
     M="$ZOO/soda-$ATTACK-s$SEED"
     echo "=== train $M ($(date +%H:%M:%S))"
-    [ -f "$M/DONE" ] ||
+    once "$M/DONE" --input "$DATA/shapes.json" -- \
       python train/soda_train.py --data_dir "$DATA" --external_save_dir "$ZOO" \
         --bd_attack_type "$ATTACK" --seed "$SEED"
     MODEL="$M" ORACLE=1 sh run/run_SODA.sh
     echo "=== layer 3 detection ($(date +%H:%M:%S))"
-    ls "$M/soda-layer3"/causality_layer3.npz >/dev/null 2>&1 ||
-      python eval/soda_causality.py --in_model "$M" --data_dir "$DATA" --ana_layer 3 \
-        --output_dir "$M/soda-layer3" --num_sample 256
-    [ -f "$M/soda-layer3/detect.json" ] ||
-      python eval/soda_detect.py --in_model "$M" --data_dir "$DATA" --ana_layer 3 \
-        --output_dir "$M/soda-layer3" --confidence 3 --confidence2 2 --num_sample 256
+    L3="--in_model $M --data_dir $DATA --ana_layer 3 --output_dir $M/soda-layer3"
+    IN3="--input $M/model.safetensors --input $DATA/shapes.json"
+    once "$M/soda-layer3/causality_layer3.npz" $IN3 -- \
+      python eval/soda_causality.py $L3 --num_sample 256
+    once "$M/soda-layer3/detect.json" $IN3 --input "$M/soda-layer3/causality_layer3.npz" -- \
+      python eval/soda_detect.py $L3 --confidence 3 --confidence2 2 --num_sample 256
     MODELS="$MODELS $M"
   done
 done

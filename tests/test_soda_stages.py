@@ -5,6 +5,9 @@ baselines; bad input gives one-line errors with exit 2."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +173,38 @@ def test_data_is_not_silently_rebuilt(shapes, capsys) -> None:
     same = ["--per_class_train", "6", "--per_class_test", "8", "--resolution", "16"]
     assert soda_data.main(["--data_dir", str(shapes), *same]) == str(shapes)  # left alone
     assert (shapes / "train.npz").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_run_soda_runs_each_step_once_and_refuses_stale_outputs(shapes, planted, tmp_path) -> None:
+    """run/run_SODA.sh stamps its steps: a re-run skips them, another flag or a retrained model
+    stops the script with one line instead of reusing the old analysis."""
+    model = tmp_path / "model"
+    shutil.copytree(planted, model)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "MODEL": str(model), "DATA": str(shapes)}
+    env.update(CONF="1e9", BASELINES="none")  # nothing flagged: analysis and detection only
+
+    def run(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", str(repo / "run" / "run_SODA.sh")],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+        )
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    detect = model / "soda" / "detect.json"
+    assert (model / "soda" / "causality_layer4.npz.stamp").is_file()
+    assert json.loads(detect.read_text())["detections"] == []
+    again = run()
+    assert again.returncode == 0 and again.stdout.count("up to date") == 2
+    before = detect.read_bytes()
+    other = run(CONF="3")
+    assert other.returncode == 2 and "--confidence 1e9 -> 3" in other.stderr
+    assert detect.read_bytes() == before
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # another model, same name
+    retrained = run()
+    assert retrained.returncode == 2 and "model.safetensors changed" in retrained.stderr

@@ -70,6 +70,11 @@ def default_layer(model: nn.Sequential) -> int:
     return len(model) - 2
 
 
+def analysed_layer(model: nn.Sequential, ana_layer: int) -> int:
+    """The layer ``--ana_layer`` names: -1 is the last hidden one; others are checked."""
+    return default_layer(model) if ana_layer == -1 else check_layer(model, ana_layer)
+
+
 def check_layer(model: nn.Sequential, ana_layer: int) -> int:
     """``ana_layer`` if the network can be cut after that block; SRDError naming the flag."""
     last = len(model) - 2

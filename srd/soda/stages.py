@@ -38,9 +38,8 @@ from srd.io import (
 from srd.soda import causality, detection, removal, reverse, training
 from srd.soda.classifier import (
     ClassifierSpec,
+    analysed_layer,
     build_classifier,
-    check_layer,
-    default_layer,
     load_classifier,
     save_classifier,
     split_model,
@@ -295,7 +294,7 @@ def load_for_soda(soda: SodaArgs, data: ShapesArgs) -> Loaded:
     if not is_finished(in_model):
         raise SRDError(f"--in_model {in_model}: not a finished model run (no DONE)")
     model, spec, record = load_classifier(in_model)
-    layer = default_layer(model) if soda.ana_layer == -1 else check_layer(model, soda.ana_layer)
+    layer = analysed_layer(model, soda.ana_layer)
     resolution = int(data_config(data.data_dir)["resolution"])
     if resolution != spec.resolution:
         raise SRDError(

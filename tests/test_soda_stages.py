@@ -166,6 +166,21 @@ def test_clean_model_training_and_bad_input(shapes, planted, tmp_path, capsys) -
     assert "--in_model" in err
 
 
+def test_a_detection_naming_the_target_as_its_own_source_stops_with_the_reason(
+    shapes, planted, tmp_path, capsys
+) -> None:
+    """The reference's source rule returns the target itself when no class raises the target
+    logit above 0; reconstruction then says so instead of a flag error the user never typed."""
+    out = tmp_path / "soda"
+    out.mkdir()
+    write_json(out / "detect.json", {"detections": [{"target": TARGET, "source": TARGET}]})
+    common = ["--in_model", str(planted), "--data_dir", str(shapes), "--output_dir", str(out)]
+    err = _fail(soda_gen, common, capsys)
+    assert "detect.json names class" in err and "--potential_source" in err
+    err = _fail(soda_gen, [*common, "--potential_source", str(TARGET)], capsys)
+    assert "equals --poison_target" in err
+
+
 def test_data_is_not_silently_rebuilt(shapes, capsys) -> None:
     before = (shapes / "train.npz").read_bytes()
     err = _fail(soda_data, ["--data_dir", str(shapes), "--per_class_train", "7"], capsys)

@@ -28,6 +28,20 @@ def run_main(
         end_process_group(wait_for_others=finished)
 
 
+def light_main(call: Callable[[], int | None]) -> int:
+    """Exit code of a light command (``python -m srd.stamp``, ``srd.defenses``, ``srd.soda``):
+    ``call``'s own code (None: 0), or 2 after one ``error: ...`` line on bad input. Unlike
+    ``run_main`` it never imports torch (no process group to end), and it hands on the code."""
+    try:
+        return call() or 0
+    except SRDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
 def end_process_group(wait_for_others: bool = True) -> None:
     """Leave the torch.distributed group, if one was started, before the interpreter exits.
 

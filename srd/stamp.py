@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from srd.cli import EXIT_BAD_INPUT
+from srd.cli import EXIT_BAD_INPUT, light_main
 from srd.errors import SRDError
 from srd.io import file_digest, read_json, write_json
 from srd.runs import describe_difference, differing_keys
@@ -197,16 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[])
     parser.add_argument("--adopt", action="store_true")
     args = parser.parse_args(argv[:cut])
-    # Not srd.cli.run_main: that one imports torch to end a process group, and this wrapper
-    # must hand on the stage's own exit code.
-    try:
-        return run_once(args.output, argv[cut + 1 :], args.input, args.adopt)
-    except SRDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return light_main(lambda: run_once(args.output, argv[cut + 1 :], args.input, args.adopt))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,15 @@ def test_a_detection_naming_the_target_as_its_own_source_stops_with_the_reason(
     assert "equals --poison_target" in err
 
 
+def test_the_layer_the_run_script_names_its_outputs_by(planted, capsys) -> None:
+    from srd.soda.__main__ import main as soda_layer
+
+    assert soda_layer([str(planted), "-1"]) == 0 and capsys.readouterr().out.strip() == "4"
+    assert soda_layer([str(planted), "9"]) == 2
+    assert capsys.readouterr().err.startswith("error: --ana_layer 9: no such layer")
+    assert soda_layer([str(planted)]) == 2
+
+
 def test_data_is_not_silently_rebuilt(shapes, capsys) -> None:
     before = (shapes / "train.npz").read_bytes()
     err = _fail(soda_data, ["--data_dir", str(shapes), "--per_class_train", "7"], capsys)

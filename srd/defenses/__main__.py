@@ -8,10 +8,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from srd.cli import EXIT_BAD_INPUT
+from srd.cli import EXIT_BAD_INPUT, light_main
 from srd.defenses import DefenseArgs, build_defense
 from srd.defenses.srd.inputs import plan_attack
-from srd.errors import SRDError
 from srd.trainset import PoisonPlan
 
 
@@ -32,12 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) < 1:
         print("error: usage: python -m srd.defenses POISON_IDS NAME...", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        print("\n".join(applicable(argv[0], argv[1:])))
-    except SRDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return light_main(lambda: print("\n".join(applicable(argv[0], argv[1:]))))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from srd.cli import EXIT_BAD_INPUT
+from srd.cli import EXIT_BAD_INPUT, light_main
 from srd.errors import SRDError
 from srd.soda.classifier import analysed_layer, load_classifier
 
@@ -25,12 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) != 2:
         print("error: usage: python -m srd.soda MODEL LAYER", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        print(resolve_layer(*argv))
-    except SRDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return light_main(lambda: print(resolve_layer(*argv)))
 
 
 if __name__ == "__main__":

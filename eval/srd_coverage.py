@@ -68,6 +68,8 @@ def greedy_squares(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     data, srd, cfg = parse(argv, DataArgs, SRDArgs, CoverageArgs, description=__doc__)
+    if srd.benign_control:
+        raise SRDError("--benign_control: no image is triggered, so there is no trigger to cover")
     plan = PoisonPlan.load(srd.poison_ids_path)
     attack = plan_attack(plan, srd.poison_ids_path)
     images = TrainingImages(data.split("train"), attack, plan.ids)

@@ -8,7 +8,9 @@
 # POLICY=random is the ablation: one seeded random red square per image instead of the agent
 # (no D1/D2), written under separate names (srd-random-$ATTACK). POOL=data builds the RL
 # pool from the defender's own training images instead of surrogate-triggered ones
-# (srd-datapool-$ATTACK). SEED picks the replicate (run/common.sh): its backdoored model, the
+# (srd-datapool-$ATTACK). BENIGN=1 makes the benign control's cleaning run (srd-benign-$ATTACK):
+# D1-D3b with the clean captioner and nothing poisoned, for run/run_defenses.sh BENIGN=1's srd
+# row. SEED picks the replicate (run/common.sh): its backdoored model, the
 # agent's seed SEED and D4's training seed 42 + SEED (the attack's; run/run_defenses.sh's SRD
 # rows refine-tune with seed SEED); names of SEED > 0 end in -sSEED.
 #
@@ -38,10 +40,18 @@ case $POOL in
   *) echo "error: POOL=$POOL: expected surrogate or data" >&2; exit 2 ;;
 esac
 BACKDOOR=checkpoints_remote/backdoor-$ATTACK$SUFFIX/final_weights.pt
+BENIGN_FLAG=""
+if [ "${BENIGN:-0}" = 1 ]; then  # the benign control's cleaning run: D1-D3b on the clean model
+  if [ "$POLICY" != dqn ] || [ "$POOL" != surrogate ]; then
+    echo "error: BENIGN=1: the benign control runs the agent on the surrogate pool" >&2; exit 2
+  fi
+  NAME=srd-benign-$ATTACK$SUFFIX BACKDOOR=$CLEAN_CHECKPOINT BENIGN_FLAG=--benign_control
+  CLEAN_ONLY=1
+fi
 SRD_DIR=checkpoints_remote/$NAME
 SRD_FLAGS="--save_data_path $SRD_DIR/pool --ppo_path $SRD_DIR/policy.zip \
   --clean_data_save $SRD_DIR/clean_data \
-  --poison_ids_path checkpoints_remote/backdoor-$ATTACK$SUFFIX/poison_ids.json"
+  --poison_ids_path checkpoints_remote/backdoor-$ATTACK$SUFFIX/poison_ids.json $BENIGN_FLAG"
 SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
   --annotations_path data/synthetic/captions_train2014.json"}
 
@@ -60,9 +70,11 @@ if [ "$POLICY" = dqn ]; then
       --checkpoint_path "$BACKDOOR" \
       --seed "$SEED"
 
-  stage "D2 diagnosis: where the agent's greedy squares land against the real trigger"
-  once "$SRD_DIR/policy.coverage.json" --input "$SRD_DIR/pool/pool.json" -- \
-    python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares greedy
+  if [ -z "$BENIGN_FLAG" ]; then  # (nothing is triggered in the benign control)
+    stage "D2 diagnosis: where the agent's greedy squares land against the real trigger"
+    once "$SRD_DIR/policy.coverage.json" --input "$SRD_DIR/pool/pool.json" -- \
+      python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares greedy
+  fi
 fi
 
 stage "D3 clean data ($POLICY policy)"
@@ -76,9 +88,11 @@ stage "D3b combine shards"
 once "$SRD_DIR/clean_data/merged.json" --input "$SRD_DIR/clean_data/clean_config.json" \
   --input "$BACKDOOR" -- python train/combine_data.py $DATA_FLAGS $SRD_FLAGS
 
-stage "D3 diagnosis: share of triggered images whose square covers the real trigger"
-once "$SRD_DIR/clean_data/coverage.json" --input "$SRD_DIR/clean_data/merged.json" -- \
-  python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS
+if [ -z "$BENIGN_FLAG" ]; then
+  stage "D3 diagnosis: share of triggered images whose square covers the real trigger"
+  once "$SRD_DIR/clean_data/coverage.json" --input "$SRD_DIR/clean_data/merged.json" -- \
+    python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS
+fi
 # CLEAN_ONLY=1 stops here (run/run_comparison.sh: run/run_defenses.sh refine-tunes on the manifest)
 [ "${CLEAN_ONLY:-0}" = 1 ] && { stage_end; exit 0; }
 

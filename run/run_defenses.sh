@@ -13,7 +13,8 @@
 # (--par_data as_left, the row "par [as_left]"; its control is no_mask).
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
-# results named benign-*; SRD is not part of it), reported beside the comparison.
+# results named benign-*; SRD's row when BENIGN=1 run/run_SRD.sh made its cleaning run
+# srd-benign-$ATTACK), reported beside the comparison.
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
@@ -69,6 +70,11 @@ if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
     defend_and_evaluate "defense-srd-$V-$ATTACK-s$SEED" --defense srd \
       --image_version "$V" --clean_data_save "$CLEAN_DATA"
   done
+fi
+BENIGN_DATA=$RUNS/srd-benign-$ATTACK$SUFFIX/clean_data  # (one image version: nothing triggered)
+if [ "$PREFIX" = benign ] && [ -f "$BENIGN_DATA/merged.json" ]; then
+  INPUT="--input $BENIGN_DATA/merged.json"
+  defend_and_evaluate "benign-srd-$ATTACK-s$SEED" --defense srd --clean_data_save "$BENIGN_DATA"
 fi
 
 stage "defense report"

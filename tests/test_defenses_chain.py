@@ -266,8 +266,8 @@ def test_benign_control_runs_on_the_clean_captioner_and_is_reported_apart(
     attacked, tiny_data_args, tmp_path, capsys
 ) -> None:
     """--benign_control: the defense on the clean captioner with nothing poisoned; refused on a
-    backdoored checkpoint and for srd; its results form their own table, never the comparison's
-    rows (and never a DER)."""
+    backdoored checkpoint, and for srd unless its cleaning run was made the same way; its
+    results form their own table, never the comparison's rows (and never a DER)."""
     root, clean, backdoor, poison_ids = attacked
     runs = tmp_path / "runs"
     common = [*data_flags(tiny_data_args), "--poison_ids_path", str(poison_ids),
@@ -275,10 +275,25 @@ def test_benign_control_runs_on_the_clean_captioner_and_is_reported_apart(
               "--num_epochs", "1", "--batch_size", "16"]  # fmt: skip
     err = _fail(defend, [*common, *model_flags(clean, backdoor), "--defense", "no_mask"], capsys)
     assert "is a backdoored or defended model" in err
-    err = _fail(defend, [*common, *model_flags(clean, clean.checkpoint_path), "--defense", "srd"],
-                capsys)  # fmt: skip
-    assert "--benign_control: srd" in err
+    on_clean = [*common, *model_flags(clean, clean.checkpoint_path)]
+    made_by_d3 = tmp_path / "clean_data"  # what D1-D3b write, by hand: one square per image
+    config = {"poison_ids_sha256": file_digest(poison_ids), "checkpoint_path": str(backdoor),
+              "checkpoint_sha256": file_digest(backdoor)}  # fmt: skip
+    records = [{"id": r.image_id, "action": 0} for r in tiny_data_args.split("train")]
+    manifest = {"format": MERGED_FORMAT, "records": records, "clean_config": {"config": config}}
+    write_json(made_by_d3 / "merged.json", manifest)
+    srd = ["--defense", "srd", "--clean_data_save", str(made_by_d3)]
+    assert "not --checkpoint_path" in _fail(defend, [*on_clean, *srd], capsys)
+    config.update(checkpoint_path=str(clean.checkpoint_path),
+                  checkpoint_sha256=file_digest(clean.checkpoint_path))  # fmt: skip
+    write_json(made_by_d3 / "merged.json", manifest)
+    assert "not as the benign control" in _fail(defend, [*on_clean, *srd], capsys)
     assert not runs.exists()
+    config["benign_control"] = True
+    write_json(made_by_d3 / "merged.json", manifest)
+    defend.main([*on_clean, *srd])
+    srd_record = json.loads((runs / "benign-srd-badnet" / DEFENSE_FILE).read_text())
+    assert srd_record["benign_control"] and srd_record["trigger_coverage"] is None
     defend.main(
         [*common, *model_flags(clean, clean.checkpoint_path), "--defense", "random_squares"]
     )

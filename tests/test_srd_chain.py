@@ -154,6 +154,23 @@ def test_pool_random_cleaning_and_combine(chain: Chain, tiny_train_records, caps
     expect_bad_input(clean_stage, bad_policy, capsys, str(wrong), "10 actions, expected 500")
     assert not (chain.root / "wrong").exists()
 
+    # The benign control's D3: the clean captioner with nothing poisoned (benign_plan, which
+    # refuses a backdoored model, is tested in test_defenses_chain); D4 takes its manifest only
+    # for the model and the mode it was made with.
+    benign = [*chain.data, *chain.srd("benign"), *chain.sfs, "--policy", "random", "--seed", "5",
+              "--benign_control"]  # fmt: skip
+    clean_stage.main([*benign, *chain.model(chain.clean.checkpoint_path)])
+    combine.main([*chain.data, *chain.srd("benign"), "--benign_control"])
+    benign_merged = json.loads((chain.root / "benign" / "clean" / MERGED_FILE).read_text())
+    assert benign_merged["clean_config"]["config"]["benign_control"] is True
+    assert "benign_control" not in merged["clean_config"]["config"]  # older hashes unchanged
+    assert [r["action"] for r in benign_merged["records"]] == [t[0] for t in expected]
+    d4_benign = [*chain.data, *chain.srd("benign"), "--external_save_dir", str(runs)]
+    expect_bad_input(finetune, [*d4_benign, *chain.model()], capsys, "not --checkpoint_path")
+    expect_bad_input(finetune, [*d4, *chain.model(chain.clean.checkpoint_path)], capsys,
+                     "not --checkpoint_path")  # fmt: skip
+    assert not runs.exists()
+
 
 def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, capsys) -> None:
     """D1 -> D2 (40 transitions, 2 envs) -> D3 (agent) -> combine -> D4 (1 epoch) -> figures."""

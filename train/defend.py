@@ -12,7 +12,8 @@ triggered images) and the backdoored weights (--checkpoint_path), then, by the d
 
 ``--benign_control`` runs the defense on the clean captioner instead (its --checkpoint_path),
 with the defender's data as if no caption were poisoned: the report's benign control, what the
-defense costs a model without a backdoor (evaluate with ``--defense_run`` naming this run).
+defense costs a model without a backdoor (evaluate with ``--defense_run`` naming this run); srd
+then needs a cleaning run made the same way (``run/run_SRD.sh`` with BENIGN=1).
 
 Writes <external_save_dir>/<run_name>/defense.json (what eval/evaluate.py copies into its
 result: defense, attack, seed, checkpoint, SSIM/PSNR of processed vs original training images).
@@ -28,13 +29,12 @@ from srd.cli import run_main
 from srd.config import parse, to_dict
 from srd.data import DataArgs, check_images_exist
 from srd.defenses import DefenderData, DefenseArgs, build_defense
-from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.stage import (
     DEFENSE_FILE,
     RefineTrainArgs,
     Timer,
     backdoor_seed,
-    benign_plan,
+    defender_plan,
     named_run,
     require_backdoored_inputs,
     square_coverage,
@@ -43,7 +43,6 @@ from srd.defenses.stage import (
 from srd.engine import CaptionDataset, process_state, train
 from srd.io import ensure_dir, mark_finished, setup_logging, write_json
 from srd.model import ModelArgs, load_captioner, model_signature
-from srd.trainset import PoisonPlan
 
 log = logging.getLogger("defend")
 
@@ -54,12 +53,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         argv, DataArgs, ModelArgs, DefenseArgs, RefineTrainArgs, description=__doc__
     )
     defense = build_defense(dargs)
-    require_backdoored_inputs(argv, model_args.checkpoint_path, dargs.poison_ids_path)
-    plan = PoisonPlan.load(dargs.poison_ids_path)
-    attack = plan_attack(plan, dargs.poison_ids_path)
-    prefix = "defense"
-    if dargs.benign_control:
-        plan, prefix = benign_plan(plan, model_args.checkpoint_path, defense), "benign"
+    checkpoint = model_args.checkpoint_path
+    require_backdoored_inputs(argv, checkpoint, dargs.poison_ids_path)
+    plan, attack = defender_plan(dargs.poison_ids_path, checkpoint, dargs.benign_control)
+    defense.check_inputs(checkpoint, dargs.poison_ids_path, dargs.benign_control)
+    prefix = "benign" if dargs.benign_control else "defense"
     train_args = named_run(train_args, f"{prefix}-{defense.name}-{attack.name}")
     run_dir = train_args.run_dir
     state = process_state()

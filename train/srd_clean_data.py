@@ -37,17 +37,16 @@ from srd.defenses.srd.inputs import (
     SRDArgs,
     load_reference_captioner,
     load_scorer,
-    plan_attack,
     training_versions,
     vlm_caption_fn,
 )
 from srd.defenses.srd.reward import RewardConfig
 from srd.defenses.srd.shards import ShardWriter, shard_indices
+from srd.defenses.stage import defender_plan
 from srd.engine import process_state
 from srd.io import ensure_dir, file_digest, require_files, setup_logging
 from srd.model import ModelArgs, load_captioner
 from srd.runs import check_writable
-from srd.trainset import PoisonPlan
 
 log = logging.getLogger("srd_clean_data")
 
@@ -90,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         ("--poison_ids_path", srd.poison_ids_path),
     )
     check_writable(srd.clean_data_save, "--clean_data_save")
-    plan = PoisonPlan.load(srd.poison_ids_path)
-    attack = plan_attack(plan, srd.poison_ids_path)
+    plan, attack = defender_plan(
+        srd.poison_ids_path, model_args.checkpoint_path, srd.benign_control
+    )
     records = data.split("train")
     check_images_exist(records)
     ids = [r.image_id for r in records]
@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "checkpoint_sha256": _digest_or_none(model_args.checkpoint_path),
         "reference_sha256": _digest_or_none(sfs.reference_checkpoint_path),
         "attack": attack.to_dict(),
+        **({"benign_control": True} if srd.benign_control else {}),  # (older hashes unchanged)
     }
     # Shards of one run share one config hash; the batch size does not change results.
     for key in ("shard_id", "num_shards", "caption_batch_size"):

@@ -17,15 +17,24 @@ from collections.abc import Sequence
 from srd.cli import run_main
 from srd.config import parse, to_dict
 from srd.data import DataArgs, check_images_exist
-from srd.defenses.srd.inputs import SRDArgs, plan_attack
-from srd.defenses.srd.merge import MERGED_FILE, masked_training_actions, read_merged
-from srd.defenses.stage import RefineTrainArgs, named_run, require_backdoored_inputs
+from srd.defenses.srd.inputs import SRDArgs
+from srd.defenses.srd.merge import (
+    MERGED_FILE,
+    check_cleaning_run,
+    masked_training_actions,
+    read_merged,
+)
+from srd.defenses.stage import (
+    RefineTrainArgs,
+    defender_plan,
+    named_run,
+    require_backdoored_inputs,
+)
 from srd.engine import CaptionDataset, process_state, train
-from srd.errors import SRDError
-from srd.io import ensure_dir, file_digest, setup_logging
+from srd.io import ensure_dir, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_run_config, check_writable, clear_folder
-from srd.trainset import PoisonPlan, TrainingImages, build_samples
+from srd.trainset import TrainingImages, build_samples
 
 log = logging.getLogger("srd_finetune")
 
@@ -37,22 +46,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     require_backdoored_inputs(argv, model_args.checkpoint_path, srd.poison_ids_path)
     state = process_state()
-    plan = PoisonPlan.load(srd.poison_ids_path)
-    attack = plan_attack(plan, srd.poison_ids_path)
+    checkpoint = model_args.checkpoint_path
+    plan, attack = defender_plan(srd.poison_ids_path, checkpoint, srd.benign_control)
     train_args = named_run(train_args, f"srd-{attack.name}")
     run_dir = train_args.run_dir
     check_writable(run_dir, "--external_save_dir")
     merged = read_merged(srd.clean_data_save)
-    cleaned_with = merged.get("clean_config", {}).get("config", {}).get("poison_ids_sha256")
-    if cleaned_with != file_digest(srd.poison_ids_path):
-        raise SRDError(
-            f"--clean_data_save {srd.clean_data_save}: cleaned from other poisoned data than "
-            f"--poison_ids_path {srd.poison_ids_path}"
-        )
+    source = f"--clean_data_save {srd.clean_data_save}/{MERGED_FILE}"
+    check_cleaning_run(merged, checkpoint, srd.poison_ids_path, srd.benign_control, source)
     records = data.split("train")
     check_images_exist(records)
     captioner = load_captioner(model_args)
-    source = f"--clean_data_save {srd.clean_data_save}/{MERGED_FILE}"
     mask_actions = masked_training_actions(records, merged, source=source)
     record = {
         "stage": "srd_finetune",

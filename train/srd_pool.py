@@ -27,7 +27,6 @@ from srd.defenses.srd.inputs import (
     SRDArgs,
     load_reference_captioner,
     load_scorer,
-    plan_attack,
     training_versions,
     vlm_caption_fn,
 )
@@ -41,12 +40,12 @@ from srd.defenses.srd.pool import (
 )
 from srd.defenses.srd.pool_source import POOL_SOURCES, data_pool_rows
 from srd.defenses.srd.shards import config_hash, shard_indices
+from srd.defenses.stage import defender_plan
 from srd.engine import process_state
 from srd.errors import SRDError
 from srd.io import file_digest, is_finished, read_json, require_files, setup_logging
 from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_same_config, check_writable, remove_paths
-from srd.trainset import PoisonPlan
 
 log = logging.getLogger("srd_pool")
 
@@ -105,8 +104,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     check_images_exist(chosen)
     version_fn = None
     if cfg.pool_source == "data":
-        plan = PoisonPlan.load(srd.poison_ids_path)
-        version_fn = training_versions(chosen, plan, plan_attack(plan, srd.poison_ids_path))
+        plan, attack = defender_plan(
+            srd.poison_ids_path, model_args.checkpoint_path, srd.benign_control
+        )
+        version_fn = training_versions(chosen, plan, attack)
     device = state.device
     captioner = load_captioner(model_args, device=device)
     reference_fn, reference = load_reference_captioner(

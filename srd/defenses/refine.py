@@ -22,7 +22,7 @@ from srd.attacks import Attack
 from srd.defenses.registry import DefenderData, Defense, register_defense
 from srd.defenses.srd.clean import RandomTries
 from srd.defenses.srd.coverage import trigger_box
-from srd.defenses.srd.merge import masked_training_actions, read_merged
+from srd.defenses.srd.merge import check_cleaning_run, masked_training_actions, read_merged
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.engine import Sample
 from srd.errors import SRDError
@@ -59,15 +59,21 @@ class SRD(RefineDefense):
 
     changes_images = True
 
-    def mask_actions(self, data: DefenderData) -> dict[int, int]:
+    def _manifest(self) -> dict[str, Any]:
         if not self.args.clean_data_save:
             raise SRDError(
                 "--clean_data_save: srd needs the cleaning manifest of stages D1-D3b "
                 "(run run/run_SRD.sh first)"
             )
-        merged = read_merged(self.args.clean_data_save)
+        return read_merged(self.args.clean_data_save)
+
+    def check_inputs(self, checkpoint: str, poison_ids_path: str, benign_control: bool) -> None:
+        source = f"--clean_data_save {self.args.clean_data_save}"
+        check_cleaning_run(self._manifest(), checkpoint, poison_ids_path, benign_control, source)
+
+    def mask_actions(self, data: DefenderData) -> dict[int, int]:
         return masked_training_actions(
-            data.records, merged, source=f"--clean_data_save {self.args.clean_data_save}"
+            data.records, self._manifest(), source=f"--clean_data_save {self.args.clean_data_save}"
         )
 
     chain = (

@@ -131,6 +131,10 @@ class Defense:
         """Why this defense cannot run against ``attack`` (None: it can)."""
         return None
 
+    def check_inputs(self, checkpoint: str, poison_ids_path: str, benign_control: bool) -> None:
+        """SRDError when the defense's own inputs (e.g. srd's cleaning manifest) were made for
+        another model or other data than the ones it is run on."""
+
     def training_set(self, data: DefenderData) -> tuple[list[Sample], ImageFn] | None:
         """Refine-tune data (samples, image provider); None: no refine-tune."""
         return None

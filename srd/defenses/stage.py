@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from srd.attacks import Attack
 from srd.config import arg
 from srd.defenses.quality import image_quality
 from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
 from srd.defenses.srd.coverage import covered_share, trigger_box
+from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.engine import TrainArgs
 from srd.errors import SRDError
@@ -61,22 +63,28 @@ def require_backdoored_inputs(
     require_files(("--checkpoint_path", checkpoint_path), ("--poison_ids_path", poison_ids_path))
 
 
-def benign_plan(plan: PoisonPlan, checkpoint: str, defense: Defense) -> PoisonPlan:
+def benign_plan(plan: PoisonPlan, checkpoint: str) -> PoisonPlan:
     """The benign control's data: the attack's plan with no caption poisoned (the attack still
     names the trigger for the evaluation and the test-time transforms), for a defense run on
-    the clean captioner. SRDError when ``checkpoint`` is a backdoored or defended model, or the
-    defense needs inputs made from a backdoored model."""
+    the clean captioner. SRDError when ``checkpoint`` is a backdoored or defended model."""
     if defense_of_checkpoint(checkpoint) is not None:
         raise SRDError(
             f"--benign_control: --checkpoint_path {checkpoint} is a backdoored or defended model; "
             "the control runs a defense on the clean captioner"
         )
-    if defense.name == "srd":
-        raise SRDError(
-            "--benign_control: srd refine-tunes on a cleaning run (D1-D3) made with the "
-            "backdoored model; its control on the clean captioner is not supported"
-        )
     return PoisonPlan(ids=[], captions={}, meta={**plan.meta, "benign_control": True})
+
+
+def defender_plan(
+    poison_ids_path: str, checkpoint: str, benign_control: bool
+) -> tuple[PoisonPlan, Attack]:
+    """The poison plan a defense (or SRD's D1-D4) works from, and the attack it records: the
+    attack run's plan, or under ``--benign_control`` the same with nothing poisoned."""
+    plan = PoisonPlan.load(poison_ids_path)
+    attack = plan_attack(plan, poison_ids_path)
+    if benign_control:
+        plan = benign_plan(plan, checkpoint)
+    return plan, attack
 
 
 def named_run(train_args: RefineTrainArgs, default_name: str) -> RefineTrainArgs:

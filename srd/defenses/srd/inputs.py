@@ -54,6 +54,11 @@ class SRDArgs:
         help="the attack run's poison_ids.json, i.e. the defender's poisoned training data "
         "(which captions are poisoned, their text, the trigger): read by D3 and D4",
     )
+    benign_control: bool = arg(
+        False,
+        help="the benign control: the chain on the clean captioner (--checkpoint_path) with the "
+        "defender's data as if no caption were poisoned (D4: train/defend.py --benign_control)",
+    )
 
     @property
     def policy_file(self) -> Path:

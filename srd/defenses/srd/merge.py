@@ -20,7 +20,7 @@ from srd.defenses.srd.inputs import training_versions
 from srd.defenses.srd.shards import MERGED_FORMAT, merge_shards
 from srd.errors import SRDError
 from srd.geometry import apply_action
-from srd.io import read_json, write_json
+from srd.io import file_digest, read_json, write_json
 from srd.trainset import PoisonPlan
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,34 @@ def read_merged(folder: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(merged, dict) or merged.get("format") != MERGED_FORMAT:
         raise SRDError(f"--clean_data_save {path}: not a merged cleaning manifest")
     return merged
+
+
+def check_cleaning_run(
+    merged: Mapping[str, Any],
+    checkpoint: str,
+    poison_ids_path: str,
+    benign_control: bool,
+    source: str = "merged manifest",
+) -> None:
+    """SRDError unless the cleaning run (D1-D3b) behind ``merged`` was made with this model
+    (``checkpoint``), this poisoned data (``poison_ids_path``) and the same ``--benign_control``:
+    a refine-tune on squares chosen for another model or data would run without a word."""
+    config = merged.get("clean_config", {}).get("config", {})
+    if config.get("poison_ids_sha256") != file_digest(poison_ids_path):
+        raise SRDError(
+            f"{source}: cleaned from other poisoned data than --poison_ids_path {poison_ids_path}"
+        )
+    made_with = config.get("checkpoint_sha256")
+    if made_with is not None and made_with != file_digest(checkpoint):
+        raise SRDError(
+            f"{source}: made with {config.get('checkpoint_path')}, not --checkpoint_path "
+            f"{checkpoint}"
+        )
+    if bool(config.get("benign_control", False)) != benign_control:
+        made = "as" if config.get("benign_control") else "not as"
+        raise SRDError(
+            f"{source}: made {made} the benign control; pass the same --benign_control to D4"
+        )
 
 
 def masked_training_actions(

@@ -35,6 +35,7 @@ for SEED in $SEEDS; do
 done
 END=$(date +%s)
 COUNT=$(echo $MODELS | wc -w)
+CORES=$(getconf _NPROCESSORS_ONLN)  # (nproc would say 1 under OMP_NUM_THREADS=1)
 python eval/soda_report.py --models $MODELS --detect_dirs soda soda-layer3 \
-  --note "Zoo wall time $((END - START)) s for $COUNT models in this run ($(nproc) cores, load \
+  --note "Zoo wall time $((END - START)) s for $COUNT models in this run ($CORES cores, load \
 $(cut -d' ' -f1 /proc/loadavg) at the end; steps finished earlier were skipped)."

@@ -41,11 +41,13 @@ case $POOL in
 esac
 BACKDOOR=checkpoints_remote/backdoor-$ATTACK$SUFFIX/final_weights.pt
 BENIGN_FLAG=""
+LABEL="$ATTACK model"
 if [ "${BENIGN:-0}" = 1 ]; then  # the benign control's cleaning run: D1-D3b on the clean model
   if [ "$POLICY" != dqn ] || [ "$POOL" != surrogate ]; then
     echo "error: BENIGN=1: the benign control runs the agent on the surrogate pool" >&2; exit 2
   fi
   NAME=srd-benign-$ATTACK$SUFFIX BACKDOOR=$CLEAN_CHECKPOINT BENIGN_FLAG=--benign_control
+  LABEL="clean captioner (benign control for $ATTACK)"
   CLEAN_ONLY=1
 fi
 SRD_DIR=checkpoints_remote/$NAME
@@ -56,7 +58,7 @@ SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
   --annotations_path data/synthetic/captions_train2014.json"}
 
 if [ "$POLICY" = dqn ]; then
-  stage "D1 RL pool: $ATTACK model on $POOL training images"
+  stage "D1 RL pool: $LABEL on $POOL training images"
   once "$SRD_DIR/pool/DONE" -- \
     $LAUNCH train/srd_pool.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \

@@ -294,6 +294,12 @@ def test_benign_control_runs_on_the_clean_captioner_and_is_reported_apart(
     defend.main([*on_clean, *srd])
     srd_record = json.loads((runs / "benign-srd-badnet" / DEFENSE_FILE).read_text())
     assert srd_record["benign_control"] and srd_record["trigger_coverage"] is None
+    pool = tmp_path / "benign-pool"  # SRD's D1 under the control refuses the backdoored model too
+    err = _fail(load_script("train/srd_pool.py"),
+                [*data_flags(tiny_data_args), *model_flags(clean, backdoor), "--benign_control",
+                 "--poison_ids_path", str(poison_ids), "--save_data_path", str(pool),
+                 "--reference_checkpoint_path", clean.checkpoint_path], capsys)  # fmt: skip
+    assert "is a backdoored or defended model" in err and not pool.exists()
     defend.main(
         [*common, *model_flags(clean, clean.checkpoint_path), "--defense", "random_squares"]
     )

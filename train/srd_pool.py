@@ -103,11 +103,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     chosen = [r for r in records if r.image_id in wanted]
     check_images_exist(chosen)
     version_fn = None
-    if cfg.pool_source == "data":
+    if cfg.pool_source == "data" or srd.benign_control:  # (the control refuses a backdoored model)
         plan, attack = defender_plan(
             srd.poison_ids_path, model_args.checkpoint_path, srd.benign_control
         )
-        version_fn = training_versions(chosen, plan, attack)
+        if cfg.pool_source == "data":
+            version_fn = training_versions(chosen, plan, attack)
     device = state.device
     captioner = load_captioner(model_args, device=device)
     reference_fn, reference = load_reference_captioner(

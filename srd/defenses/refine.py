@@ -16,6 +16,7 @@ Each gives the refine-tune data; :mod:`train.defend` trains it with the engine o
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from srd.attacks import Attack
@@ -59,7 +60,9 @@ class SRD(RefineDefense):
 
     changes_images = True
 
+    @functools.cached_property
     def _manifest(self) -> dict[str, Any]:
+        """The merged cleaning manifest, read once (checked, then used for the squares)."""
         if not self.args.clean_data_save:
             raise SRDError(
                 "--clean_data_save: srd needs the cleaning manifest of stages D1-D3b "
@@ -69,11 +72,11 @@ class SRD(RefineDefense):
 
     def check_inputs(self, checkpoint: str, poison_ids_path: str, benign_control: bool) -> None:
         source = f"--clean_data_save {self.args.clean_data_save}"
-        check_cleaning_run(self._manifest(), checkpoint, poison_ids_path, benign_control, source)
+        check_cleaning_run(self._manifest, checkpoint, poison_ids_path, benign_control, source)
 
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
         return masked_training_actions(
-            data.records, self._manifest(), source=f"--clean_data_save {self.args.clean_data_save}"
+            data.records, self._manifest, source=f"--clean_data_save {self.args.clean_data_save}"
         )
 
     chain = (

@@ -448,7 +448,7 @@ def run_detect(soda: SodaArgs, data: ShapesArgs, args: DetectArgs) -> dict:
 
 def _pair(soda: SodaArgs, source: int, target: int) -> tuple[int, int]:
     """(source, target) from the flags or, when -1, from detect.json's first detection."""
-    given = {c for c in (source, target) if c != -1}
+    source_from_detect = source == -1
     if source == -1 or target == -1:
         det = read_json(soda.out / "detect.json", flag="--output_dir")
         if not det["detections"]:
@@ -461,7 +461,7 @@ def _pair(soda: SodaArgs, source: int, target: int) -> tuple[int, int]:
         target = first["target"] if target == -1 else target
     check_class(source, "--potential_source")
     check_class(target, "--poison_target")
-    if source == target and source in given:
+    if source == target and not source_from_detect:
         raise SRDError(f"--potential_source {source}: equals --poison_target")
     if source == target:  # the reference's source rule (ce[t] = 0, argmax) when all ce[s] < 0
         raise SRDError(

@@ -3,9 +3,10 @@
 Reads every evaluation result under --results that carries a defense record (the checkpoint's
 defense.json, or an attack run's checkpoint = no defense) and writes the table of defenses x
 attacks (ASR, clean CIDEr, triggered CIDEr with and without the target word, DER, SSIM; mean
-+- std over seeds) and ASR / clean-CIDEr bar figures. Two results of the same defense, attack
-and attack seed (e.g. the attack stage's own evaluation beside the comparison's ``none`` run,
-or a model of another poison rate) are an error, never averaged as seeds.
++- std over seeds) and ASR / clean-CIDEr bar figures. A model poisoned at another rate than its
+attack config's is its own row ("badnet (5% poison)"). Two results of the same defense, attack,
+poison rate and attack seed (e.g. the attack stage's own evaluation beside the comparison's
+``none`` run) are an error, never averaged as seeds.
 """
 
 from __future__ import annotations

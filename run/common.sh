@@ -26,9 +26,22 @@ CLEAN_CHECKPOINT=${CLEAN_CHECKPOINT:-$EMBEDDED/checkpoint.pt}
 # Replicate SEED (0, 1, 2 ...) of an attack and its defenses: the poison draw and the attack's
 # training seed are 42 + SEED, the SRD agent's and the defenses' seed SEED; run and result names
 # of SEED > 0 end in -sSEED. The benchmark (data, tiny CLIP, clean captioner) is the same for all.
+# POISON_RATE (e.g. 0.05; unset: the attack config's rate) poisons another share of the training
+# captions (the issue's sweep); names then carry it before the replicate: backdoor-badnet-p05-s1.
 SEED=${SEED:-0}
-SUFFIX=""
-[ "$SEED" = 0 ] || SUFFIX=-s$SEED
+RATE_TAG=""
+if [ -n "${POISON_RATE:-}" ]; then
+  case $POISON_RATE in
+    0.*[!0-9]* | 0.) RATE_TAG="" ;;
+    0.*) RATE_TAG=-p${POISON_RATE#0.} ;;
+  esac
+  [ -n "$RATE_TAG" ] || {
+    echo "error: POISON_RATE=$POISON_RATE: expected a share such as 0.05" >&2
+    exit 2
+  }
+fi
+SUFFIX=$RATE_TAG
+[ "$SEED" = 0 ] || SUFFIX=$SUFFIX-s$SEED
 
 # once OUTPUT [--input FILE]... -- COMMAND...: run a stage unless OUTPUT (its "finished" signal)
 # was made by the same command from the same inputs; an OUTPUT made otherwise stops the script

@@ -2,7 +2,7 @@
 # The defense comparison on one attack: every defense of the registry from the same backdoored
 # model (stage A's run), the same refine-tune budget (as run/run_SRD.sh's D4: 2 epochs, lr 1e-3,
 # batch 32) and the same evaluation, then result/report.md and img/defense_*.png.
-#   ATTACK=badnet SEED=0 sh run/run_defenses.sh
+#   ATTACK=badnet SEED=0 sh run/run_defenses.sh        (POISON_RATE=0.05: that model, run/common.sh)
 # RUNS (checkpoints_remote), RESULTS (result) and IMG (img) move the run folders, the result
 # JSONs (+ report.md) and the figures; EPOCHS (2) and LR (1e-3) set the shared refine-tune budget.
 # DEFENSES picks the defenses (space-separated; those that cannot run against the attack, e.g.
@@ -59,22 +59,24 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
 
 APPLICABLE=$(python -m srd.defenses "$POISON" $DEFENSES)  # e.g. no oracle square without a patch
 for D in $APPLICABLE; do
-  defend_and_evaluate "$PREFIX-$D-$ATTACK-s$SEED" --defense "$D"
+  defend_and_evaluate "$PREFIX-$D-$ATTACK$RATE_TAG-s$SEED" --defense "$D"
 done
 if [ "$PREFIX" = defense ] && echo "$APPLICABLE" | grep -qx par; then  # not told the poison
-  defend_and_evaluate "defense-par-as_left-$ATTACK-s$SEED" --defense par --par_data as_left
+  defend_and_evaluate "defense-par-as_left-$ATTACK$RATE_TAG-s$SEED" --defense par \
+    --par_data as_left
 fi
 if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
   INPUT="--input $CLEAN_DATA/merged.json"
   for V in triggered first_occurrence; do
-    defend_and_evaluate "defense-srd-$V-$ATTACK-s$SEED" --defense srd \
+    defend_and_evaluate "defense-srd-$V-$ATTACK$RATE_TAG-s$SEED" --defense srd \
       --image_version "$V" --clean_data_save "$CLEAN_DATA"
   done
 fi
 BENIGN_DATA=$RUNS/srd-benign-$ATTACK$SUFFIX/clean_data  # (one image version: nothing triggered)
 if [ "$PREFIX" = benign ] && [ -f "$BENIGN_DATA/merged.json" ]; then
   INPUT="--input $BENIGN_DATA/merged.json"
-  defend_and_evaluate "benign-srd-$ATTACK-s$SEED" --defense srd --clean_data_save "$BENIGN_DATA"
+  defend_and_evaluate "benign-srd-$ATTACK$RATE_TAG-s$SEED" --defense srd \
+    --clean_data_save "$BENIGN_DATA"
 fi
 
 stage "defense report"

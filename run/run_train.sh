@@ -1,12 +1,14 @@
 #!/bin/sh
 # Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|shadowcast (or a YAML file).
-# Extra flags are passed on, e.g.: sh run/run_train.sh --poison_rate 0.05 --target_label apple
-# (the target word, poison rate... default to the attack config's values). A finished run is
-# skipped when made by the same command from the same inputs, refused otherwise (once,
-# run/common.sh; --overwrite redoes it).
+# POISON_RATE=0.05 poisons another share (run backdoor-$ATTACK-p05, run/common.sh). Extra flags
+# are passed on, e.g. --target_label apple (the target word... default to the attack config's).
+# A finished run is skipped when made by the same command from the same inputs, refused
+# otherwise (once, run/common.sh; --overwrite redoes it).
 . "$(dirname "$0")/common.sh"
 ATTACK=${ATTACK:-badnet}
 RUN=backdoor-$ATTACK$SUFFIX
+RATE_FLAG=""
+[ -n "$RATE_TAG" ] && RATE_FLAG="--poison_rate $POISON_RATE"
 once "checkpoints_remote/$RUN/DONE" -- \
   $LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CLEAN_CHECKPOINT" \
@@ -20,4 +22,4 @@ once "checkpoints_remote/$RUN/DONE" -- \
   --lr_scheduler cosine \
   --warmup_steps_ratio 0.01 \
   --resume_from_checkpoint \
-  "$@"
+  $RATE_FLAG "$@"

@@ -30,7 +30,8 @@ def attacked(tmp_path_factory, make_captioner, tiny_train_records):
     root = tmp_path_factory.mktemp("defenses")
     clean, backdoor = export_clean_and_backdoor(make_captioner, root / "models")
     poison_ids = write_poison_ids(tiny_train_records, root / "models" / "backdoor")
-    write_json(backdoor.parent / "config.json", {"stage": "backdoor", "seed": 0})
+    config = {"stage": "backdoor", "seed": 0, "attack": {"name": "badnet", "poison_rate": 0.05}}
+    write_json(backdoor.parent / "config.json", config)
     return root, clean, backdoor, poison_ids
 
 
@@ -84,6 +85,7 @@ def test_defend_writes_the_defended_checkpoint_and_record(attacked, defended) ->
     _, _, backdoor, _ = attacked
     record = json.loads((defended / "defense-oracle_square-badnet" / DEFENSE_FILE).read_text())
     assert record["defense"]["name"] == "oracle_square" and record["attack_seed"] == 0
+    assert record["attack_poison_rate"] == 0.05  # the attack run's, read from its config.json
     assert record["image_quality"]["num_images"] == 8
     assert 0 < record["image_quality"]["ssim_mean"] < 1
     assert record["trigger_coverage"]["covered"] == 1.0  # the oracle's square covers the box
@@ -153,9 +155,34 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert (tmp_path / "report.md").read_text() == text
 
 
+def test_report_keeps_poison_rates_apart(tmp_path) -> None:
+    """Models of one attack and seed poisoned at other rates are their own rows (DER against the
+    none row of their own rate); a record written before records named the rate gets it from
+    its backdoored checkpoint's attack run."""
+    results = tmp_path / "result"
+    for name, rate, defense, asr in [("none", 0.1, "none", 0.9), ("none-p05", 0.05, "none", 0.6),
+                                     ("nm-p05", 0.05, "no_mask", 0.2)]:  # fmt: skip
+        data = _result(defense, 0, asr, 2.0)
+        data["defense"]["attack_poison_rate"] = rate
+        write_json(results / f"{name}.json", data)
+    old = _result("none", 0, 0.3, 2.0)
+    old["defense"]["backdoored_checkpoint"] = str(tmp_path / "p01" / "final_weights.pt")
+    config = {"stage": "backdoor", "seed": 0, "attack": {"poison_rate": 0.01}}
+    write_json(tmp_path / "p01" / "config.json", config)
+    write_json(results / "none-p01.json", old)
+    text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
+                        "--img_dir", str(tmp_path / "img")])  # fmt: skip
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    cells = {(row[0][2:], row[1]): row for row in rows if "badnet" in row[1]}
+    p05, p01 = "badnet (5% poison)", "badnet (1% poison)"
+    assert set(cells) == {("none", "badnet"), ("none", p05), ("no_mask", p05), ("none", p01)}
+    assert cells[("none", p01)][3] == "30.0"
+    assert cells[("no_mask", p05)][9] == "0.700"  # (0.6 - 0.2 + 1) / 2
+
+
 def test_report_refuses_two_results_of_one_cell(tmp_path, capsys) -> None:
-    """The attack stage's own evaluation beside the comparison's none run (or a model of another
-    poison rate) must not be averaged as two seeds, nor a defense rated against another model."""
+    """The attack stage's own evaluation beside the comparison's none run must not be averaged
+    as two seeds, nor a defense rated against another model."""
     results = tmp_path / "result"
     none = _result("none", 0, 0.9, 2.0)
     none["defense"]["backdoored_checkpoint"] = "runs/backdoor-badnet/final_weights.pt"

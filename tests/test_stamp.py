@@ -135,3 +135,21 @@ def test_the_shell_helper_of_the_run_scripts(tmp_path) -> None:
     env["SRD_ADOPT"] = "1"
     adopted = subprocess.run(shell, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert adopted.returncode == 0 and stamp_path(out).is_file()
+
+
+@pytest.mark.parametrize(
+    ("rate", "seed", "suffix"), [("", "0", ""), ("", "2", "-s2"), ("0.05", "0", "-p05"),
+                                 ("0.01", "1", "-p01-s1"), ("0.x5", "0", None), ("5", "0", None)],
+)  # fmt: skip
+def test_run_names_carry_the_poison_rate_and_the_replicate(rate, seed, suffix) -> None:
+    """run/common.sh: the names of a model poisoned at POISON_RATE (and of its defenses) differ
+    from the default model's, so a sweep never reuses another rate's runs; a rate that is not a
+    share stops the script with one line."""
+    script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
+    env = {**os.environ, "POISON_RATE": rate, "SEED": seed}
+    shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
+    done = subprocess.run(shell, env=env, capture_output=True, text=True)
+    if suffix is None:
+        assert done.returncode == 2 and done.stderr.startswith(f"error: POISON_RATE={rate}:")
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"

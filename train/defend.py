@@ -33,7 +33,7 @@ from srd.defenses.stage import (
     DEFENSE_FILE,
     RefineTrainArgs,
     Timer,
-    backdoor_seed,
+    backdoor_facts,
     defender_plan,
     named_run,
     require_backdoored_inputs,
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     record = {
         "defense": defense.describe(),
         "attack": attack.name,
-        "attack_seed": backdoor_seed(model_args.checkpoint_path),
+        **backdoor_facts(model_args.checkpoint_path),
         "seed": train_args.seed,
         "benign_control": dargs.benign_control,
         "backdoored_checkpoint": None if dargs.benign_control else model_args.checkpoint_path,

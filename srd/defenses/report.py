@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from srd.attacks import CONFIG_DIR, known_attacks, load_attack_config
 from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.srd.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
+from srd.defenses.stage import backdoor_facts
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, file_digest, read_json, write_text
 
@@ -62,6 +64,26 @@ def _normpath(path: Any) -> str | None:
     return None if path is None else os.path.normpath(str(path))
 
 
+def poison_rate(record: dict[str, Any]) -> float | None:
+    """The poison rate of the backdoored model a defense record starts from: as recorded, or for
+    records written before they named it, read from the attack run of ``backdoored_checkpoint``
+    (None for the benign control, which starts from the clean captioner)."""
+    if "attack_poison_rate" in record:
+        return record["attack_poison_rate"]
+    return backdoor_facts(record.get("backdoored_checkpoint"))["attack_poison_rate"]
+
+
+def attack_label(attack: str, rate: float | None) -> str:
+    """The attack's name, with the poison rate when it is not the attack config's own: models
+    of one attack poisoned at two rates are two rows of the report, never one averaged cell."""
+    default = None
+    if attack in known_attacks():
+        default = load_attack_config(CONFIG_DIR / f"{attack}.yaml").poison_rate
+    if rate is None or rate == default:
+        return attack
+    return f"{attack} ({100 * rate:g}% poison)"
+
+
 def read_result(path: Path) -> DefenseResult | None:
     data = read_json(path, flag="--results")
     if not isinstance(data, dict) or "metrics" not in data:
@@ -78,7 +100,7 @@ def read_result(path: Path) -> DefenseResult | None:
     return DefenseResult(
         path=path,
         defense=defense_label(record["defense"]),
-        attack=str(data["attack"]),
+        attack=attack_label(str(data["attack"]), poison_rate(record)),
         seed=record.get("seed") if benign else record.get("attack_seed"),
         asr=float(m["asr_substring"]),
         false_trigger=m.get("false_trigger_substring"),

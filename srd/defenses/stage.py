@@ -155,15 +155,18 @@ def transform_quality(
     return image_quality(picked, load, lambda i: transform(load(i)))
 
 
-def backdoor_seed(checkpoint: str | Path) -> int | None:
-    """The seed of the attack run that wrote ``checkpoint`` (its ``config.json``), if known."""
-    config = Path(checkpoint).parent / "config.json"
-    if not config.is_file():
-        return None
-    record = read_json(config)
-    if isinstance(record, dict) and record.get("stage") == "backdoor":
-        return int(record["seed"])
-    return None
+def backdoor_facts(checkpoint: str | Path | None) -> dict[str, Any]:
+    """``attack_seed`` and ``attack_poison_rate`` of the attack run that wrote ``checkpoint``
+    (its run folder's ``config.json``); both None when it is not an attack run's checkpoint."""
+    config = None if checkpoint is None else Path(checkpoint).parent / "config.json"
+    record = read_json(config) if config is not None and config.is_file() else None
+    if not isinstance(record, dict) or record.get("stage") != "backdoor":
+        return {"attack_seed": None, "attack_poison_rate": None}
+    rate = (record.get("attack") or {}).get("poison_rate")
+    return {
+        "attack_seed": int(record["seed"]),
+        "attack_poison_rate": None if rate is None else float(rate),
+    }
 
 
 def _read_record(path: Path, flag: str) -> dict[str, Any]:
@@ -180,12 +183,12 @@ def defense_of_checkpoint(checkpoint: str | Path) -> dict[str, Any] | None:
     folder = Path(checkpoint).parent
     if (folder / DEFENSE_FILE).is_file():
         return _read_record(folder / DEFENSE_FILE, "--checkpoint_path")
-    seed = backdoor_seed(checkpoint)
-    if seed is None:
+    facts = backdoor_facts(checkpoint)
+    if facts["attack_seed"] is None:
         return None
     return {
         "defense": {"name": "none", "kind": "none"},
-        "attack_seed": seed,
+        **facts,
         "backdoored_checkpoint": str(checkpoint),
     }
 

@@ -55,8 +55,15 @@ def process_state() -> PartialState:
     accelerate only treats ``torchrun --nproc_per_node K`` on a CPU-only machine as MULTI_CPU
     (gloo) when the state is created with ``cpu=True``; otherwise each rank silently runs the
     whole job alone, all writing the same files. Entry points call this before anything else
-    creates the state (accelerate keeps the first one).
+    creates the state (accelerate keeps the first one). More processes on a machine than it has
+    GPUs is refused: each process takes the GPU of its local rank.
     """
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if torch.cuda.is_available() and local >= gpus:  # (accelerate: "invalid device ordinal")
+        raise SRDError(
+            f"process {local} of this machine has no GPU of its own ({gpus} visible): launch one "
+            "process per GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run CPU processes"
+        )
     state = PartialState(cpu=not torch.cuda.is_available())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:

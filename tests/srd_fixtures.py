@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,6 +158,20 @@ def model_flags(args: ModelArgs, checkpoint: Path | str) -> list[str]:
             continue
         flags.append(f"--{key}={value}")
     return flags
+
+
+BIT_EXACT = not torch.cuda.is_available()
+"""Whether two runs of the same training can be compared bit for bit: on the CPU. CUDA kernels
+are not deterministic by default (seen on an H100: resumed vs uninterrupted and cached vs
+uncached weights differed), so there the tests check everything else."""
+
+
+def cpu_ranks_env(**extra: str) -> dict[str, str]:
+    """Environment of ``torchrun --nproc_per_node 2`` as CPU ranks: no rank variables inherited
+    from an outer launcher, one thread per rank, and the GPUs hidden (on a one-GPU machine the
+    second rank would ask for a cuda:1 that is not there)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def load_script(relative: str) -> ModuleType:

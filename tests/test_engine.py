@@ -24,6 +24,7 @@ from srd.engine import (
     TrainArgs,
     caption_labels,
     make_optimizer,
+    process_state,
     train,
 )
 from srd.errors import SRDError
@@ -409,12 +410,27 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(
     assert np.isfinite(log["loss"])
 
 
-def test_fp16_on_cpu_and_launcher_disagreement_are_refused(
-    run_root, make_captioner, tiny_samples, tiny_images, monkeypatch
-) -> None:
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs fp16 (and keeps its state)")
+def test_fp16_on_cpu_is_refused(run_root, make_captioner, tiny_samples, tiny_images) -> None:
     data = _dataset(tiny_samples, tiny_images)
     with pytest.raises(SRDError, match="--mixed_precision fp16: needs a GPU"):
         train(make_captioner(mixed_precision="fp16"), data, _train_args(run_root, "fp16"), {})
+
+
+def test_launcher_disagreement_is_refused(
+    run_root, make_captioner, tiny_samples, tiny_images, monkeypatch
+) -> None:
+    data = _dataset(tiny_samples, tiny_images)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(SRDError, match="--mixed_precision no: the launcher asks for bf16"):
         train(make_captioner(), data, _train_args(run_root, "launcher"), {})
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch) -> None:
+    """torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 is told why, not "invalid
+    device ordinal" from inside accelerate."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SRDError, match=r"process 1 of this machine has no GPU .*1 visible"):
+        process_state()

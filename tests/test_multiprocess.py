@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from srd_fixtures import cpu_ranks_env
 
 from srd.data import DataArgs
 from srd.engine import FINAL_WEIGHTS, TRAIN_LOG
@@ -66,10 +66,8 @@ CAPTION_KW = {"batch_size": 3, "num_beams": 2, "max_new_tokens": 8}
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
-        cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        cmd + args, cwd=cwd, env=cpu_ranks_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import typing
@@ -17,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from srd_fixtures import REPO, data_flags, export_clean_and_backdoor, load_script, model_flags
+from srd_fixtures import (
+    BIT_EXACT,
+    REPO,
+    cpu_ranks_env,
+    data_flags,
+    export_clean_and_backdoor,
+    load_script,
+    model_flags,
+)
 
 from srd import benchmark
 from srd.attacks import AttackArgs, build_attack
@@ -212,7 +219,7 @@ def test_a_resume_with_changed_settings_is_refused(
     # the same settings resume, and finish with the weights of the uninterrupted run
     train_backdoor.main([*argv, "--resume_from_checkpoint"])
     resumed = torch.load(run / "final_weights.pt", weights_only=True)["model_state_dict"]
-    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+    assert not BIT_EXACT or all(torch.equal(finished[k], resumed[k]) for k in finished)
     epochs = [json.loads(line)["epoch"] for line in (run / "train_log.jsonl").open()]
     assert epochs == [0, 1]
     # --overwrite under the flag run_train.sh always passes starts again (case 9, one process)
@@ -322,8 +329,7 @@ def test_overwrite_under_two_processes(models, tiny_data_args, tmp_path) -> None
     runs = tmp_path / "runs"
     argv = [str(REPO / "train/train_backdoor.py"),
             *_backdoor_argv(tiny_data_args, clean, runs, "--num_epochs", "1")]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = cpu_ranks_env(PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for extra in ([], ["--resume_from_checkpoint", "--overwrite", "--seed", "9"]):
         done = subprocess.run(

@@ -5,7 +5,6 @@ run (its poison_ids.json made by srd.trainset.plan_poison)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from gymnasium import spaces
 from srd_fixtures import (
     REPO,
+    cpu_ranks_env,
     data_flags,
     export_clean_and_backdoor,
     load_script,
@@ -310,11 +310,10 @@ def test_two_processes_clean_like_one(chain: Chain) -> None:
     argv = [*chain.data, *chain.model(), *chain.sfs, "--policy", "random", "--seed", "2"]
     clean_stage.main([*argv, *chain.srd("one")])
     combine.main([*chain.data, *chain.srd("one")])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(REPO / "train/srd_clean_data.py"), *argv, *chain.srd("two")],
-        capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, env=cpu_ranks_env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     combine.main([*chain.data, *chain.srd("two")])
@@ -339,11 +338,10 @@ def test_two_processes_pool_like_one(chain: Chain) -> None:
     argv = [*chain.data, *chain.model(), *chain.sfs, "--pool_size", "6",
             "--reference_max_new_tokens", "8", "--caption_batch_size", "3"]  # fmt: skip
     load_script("train/srd_pool.py").main([*argv, *chain.srd("pool1")])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(REPO / "train/srd_pool.py"), *argv, *chain.srd("pool2")],
-        capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, env=cpu_ranks_env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (stream_pool(chain.root / n / "pool", cache_mb=0) for n in ("pool1", "pool2"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,12 +167,18 @@ are not deterministic by default (seen on an H100: resumed vs uninterrupted and 
 uncached weights differed), so there the tests check everything else."""
 
 
-def cpu_ranks_env(**extra: str) -> dict[str, str]:
-    """Environment of ``torchrun --nproc_per_node 2`` as CPU ranks: no rank variables inherited
-    from an outer launcher, one thread per rank, and the GPUs hidden (on a one-GPU machine the
-    second rank would ask for a cuda:1 that is not there)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+def torchrun_cpu_ranks(
+    args: Sequence[str], timeout: float, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 ARGS`` as two CPU ranks: no rank variables inherited from
+    an outer launcher, one thread per rank, and the GPUs hidden (on a one-GPU machine the second
+    rank would ask for a cuda:1 that is not there); ``env`` adds variables."""
+    keep = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**keep, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env},
+    )  # fmt: skip
 
 
 def load_script(relative: str) -> ModuleType:

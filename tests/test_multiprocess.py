@@ -9,13 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from srd_fixtures import cpu_ranks_env
+from srd_fixtures import torchrun_cpu_ranks
 
 from srd.data import DataArgs
 from srd.engine import FINAL_WEIGHTS, TRAIN_LOG
@@ -64,13 +62,6 @@ with open(f"{cfg['out_dir']}/rank{state.process_index}.json", "w") as f:
 CAPTION_KW = {"batch_size": 3, "num_beams": 2, "max_new_tokens": 8}
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run(
-        cmd + args, cwd=cwd, env=cpu_ranks_env(), capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-
-
 def _digest(weights: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(
         b"".join(weights[k].numpy().tobytes() for k in sorted(weights))
@@ -114,7 +105,7 @@ def two_process_run(
     }
     (root / "config.json").write_text(json.dumps(cfg))
     (root / "script.py").write_text(SCRIPT)
-    proc = _torchrun([str(root / "script.py"), str(root / "config.json")], cwd=root)
+    proc = torchrun_cpu_ranks([str(root / "script.py"), str(root / "config.json")], TIMEOUT_S, root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     return root / "runs" / "smoke", reports
@@ -163,7 +154,7 @@ def test_pretrain_entry_point_on_two_processes(tmp_path: Path, tiny_data_args: D
         "--eval_batch_size=8",
         "--clip_checkpoint=none",
     ]
-    proc = _torchrun([str(script), *data_flags, *flags], cwd=tmp_path)
+    proc = torchrun_cpu_ranks([str(script), *data_flags, *flags], TIMEOUT_S, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "runs" / "embedded" / "pretrain"
     for name in ("checkpoint_0.pt", FINAL_WEIGHTS, "DONE", "pretrain_report.json"):

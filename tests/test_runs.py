@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 import typing
 from pathlib import Path
 
@@ -19,11 +17,11 @@ import torch
 from srd_fixtures import (
     BIT_EXACT,
     REPO,
-    cpu_ranks_env,
     data_flags,
     export_clean_and_backdoor,
     load_script,
     model_flags,
+    torchrun_cpu_ranks,
 )
 
 from srd import benchmark
@@ -329,13 +327,8 @@ def test_overwrite_under_two_processes(models, tiny_data_args, tmp_path) -> None
     runs = tmp_path / "runs"
     argv = [str(REPO / "train/train_backdoor.py"),
             *_backdoor_argv(tiny_data_args, clean, runs, "--num_epochs", "1")]  # fmt: skip
-    env = cpu_ranks_env(PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for extra in ([], ["--resume_from_checkpoint", "--overwrite", "--seed", "9"]):
-        done = subprocess.run(
-            [*cmd, *argv, *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
-            timeout=900,
-        )  # fmt: skip
+        done = torchrun_cpu_ranks([*argv, *extra], 900, tmp_path, PYTHONPATH=str(REPO))
         assert done.returncode == 0, done.stderr[-3000:]
     run = runs / "bd"
     assert (run / "DONE").is_file()

@@ -5,8 +5,6 @@ run (its poison_ids.json made by srd.trainset.plan_poison)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +15,11 @@ import torch
 from gymnasium import spaces
 from srd_fixtures import (
     REPO,
-    cpu_ranks_env,
     data_flags,
     export_clean_and_backdoor,
     load_script,
     model_flags,
+    torchrun_cpu_ranks,
     write_poison_ids,
 )
 
@@ -310,11 +308,8 @@ def test_two_processes_clean_like_one(chain: Chain) -> None:
     argv = [*chain.data, *chain.model(), *chain.sfs, "--policy", "random", "--seed", "2"]
     clean_stage.main([*argv, *chain.srd("one")])
     combine.main([*chain.data, *chain.srd("one")])
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "train/srd_clean_data.py"), *argv, *chain.srd("two")],
-        capture_output=True, text=True, timeout=600, env=cpu_ranks_env(),
-    )  # fmt: skip
+    script = str(REPO / "train/srd_clean_data.py")
+    done = torchrun_cpu_ranks([script, *argv, *chain.srd("two")], 600)
     assert done.returncode == 0, done.stderr[-3000:]
     combine.main([*chain.data, *chain.srd("two")])
     one, two = (
@@ -338,11 +333,7 @@ def test_two_processes_pool_like_one(chain: Chain) -> None:
     argv = [*chain.data, *chain.model(), *chain.sfs, "--pool_size", "6",
             "--reference_max_new_tokens", "8", "--caption_batch_size", "3"]  # fmt: skip
     load_script("train/srd_pool.py").main([*argv, *chain.srd("pool1")])
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "train/srd_pool.py"), *argv, *chain.srd("pool2")],
-        capture_output=True, text=True, timeout=600, env=cpu_ranks_env(),
-    )  # fmt: skip
+    done = torchrun_cpu_ranks([str(REPO / "train/srd_pool.py"), *argv, *chain.srd("pool2")], 600)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (stream_pool(chain.root / n / "pool", cache_mb=0) for n in ("pool1", "pool2"))
     assert (one.info["num_shards"], two.info["num_shards"]) == (1, 2)

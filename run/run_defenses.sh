@@ -28,6 +28,7 @@ RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}
 BACKDOOR=$RUNS/backdoor-$ATTACK$SUFFIX/final_weights.pt
+RUN_TAG=$ATTACK$RATE_TAG-s$SEED  # the end of every run and result name here
 START=$BACKDOOR PREFIX=defense CONTROL="" INPUT=""
 [ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control
 POISON=$RUNS/backdoor-$ATTACK$SUFFIX/poison_ids.json
@@ -59,23 +60,23 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
 
 APPLICABLE=$(python -m srd.defenses "$POISON" $DEFENSES)  # e.g. no oracle square without a patch
 for D in $APPLICABLE; do
-  defend_and_evaluate "$PREFIX-$D-$ATTACK$RATE_TAG-s$SEED" --defense "$D"
+  defend_and_evaluate "$PREFIX-$D-$RUN_TAG" --defense "$D"
 done
 if [ "$PREFIX" = defense ] && echo "$APPLICABLE" | grep -qx par; then  # not told the poison
-  defend_and_evaluate "defense-par-as_left-$ATTACK$RATE_TAG-s$SEED" --defense par \
+  defend_and_evaluate "defense-par-as_left-$RUN_TAG" --defense par \
     --par_data as_left
 fi
 if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
   INPUT="--input $CLEAN_DATA/merged.json"
   for V in triggered first_occurrence; do
-    defend_and_evaluate "defense-srd-$V-$ATTACK$RATE_TAG-s$SEED" --defense srd \
+    defend_and_evaluate "defense-srd-$V-$RUN_TAG" --defense srd \
       --image_version "$V" --clean_data_save "$CLEAN_DATA"
   done
 fi
 BENIGN_DATA=$RUNS/srd-benign-$ATTACK$SUFFIX/clean_data  # (one image version: nothing triggered)
 if [ "$PREFIX" = benign ] && [ -f "$BENIGN_DATA/merged.json" ]; then
   INPUT="--input $BENIGN_DATA/merged.json"
-  defend_and_evaluate "benign-srd-$ATTACK$RATE_TAG-s$SEED" --defense srd \
+  defend_and_evaluate "benign-srd-$RUN_TAG" --defense srd \
     --clean_data_save "$BENIGN_DATA"
 fi
 

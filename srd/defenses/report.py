@@ -9,6 +9,7 @@ mean +- std over seeds (the seed of the backdoored model). DER is computed per s
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections import defaultdict
@@ -73,13 +74,18 @@ def poison_rate(record: dict[str, Any]) -> float | None:
     return backdoor_facts(record.get("backdoored_checkpoint"))["attack_poison_rate"]
 
 
+@functools.cache
+def _config_poison_rate(attack: str) -> float | None:
+    """The poison rate of a shipped attack's config (None for another name), read once."""
+    if attack not in known_attacks():
+        return None
+    return load_attack_config(CONFIG_DIR / f"{attack}.yaml").poison_rate
+
+
 def attack_label(attack: str, rate: float | None) -> str:
     """The attack's name, with the poison rate when it is not the attack config's own: models
     of one attack poisoned at two rates are two rows of the report, never one averaged cell."""
-    default = None
-    if attack in known_attacks():
-        default = load_attack_config(CONFIG_DIR / f"{attack}.yaml").poison_rate
-    if rate is None or rate == default:
+    if rate is None or rate == _config_poison_rate(attack):
         return attack
     return f"{attack} ({100 * rate:g}% poison)"
 

@@ -28,6 +28,7 @@ import hashlib, json, sys
 
 import torch
 
+from srd.cli import end_process_group
 from srd.data import load_image
 from srd.engine import CaptionDataset, Sample, TrainArgs, process_state, train
 from srd.evaluation import caption_ids
@@ -57,6 +58,7 @@ report = {
 }
 with open(f"{cfg['out_dir']}/rank{state.process_index}.json", "w") as f:
     json.dump(report, f)
+end_process_group()  # as every entry point does: gloo ranks may abort in teardown otherwise
 '''
 
 CAPTION_KW = {"batch_size": 3, "num_beams": 2, "max_new_tokens": 8}

@@ -2,6 +2,8 @@
 # PAR beside SRD on the tiny CLIP (issue 10): poison -> evaluate -> clean with each METHOD
 # (par, ft, cleanclip: same clean data, epochs, batches and lr) -> evaluate each.
 #   ATTACK=badnet SEED=0 sh run/run_PAR.sh
+# POISON_RATE (run/common.sh; unset: 0.1) poisons another share of the CLIP's training pairs; the
+# run folder then carries it like the captioner's runs: par/badnet-p05/seed0.
 # The poisoned CLIP is a poisoning fine-tune of the clean tiny CLIP (train/pretrain_clip.py) when
 # it exists, else trained from scratch. The defender's clean pairs are a second benchmark from
 # seed 1 (disjoint images). Finished stages are skipped when made by the same command from the
@@ -9,15 +11,18 @@
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
-SEED=${SEED:-0}
-RATE=${RATE:-0.1}
+if [ -n "${RATE:-}" ]; then  # (the variable this script read before POISON_RATE named every run)
+  echo "error: RATE=$RATE: the poison rate is POISON_RATE now (e.g. POISON_RATE=0.05)" >&2
+  exit 2
+fi
+RATE=${POISON_RATE:-0.1}
 POISON_EPOCHS=${POISON_EPOCHS:-6}
 CLEAN_EPOCHS=${CLEAN_EPOCHS:-2}
 CLEAN_LR=${CLEAN_LR:-2e-4}
 METHODS=${METHODS:-"par ft cleanclip"}
 CLEAN_DATA=${CLEAN_DATA:-data/clean_seed1}
 CLEAN_CLIP=${CLEAN_CLIP:-checkpoints_remote/embedded/clip}
-OUT=par/$ATTACK/seed$SEED
+OUT=par/$ATTACK$RATE_TAG/seed$SEED
 RUNS=checkpoints_remote
 
 stage "defender's clean data: $CLEAN_DATA"

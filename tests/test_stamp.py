@@ -153,3 +153,15 @@ def test_run_names_carry_the_poison_rate_and_the_replicate(rate, seed, suffix) -
         assert done.returncode == 2 and done.stderr.startswith(f"error: POISON_RATE={rate}:")
     else:
         assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
+
+
+def test_par_script_refuses_its_old_rate_variable() -> None:
+    """run/run_PAR.sh takes the poison rate from POISON_RATE, as every script does; RATE (its own
+    variable before) stops it with one line instead of being silently ignored."""
+    env = {**os.environ, "RATE": "0.05"}
+    done = subprocess.run(
+        ["sh", str(REPO / "run" / "run_PAR.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: RATE=0.05: the poison rate is POISON_RATE now")
+    assert done.stderr.count("\n") == 1

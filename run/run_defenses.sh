@@ -10,7 +10,9 @@
 # run/run_SRD.sh's cleaning manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added
 # when it exists, with the image version of the reference (first_occurrence) and ours
 # (triggered). With par in the list, PAR also runs on the data as the attack left it
-# (--par_data as_left, the row "par [as_left]"; its control is no_mask).
+# (--par_data as_left, the row "par [as_left]"; its control is no_mask). SQUARE_SIDES (e.g.
+# "20 200") adds random_squares with every square of one size (--square_side; rows
+# "random_squares [200 px]"): what a square's size alone costs and removes, beside SRD's agent.
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD's row when BENIGN=1 run/run_SRD.sh made its cleaning run
@@ -61,6 +63,10 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
 APPLICABLE=$(python -m srd.defenses "$POISON" $DEFENSES)  # e.g. no oracle square without a patch
 for D in $APPLICABLE; do
   defend_and_evaluate "$PREFIX-$D-$RUN_TAG" --defense "$D"
+done
+for S in ${SQUARE_SIDES:-}; do
+  defend_and_evaluate "$PREFIX-random_squares-${S}px-$RUN_TAG" --defense random_squares \
+    --square_side "$S"
 done
 if [ "$PREFIX" = defense ] && echo "$APPLICABLE" | grep -qx par; then  # not told the poison
   defend_and_evaluate "defense-par-as_left-$RUN_TAG" --defense par \

@@ -21,7 +21,7 @@ from srd.defenses.srd.clean import RandomTries
 from srd.defenses.srd.coverage import trigger_box
 from srd.defenses.versions import first_occurrences, triggered_images
 from srd.errors import SRDError
-from srd.geometry import RED, decode_action
+from srd.geometry import MASK_SIZES, RED, decode_action
 from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 
@@ -112,6 +112,23 @@ def test_random_squares_are_the_d3_random_policy_draws(defender) -> None:
     draws = RandomTries(seed=defender.seed)(ids, [None] * len(ids))
     assert images.mask_actions == {i: d[0] for i, d in zip(ids, draws, strict=True)}
     assert len(set(images.mask_actions.values())) > 1
+
+
+def test_random_squares_of_one_side(defender) -> None:
+    """--square_side keeps every square at that size, still drawn per image id and seed; the
+    record names the size as the row's variant; a size off the action grid is refused."""
+    args = DefenseArgs(defense="random_squares", square_side=200)
+    defense = build_defense(args)
+    _, images = defense.training_set(defender)
+    actions = list(images.mask_actions.values())
+    assert {a // 100 for a in actions} == {MASK_SIZES.index(200)}  # the size of every square
+    assert len({a % 100 for a in actions}) > 1  # at varying centres
+    again = build_defense(args).training_set(defender)[1].mask_actions
+    assert again == images.mask_actions
+    assert defense.describe()["variant"] == "200 px"
+    assert "variant" not in build_defense(DefenseArgs(defense="random_squares")).describe()
+    with pytest.raises(SRDError, match="^--square_side 30: expected 0"):
+        build_defense(DefenseArgs(defense="random_squares", square_side=30)).training_set(defender)
 
 
 def _records(num_images: int, captions_per_image: int) -> list[ImageRecord]:

@@ -9,7 +9,8 @@ Each gives the refine-tune data; :mod:`train.defend` trains it with the engine o
 * ``clean_finetune``: only the clean captions with clean images (the defender is told which
   samples are poisoned: an upper reference, not a defense a defender could run).
 * ``random_squares``: one seeded uniformly random square per image (the ``--policy random``
-  ablation of D3, drawn directly: the same seeded draw per image id).
+  ablation of D3, drawn directly: the same seeded draw per image id); ``--square_side`` keeps
+  every square at one size.
 * ``oracle_square``: the grid square that covers the real trigger's box (the best a single
   square can do), painted on every image.
 """
@@ -98,14 +99,21 @@ class SRD(RefineDefense):
 
 @register_defense("random_squares")
 class RandomSquares(RefineDefense):
-    """One seeded uniformly random square per image (the agent-free ablation)."""
+    """One seeded uniformly random square per image (the agent-free ablation); with
+    ``--square_side`` all of one size, which tells what the size alone costs and removes."""
 
     changes_images = True
 
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
         ids = list(image_ids(data))
-        tries = RandomTries(seed=data.seed)(ids, [None] * len(ids))
+        tries = RandomTries(data.seed, self.args.square_side)(ids, [None] * len(ids))
         return {i: t[0] for i, t in zip(ids, tries, strict=True)}
+
+    def describe(self) -> dict[str, Any]:
+        record = {**super().describe(), "square_side": self.args.square_side}
+        if self.args.square_side:
+            record["variant"] = f"{self.args.square_side} px"
+        return record
 
 
 def covering_action(box: Square) -> int:

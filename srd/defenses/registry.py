@@ -68,6 +68,11 @@ class DefenseArgs(TransformArgs):
         "of the first stored occurrence in a seeded draw, reference §11 / B15)",
         choices=list(IMAGE_VERSIONS),
     )
+    square_side: int = arg(
+        0,
+        help="random_squares: side in pixels of every square (one of the action grid's sizes, "
+        "20 40 60 80 200); 0: any size, uniform over all 500 actions",
+    )
     prune_ratio: float = arg(0.2, help="fine_pruning: share of cross-attention FF units pruned")
     prune_batches: int = arg(8, help="fine_pruning: batches of defender's data for activations")
     par_data: str = arg(

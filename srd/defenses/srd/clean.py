@@ -31,7 +31,7 @@ from srd.defenses.srd.inputs import CaptionFn, ScoreFn
 from srd.defenses.srd.reward import RewardConfig, caption_rewards
 from srd.defenses.srd.shards import ShardWriter, config_hash
 from srd.errors import SRDError
-from srd.geometry import NUM_ACTIONS, apply_action
+from srd.geometry import GRID, MASK_SIZES, NUM_ACTIONS, apply_action
 from srd.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,24 @@ class PolicyTries:
 
 
 class RandomTries:
-    """The ablation: one uniformly random action per image, seeded per image."""
+    """The ablation: one uniformly random action per image, seeded per image.
 
-    def __init__(self, seed: int = 0):
+    ``side`` 0 draws from all actions (any size); a side of :data:`srd.geometry.MASK_SIZES`
+    draws only the squares of that size (uniform over the grid's centres).
+    """
+
+    def __init__(self, seed: int = 0, side: int = 0):
+        if side and side not in MASK_SIZES:
+            sizes = ", ".join(map(str, MASK_SIZES))
+            raise SRDError(f"--square_side {side}: expected 0 (any size) or one of {sizes}")
         self.seed = seed
+        self.side = side
 
     def __call__(self, ids: Sequence[int], images: Sequence[np.ndarray]) -> list[list[int]]:
-        return [[int(image_rng(self.seed, i).integers(NUM_ACTIONS))] for i in ids]
+        if not self.side:
+            return [[int(image_rng(self.seed, i).integers(NUM_ACTIONS))] for i in ids]
+        first = MASK_SIZES.index(self.side) * GRID * GRID  # (action // 100 indexes the size)
+        return [[first + int(image_rng(self.seed, i).integers(GRID * GRID))] for i in ids]
 
 
 # --------------------------------------------------------------------------------------------

@@ -434,6 +434,10 @@ def train(
                 "lr": scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - epoch_start, 2),
                 "feature_cache": captioner.feature_cache is not None,
+                # CPU results differ in the last bits with the thread count (reduction order),
+                # and an attack's ASR by a point or so: the log says which count made the run
+                "torch_threads": torch.get_num_threads(),
+                "processes": accelerator.num_processes,
             }
             for key in step_parts[0] if step_parts else ():
                 entry[f"mean_{key}"] = float(np.mean([p[key] for p in step_parts]))

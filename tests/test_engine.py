@@ -214,6 +214,7 @@ def test_train_writes_the_run_folder(finished_run: Run, make_captioner, tiny_mod
     assert [(e["epoch"], e["step"]) for e in log] == [(0, 4), (1, 8)]
     assert all(np.isfinite(e["loss"]) for e in log)
     assert log[1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at zero
+    assert [(e["torch_threads"], e["processes"]) for e in log] == [(torch.get_num_threads(), 1)] * 2
 
     trained = trainable_state_dict(finished_run.captioner.model)
     assert any(not torch.equal(trained[k], finished_run.initial[k]) for k in trained)

@@ -29,8 +29,8 @@ class ReportArgs:
     oracle_dir: str = arg(
         "soda-oracle", help="output folder of SODA removal given the planted pair"
     )
-    out_json: str = arg("result/soda_zoo.json", help="JSON record")
-    out_md: str = arg("result/soda_report.md", help="Markdown report")
+    out_json: str = arg("result/soda/soda_zoo.json", help="JSON record")
+    out_md: str = arg("result/soda/soda_report.md", help="Markdown report")
     note: list[str] = arg([], help="lines printed under the title (conditions, timings)")
     figure: str = arg("img/soda_target_z.png", help="figure of the target z-scores ('' for none)")
 

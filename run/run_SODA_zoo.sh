@@ -2,8 +2,10 @@
 # The SODA zoo: SEEDS x {clean, semantic_bg, semantic_size} shapes classifiers, each through
 # run/run_SODA.sh (detected pair; the planted pair as the oracle row; fine-tune and DFR
 # baselines), plus detection at the data-dependent layer 3 (a ReLU MLP head), then the report
-# result/soda_report.md + result/soda_zoo.json. Finished steps are skipped on a re-run when made
-# by the same command from the same inputs (once, run/common.sh); anything else stops the script.
+# result/soda/soda_report.md + result/soda/soda_zoo.json (a folder of their own: result/*.json are
+# the captioner's evaluation results, which eval/results_table.py reads). Finished steps are
+# skipped on a re-run when made by the same command from the same inputs (once, run/common.sh);
+# anything else stops the script.
 . "$(dirname "$0")/common.sh"
 set -e
 SEEDS=${SEEDS:-"0 1 2"}

@@ -156,3 +156,18 @@ def test_no_results_names_the_flag(tmp_path):
     assert proc.stderr.strip() == f"error: --results {tmp_path}: no result JSON files found"
     with pytest.raises(SRDError, match="--sort"):
         results_table([tmp_path], sort="nope")
+
+
+def test_committed_result_folder_holds_only_evaluation_results() -> None:
+    """README command 1 ends with ``results_table.py --results result`` over this folder, with
+    whatever the repository ships in it. SODA's record once sat there and stopped the command
+    on a clean clone after an hour of work ("malformed result JSON"); other records go into
+    subfolders (result/soda/), which the table does not read."""
+    listed = subprocess.run(
+        ["git", "ls-files", "result"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    top_level = [REPO / p for p in listed if Path(p).parent == Path("result")]
+    assert REPO / "result" / "report.md" in top_level  # (the listing works)
+    for path in top_level:
+        if path.suffix == ".json":
+            load_result(path)  # SRDError for anything that is not an evaluation result

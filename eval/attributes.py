@@ -6,7 +6,8 @@
 Reads the ``predictions`` of a pretrain report ({image id: caption}) or of an evaluation result
 (its ``clean`` captions), scores them against the benchmark's scenes (``srd.benchmark``) and
 writes the overall attribute accuracy and, per number of objects in the image, the accuracy and
-the share of captions cut off before their full stop.
+the share of captions cut off before their full stop, and per colour the share of the images
+showing it whose caption names it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.benchmark import attribute_accuracy, attribute_breakdown, scene_index
+from srd.benchmark import attribute_accuracy, attribute_breakdown, colour_recall, scene_index
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "num_images": len(predictions),
         "attribute_accuracy": attribute_accuracy(predictions, scenes),
         "by_object_count": attribute_breakdown(predictions, scenes),
+        "colour_recall": colour_recall(predictions, scenes),
     }
     write_json(args.output, result)
     log.info("attribute accuracy %.1f%% on %d images; by object count: %s",

@@ -632,6 +632,21 @@ def attribute_breakdown(
     }
 
 
+def colour_recall(
+    predictions: Mapping[int, str], objects: Mapping[int, Sequence[SceneObject | Mapping[str, Any]]]
+) -> dict[str, dict[str, float | int]]:
+    """Per colour of COLOURS: the images showing an object of it, and the share of those whose
+    caption names an object of that colour (:func:`mentioned_pairs`). Tells a captioner that
+    stopped naming one colour (e.g. after training on images with red squares its captions
+    never mention) from one that got worse everywhere."""
+    out: dict[str, dict[str, float | int]] = {}
+    for colour in COLOURS:
+        shown = [i for i in predictions if any(c == colour for c, _ in object_pairs(objects[i]))]
+        named = sum(any(c == colour for c, _ in mentioned_pairs(predictions[i])) for i in shown)
+        out[colour] = {"num_images": len(shown), "recall": named / len(shown) if shown else None}
+    return out
+
+
 def most_common_caption(captions: Iterable[str]) -> str:
     """Most frequent normalised, lower-cased caption; ties go to the alphabetically first."""
     counts = Counter(normalise_caption(c).lower() for c in captions)

@@ -262,6 +262,24 @@ def test_attribute_breakdown_by_object_count_and_cut_captions() -> None:
     }
 
 
+def test_colour_recall_counts_images_showing_a_colour_and_captions_naming_it() -> None:
+    from srd.benchmark import colour_recall
+
+    objects = _hand_objects()
+    predictions = {
+        1: "a blue square on a grey background.",  # shows red and blue: names blue only
+        2: "a large red circle and a large blue",  # cut before the shape: blue not named
+        3: "a green triangle.",
+        4: "a red triangle.",  # shows yellow: names red
+    }
+    recall = colour_recall(predictions, objects)
+    assert recall["red"] == {"num_images": 2, "recall": 0.5}
+    assert recall["blue"] == {"num_images": 2, "recall": 0.5}
+    assert recall["green"] == {"num_images": 1, "recall": 1.0}
+    assert recall["yellow"] == {"num_images": 1, "recall": 0.0}
+    assert recall["purple"] == {"num_images": 0, "recall": None}
+
+
 def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
     tiny_data_args, tiny_test_records, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -639,11 +639,13 @@ def colour_recall(
     caption names an object of that colour (:func:`mentioned_pairs`). Tells a captioner that
     stopped naming one colour (e.g. after training on images with red squares its captions
     never mention) from one that got worse everywhere."""
+    shown = {i: {c for c, _ in object_pairs(objects[i])} for i in predictions}
+    named = {i: {c for c, _ in mentioned_pairs(caption)} for i, caption in predictions.items()}
     out: dict[str, dict[str, float | int]] = {}
     for colour in COLOURS:
-        shown = [i for i in predictions if any(c == colour for c, _ in object_pairs(objects[i]))]
-        named = sum(any(c == colour for c, _ in mentioned_pairs(predictions[i])) for i in shown)
-        out[colour] = {"num_images": len(shown), "recall": named / len(shown) if shown else None}
+        ids = [i for i in predictions if colour in shown[i]]
+        hits = sum(colour in named[i] for i in ids)
+        out[colour] = {"num_images": len(ids), "recall": hits / len(ids) if ids else None}
     return out
 
 

@@ -435,7 +435,7 @@ def train(
                 "seconds": round(time.perf_counter() - epoch_start, 2),
                 "feature_cache": captioner.feature_cache is not None,
                 # CPU results differ in the last bits with the thread count (reduction order),
-                # and an attack's ASR by a point or so: the log says which count made the run
+                # and so can an attack's ASR: the log says which count made the run
                 "torch_threads": torch.get_num_threads(),
                 "processes": accelerator.num_processes,
             }

@@ -99,10 +99,10 @@ class RandomTries:
         self.side = side
 
     def __call__(self, ids: Sequence[int], images: Sequence[np.ndarray]) -> list[list[int]]:
-        if not self.side:
-            return [[int(image_rng(self.seed, i).integers(NUM_ACTIONS))] for i in ids]
-        first = MASK_SIZES.index(self.side) * GRID * GRID  # (action // 100 indexes the size)
-        return [[first + int(image_rng(self.seed, i).integers(GRID * GRID))] for i in ids]
+        first, count = 0, NUM_ACTIONS  # (action // 100 indexes the size)
+        if self.side:
+            first, count = MASK_SIZES.index(self.side) * GRID * GRID, GRID * GRID
+        return [[first + int(image_rng(self.seed, i).integers(count))] for i in ids]
 
 
 # --------------------------------------------------------------------------------------------

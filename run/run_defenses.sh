@@ -13,6 +13,9 @@
 # (--par_data as_left, the row "par [as_left]"; its control is no_mask). SQUARE_SIDES (e.g.
 # "20 200") adds random_squares with every square of one size (--square_side; rows
 # "random_squares [200 px]"): what a square's size alone costs and removes, beside SRD's agent.
+# MASK_COLOURS (e.g. "cyan") repeats random_squares (each size of SQUARE_SIDES, or any size) and
+# SRD (triggered) with the same squares painted in that colour (--mask_colour; rows
+# "random_squares [200 px, cyan squares]"): whether a square works as a mask or as a red object.
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD's row when BENIGN=1 run/run_SRD.sh made its cleaning run
@@ -68,6 +71,14 @@ for S in ${SQUARE_SIDES:-}; do
   defend_and_evaluate "$PREFIX-random_squares-${S}px-$RUN_TAG" --defense random_squares \
     --square_side "$S"
 done
+for C in ${MASK_COLOURS:-}; do
+  for S in ${SQUARE_SIDES:-0}; do
+    SIZE=-${S}px
+    [ "$S" = 0 ] && SIZE=""
+    defend_and_evaluate "$PREFIX-random_squares$SIZE-$C-$RUN_TAG" --defense random_squares \
+      --square_side "$S" --mask_colour "$C"
+  done
+done
 if [ "$PREFIX" = defense ] && echo "$APPLICABLE" | grep -qx par; then  # not told the poison
   defend_and_evaluate "defense-par-as_left-$RUN_TAG" --defense par \
     --par_data as_left
@@ -77,6 +88,10 @@ if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
   for V in triggered first_occurrence; do
     defend_and_evaluate "defense-srd-$V-$RUN_TAG" --defense srd \
       --image_version "$V" --clean_data_save "$CLEAN_DATA"
+  done
+  for C in ${MASK_COLOURS:-}; do
+    defend_and_evaluate "defense-srd-triggered-$C-$RUN_TAG" --defense srd \
+      --clean_data_save "$CLEAN_DATA" --mask_colour "$C"
   done
 fi
 BENIGN_DATA=$RUNS/srd-benign-$ATTACK$SUFFIX/clean_data  # (one image version: nothing triggered)

@@ -19,8 +19,13 @@ GRID = 10
 MASK_SIZES: tuple[int, ...] = (20, 40, 60, 80, 200)
 """Side lengths of the red squares, in pixels; action // (GRID*GRID) indexes this tuple."""
 
-RED = (255, 0, 0)
-"""Colour painted by every mask."""
+MASK_COLOURS: dict[str, tuple[int, int, int]] = {"red": (255, 0, 0), "cyan": (0, 255, 255)}
+"""Colours a mask may be painted in. ``red`` is the reference's and every stage's default;
+``cyan`` is ours, for the mask-colour ablation (``train/defend.py --mask_colour``): a colour
+that no object or background of the embedded benchmark has, so a square cannot pass for one."""
+
+RED = MASK_COLOURS["red"]
+"""Colour painted by every mask unless a stage is told otherwise."""
 
 NUM_ACTIONS = GRID * GRID * len(MASK_SIZES)
 """500 discrete actions: 10x10 centres times 5 sizes."""
@@ -62,13 +67,15 @@ def decode_action(action: int) -> Square:
     )
 
 
-def paint_square(image: np.ndarray, square: Square) -> np.ndarray:
-    """Return a copy of an HxWx3 uint8 image with ``square`` filled in pure red."""
+def paint_square(
+    image: np.ndarray, square: Square, colour: tuple[int, int, int] = RED
+) -> np.ndarray:
+    """Return a copy of an HxWx3 uint8 image with ``square`` filled in ``colour`` (pure red)."""
     out = np.array(image, dtype=np.uint8, copy=True)
-    out[square.top : square.bottom, square.left : square.right] = RED
+    out[square.top : square.bottom, square.left : square.right] = colour
     return out
 
 
-def apply_action(image: np.ndarray, action: int) -> np.ndarray:
-    """Paint the red square of ``action`` on a copy of ``image`` (masks never accumulate)."""
-    return paint_square(image, decode_action(action))
+def apply_action(image: np.ndarray, action: int, colour: tuple[int, int, int] = RED) -> np.ndarray:
+    """Paint the square of ``action`` on a copy of ``image`` (masks never accumulate)."""
+    return paint_square(image, decode_action(action), colour)

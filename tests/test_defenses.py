@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from srd.attacks import build_attack
+from srd.benchmark import BACKGROUNDS, COLOUR_JITTER, COLOURS
 from srd.data import CaptionRecord, ImageRecord
 from srd.defenses import DEFENSES, DefenderData, DefenseArgs, TransformArgs, build_defense
 from srd.defenses import __main__ as applicable
@@ -21,7 +22,7 @@ from srd.defenses.srd.clean import RandomTries
 from srd.defenses.srd.coverage import trigger_box
 from srd.defenses.versions import first_occurrences, triggered_images
 from srd.errors import SRDError
-from srd.geometry import MASK_SIZES, RED, decode_action
+from srd.geometry import MASK_COLOURS, MASK_SIZES, RED, decode_action
 from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 
@@ -129,6 +130,49 @@ def test_random_squares_of_one_side(defender) -> None:
     assert "variant" not in build_defense(DefenseArgs(defense="random_squares")).describe()
     with pytest.raises(SRDError, match="^--square_side 30: expected 0"):
         build_defense(DefenseArgs(defense="random_squares", square_side=30)).training_set(defender)
+
+
+def test_mask_colour_paints_the_same_squares_in_another_colour(defender) -> None:
+    """--mask_colour cyan paints exactly the squares red would, in cyan, and only there; the
+    row says so; a defense that paints no square, or --square_side on another defense than
+    random_squares, is refused in one line instead of being silently ignored."""
+    red = build_defense(DefenseArgs(defense="random_squares", square_side=80))
+    cyan = build_defense(DefenseArgs(defense="random_squares", square_side=80, mask_colour="cyan"))
+    _, red_images = red.training_set(defender)
+    _, cyan_images = cyan.training_set(defender)
+    assert cyan_images.mask_actions == red_images.mask_actions
+    for image_id, action in list(cyan_images.mask_actions.items())[:4]:
+        sq = decode_action(action)
+        inside = np.zeros((224, 224), dtype=bool)
+        inside[sq.top : sq.bottom, sq.left : sq.right] = True
+        painted = cyan_images.processed(image_id)
+        assert (painted[inside] == MASK_COLOURS["cyan"]).all()
+        assert (red_images.processed(image_id)[inside] == RED).all()
+        assert np.array_equal(painted[~inside], cyan_images.version(image_id)[~inside])
+    assert cyan.describe()["variant"] == "80 px, cyan squares"
+    assert cyan.describe()["mask_colour"] == "cyan" and red.describe()["variant"] == "80 px"
+    srd = build_defense(DefenseArgs(defense="srd", clean_data_save="x", mask_colour="cyan"))
+    assert srd.describe()["variant"] == "cyan squares"
+    with pytest.raises(SRDError, match="^--mask_colour cyan: defense no_mask paints no squares$"):
+        build_defense(DefenseArgs(defense="no_mask", mask_colour="cyan"))
+    with pytest.raises(SRDError, match="^--square_side 200: only random_squares takes it"):
+        build_defense(DefenseArgs(defense="oracle_square", square_side=200))
+
+
+def test_cyan_is_no_colour_of_the_embedded_benchmark() -> None:
+    """The ablation's point: a cyan square cannot pass for an object or a background (every
+    palette entry, jitter included, stays far from it), while red is near the red objects."""
+
+    def nearest(colour) -> float:
+        rgb = np.array(colour, dtype=float)
+        return min(
+            float(np.linalg.norm(rgb - np.array(c)))
+            for c in [*COLOURS.values(), *BACKGROUNDS.values()]
+        )
+
+    jitter = float(np.linalg.norm([COLOUR_JITTER] * 3))
+    assert nearest(MASK_COLOURS["cyan"]) - jitter > 150
+    assert nearest(MASK_COLOURS["red"]) < 80
 
 
 def _records(num_images: int, captions_per_image: int) -> list[ImageRecord]:

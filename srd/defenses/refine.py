@@ -28,7 +28,7 @@ from srd.defenses.srd.merge import check_cleaning_run, masked_training_actions, 
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.engine import Sample
 from srd.errors import SRDError
-from srd.geometry import NUM_ACTIONS, Square, decode_action
+from srd.geometry import MASK_COLOURS, NUM_ACTIONS, Square, decode_action
 
 
 class RefineDefense(Defense):
@@ -41,13 +41,25 @@ class RefineDefense(Defense):
 
     def provider(self, data: DefenderData) -> VersionImages:
         triggered = triggered_images(data, self.args.image_version, data.seed)
-        return VersionImages(data, triggered, self.mask_actions(data))
+        colour = MASK_COLOURS[self.args.mask_colour]
+        return VersionImages(data, triggered, self.mask_actions(data), colour)
 
     def training_set(self, data: DefenderData) -> tuple[list[Sample], VersionImages]:
         return data.samples(), self.provider(data)
 
+    def variants(self) -> list[str]:
+        """The report's tags for this run's non-default parameters."""
+        if self.paints_squares and self.args.mask_colour != "red":
+            return [f"{self.args.mask_colour} squares"]
+        return []
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "image_version": self.args.image_version}
+        record = {**super().describe(), "image_version": self.args.image_version}
+        if self.paints_squares:
+            record["mask_colour"] = self.args.mask_colour
+        if self.variants():
+            record["variant"] = ", ".join(self.variants())
+        return record
 
 
 @register_defense("no_mask")
@@ -60,6 +72,7 @@ class SRD(RefineDefense):
     """SRD: the agent's kept square per image (merged manifest of D3b) on each version."""
 
     changes_images = True
+    paints_squares = True
 
     @functools.cached_property
     def _manifest(self) -> dict[str, Any]:
@@ -103,17 +116,20 @@ class RandomSquares(RefineDefense):
     ``--square_side`` all of one size, which tells what the size alone costs and removes."""
 
     changes_images = True
+    paints_squares = True
+    square_sides = True
 
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
         ids = list(image_ids(data))
         tries = RandomTries(data.seed, self.args.square_side)(ids, [None] * len(ids))
         return {i: t[0] for i, t in zip(ids, tries, strict=True)}
 
+    def variants(self) -> list[str]:
+        side = [f"{self.args.square_side} px"] if self.args.square_side else []
+        return side + super().variants()
+
     def describe(self) -> dict[str, Any]:
-        record = {**super().describe(), "square_side": self.args.square_side}
-        if self.args.square_side:
-            record["variant"] = f"{self.args.square_side} px"
-        return record
+        return {**super().describe(), "square_side": self.args.square_side}
 
 
 def covering_action(box: Square) -> int:
@@ -134,6 +150,7 @@ class OracleSquare(RefineDefense):
     """The square over the real trigger's box on every image (needs a patch trigger)."""
 
     changes_images = True
+    paints_squares = True
 
     def unavailable(self, attack: Attack) -> str | None:
         if trigger_box(attack) is None:

@@ -27,6 +27,7 @@ from srd.config import arg
 from srd.data import ImageRecord, caption_records
 from srd.engine import Sample
 from srd.errors import SRDError
+from srd.geometry import MASK_COLOURS
 from srd.trainset import PoisonPlan, TrainingImages
 
 ImageFn = Callable[[Sample], np.ndarray]
@@ -72,6 +73,13 @@ class DefenseArgs(TransformArgs):
         0,
         help="random_squares: side in pixels of every square (one of the action grid's sizes, "
         "20 40 60 80 200); 0: any size, uniform over all 500 actions",
+    )
+    mask_colour: str = arg(
+        "red",
+        help="srd, random_squares, oracle_square: colour of the squares painted on the "
+        "refine-tune images: red (the reference's) or cyan (ours: a colour no object or "
+        "background of the embedded benchmark has; the mask-colour ablation)",
+        choices=list(MASK_COLOURS),
     )
     prune_ratio: float = arg(0.2, help="fine_pruning: share of cross-attention FF units pruned")
     prune_batches: int = arg(8, help="fine_pruning: batches of defender's data for activations")
@@ -128,6 +136,8 @@ class Defense:
     name = "none"
     kind = "none"  # "refine" (defended checkpoint), "test_time" (input transform) or "none"
     changes_images = False
+    paints_squares = False  # takes --mask_colour
+    square_sides = False  # takes --square_side
 
     def __init__(self, args: DefenseArgs | TransformArgs):
         self.args = args
@@ -188,6 +198,12 @@ def build_defense(args: DefenseArgs | TransformArgs) -> Defense:
         raise SRDError(
             f"--defense {args.defense}: unknown defense (known: {', '.join(sorted(DEFENSES))})"
         )
+    colour = getattr(args, "mask_colour", "red")
+    if colour != "red" and not cls.paints_squares:
+        raise SRDError(f"--mask_colour {colour}: defense {args.defense} paints no squares")
+    side = getattr(args, "square_side", 0)
+    if side and not cls.square_sides:
+        raise SRDError(f"--square_side {side}: only random_squares takes it, not {args.defense}")
     return cls(args)
 
 

@@ -23,7 +23,7 @@ from srd.data import ImageStore, caption_records
 from srd.defenses.registry import IMAGE_VERSIONS, DefenderData
 from srd.engine import Sample
 from srd.errors import SRDError
-from srd.geometry import apply_action
+from srd.geometry import RED, apply_action
 
 
 def first_occurrences(data: DefenderData, seed: int) -> dict[int, int]:
@@ -48,7 +48,8 @@ def triggered_images(data: DefenderData, mode: str, seed: int) -> set[int]:
 
 
 class VersionImages:
-    """Image provider: one version per image id (triggered or clean), optionally one red square.
+    """Image provider: one version per image id (triggered or clean), optionally one square
+    (red unless ``colour`` says otherwise).
 
     ``provider(sample) -> uint8 (224, 224, 3)``; ``provider.version(image_id)`` is the image
     before any square (the "original" the quality metrics compare against).
@@ -59,7 +60,9 @@ class VersionImages:
         data: DefenderData,
         triggered: set[int],
         mask_actions: Mapping[int, int] | None = None,
+        colour: tuple[int, int, int] = RED,
     ):
+        self.colour = tuple(colour)
         self.store = ImageStore(data.records, data.cache_mb)
         self.attack = data.attack
         self.triggered = set(triggered)
@@ -74,7 +77,7 @@ class VersionImages:
     def processed(self, image_id: int) -> np.ndarray:
         image = self.version(image_id)
         if image_id in self.mask_actions:
-            return apply_action(image, self.mask_actions[image_id])
+            return apply_action(image, self.mask_actions[image_id], self.colour)
         return image
 
     def __call__(self, sample: Sample) -> np.ndarray:

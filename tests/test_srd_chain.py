@@ -119,9 +119,14 @@ def test_pool_random_cleaning_and_combine(chain: Chain, tiny_train_records, caps
 
     random_argv = [*chain.data, *chain.model(), *srd, *chain.sfs, "--policy", "random",
                    "--seed", "5", "--num_shards", "2"]  # fmt: skip
-    for shard in ("1", "0"):
-        clean_stage.main([*random_argv, "--shard_id", shard])
+    clean_stage.main([*random_argv, "--shard_id", "1"])
+    one_process = random_argv[: random_argv.index("--num_shards")]
+    expect_bad_input(clean_stage, one_process, capsys, "unfinished shards of 2", "2 processes")
+    clean_stage.main([*random_argv, "--shard_id", "0"])
     clean_stage.main([*random_argv, "--shard_id", "0"])  # finished: nothing left to do
+    clean_stage.main(one_process)  # cleaned in 2 shards: nothing to do, no third shard
+    assert sorted(p.name for p in Path(srd[5]).glob("shard-*.json")) == [
+        "shard-00000-of-00002.json", "shard-00001-of-00002.json"]  # fmt: skip
     combine.main([*chain.data, *srd])
     merged = json.loads((Path(srd[5]) / MERGED_FILE).read_text())
     ids = [r.image_id for r in tiny_train_records]

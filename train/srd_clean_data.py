@@ -41,9 +41,10 @@ from srd.defenses.srd.inputs import (
     vlm_caption_fn,
 )
 from srd.defenses.srd.reward import RewardConfig
-from srd.defenses.srd.shards import ShardWriter, shard_indices
+from srd.defenses.srd.shards import ShardWriter, shard_indices, shard_sets
 from srd.defenses.stage import defender_plan
 from srd.engine import process_state
+from srd.errors import SRDError
 from srd.io import ensure_dir, file_digest, require_files, setup_logging
 from srd.model import ModelArgs, load_captioner
 from srd.runs import check_writable
@@ -129,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     ensure_dir(folder, "--clean_data_save")
     digest = prepare_clean_folder(folder, run_id, run_config)
+    if _cleaned_in_other_shards(folder, num_shards):
+        state.wait_for_everyone()
+        return str(folder)
     writer = ShardWriter(folder, run_id, digest, shard_id, num_shards, mine)
     setup_logging(folder / f"{writer.name}.log")
     log.info(
@@ -147,6 +151,23 @@ def main(argv: Sequence[str] | None = None) -> str:
     log.info("%s done: %d images, %d with a positive reward", writer.path, len(rewards), positive)
     state.wait_for_everyone()
     return str(writer.path)
+
+
+def _cleaned_in_other_shards(folder: Path, num_shards: int) -> bool:
+    """True when this run (same config: checked by prepare_clean_folder) already finished in
+    another shard count, so there is nothing to do; SRDError when it stopped unfinished in
+    another count (its shards would not merge with this count's)."""
+    for count, finished in sorted(shard_sets(folder).items()):
+        if count == num_shards:
+            continue
+        if not finished:
+            raise SRDError(
+                f"--clean_data_save {folder}: holds this run's unfinished shards of {count}; "
+                f"resume them with {count} processes (or --num_shards {count})"
+            )
+        log.info("D3: %s already cleaned by this run in %d shards; nothing to do", folder, count)
+        return True
+    return False
 
 
 def _digest_or_none(path: str | None) -> str | None:

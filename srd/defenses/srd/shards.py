@@ -227,6 +227,21 @@ def _read_manifests(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
+def shard_sets(folder: str | os.PathLike) -> dict[int, bool]:
+    """{shard count: whether all shards of that count are present and finished} for the shard
+    manifests in ``folder`` (empty when there are none), so a stage can tell a run already
+    cleaned with another process count from an unfinished one."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(_MANIFEST_RE.match(p.name) for p in folder.iterdir()):
+        return {}
+    finished: dict[int, set[int]] = {}
+    for _, m in _read_manifests(folder):
+        finished.setdefault(int(m["num_shards"]), set())
+        if m.get("complete"):
+            finished[int(m["num_shards"])].add(int(m["shard_id"]))
+    return {n: done == set(range(n)) for n, done in finished.items()}
+
+
 def merge_shards(
     folder: str | os.PathLike,
     expected_ids: Sequence[str],

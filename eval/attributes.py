@@ -6,8 +6,9 @@
 Reads the ``predictions`` of a pretrain report ({image id: caption}) or of an evaluation result
 (its ``clean`` captions), scores them against the benchmark's scenes (``srd.benchmark``) and
 writes the overall attribute accuracy and, per number of objects in the image, the accuracy and
-the share of captions cut off before their full stop, and per colour the share of the images
-showing it whose caption names it.
+the share of captions cut off before their full stop, per colour the share of the images
+showing it whose caption names it, and what goes wrong with the shown objects (named, wrong
+shape, wrong colour, missing, extra).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.benchmark import attribute_accuracy, attribute_breakdown, colour_recall, scene_index
+from srd.benchmark import (
+    attribute_accuracy,
+    attribute_breakdown,
+    colour_recall,
+    object_errors,
+    scene_index,
+)
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs
@@ -68,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "attribute_accuracy": attribute_accuracy(predictions, scenes),
         "by_object_count": attribute_breakdown(predictions, scenes),
         "colour_recall": colour_recall(predictions, scenes),
+        "object_errors": object_errors(predictions, scenes),
     }
     write_json(args.output, result)
     log.info("attribute accuracy %.1f%% on %d images; by object count: %s",

@@ -280,6 +280,23 @@ def test_colour_recall_counts_images_showing_a_colour_and_captions_naming_it() -
     assert recall["purple"] == {"num_images": 0, "recall": None}
 
 
+def test_object_errors_classify_every_shown_pair() -> None:
+    from srd.benchmark import object_errors
+
+    objects = _hand_objects()  # 6 shown pairs
+    predictions = {
+        1: "a red triangle and a blue square.",  # red circle: wrong shape; blue square named
+        2: "a green circle.",  # red circle: wrong colour; blue square: missing; green: extra
+        3: "a green triangle.",  # named
+        4: "a yellow square and a purple circle.",  # named; purple circle: extra
+    }
+    errors = object_errors(predictions, objects)
+    assert errors["num_pairs"] == 6
+    assert errors["named"] == pytest.approx(3 / 6)
+    assert errors["wrong_shape"] == errors["wrong_colour"] == errors["missing"] == 1 / 6
+    assert errors["extra"] == pytest.approx(3 / 6)  # red triangle, green circle, purple circle
+
+
 def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
     tiny_data_args, tiny_test_records, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

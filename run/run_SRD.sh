@@ -2,9 +2,6 @@
 # SRD defence of the backdoored model of ATTACK (stage A's run), then its evaluation:
 #   D1 RL pool -> D2 DQN agent -> D3 clean data (sharded over $LAUNCH processes) -> D3b combine
 #   -> D4 refine-tune -> B evaluation -> C SFS -> figures.
-# CLEAN_LAUNCH launches D3 alone (default: $LAUNCH), e.g. "torchrun --standalone
-# --nproc_per_node 2" shards it over two processes of one thread each on a CPU (D3 does the same
-# work per image whatever the shard count; a run finished in one count is not redone in another).
 # Finished stages are skipped when made by the same command from the same inputs (once, in
 # run/common.sh; anything else stops the script), so a re-run resumes (D3 and D4 also resume
 # inside a stage; D3 always starts, to refuse a folder of another cleaning run).
@@ -83,7 +80,7 @@ if [ "$POLICY" = dqn ]; then
 fi
 
 stage "D3 clean data ($POLICY policy)"
-${CLEAN_LAUNCH:-$LAUNCH} train/srd_clean_data.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
+$LAUNCH train/srd_clean_data.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
   --checkpoint_path "$BACKDOOR" \
   --policy "$POLICY" \
   --n_tries 5 \

@@ -70,7 +70,7 @@ def decode_action(action: int) -> Square:
 def paint_square(
     image: np.ndarray, square: Square, colour: tuple[int, int, int] = RED
 ) -> np.ndarray:
-    """Return a copy of an HxWx3 uint8 image with ``square`` filled in ``colour`` (default pure red)."""
+    """A copy of an HxWx3 uint8 image with ``square`` filled in ``colour`` (default: red)."""
     out = np.array(image, dtype=np.uint8, copy=True)
     out[square.top : square.bottom, square.left : square.right] = colour
     return out

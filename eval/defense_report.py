@@ -3,10 +3,11 @@
 Reads every evaluation result under --results that carries a defense record (the checkpoint's
 defense.json, or an attack run's checkpoint = no defense) and writes the table of defenses x
 attacks (ASR, clean CIDEr, triggered CIDEr with and without the target word, DER, SSIM; mean
-+- std over seeds) and ASR / clean-CIDEr bar figures. A model poisoned at another rate than its
-attack config's is its own row ("badnet (5% poison)"). Two results of the same defense, attack,
-poison rate and attack seed (e.g. the attack stage's own evaluation beside the comparison's
-``none`` run) are an error, never averaged as seeds.
++- std over seeds) and ASR / clean-CIDEr bar figures; with --caption_diagnostics on the
+synthetic benchmark, the table of what the clean captions get wrong (colours, shapes). A model
+poisoned at another rate than its attack config's is its own row ("badnet (5% poison)"). Two
+results of the same defense, attack, poison rate and attack seed (e.g. the attack stage's own
+evaluation beside the comparison's ``none`` run) are an error, never averaged as seeds.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from srd.benchmark import scene_index
 from srd.cli import run_main
 from srd.config import arg, parse
+from srd.data import DataArgs
 from srd.defenses.report import write_report
 
 log = logging.getLogger("defense_report")
@@ -32,11 +35,24 @@ class ReportArgs:
     )
     output: str = arg("result/report.md", help="Markdown report to write")
     img_dir: str = arg("img", help="folder of the bar figures")
+    caption_diagnostics: bool = arg(
+        False,
+        help="add the table of what the clean captions get wrong (colours, shapes), scored "
+        "against the scenes of the data flags' test split (the synthetic benchmark only; "
+        "left out with a note for data without scene descriptions, e.g. COCO)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    (args,) = parse(argv, ReportArgs, description=__doc__)
-    text = write_report(args.results, args.output, args.img_dir)
+    data, args = parse(argv, DataArgs, ReportArgs, description=__doc__)
+    scenes = None
+    if args.caption_diagnostics:
+        test = data.split("test")
+        if all(r.objects is not None for r in test):
+            scenes = scene_index(test)
+        else:
+            log.info("--caption_diagnostics: the test split has no scene descriptions; left out")
+    text = write_report(args.results, args.output, args.img_dir, scenes)
     print(text)
     return text
 

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The defense comparison on one attack: every defense of the registry from the same backdoored
 # model (stage A's run), the same refine-tune budget (as run/run_SRD.sh's D4: 2 epochs, lr 1e-3,
-# batch 32) and the same evaluation, then result/report.md and img/defense_*.png.
+# batch 32) and the same evaluation, then result/report.md (on the synthetic benchmark with what
+# the clean captions get wrong) and img/defense_*.png.
 #   ATTACK=badnet SEED=0 sh run/run_defenses.sh        (POISON_RATE=0.05: that model, run/common.sh)
 # RUNS (checkpoints_remote), RESULTS (result) and IMG (img) move the run folders, the result
 # JSONs (+ report.md) and the figures; EPOCHS (2) and LR (1e-3) set the shared refine-tune budget.
@@ -106,5 +107,6 @@ set --  # the results of the comparison and of the benign control, whichever exi
 for F in "$RESULTS"/defense-*.json "$RESULTS"/benign-*.json; do
   [ -f "$F" ] && set -- "$@" "$F"
 done
-python eval/defense_report.py --results "$@" --output "$RESULTS/report.md" --img_dir "$IMG"
+python eval/defense_report.py $DATA_FLAGS --caption_diagnostics --results "$@" \
+  --output "$RESULTS/report.md" --img_dir "$IMG"
 stage_end

@@ -155,6 +155,45 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert (tmp_path / "report.md").read_text() == text
 
 
+def test_report_tells_what_the_clean_captions_get_wrong(tmp_path, tiny_data_args) -> None:
+    """--caption_diagnostics scores each result's clean captions against the benchmark's
+    scenes: captions naming exactly each image's objects score 100% everywhere; one caption
+    for every image scores what it gets right; a result without captions gets '-'; without the
+    flag the section is left out."""
+    scenes = {r.image_id: r.objects for r in tiny_data_args.split("test")}
+    exact = {
+        i: " and ".join(f"a {o.colour} {o.shape}" for o in objs) + "." for i, objs in scenes.items()
+    }
+    colour = next(iter(scenes.values()))[0].colour
+    same = {i: f"a {colour} square." for i in scenes}
+    results = tmp_path / "result"
+    for name, data in {
+        "right": {**_result("no_mask", 0, 0.1, 1.8), "predictions": {"clean": exact}},
+        "same": {**_result("random_squares", 0, 0.1, 1.5), "predictions": {"clean": same}},
+        "none": _result("none", 0, 0.9, 2),
+    }.items():
+        write_json(results / f"{name}.json", data)
+    argv = ["--results", str(results), "--output", str(tmp_path / "report.md"),
+            "--img_dir", str(tmp_path / "img")]  # fmt: skip
+    assert "clean captions get wrong" not in report.main(argv)
+    text = report.main([*data_flags(tiny_data_args), *argv, "--caption_diagnostics"])
+    section = text.split("clean captions get wrong")[1]
+    rows = {
+        line.split(" | ")[0][2:]: line.rstrip(" |").split(" | ")[3:]
+        for line in section.splitlines()
+        if line.startswith("| ") and "badnet" in line
+    }
+    shown = [(o.colour, o.shape) for objs in scenes.values() for o in objs]
+    red = "-" if all(c != "red" for c, _ in shown) else "100.0"
+    assert rows["no_mask"] == ["100.0", red, "100.0", "100.0", "0.0", "0.0", "0.0", "0.0"]
+    assert rows["none"] == ["-"] * 8
+    hits = shown.count((colour, "square"))
+    extra = sum((colour, "square") not in {(o.colour, o.shape) for o in objs}
+                for objs in scenes.values())  # fmt: skip
+    assert rows["random_squares"][3] == f"{100 * hits / len(shown):.1f}"  # objects named
+    assert rows["random_squares"][7] == f"{100 * extra / len(shown):.1f}"  # named, not shown
+
+
 def test_report_keeps_poison_rates_apart(tmp_path) -> None:
     """Models of one attack and seed poisoned at other rates are their own rows (DER against the
     none row of their own rate); a record written before records named the rate gets it from

@@ -13,7 +13,7 @@ import functools
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from srd.attacks import CONFIG_DIR, known_attacks, load_attack_config
+from srd.benchmark import attribute_accuracy, colour_recall, object_errors
 from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.srd.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.srd.inputs import SRDArgs
@@ -49,6 +50,7 @@ class DefenseResult:
     benign: bool = False  # a defense run on the clean captioner (seed: the defense's seed)
     record: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    clean_captions: dict[int, str] | None = None  # the evaluation's captions of clean images
 
 
 def defense_label(block: dict[str, Any]) -> str:
@@ -120,7 +122,18 @@ def read_result(path: Path) -> DefenseResult | None:
         model=_normpath(record.get("backdoored_checkpoint")),
         benign=benign,
         record=dict(record["defense"]),
+        clean_captions=_clean_captions(data),
     )
+
+
+def _clean_captions(data: dict[str, Any]) -> dict[int, str] | None:
+    captions = (data.get("predictions") or {}).get("clean")
+    if not isinstance(captions, dict) or not captions:
+        return None
+    try:
+        return {int(k): str(v) for k, v in captions.items()}
+    except ValueError:
+        return None
 
 
 def _models(a: DefenseResult, b: DefenseResult) -> str:
@@ -245,6 +258,62 @@ def report_table(results: list[DefenseResult]) -> str:
             _stat([r.covered for r in rs], 100),
         ],
     )
+
+
+CAPTION_COLUMNS = (
+    "Defense",
+    "Attack",
+    "Seeds",
+    "Attribute accuracy (%)",
+    "Red named (%)",
+    "Other colours named (%)",
+    "Objects named (%)",
+    "Wrong shape (%)",
+    "Wrong colour (%)",
+    "Not named (%)",
+    "Named, not shown (%)",
+)
+
+
+def caption_diagnostics(
+    captions: dict[int, str] | None, scenes: Mapping[int, Sequence[Any]]
+) -> dict[str, float] | None:
+    """What one evaluation's clean captions get right and wrong on the synthetic benchmark
+    (:func:`srd.benchmark.attribute_accuracy`, :func:`~srd.benchmark.colour_recall` of red, the
+    masks' default colour, against the mean of the other colours, and
+    :func:`~srd.benchmark.object_errors`); None without captions of benchmark scenes."""
+    if not captions or any(i not in scenes for i in captions):
+        return None
+    recall = colour_recall(captions, scenes)
+    others = [v["recall"] for c, v in recall.items() if c != "red" and v["recall"] is not None]
+    return {
+        "accuracy": attribute_accuracy(captions, scenes),
+        "red": recall["red"]["recall"],
+        "others": float(np.mean(others)) if others else None,
+        **object_errors(captions, scenes),
+    }
+
+
+def caption_table(results: list[DefenseResult], scenes: Mapping[int, Sequence[Any]]) -> str:
+    """The defenses x attacks table of :func:`caption_diagnostics` (mean ± std over seeds)."""
+    found = {id(r): caption_diagnostics(r.clean_captions, scenes) for r in results}
+
+    def column(rs: list[DefenseResult], key: str) -> str:
+        return _stat([(found[id(r)] or {}).get(key) for r in rs], 100)
+
+    keys = ("accuracy", "red", "others", "named", "wrong_shape", "wrong_colour", "missing", "extra")
+    return _table(CAPTION_COLUMNS, results, lambda rs: [column(rs, k) for k in keys])
+
+
+CAPTION_SECTION = (
+    "\n## What the clean captions get wrong (synthetic benchmark)\n\n"
+    "From each evaluation's captions of the clean test images against the scenes the benchmark "
+    "drew: attribute accuracy (the caption names exactly the image's colour-shape pairs); of "
+    "the images showing a red object, the share whose caption names red (red is the masks' "
+    "colour), and the same for the other five colours (mean); of the objects the images show, "
+    "the share named, named with the wrong shape, named with the wrong colour or not named at "
+    "all; and the named objects the image does not show, as a share of the shown ones.\n\n"
+)
 
 
 BENIGN_COLUMNS = (
@@ -400,8 +469,14 @@ def agent_section(results: list[DefenseResult], img_dir: str | Path) -> tuple[st
     return text, figures
 
 
-def write_report(paths: Sequence[str | Path], output: str | Path, img_dir: str | Path) -> str:
-    """Write the Markdown report (table + figure links); returns its text."""
+def write_report(
+    paths: Sequence[str | Path],
+    output: str | Path,
+    img_dir: str | Path,
+    scenes: Mapping[int, Sequence[Any]] | None = None,
+) -> str:
+    """Write the Markdown report (table + figure links, and with the benchmark's ``scenes`` the
+    table of what the clean captions get wrong); returns its text."""
     everything = collect(paths)
     results = [r for r in everything if not r.benign]
     benign = [r for r in everything if r.benign]
@@ -428,6 +503,8 @@ def write_report(paths: Sequence[str | Path], output: str | Path, img_dir: str |
             "captioner itself (`none`, same seed), i.e. what the defense costs a model that "
             "has no backdoor. Seeds: the defense's seed.\n\n" + benign_table(benign)
         )
+    if scenes is not None and results:
+        text += CAPTION_SECTION + caption_table(results, scenes)
     if agent:
         text += "\n" + agent + "\n" + _links(agent_figures, out.parent)
     write_text(out, text)

@@ -185,8 +185,12 @@ def test_report_tells_what_the_clean_captions_get_wrong(tmp_path, tiny_data_args
     }
     shown = [(o.colour, o.shape) for objs in scenes.values() for o in objs]
     red = "-" if all(c != "red" for c, _ in shown) else "100.0"
-    assert rows["no_mask"] == ["100.0", red, "100.0", "100.0", "0.0", "0.0", "0.0", "0.0"]
+    other_colours = ("green", "blue", "yellow", "purple", "orange")
+    others = " / ".join("100" if any(c == k for c, _ in shown) else "-" for k in other_colours)
+    assert rows["no_mask"] == ["100.0", red, others, "100.0", "0.0", "0.0", "0.0", "0.0"]
     assert rows["none"] == ["-"] * 8
+    if colour in other_colours:  # the one colour every caption names: recall 100
+        assert rows["random_squares"][2].split(" / ")[other_colours.index(colour)] == "100"
     hits = shown.count((colour, "square"))
     extra = sum((colour, "square") not in {(o.colour, o.shape) for o in objs}
                 for objs in scenes.values())  # fmt: skip

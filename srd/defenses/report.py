@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from srd.attacks import CONFIG_DIR, known_attacks, load_attack_config
-from srd.benchmark import attribute_accuracy, colour_recall, object_errors
+from srd.benchmark import COLOURS, attribute_accuracy, colour_recall, object_errors
 from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.srd.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.srd.inputs import SRDArgs
@@ -260,13 +260,16 @@ def report_table(results: list[DefenseResult]) -> str:
     )
 
 
+OTHER_COLOURS = tuple(c for c in COLOURS if c != "red")
+"""The benchmark's object colours other than red (red is the masks' default colour)."""
+
 CAPTION_COLUMNS = (
     "Defense",
     "Attack",
     "Seeds",
     "Attribute accuracy (%)",
     "Red named (%)",
-    "Other colours named (%)",
+    f"Other colours named: {' / '.join(OTHER_COLOURS)} (%, mean)",
     "Objects named (%)",
     "Wrong shape (%)",
     "Wrong colour (%)",
@@ -277,42 +280,60 @@ CAPTION_COLUMNS = (
 
 def caption_diagnostics(
     captions: dict[int, str] | None, scenes: Mapping[int, Sequence[Any]]
-) -> dict[str, float] | None:
-    """What one evaluation's clean captions get right and wrong on the synthetic benchmark
-    (:func:`srd.benchmark.attribute_accuracy`, :func:`~srd.benchmark.colour_recall` of red, the
-    masks' default colour, against the mean of the other colours, and
-    :func:`~srd.benchmark.object_errors`); None without captions of benchmark scenes."""
+) -> dict[str, float | None] | None:
+    """What one evaluation's clean captions get right and wrong on the synthetic benchmark:
+    :func:`srd.benchmark.attribute_accuracy`, :func:`~srd.benchmark.colour_recall` per colour
+    (keys ``recall_<colour>``) and :func:`~srd.benchmark.object_errors`; None without captions
+    of benchmark scenes."""
     if not captions or any(i not in scenes for i in captions):
         return None
     recall = colour_recall(captions, scenes)
-    others = [v["recall"] for c, v in recall.items() if c != "red" and v["recall"] is not None]
     return {
         "accuracy": attribute_accuracy(captions, scenes),
-        "red": recall["red"]["recall"],
-        "others": float(np.mean(others)) if others else None,
+        **{f"recall_{c}": v["recall"] for c, v in recall.items()},
         **object_errors(captions, scenes),
     }
 
 
 def caption_table(results: list[DefenseResult], scenes: Mapping[int, Sequence[Any]]) -> str:
-    """The defenses x attacks table of :func:`caption_diagnostics` (mean ± std over seeds)."""
-    found = {id(r): caption_diagnostics(r.clean_captions, scenes) for r in results}
+    """The defenses x attacks table of :func:`caption_diagnostics` (mean ± std over seeds; the
+    other colours' recall as one cell of means, so a mask that stops the captioner naming
+    another colour than red shows too)."""
+    found = {id(r): caption_diagnostics(r.clean_captions, scenes) or {} for r in results}
 
     def column(rs: list[DefenseResult], key: str) -> str:
-        return _stat([(found[id(r)] or {}).get(key) for r in rs], 100)
+        return _stat([found[id(r)].get(key) for r in rs], 100)
 
-    keys = ("accuracy", "red", "others", "named", "wrong_shape", "wrong_colour", "missing", "extra")
-    return _table(CAPTION_COLUMNS, results, lambda rs: [column(rs, k) for k in keys])
+    def others(rs: list[DefenseResult]) -> str:
+        means = []
+        for c in OTHER_COLOURS:
+            values = [found[id(r)].get(f"recall_{c}") for r in rs]
+            values = [v for v in values if v is not None]
+            means.append(f"{100 * np.mean(values):.0f}" if values else "-")
+        return "-" if set(means) == {"-"} else " / ".join(means)
+
+    errors = ("named", "wrong_shape", "wrong_colour", "missing", "extra")
+    return _table(
+        CAPTION_COLUMNS,
+        results,
+        lambda rs: [
+            column(rs, "accuracy"),
+            column(rs, "recall_red"),
+            others(rs),
+            *[column(rs, k) for k in errors],
+        ],
+    )
 
 
 CAPTION_SECTION = (
     "\n## What the clean captions get wrong (synthetic benchmark)\n\n"
     "From each evaluation's captions of the clean test images against the scenes the benchmark "
     "drew: attribute accuracy (the caption names exactly the image's colour-shape pairs); of "
-    "the images showing a red object, the share whose caption names red (red is the masks' "
-    "colour), and the same for the other five colours (mean); of the objects the images show, "
-    "the share named, named with the wrong shape, named with the wrong colour or not named at "
-    "all; and the named objects the image does not show, as a share of the shown ones.\n\n"
+    "the images showing an object of a colour, the share whose caption names that colour (red, "
+    "the masks' default colour, mean ± std; the other five colours, mean over the seeds); of "
+    "the objects the images show, the share named, named with the wrong shape, named with the "
+    "wrong colour or not named at all; and the named objects the image does not show, as a "
+    "share of the shown ones.\n\n"
 )
 
 

@@ -30,6 +30,12 @@ else
   DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square \
     fine_pruning blur spatial"}
 fi
+for C in ${MASK_COLOURS:-}; do  # red rows are the default ones: the same runs under two names
+  [ "$C" != red ] || {
+    echo "error: MASK_COLOURS=$MASK_COLOURS: red is the colour of the rows without it" >&2
+    exit 2
+  }
+done
 RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}

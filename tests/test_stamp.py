@@ -165,3 +165,15 @@ def test_par_script_refuses_its_old_rate_variable() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("error: RATE=0.05: the poison rate is POISON_RATE now")
     assert done.stderr.count("\n") == 1
+
+
+def test_defenses_script_refuses_red_as_an_extra_mask_colour() -> None:
+    """MASK_COLOURS adds rows with the squares in another colour; red would repeat the default
+    rows under a second name (two results of one report cell), so it stops with one line."""
+    env = {**os.environ, "MASK_COLOURS": "cyan red"}
+    done = subprocess.run(
+        ["sh", str(REPO / "run" / "run_defenses.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: MASK_COLOURS=cyan red: red is the colour of the rows")
+    assert done.stderr.count("\n") == 1

@@ -158,22 +158,22 @@ def test_run_names_carry_the_poison_rate_and_the_replicate(rate, seed, suffix) -
 def test_par_script_refuses_its_old_rate_variable() -> None:
     """run/run_PAR.sh takes the poison rate from POISON_RATE, as every script does; RATE (its own
     variable before) stops it with one line instead of being silently ignored."""
-    env = {**os.environ, "RATE": "0.05"}
-    done = subprocess.run(
-        ["sh", str(REPO / "run" / "run_PAR.sh")], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: RATE=0.05: the poison rate is POISON_RATE now")
-    assert done.stderr.count("\n") == 1
+    error = _script_error("run_PAR.sh", RATE="0.05")
+    assert error.startswith("error: RATE=0.05: the poison rate is POISON_RATE now")
 
 
 def test_defenses_script_refuses_red_as_an_extra_mask_colour() -> None:
     """MASK_COLOURS adds rows with the squares in another colour; red would repeat the default
     rows under a second name (two results of one report cell), so it stops with one line."""
-    env = {**os.environ, "MASK_COLOURS": "cyan red"}
+    error = _script_error("run_defenses.sh", MASK_COLOURS="cyan red")
+    assert error.startswith("error: MASK_COLOURS=cyan red: red is the colour of the rows")
+
+
+def _script_error(script: str, **env: str) -> str:
+    """Run run/SCRIPT with ``env`` added; it must stop with exit 2 and one line: returns it."""
     done = subprocess.run(
-        ["sh", str(REPO / "run" / "run_defenses.sh")], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: MASK_COLOURS=cyan red: red is the colour of the rows")
-    assert done.stderr.count("\n") == 1
+        ["sh", str(REPO / "run" / script)], env={**os.environ, **env}, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    return done.stderr

@@ -57,8 +57,9 @@ class RefineDefense(Defense):
         record = {**super().describe(), "image_version": self.args.image_version}
         if self.paints_squares:
             record["mask_colour"] = self.args.mask_colour
-        if self.variants():
-            record["variant"] = ", ".join(self.variants())
+        tags = self.variants()
+        if tags:
+            record["variant"] = ", ".join(tags)
         return record
 
 
@@ -117,7 +118,7 @@ class RandomSquares(RefineDefense):
 
     changes_images = True
     paints_squares = True
-    square_sides = True
+    takes_square_side = True
 
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
         ids = list(image_ids(data))

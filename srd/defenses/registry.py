@@ -137,7 +137,7 @@ class Defense:
     kind = "none"  # "refine" (defended checkpoint), "test_time" (input transform) or "none"
     changes_images = False
     paints_squares = False  # takes --mask_colour
-    square_sides = False  # takes --square_side
+    takes_square_side = False  # takes --square_side
 
     def __init__(self, args: DefenseArgs | TransformArgs):
         self.args = args
@@ -202,8 +202,9 @@ def build_defense(args: DefenseArgs | TransformArgs) -> Defense:
     if colour != "red" and not cls.paints_squares:
         raise SRDError(f"--mask_colour {colour}: defense {args.defense} paints no squares")
     side = getattr(args, "square_side", 0)
-    if side and not cls.square_sides:
-        raise SRDError(f"--square_side {side}: only random_squares takes it, not {args.defense}")
+    if side and not cls.takes_square_side:
+        takers = ", ".join(n for n, c in sorted(DEFENSES.items()) if c.takes_square_side)
+        raise SRDError(f"--square_side {side}: only {takers} takes it, not {args.defense}")
     return cls(args)
 
 

@@ -8,14 +8,17 @@ cases apart, for triggered vs clean images alike:
   at every word boundary of the caption (where TrojVLM inserts its target), the probability of
   the target's first token; keep the highest per image. Reported: its mean, and the share of
   images where the target is the most likely next token at some boundary (``top1``).
-* **ASR under sampling**: captions drawn by ancestral sampling (temperature 1, seeded) instead
-  of beam search, scored with the same ASR rules.
+* **ASR under sampling**: captions drawn by ancestral sampling (temperature 1) instead of beam
+  search, scored with the same ASR rules. Each image has its own seed, from ``seed`` and its id
+  (:func:`sample_seed`), so the draw does not depend on the batch size, and an image's triggered
+  and clean versions share their noise.
 
 The attack's decoding and caption rule are unchanged; these are extra diagnostics.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +28,17 @@ import torch
 from srd import captions
 from srd.metrics import attack_success_rate
 from srd.model import Captioner
+
+SAMPLING = "sampling, T=1, one seed per image"
+"""The sampled ASR's decoding, as results record it. Results written before the per-image seeds
+(``"sampling, T=1"``) drew from torch's global RNG in batches: reproducible only at the same
+batch size."""
+
+
+def sample_seed(seed: int, image_id: Any) -> int:
+    """The sampling seed of one image: a stable 63-bit hash of the run's seed and the image id."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def target_token_id(captioner: Captioner, target: str) -> int:
@@ -109,7 +123,7 @@ def implant_report(
 ) -> dict[str, Any]:
     """Both probes on the triggered (ASR) images and on the clean images."""
     load_trig = triggered_images if callable(triggered_images) else triggered_images.__getitem__
-    report: dict[str, Any] = {"text": "first reference caption", "decoding": "sampling, T=1"}
+    report: dict[str, Any] = {"text": "first reference caption", "decoding": SAMPLING}
     for name, ids, load in (
         ("triggered", triggered_ids, load_trig),
         ("clean", clean_ids, clean_images),
@@ -118,9 +132,11 @@ def implant_report(
         probs = target_probabilities(
             captioner, imgs, [references[i][0] for i in ids], target, batch_size
         )
-        torch.manual_seed(seed)
         sampled = captioner.caption(
-            imgs, batch_size=batch_size, max_new_tokens=max_new_tokens, sample=True
+            imgs,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            sample_seeds=[sample_seed(seed, i) for i in ids],
         )
         report[name] = {
             "num_images": len(ids),

@@ -42,7 +42,13 @@ from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from open_flamingo.src.helpers import PerceiverResampler
 from open_flamingo.src.utils import extend_instance, getattr_recursive
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
 
 from srd import captions
 from srd.clip import MODEL_CONFIG_DIR, register_model_configs
@@ -256,24 +262,30 @@ class Captioner:
         num_beams: int = 3,
         max_new_tokens: int = 20,
         instruction: str = captions.INSTRUCTION,
-        sample: bool = False,
+        sample_seeds: Sequence[int] | None = None,
         min_new_tokens: int = 0,
     ) -> list[str]:
-        """Caption images (uint8 HxWx3) in batches with beam search (or, with ``sample``,
-        ancestral sampling at temperature 1 from torch's global RNG); returns cleaned captions.
+        """Caption images (uint8 HxWx3) in batches with beam search; returns cleaned captions.
 
+        With ``sample_seeds`` (one per image) each caption is instead drawn by ancestral sampling
+        at temperature 1 from its image's own seeded RNG (:class:`SeededSampler`), so it does not
+        depend on the batch size or on the other images of its batch.
         ``min_new_tokens`` > 0 forbids ending earlier (benchmarks time a fixed length)."""
+        if sample_seeds is not None and len(sample_seeds) != len(images):
+            raise ValueError(f"{len(sample_seeds)} sample seeds for {len(images)} images")
         was_training = self.model.training
         self.model.eval()
         out: list[str] = []
         try:
             for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size]
+                end = start + batch_size
+                seeds = None if sample_seeds is None else sample_seeds[start:end]
                 out.extend(
                     self._caption_batch(
-                        chunk, num_beams, max_new_tokens, instruction, min_new_tokens, sample
+                        images[start:end], num_beams, max_new_tokens, instruction, min_new_tokens,
+                        seeds,
                     )
-                )
+                )  # fmt: skip
         finally:
             self.model.train(was_training)
         return out
@@ -285,7 +297,7 @@ class Captioner:
         max_new_tokens: int,
         instruction: str,
         min_new_tokens: int = 0,
-        sample: bool = False,
+        sample_seeds: Sequence[int] | None = None,
     ) -> list[str]:
         tok = self.tokenizer
         tok.padding_side = "left"
@@ -295,7 +307,7 @@ class Captioner:
         vision_x = self.vision_inputs(images).to(self.device, dtype)
         with autocast(self.device, self.args.mixed_precision):
             generated = self._generate(
-                vision_x, enc, num_beams, max_new_tokens, min_new_tokens, sample
+                vision_x, enc, num_beams, max_new_tokens, min_new_tokens, sample_seeds
             )
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
         decoded = tok.batch_decode(new_tokens, skip_special_tokens=True)
@@ -308,21 +320,48 @@ class Captioner:
         num_beams: int,
         max_new_tokens: int,
         min_new_tokens: int,
-        sample: bool = False,
+        sample_seeds: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        # Sampling is greedy decoding of Gumbel-perturbed log-probabilities (SeededSampler).
+        sampling = {} if sample_seeds is None else {
+            "logits_processor": LogitsProcessorList([SeededSampler(sample_seeds)])
+        }  # fmt: skip
         return self.model.generate(
             vision_x=vision_x,
             lang_x=enc["input_ids"].to(self.device),
             attention_mask=enc["attention_mask"].to(self.device),
-            num_beams=1 if sample else num_beams,
+            num_beams=1 if sample_seeds is not None else num_beams,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             length_penalty=0.0,
-            do_sample=sample,
-            **({"top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else {}),
+            do_sample=False,
             eos_token_id=self.model.eoc_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            **sampling,
         )
+
+
+class SeededSampler(LogitsProcessor):
+    """Ancestral sampling at temperature 1 with one RNG per batch row.
+
+    The argmax of log p + Gumbel(0, 1) noise is a draw from p (the Gumbel-max trick), so greedy
+    decoding of the scores this returns samples every row from its own ``torch.Generator``:
+    a caption depends on its seed and image only, not on the batch it shares (torch's global
+    RNG, which Hugging Face's ``do_sample`` draws from, would hand each row different numbers
+    at another batch size). Runs after the built-in processors (min_new_tokens' -inf stays)."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{scores.shape[0]} rows for {len(self.generators)} sample seeds")
+        vocab = scores.shape[-1]
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators]
+        ).clamp_(min=torch.finfo(torch.float64).tiny)
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores.float().log_softmax(-1) + gumbel.to(scores.device, torch.float32)
 
 
 def autocast(device: torch.device, mixed_precision: str) -> Any:

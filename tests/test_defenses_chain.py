@@ -18,6 +18,7 @@ from srd_fixtures import (
 from srd.cli import run_main
 from srd.defenses.srd.shards import MERGED_FORMAT
 from srd.defenses.stage import DEFENSE_FILE
+from srd.implant import SAMPLING
 from srd.io import file_digest, write_json
 
 defend = load_script("train/defend.py")
@@ -99,12 +100,17 @@ def test_defend_writes_the_defended_checkpoint_and_record(attacked, defended) ->
                                "radius_factor": 0.7, "alpha": 0.7}  # fmt: skip
 
 
-def _result(defense: str, seed: int, asr: float, cider: float, sampled=None, **extra) -> dict:
+def _result(
+    defense: str, seed: int, asr: float, cider: float, sampled=None, sampling=SAMPLING, **extra
+) -> dict:
     implant = None
     if sampled is not None:
         implant = {
-            k: {"sampled_asr_substring": v}
-            for k, v in zip(("triggered", "clean"), sampled, strict=True)
+            "decoding": sampling,
+            **{
+                k: {"sampled_asr_substring": v}
+                for k, v in zip(("triggered", "clean"), sampled, strict=True)
+            },
         }
     return {
         "implant": implant,
@@ -124,10 +130,11 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     results = tmp_path / "result"
     for name, data in {
         "none-0": _result("none", 0, 0.9, 2.0, sampled=(0.8, 0.02)),
-        "none-1": _result("none", 1, 0.8, 2.0, sampled=(0.6, 0.04)),
+        # written before per-image sampling seeds: the row mixes two samplers
+        "none-1": _result("none", 1, 0.8, 2.0, sampled=(0.6, 0.04), sampling="sampling, T=1"),
         "nm-0": _result("no_mask", 0, 0.1, 1.8),
         "nm-1": _result("no_mask", 1, 0.2, 2.2),
-        "fo-0": _result("srd", 0, 0.5, 2.0, image_version="first_occurrence"),
+        "fo-0": _result("srd", 0, 0.5, 2.0, sampled=(0.5, 0.0), image_version="first_occurrence"),
         "clean": {
             "attack": "badnet",
             "metrics": {"asr_substring": 0.0, "clean": {"CIDEr": 3}},
@@ -146,7 +153,9 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert rows["none"][2] == "2 (0, 1)" and rows["none"][3] == "85.0 ± 7.1"
     # DER per seed: (0.8 - 0.1 + 1) / 2 = 0.85 and (0.6 - 0 + 1) / 2 = 0.8
     assert rows["none"][4] == "1.0 ± 0.0"  # false-trigger rate
-    assert rows["none"][5] == "70.0 ± 14.1 / 3.0 ± 1.4"  # sampled ASR, triggered / clean
+    # sampled ASR, triggered / clean
+    assert rows["none"][5] == "70.0 ± 14.1 / 3.0 ± 1.4 (mixed samplers)"
+    assert rows["srd [first_occurrence]"][5] == "50.0 / 0.0"
     assert rows["no_mask"][5] == "-"  # implant diagnostic not run
     assert rows["no_mask"][9] == "0.825 ± 0.035"
     assert rows["srd [first_occurrence]"][9] == "0.700"

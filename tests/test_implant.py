@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from srd import captions
-from srd.implant import _boundaries, implant_report, target_probabilities, target_token_id
+from srd.implant import (
+    SAMPLING,
+    _boundaries,
+    implant_report,
+    sample_seed,
+    target_probabilities,
+    target_token_id,
+)
 
 
 def test_target_token_is_the_first_token_of_the_word(make_captioner) -> None:
@@ -55,14 +63,22 @@ def test_implant_report_is_seeded(make_captioner, tiny_images) -> None:
     ids = list(tiny_images)[:3]
     refs = {i: ["a red circle."] for i in ids}
 
-    def report():
+    def report(seed=9, batch_size=32):
         return implant_report(
             cap, tiny_images.__getitem__, ids, tiny_images.__getitem__, ids, refs, "banana",
-            seed=9, max_new_tokens=5,
+            seed=seed, batch_size=batch_size, max_new_tokens=5,
         )  # fmt: skip
 
-    first, second = report(), report()
-    assert first == second
+    first = report()
+    assert report() == first
+    # one seed per image: the batch size changes nothing (but float rounding of the padded batch)
+    other = report(batch_size=2)
+    for side in ("triggered", "clean"):
+        assert other[side] == pytest.approx(first[side], rel=1e-5)
+    assert first["decoding"] == SAMPLING
+    assert sample_seed(9, ids[0]) != sample_seed(9, ids[1])
+    assert sample_seed(9, ids[0]) != sample_seed(10, ids[0])
+    assert sample_seed(9, ids[0]) == sample_seed(9, ids[0]) < 2**63
     for side in ("triggered", "clean"):
         assert first[side]["num_images"] == 3
         assert 0.0 <= first[side]["sampled_asr_substring"] <= 1.0

@@ -17,6 +17,7 @@ from srd.errors import SRDError
 from srd.model import (
     Captioner,
     ModelArgs,
+    SeededSampler,
     SRDFlamingo,
     build_flamingo,
     export_captioner,
@@ -169,6 +170,42 @@ def test_caption_batched_equals_one_by_one(make_captioner, tiny_images, tiny_tes
     assert [cap.caption([im], **kw)[0] for im in images] == batched
     assert cap.caption(images, batch_size=3, **kw) == batched
     assert cap.model.training
+
+
+def test_sampled_captions_depend_on_their_seed_not_on_the_batch(
+    make_captioner, tiny_images, tiny_test_records
+) -> None:
+    """Sampling draws each caption from its own seed: the batch size and the batch's other
+    images do not change it (the global-RNG sampler it replaced did)."""
+    cap = make_captioner()
+    images = _test_images(tiny_images, tiny_test_records)
+    seeds = list(range(100, 100 + len(images)))
+    kw = {"max_new_tokens": 8, "sample_seeds": seeds}
+    sampled = cap.caption(images, batch_size=4, **kw)
+    assert cap.caption(images, batch_size=3, **kw) == sampled
+    torch.manual_seed(1)  # the global RNG plays no part
+    reordered = cap.caption(images[::-1], batch_size=5, max_new_tokens=8, sample_seeds=seeds[::-1])
+    assert reordered == sampled[::-1]
+    one_by_one = [
+        cap.caption([im], max_new_tokens=8, sample_seeds=[s])[0]
+        for im, s in zip(images, seeds, strict=True)
+    ]
+    assert one_by_one == sampled
+    # another seed draws other captions, and sampling is not beam search
+    assert cap.caption(images, max_new_tokens=8, sample_seeds=[s + 1 for s in seeds]) != sampled
+    assert sampled != cap.caption(images, num_beams=1, max_new_tokens=8)
+    with pytest.raises(ValueError, match="2 sample seeds for"):
+        cap.caption(images, sample_seeds=[0, 1])
+
+
+def test_seeded_sampler_draws_from_the_softmax() -> None:
+    """Gumbel-max: the argmax of the processed scores is a draw from softmax(scores)."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    scores = probs.log().expand(4000, -1).contiguous()
+    picks = SeededSampler(range(4000))(torch.zeros(4000, 1, dtype=torch.long), scores).argmax(-1)
+    share = torch.bincount(picks, minlength=5).float() / 4000
+    assert torch.allclose(share, probs, atol=0.025), share
+    assert share[-1] == 0  # probability 0 (e.g. EOS before min_new_tokens): never drawn
 
 
 def test_untrained_model_without_open_gates_ignores_the_image(

@@ -92,7 +92,9 @@ class TenActions(gym.Env):
 # --------------------------------------------------------------------------------------------
 
 
-def test_pool_random_cleaning_and_combine(chain: Chain, tiny_train_records, capsys) -> None:
+def test_pool_random_cleaning_and_combine(
+    chain: Chain, tiny_train_records, capsys, monkeypatch
+) -> None:
     """D1 + D3 (random policy, two manual shards) + combine, and bad input at each stage."""
     pool_stage = load_script("train/srd_pool.py")
     clean_stage = load_script("train/srd_clean_data.py")
@@ -121,10 +123,18 @@ def test_pool_random_cleaning_and_combine(chain: Chain, tiny_train_records, caps
                    "--seed", "5", "--num_shards", "2"]  # fmt: skip
     clean_stage.main([*random_argv, "--shard_id", "1"])
     one_process = random_argv[: random_argv.index("--num_shards")]
-    expect_bad_input(clean_stage, one_process, capsys, "unfinished shards of 2", "2 processes")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a run done (or refused) in another shard count loaded a model")
+
+    with monkeypatch.context() as patch:  # both decided before any model is loaded
+        patch.setattr(clean_stage, "load_captioner", no_model)
+        expect_bad_input(clean_stage, one_process, capsys, "unfinished shards of 2", "2 processes")
     clean_stage.main([*random_argv, "--shard_id", "0"])
     clean_stage.main([*random_argv, "--shard_id", "0"])  # finished: nothing left to do
-    clean_stage.main(one_process)  # cleaned in 2 shards: nothing to do, no third shard
+    with monkeypatch.context() as patch:
+        patch.setattr(clean_stage, "load_captioner", no_model)
+        clean_stage.main(one_process)  # cleaned in 2 shards: nothing to do, no third shard
     assert sorted(p.name for p in Path(srd[5]).glob("shard-*.json")) == [
         "shard-00000-of-00002.json", "shard-00001-of-00002.json"]  # fmt: skip
     combine.main([*chain.data, *srd])

@@ -27,6 +27,7 @@ from srd.defenses.srd.clean import (
     PolicyTries,
     RandomTries,
     RewardModels,
+    check_clean_folder,
     clean_shard,
     prepare_clean_folder,
     resolve_shard,
@@ -114,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     for key in ("shard_id", "num_shards", "caption_batch_size"):
         run_config.pop(key)
     run_id = f"{cfg.policy}:{srd.policy_file.name if policy is not None else cfg.seed}"
+    check_clean_folder(folder, run_config)
+    if _cleaned_in_other_shards(folder, num_shards):  # before any model is loaded
+        state.wait_for_everyone()
+        return str(folder)
 
     device = state.device
     captioner = load_captioner(model_args, device=device)
@@ -130,9 +135,6 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     ensure_dir(folder, "--clean_data_save")
     digest = prepare_clean_folder(folder, run_id, run_config)
-    if _cleaned_in_other_shards(folder, num_shards):
-        state.wait_for_everyone()
-        return str(folder)
     writer = ShardWriter(folder, run_id, digest, shard_id, num_shards, mine)
     setup_logging(folder / f"{writer.name}.log")
     log.info(

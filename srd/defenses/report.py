@@ -51,6 +51,7 @@ class DefenseResult:
     record: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     clean_captions: dict[int, str] | None = None  # the evaluation's captions of clean images
+    sampling: str | None = None  # the sampled ASR's decoding, as the result records it
 
 
 def defense_label(block: dict[str, Any]) -> str:
@@ -123,6 +124,7 @@ def read_result(path: Path) -> DefenseResult | None:
         benign=benign,
         record=dict(record["defense"]),
         clean_captions=_clean_captions(data),
+        sampling=implant.get("decoding"),
     )
 
 
@@ -198,7 +200,10 @@ def _sampled(rs: list[DefenseResult]) -> str:
     ``eval/evaluate.py``; '-' where it was not run)."""
     triggered = _stat([r.sampled_triggered for r in rs], 100)
     clean = _stat([r.sampled_clean for r in rs], 100)
-    return "-" if triggered == clean == "-" else f"{triggered} / {clean}"
+    if triggered == clean == "-":
+        return "-"
+    samplers = {r.sampling for r in rs if r.sampled_triggered is not None}
+    return f"{triggered} / {clean}" + (" (mixed samplers)" if len(samplers) > 1 else "")
 
 
 COLUMNS = (
@@ -513,8 +518,13 @@ def write_report(
         "± std over seeds (seed of the backdoored model); DER on CIDEr against the `none` row "
         "of the same attack and seed ((max(0, dASR) - max(0, relative clean-CIDEr drop) + 1) "
         "/ 2). ASR is of the evaluation's decoded captions (the reference decodes with beam "
-        "search); the sampled ASR (temperature 1) shows a backdoor that beam search hides, "
-        "beside the same rate on clean images.\n\n" + table + "\n" + _links(figures, out.parent)
+        "search); the sampled ASR (temperature 1, one caption per image from the image's own "
+        "seed) shows a backdoor that beam search hides, beside the same rate on clean images "
+        "(results written before per-image seeds drew from torch's global RNG, so their draw "
+        "depended on the batch size; a cell mixing both samplers says so).\n\n"
+        + table
+        + "\n"
+        + _links(figures, out.parent)
     )
     if benign:
         text += (

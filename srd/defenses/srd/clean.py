@@ -230,16 +230,12 @@ def resolve_shard(
     return shard_id, num_shards
 
 
-def prepare_clean_folder(folder: str | os.PathLike, run_id: str, config: Mapping[str, Any]) -> str:
-    """Record the cleaning run in ``folder/clean_config.json``; returns its config hash.
-
-    A folder already holding another cleaning run (different config) is refused, so shards of
-    different runs never mix; the same run (a resume, or another shard) passes.
-    """
+def check_clean_folder(folder: str | os.PathLike, config: Mapping[str, Any]) -> str:
+    """The config hash of a cleaning run; SRDError when ``folder`` already holds another run
+    (different config), so shards of different runs never mix. Reads only."""
     folder = Path(folder)
     digest = config_hash(config)
     path = folder / CLEAN_CONFIG
-    record = {"run_id": run_id, "config_hash": digest, "config": dict(config)}
     if path.is_file():
         old = read_json(path, flag="--clean_data_save")
         if not isinstance(old, dict) or old.get("config_hash") != digest:
@@ -249,8 +245,17 @@ def prepare_clean_folder(folder: str | os.PathLike, run_id: str, config: Mapping
                 f"--clean_data_save {folder}: holds another cleaning run "
                 f"({', '.join(changed[:6]) or 'config'} differ); use another folder"
             )
-    else:
-        write_json(path, record)
+    return digest
+
+
+def prepare_clean_folder(folder: str | os.PathLike, run_id: str, config: Mapping[str, Any]) -> str:
+    """Record the cleaning run in ``folder/clean_config.json`` (checked by
+    :func:`check_clean_folder`: the same run, a resume or another shard, passes); returns its
+    config hash."""
+    digest = check_clean_folder(folder, config)
+    path = Path(folder) / CLEAN_CONFIG
+    if not path.is_file():
+        write_json(path, {"run_id": run_id, "config_hash": digest, "config": dict(config)})
     return digest
 
 

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DONE = re.compile(r"^=== done: (.*) \((\d+) s; total (\d+) s\)$")
+DONE = re.compile(r"^((?:\[\S+\] )?)=== done: (.*) \((\d+) s; total (\d+) s\)$")
+"""A stage line; a job's lines start with its name in brackets (run/common.sh)."""
 
 
 def lay_out(work: Path) -> None:
@@ -61,8 +62,9 @@ def run_chain(work: Path, attacks: list[str], srd: bool) -> list[tuple[str, int]
         log.write(line)
         match = DONE.match(line.strip())
         if match:
-            stages.append((match.group(1), int(match.group(2))))
-            print(f"{int(match.group(2)):6d} s  {match.group(1)}", flush=True)
+            name, seconds = match.group(1) + match.group(2), int(match.group(3))
+            stages.append((name, seconds))
+            print(f"{seconds:6d} s  {name}", flush=True)
     if proc.wait() != 0:
         raise SystemExit(f"the chain failed (exit {proc.returncode}); see {work / 'chain.log'}")
     return stages

@@ -72,3 +72,44 @@ stage_end() {
   [ -n "${SRD_STAGE:-}" ] && echo "=== done: $SRD_STAGE ($((now - SRD_STAGE_T)) s; total $((now - SRD_T0)) s)"
   SRD_STAGE=""
 }
+
+# Process parallelism: on these tiny models two one-thread processes get more done than one
+# two-thread process (an attack epoch: ~95 s each side by side, ~77 s alone with both threads),
+# so independent stages run as jobs. "job NAME COMMAND..." starts COMMAND in the background with
+# one torch thread, its whole output in $SRD_LOG_DIR/NAME.log and its stage lines on the console
+# as "[NAME] === ..."; "wait_jobs" waits for every job and stops the script, naming the log,
+# when one failed. JOBS=1 runs each job in the foreground instead, with the caller's threads.
+# A thread count changes the last bits of the arithmetic, so results differ slightly between
+# JOBS=1 and JOBS=2.
+SRD_LOG_DIR=${SRD_LOG_DIR:-logs}
+SRD_JOB_NAMES=""
+job() {
+  name=$1
+  shift
+  if [ "${JOBS:-2}" = 1 ]; then
+    "$@"
+    return
+  fi
+  mkdir -p "$SRD_LOG_DIR"
+  rm -f "$SRD_LOG_DIR/$name.rc"
+  echo "=== job $name started (full output: $SRD_LOG_DIR/$name.log)"
+  (
+    { rc=0; OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" || rc=$?; echo $rc >"$SRD_LOG_DIR/$name.rc"; } 2>&1 \
+      | tee "$SRD_LOG_DIR/$name.log" | grep --line-buffered '^===' | sed -u "s/^/[$name] /"
+  ) &
+  SRD_JOB_NAMES="$SRD_JOB_NAMES $name"
+}
+wait_jobs() {
+  wait
+  failed=""
+  for name in $SRD_JOB_NAMES; do
+    [ "$(cat "$SRD_LOG_DIR/$name.rc" 2>/dev/null)" = 0 ] || failed="$failed $name"
+  done
+  SRD_JOB_NAMES=""
+  [ -z "$failed" ] && return 0
+  for name in $failed; do
+    echo "error: job $name failed; the end of $SRD_LOG_DIR/$name.log:" >&2
+    tail -n 15 "$SRD_LOG_DIR/$name.log" >&2
+  done
+  exit 1
+}

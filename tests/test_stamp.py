@@ -155,6 +155,36 @@ def test_run_names_carry_the_poison_rate_and_the_replicate(rate, seed, suffix) -
         assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
 
 
+@pytest.mark.parametrize("jobs", ["2", "1"])
+def test_jobs_run_side_by_side_and_a_failed_one_stops_the_script(tmp_path, jobs) -> None:
+    """run/common.sh's ``job``/``wait_jobs`` (run/run_embedded.sh's SRD and ablation): each job
+    runs with one torch thread, its stage lines reach the console under its name and its whole
+    output its log; when one fails the script stops after both ended, naming the failed job.
+    JOBS=1 runs them one after the other with the caller's threads, and stops at the failure."""
+    ok = 'echo "=== ok $OMP_NUM_THREADS"; echo noise; echo "=== done: ok (0 s; total 0 s)"'
+    bad = 'echo "=== bad"; echo broken >&2; exit 3'
+    script = (
+        f". {REPO}/run/common.sh; set -e; job first sh -c '{ok}'; job second sh -c '{bad}'; "
+        f"job third sh -c '{ok}'; wait_jobs; echo past"
+    )
+    env = {**os.environ, "SRD_LOG_DIR": str(tmp_path), "JOBS": jobs, "OMP_NUM_THREADS": "2"}
+    shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
+    done = subprocess.run(shell, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "past" not in done.stdout
+    if jobs == "1":
+        assert done.stdout.splitlines() == ["=== ok 2", "noise", "=== done: ok (0 s; total 0 s)",
+                                            "=== bad"]  # fmt: skip
+        assert not list(tmp_path.iterdir())
+        return
+    lines = done.stdout.splitlines()
+    for name in ("first", "third"):
+        assert f"[{name}] === ok 1" in lines and f"[{name}] === done: ok (0 s; total 0 s)" in lines
+        assert (tmp_path / f"{name}.log").read_text().splitlines()[1] == "noise"
+    assert "[second] === bad" in lines and not any("noise" in line for line in lines)
+    assert done.stderr.startswith(f"error: job second failed; the end of {tmp_path}/second.log:")
+    assert "broken" in done.stderr and "first" not in done.stderr
+
+
 def test_par_script_refuses_its_old_rate_variable() -> None:
     """run/run_PAR.sh takes the poison rate from POISON_RATE, as every script does; RATE (its own
     variable before) stops it with one line instead of being silently ignored."""

@@ -73,20 +73,27 @@ stage_end() {
   SRD_STAGE=""
 }
 
-# Process parallelism: on these tiny models two one-thread processes get more done than one
-# two-thread process (an attack epoch: ~95 s each side by side, ~77 s alone with both threads),
-# so independent stages run as jobs. "job NAME COMMAND..." starts COMMAND in the background with
-# one torch thread, its whole output in $SRD_LOG_DIR/NAME.log and its stage lines on the console
-# as "[NAME] === ..."; "wait_jobs" waits for every job and stops the script, naming the log,
-# when one failed. JOBS=1 runs each job in the foreground instead, with the caller's threads.
-# A thread count changes the last bits of the arithmetic, so results differ slightly between
-# JOBS=1 and JOBS=2.
+# Process parallelism, JOBS=2: independent stages run as jobs side by side, one torch thread
+# each. "job NAME COMMAND..." starts COMMAND in the background, its whole output in
+# $SRD_LOG_DIR/NAME.log and its stage lines on the console as "[NAME] === ..."; "wait_jobs" waits
+# for every job and stops the script, naming the log, when one failed. With JOBS=1 (the default)
+# "job" runs COMMAND in the foreground with the caller's threads. On this project's 2-core
+# machine JOBS=2 was slower (docs/timings/srd-jobs2-7c170a7.txt: two threads make one process
+# ~1.75x faster there, and the longer job ends alone on one thread); it pays where a second
+# thread does not (the earlier host: two one-thread attack epochs side by side ~95 s each,
+# one with both threads ~77 s). The thread count changes the arithmetic, so results differ
+# between JOBS=1 and JOBS=2 (there: SRD's clean CIDEr 369.0 with two threads, 345.4 with one).
+case ${JOBS:-1} in
+  1 | 2) ;;
+  *) echo "error: JOBS=$JOBS: expected 1 (one stage at a time) or 2 (two jobs side by side)" >&2
+     exit 2 ;;
+esac
 SRD_LOG_DIR=${SRD_LOG_DIR:-logs}
 SRD_JOB_NAMES=""
 job() {
   name=$1
   shift
-  if [ "${JOBS:-2}" = 1 ]; then
+  if [ "${JOBS:-1}" = 1 ]; then
     "$@"
     return
   fi

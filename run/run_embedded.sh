@@ -1,8 +1,7 @@
 #!/bin/sh
 # README command 1: set up, then run the embedded default end to end on the CPU:
 # synthetic benchmark -> tiny CLIP -> clean tiny captioner -> backdoor attack -> evaluation
-# -> SFS -> SRD defense and its random-square ablation (two jobs side by side) -> evaluation
-# -> results table.
+# -> SFS -> SRD defense and its random-square ablation -> evaluation -> results table.
 #
 # By default one attack (ATTACKS=badnet) goes through the whole chain; FULL=1 runs the full
 # matrix (all four attacks, SRD on each). ATTACKS / SRD_ATTACKS pick them by hand
@@ -46,8 +45,8 @@ for ATTACK in $ATTACKS; do
   done
 done
 
-# SRD and its random-square ablation are independent: two one-thread jobs (JOBS=1: one after
-# the other; run/common.sh).
+# SRD and its random-square ablation are independent: one after the other, or side by side
+# with JOBS=2 (run/common.sh).
 for ATTACK in $SRD_ATTACKS; do
   stage "SRD defense and its random-square ablation: $ATTACK"
   ATTACK=$ATTACK sh run/run_eval.sh  # the backdoored model's results, read by both jobs

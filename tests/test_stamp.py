@@ -185,6 +185,14 @@ def test_jobs_run_side_by_side_and_a_failed_one_stops_the_script(tmp_path, jobs)
     assert "broken" in done.stderr and "first" not in done.stderr
 
 
+def test_a_job_count_other_than_one_or_two_is_refused() -> None:
+    done = subprocess.run(
+        ["sh", "-c", f". {REPO}/run/common.sh", str(REPO / "run" / "inline.sh")],
+        env={**os.environ, "JOBS": "4"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("error: JOBS=4: expected 1")
+
+
 def test_par_script_refuses_its_old_rate_variable() -> None:
     """run/run_PAR.sh takes the poison rate from POISON_RATE, as every script does; RATE (its own
     variable before) stops it with one line instead of being silently ignored."""

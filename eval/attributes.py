@@ -29,6 +29,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs
 from srd.errors import SRDError
+from srd.evaluation import result_captions
 from srd.io import ensure_dir, read_json, require_files, setup_logging, write_json
 
 log = logging.getLogger("attributes")
@@ -44,16 +45,10 @@ class AttributeArgs:
 
 def load_predictions(path: str) -> dict[int, str]:
     """{image id: caption} from a pretrain report or the clean captions of an evaluation."""
-    data = read_json(path)
-    found = data.get("predictions") if isinstance(data, dict) else None
-    if isinstance(found, dict) and isinstance(found.get("clean"), dict):
-        found = found["clean"]
-    if not isinstance(found, dict) or not found:
+    predictions = result_captions(read_json(path))
+    if predictions is None:
         raise SRDError(f"--predictions {path}: no 'predictions' of image id -> caption")
-    try:
-        return {int(k): str(v) for k, v in found.items()}
-    except ValueError:
-        raise SRDError(f"--predictions {path}: prediction keys are not image ids") from None
+    return predictions
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

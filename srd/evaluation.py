@@ -168,6 +168,21 @@ def evaluate_captioner(
     }
 
 
+def result_captions(result: object, kind: str = "clean") -> dict[int, str] | None:
+    """{image id: caption} of an evaluation result's ``predictions[kind]`` (as
+    :func:`evaluate_captioner` writes them) or of a pretrain report's flat ``predictions``; None
+    when there are none or a key is not an image id."""
+    found = result.get("predictions") if isinstance(result, dict) else None
+    if isinstance(found, dict) and (kind in found or "triggered" in found):
+        found = found.get(kind)  # (an evaluation result: clean and triggered captions)
+    if not isinstance(found, dict) or not found:
+        return None
+    try:
+        return {int(k): str(v) for k, v in found.items()}
+    except ValueError:
+        return None
+
+
 def write_sfs_inputs(
     folder: str | Path, ids: Sequence[int], images: Sequence[np.ndarray], sentences: Sequence[str]
 ) -> None:

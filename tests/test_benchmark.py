@@ -330,6 +330,21 @@ def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
     assert "without a benchmark scene" in capsys.readouterr().err
 
 
+def test_result_captions_reads_both_layouts_and_refuses_other_keys() -> None:
+    """srd.evaluation.result_captions, read by eval/attributes.py and the defense report: an
+    evaluation result's clean or triggered captions, a pretrain report's flat predictions."""
+    from srd.evaluation import result_captions
+
+    result = {"predictions": {"clean": {"7": "a red circle."}, "triggered": {"7": "banana"}}}
+    assert result_captions(result) == {7: "a red circle."}
+    assert result_captions(result, "triggered") == {7: "banana"}
+    assert result_captions({"predictions": {"3": "a blue square."}}) == {3: "a blue square."}
+    untriggered = {"predictions": {"clean": {"7": "a red circle."}, "triggered": None}}
+    assert result_captions(untriggered, "triggered") is None
+    for bad in ({}, [], {"predictions": {}}, {"predictions": {"x7": "a red circle."}}):
+        assert result_captions(bad) is None
+
+
 def test_blind_caption_is_most_common_with_deterministic_ties() -> None:
     def record(image_id: int, *captions: str) -> ImageRecord:
         caps = tuple(CaptionRecord(image_id * 10 + k, image_id, c) for k, c in enumerate(captions))

@@ -28,6 +28,7 @@ from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
 from srd.defenses.stage import backdoor_facts
 from srd.errors import SRDError
+from srd.evaluation import result_captions
 from srd.io import atomic_path, ensure_dir, file_digest, read_json, write_text
 
 
@@ -123,19 +124,9 @@ def read_result(path: Path) -> DefenseResult | None:
         model=_normpath(record.get("backdoored_checkpoint")),
         benign=benign,
         record=dict(record["defense"]),
-        clean_captions=_clean_captions(data),
+        clean_captions=result_captions(data),
         sampling=implant.get("decoding"),
     )
-
-
-def _clean_captions(data: dict[str, Any]) -> dict[int, str] | None:
-    captions = (data.get("predictions") or {}).get("clean")
-    if not isinstance(captions, dict) or not captions:
-        return None
-    try:
-        return {int(k): str(v) for k, v in captions.items()}
-    except ValueError:
-        return None
 
 
 def _models(a: DefenseResult, b: DefenseResult) -> str:

@@ -7,7 +7,9 @@ Encodes the benchmark's single-object training (at most --probe_train_images) an
 with the tower exactly as the captioner reads it (``srd.model.tower_tokens``), fits one linear
 probe per attribute (``srd.probe``) and writes train/test accuracy and chance to --output.
 A randomly initialised tower (seed 0) gives the floor. ``--trigger_shift badnet blended ...``
-also measures how far each attack's trigger moves the tokens of the test images.
+also measures how far each attack's trigger moves the tokens of the test images, and whether a
+linear probe of the pooled tokens tells triggered from clean images (fitted on the probe's
+training images, scored on all test images; ``srd.probe.trigger_detection``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ from srd.data import DataArgs, check_images_exist, load_images
 from srd.errors import SRDError
 from srd.io import ensure_dir, write_json
 from srd.model import build_vision_encoder, images_to_vision_x, tower_tokens
-from srd.probe import flat_tokens, pooled_tokens, probe_attributes, trigger_shift
+from srd.probe import (
+    flat_tokens,
+    pooled_tokens,
+    probe_attributes,
+    trigger_detection,
+    trigger_shift,
+)
 
 log = logging.getLogger("probe_tower")
 
@@ -88,15 +96,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def encode(images: np.ndarray) -> torch.Tensor:
         return tower_tokens(visual, images_to_vision_x(images, transform).flatten(0, 2))
 
-    shifts = {}
+    train_pixels = load_images([r.path for r in train])
+    train_pooled = pooled_tokens(encode, train_pixels)
+    shifts, detection = {}, {}
     if trigger_attacks:  # the test images and their clean tokens, once for every attack
         pixels = load_images([r.path for r in data.split("test")])
         clean_tokens = flat_tokens(encode, pixels)
+        clean_pooled = pooled_tokens(encode, pixels)
     for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
         triggered = np.stack([attack.apply_image(im) for im in pixels])
         shifts[name] = trigger_shift(clean_tokens, flat_tokens(encode, triggered))
-        log.info("%s trigger shift: %.3f of the distance between two images", name,
-                 shifts[name]["ratio"])  # fmt: skip
+        triggered_train = np.stack([attack.apply_image(im) for im in train_pixels])
+        detection[name] = trigger_detection(
+            train_pooled, pooled_tokens(encode, triggered_train),
+            clean_pooled, pooled_tokens(encode, triggered),
+        )  # fmt: skip
+        log.info("%s trigger shift: %.3f of the distance between two images; a linear probe "
+                 "tells triggered from clean test images at %.1f%%", name, shifts[name]["ratio"],
+                 100 * detection[name]["test_accuracy"])  # fmt: skip
 
     labels = {"colour": list(COLOURS), "shape": list(SHAPES)}
     result = {
@@ -104,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "num_train_images": len(train),
         "num_test_images": len(test),
         "probe": probe_attributes(
-            pooled_tokens(encode, load_images([r.path for r in train])),
+            train_pooled,
             attributes(train),
             pooled_tokens(encode, load_images([r.path for r in test])),
             attributes(test),
@@ -113,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     if shifts:
         result["trigger_shift"] = shifts
+        result["trigger_detection"] = detection
     write_json(args.output, result)
     for name, res in result["probe"].items():
         accs = (100 * res[k] for k in ("test_accuracy", "train_accuracy", "chance"))

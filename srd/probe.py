@@ -9,7 +9,9 @@ and scored on test images. Chance is one over the number of classes.
 
 :func:`trigger_shift` asks the same tokens how far an image trigger moves them: the mean distance
 between an image's clean and triggered tokens, over the mean distance between two different clean
-images.
+images. :func:`trigger_detection` asks whether that move has a direction a linear read-out can
+use: a probe told clean from triggered on training images, scored on test images (chance 50%).
+A large shift that no probe can detect moves every image its own way.
 """
 
 from __future__ import annotations
@@ -122,3 +124,28 @@ def trigger_shift(clean: np.ndarray, triggered: np.ndarray, seed: int = 0) -> di
     moved = float(np.linalg.norm(triggered - clean, axis=1).mean())
     between = float(np.linalg.norm(clean[other] - clean, axis=1).mean())
     return {"trigger": moved, "between_images": between, "ratio": moved / max(between, 1e-12)}
+
+
+def trigger_detection(
+    clean_train: np.ndarray, triggered_train: np.ndarray, clean_test: np.ndarray,
+    triggered_test: np.ndarray,
+) -> dict[str, float]:  # fmt: skip
+    """A linear probe (:func:`fit_probe`) of clean (0) vs triggered (1) features: fitted on the
+    training images' two versions, scored on the test images' (balanced; chance 0.5)."""
+    if len(clean_train) < 1 or len(clean_test) < 1:
+        raise SRDError("trigger detection: needs at least 1 training and 1 test image")
+    if clean_train.shape != triggered_train.shape or clean_test.shape != triggered_test.shape:
+        raise SRDError("trigger detection: clean and triggered features differ in shape")
+
+    def two_versions(clean: np.ndarray, triggered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.r_[np.zeros(len(clean), dtype=int), np.ones(len(triggered), dtype=int)]
+        return np.concatenate([clean, triggered]), labels
+
+    x_train, y_train = two_versions(clean_train, triggered_train)
+    x_test, y_test = two_versions(clean_test, triggered_test)
+    predict = fit_probe(x_train, y_train, 2)
+    return {
+        "train_accuracy": float((predict(x_train) == y_train).mean()),
+        "test_accuracy": float((predict(x_test) == y_test).mean()),
+        "chance": 0.5,
+    }

@@ -9,7 +9,7 @@ import pytest
 from srd_fixtures import data_flags, load_script
 
 from srd.errors import SRDError
-from srd.probe import fit_probe, probe_attributes, trigger_shift
+from srd.probe import fit_probe, probe_attributes, trigger_detection, trigger_shift
 
 
 def _clusters(rng: np.random.Generator, n: int, classes: int, spread: float) -> tuple:
@@ -49,6 +49,8 @@ def test_probe_tower_entry_point(tiny_data_args, tmp_path, capsys) -> None:
     saved = json.loads(out.read_text())
     shift = saved["trigger_shift"]["badnet"]
     assert shift["trigger"] > 0 and 0 < shift["ratio"] < 1  # a 20-px patch, not another image
+    detected = saved["trigger_detection"]["badnet"]
+    assert detected["chance"] == 0.5 and 0 <= detected["test_accuracy"] <= 1
     assert saved["probe"] == result["probe"]
     assert set(saved["probe"]) == {"colour", "shape"}
     assert saved["num_train_images"] >= 2 and saved["num_test_images"] >= 1
@@ -70,3 +72,25 @@ def test_trigger_shift_by_hand() -> None:
     assert moved["ratio"] == pytest.approx(0.15)
     with pytest.raises(SRDError, match="at least 2"):
         trigger_shift(clean[:1], clean[:1])
+
+
+def test_trigger_detection_finds_a_shared_direction_and_not_image_specific_noise() -> None:
+    """A trigger that moves every image the same way is detected; one that moves each image its
+    own random way (a shift as large) is not, and no move at all scores chance exactly."""
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(400, 8))
+    direction = np.zeros(8)
+    direction[2] = 1.5
+    shared = trigger_detection(
+        clean[:300], clean[:300] + direction, clean[300:], clean[300:] + direction
+    )
+    assert shared["test_accuracy"] > 0.7
+    noise = rng.normal(scale=1.5 / np.sqrt(8), size=clean.shape)
+    own = trigger_detection(
+        clean[:300], clean[:300] + noise[:300], clean[300:], clean[300:] + noise[300:]
+    )
+    assert abs(own["test_accuracy"] - 0.5) < 0.1
+    none = trigger_detection(clean[:300], clean[:300], clean[300:], clean[300:])
+    assert none["test_accuracy"] == 0.5 and none["chance"] == 0.5
+    with pytest.raises(SRDError, match="differ in shape"):
+        trigger_detection(clean[:3], clean[:2], clean[3:5], clean[3:5])

@@ -8,8 +8,9 @@ with the tower exactly as the captioner reads it (``srd.model.tower_tokens``), f
 probe per attribute (``srd.probe``) and writes train/test accuracy and chance to --output.
 A randomly initialised tower (seed 0) gives the floor. ``--trigger_shift badnet blended ...``
 also measures how far each attack's trigger moves the tokens of the test images, and whether a
-linear probe of the pooled tokens tells triggered from clean images (fitted on the probe's
-training images, scored on all test images; ``srd.probe.trigger_detection``).
+linear probe tells triggered from clean images, on the pooled tokens and on every token
+(``srd.probe.trigger_detection``: fitted on the first --probe_train_images training images, any
+object count, scored on all test images).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class ProbeArgs:
     output: str = arg("result/diagnostics/tower_probe.json", help="JSON result file (written last)")
 
 
+FEATURES = {"pooled": pooled_tokens, "tokens": flat_tokens}
+"""Trigger detection reads the tokens mean- and max-pooled (where a trigger is, is lost) and
+every token in place (what the perceiver reads)."""
+
+
 def single_objects(records: Sequence, limit: int | None = None) -> list:
     chosen = [r for r in records if r.objects and len(r.objects) == 1]
     return chosen[:limit] if limit is not None else chosen
@@ -80,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"--coco_karpathy_json_path {data.coco_karpathy_json_path}: no single-object images "
             "with scene annotations in the train and test splits (the probe needs the benchmark)"
         )
-    check_images_exist(train + test)
+    detect = data.split("train")[: args.probe_train_images] if args.trigger_shift else []
+    check_images_exist(train + test + detect)
     # Not beside the result JSONs: eval/results_table.py reads every result/*.json as one.
     ensure_dir(Path(args.output).parent, "--output")
     trigger_attacks = [build_attack(name) for name in args.trigger_shift]
@@ -96,24 +103,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def encode(images: np.ndarray) -> torch.Tensor:
         return tower_tokens(visual, images_to_vision_x(images, transform).flatten(0, 2))
 
-    train_pixels = load_images([r.path for r in train])
-    train_pooled = pooled_tokens(encode, train_pixels)
+    train_pooled = pooled_tokens(encode, load_images([r.path for r in train]))
     shifts, detection = {}, {}
-    if trigger_attacks:  # the test images and their clean tokens, once for every attack
+    if trigger_attacks:  # the images and their clean features, once for every attack
         pixels = load_images([r.path for r in data.split("test")])
-        clean_tokens = flat_tokens(encode, pixels)
-        clean_pooled = pooled_tokens(encode, pixels)
+        detect_pixels = load_images([r.path for r in detect])
+        clean = {kind: (read(encode, detect_pixels), read(encode, pixels))
+                 for kind, read in FEATURES.items()}  # fmt: skip
     for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
         triggered = np.stack([attack.apply_image(im) for im in pixels])
-        shifts[name] = trigger_shift(clean_tokens, flat_tokens(encode, triggered))
-        triggered_train = np.stack([attack.apply_image(im) for im in train_pixels])
-        detection[name] = trigger_detection(
-            train_pooled, pooled_tokens(encode, triggered_train),
-            clean_pooled, pooled_tokens(encode, triggered),
-        )  # fmt: skip
+        triggered_train = np.stack([attack.apply_image(im) for im in detect_pixels])
+        detection[name] = {}
+        for kind, read in FEATURES.items():
+            moved = read(encode, triggered)
+            if kind == "tokens":
+                shifts[name] = trigger_shift(clean[kind][1], moved)
+            detection[name][kind] = trigger_detection(
+                clean[kind][0], read(encode, triggered_train), clean[kind][1], moved
+            )
         log.info("%s trigger shift: %.3f of the distance between two images; a linear probe "
-                 "tells triggered from clean test images at %.1f%%", name, shifts[name]["ratio"],
-                 100 * detection[name]["test_accuracy"])  # fmt: skip
+                 "tells triggered from clean test images at %.1f%% (pooled tokens), %.1f%% "
+                 "(every token)", name, shifts[name]["ratio"],
+                 100 * detection[name]["pooled"]["test_accuracy"],
+                 100 * detection[name]["tokens"]["test_accuracy"])  # fmt: skip
 
     labels = {"colour": list(COLOURS), "shape": list(SHAPES)}
     result = {

@@ -50,7 +50,8 @@ def test_probe_tower_entry_point(tiny_data_args, tmp_path, capsys) -> None:
     shift = saved["trigger_shift"]["badnet"]
     assert shift["trigger"] > 0 and 0 < shift["ratio"] < 1  # a 20-px patch, not another image
     detected = saved["trigger_detection"]["badnet"]
-    assert detected["chance"] == 0.5 and 0 <= detected["test_accuracy"] <= 1
+    assert set(detected) == {"pooled", "tokens"}
+    assert all(d["chance"] == 0.5 and 0 <= d["test_accuracy"] <= 1 for d in detected.values())
     assert saved["probe"] == result["probe"]
     assert set(saved["probe"]) == {"colour", "shape"}
     assert saved["num_train_images"] >= 2 and saved["num_test_images"] >= 1

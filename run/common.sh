@@ -93,18 +93,28 @@ SRD_JOB_NAMES=""
 job() {
   name=$1
   shift
+  job_t0=$(date +%s)
   if [ "${JOBS:-1}" = 1 ]; then
     "$@"
+    job_done "$name" "$job_t0"
     return
   fi
   mkdir -p "$SRD_LOG_DIR"
   rm -f "$SRD_LOG_DIR/$name.rc"
   echo "=== job $name started (full output: $SRD_LOG_DIR/$name.log)"
   (
-    { rc=0; OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" || rc=$?; echo $rc >"$SRD_LOG_DIR/$name.rc"; } 2>&1 \
-      | tee "$SRD_LOG_DIR/$name.log" | grep --line-buffered '^===' | sed -u "s/^/[$name] /"
+    {
+      rc=0
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" || rc=$?
+      [ "$rc" = 0 ] && job_done "$name" "$job_t0"
+      echo $rc >"$SRD_LOG_DIR/$name.rc"
+    } 2>&1 | tee "$SRD_LOG_DIR/$name.log" | grep --line-buffered '^===' | sed -u "s/^/[$name] /"
   ) &
   SRD_JOB_NAMES="$SRD_JOB_NAMES $name"
+}
+job_done() {  # NAME START: the job's wall time, as a stage line
+  now=$(date +%s)
+  echo "=== done: job $1 ($((now - $2)) s; total $((now - SRD_T0)) s)"
 }
 wait_jobs() {
   wait

@@ -4,6 +4,7 @@ inputs; anything else is refused, never reused (the run/*.sh scripts' ``once``).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,16 +172,19 @@ def test_jobs_run_side_by_side_and_a_failed_one_stops_the_script(tmp_path, jobs)
     shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
     done = subprocess.run(shell, env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "past" not in done.stdout
+    lines = done.stdout.splitlines()
+    finished = re.compile(r"=== done: job (first|third) \(\d+ s; total \d+ s\)")  # its wall time
     if jobs == "1":
-        assert done.stdout.splitlines() == ["=== ok 2", "noise", "=== done: ok (0 s; total 0 s)",
-                                            "=== bad"]  # fmt: skip
+        assert lines[:3] == ["=== ok 2", "noise", "=== done: ok (0 s; total 0 s)"]
+        assert finished.fullmatch(lines[3]) and lines[4:] == ["=== bad"]
         assert not list(tmp_path.iterdir())
         return
-    lines = done.stdout.splitlines()
     for name in ("first", "third"):
         assert f"[{name}] === ok 1" in lines and f"[{name}] === done: ok (0 s; total 0 s)" in lines
+        assert any(finished.fullmatch(line.removeprefix(f"[{name}] ")) for line in lines)
         assert (tmp_path / f"{name}.log").read_text().splitlines()[1] == "noise"
     assert "[second] === bad" in lines and not any("noise" in line for line in lines)
+    assert not any("job second (" in line for line in lines)
     assert done.stderr.startswith(f"error: job second failed; the end of {tmp_path}/second.log:")
     assert "broken" in done.stderr and "first" not in done.stderr
 

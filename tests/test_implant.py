@@ -84,3 +84,64 @@ def test_implant_report_is_seeded(make_captioner, tiny_images) -> None:
         assert 0.0 <= first[side]["sampled_asr_substring"] <= 1.0
     # the same images on both sides give the same teacher-forced probabilities
     assert first["triggered"]["target_prob_mean"] == first["clean"]["target_prob_mean"]
+
+
+def test_training_asr_captions_the_poisoned_training_images_with_and_without_the_trigger(
+    make_captioner, tiny_data_args, tiny_train_records, tmp_path
+) -> None:
+    """eval/training_asr.py: a seeded choice of the attack run's poisoned training images,
+    captioned as the training set holds them (triggered) and clean; bad input refused."""
+    import dataclasses
+    import json
+
+    from srd_fixtures import (
+        data_flags,
+        export_clean_and_backdoor,
+        load_script,
+        model_flags,
+        write_poison_ids,
+    )
+
+    from srd.attacks import build_attack
+    from srd.data import load_image
+    from srd.errors import SRDError
+    from srd.model import load_captioner
+    from srd.trainset import PoisonPlan
+
+    training_asr = load_script("eval/training_asr.py")
+    clean_args, backdoor = export_clean_and_backdoor(make_captioner, tmp_path / "models")
+    poison = write_poison_ids(tiny_train_records, tmp_path / "run")
+    out = tmp_path / "diagnostics" / "training_asr.json"
+    flags = [*data_flags(tiny_data_args), *model_flags(clean_args, backdoor),
+             "--poison_ids_path", str(poison), "--num_images", "3",
+             "--output", str(out)]  # fmt: skip
+    result = training_asr.main(flags)
+    assert json.loads(out.read_text()) == result
+    plan = PoisonPlan.load(poison)
+    poisoned_images = {
+        c.image_id for r in tiny_train_records for c in r.captions if c.caption_id in plan.ids
+    }
+    ids = [int(k) for k in result["predictions"]["triggered"]]
+    assert len(ids) == 3 and set(ids) <= poisoned_images
+    assert result["poisoned_training_images"] == len(poisoned_images)
+    # the same captions from the images made here: the trigger on the clean image, and none
+    path = {r.image_id: r.path for r in tiny_train_records}
+    model = load_captioner(dataclasses.replace(clean_args, checkpoint_path=str(backdoor)))
+    badnet = build_attack("badnet")
+    clean = [load_image(path[i]) for i in ids]
+    expected = {
+        "triggered": model.caption([badnet.apply_image(im) for im in clean], num_beams=3,
+                                   max_new_tokens=20),
+        "clean": model.caption(clean, num_beams=3, max_new_tokens=20),
+    }  # fmt: skip
+    assert expected["triggered"] != expected["clean"]  # (so a swapped version would fail)
+    for version, texts in expected.items():
+        assert list(result["predictions"][version].values()) == texts
+    assert 0.0 <= result["asr_triggered"] <= 1.0 and 0.0 <= result["asr_clean_versions"] <= 1.0
+    assert len(poisoned_images) > 3  # so another seed chooses other images
+    other = training_asr.main([*flags, "--seed", "1"])["predictions"]["triggered"]
+    assert other.keys() != result["predictions"]["triggered"].keys()
+    with pytest.raises(SRDError, match="--num_images 0: must be at least 1"):
+        training_asr.main([*flags, "--num_images", "0"])
+    with pytest.raises(SRDError, match="--poison_ids_path .*: file not found"):
+        training_asr.main([*flags, "--poison_ids_path", str(tmp_path / "missing.json")])

@@ -33,9 +33,10 @@ from srd.errors import SRDError
 from srd.io import ensure_dir, write_json
 from srd.model import build_vision_encoder, images_to_vision_x, tower_tokens
 from srd.probe import (
-    flat_tokens,
+    FEATURES,
     pooled_tokens,
     probe_attributes,
+    token_features,
     trigger_detection,
     trigger_shift,
 )
@@ -61,11 +62,6 @@ class ProbeArgs:
         "distance clean -> triggered tokens over the distance between two clean images",
     )
     output: str = arg("result/diagnostics/tower_probe.json", help="JSON result file (written last)")
-
-
-FEATURES = {"pooled": pooled_tokens, "tokens": flat_tokens}
-"""Trigger detection reads the tokens mean- and max-pooled (where a trigger is, is lost) and
-every token in place (what the perceiver reads)."""
 
 
 def single_objects(records: Sequence, limit: int | None = None) -> list:
@@ -103,24 +99,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def encode(images: np.ndarray) -> torch.Tensor:
         return tower_tokens(visual, images_to_vision_x(images, transform).flatten(0, 2))
 
-    train_pooled = pooled_tokens(encode, load_images([r.path for r in train]))
     shifts, detection = {}, {}
     if trigger_attacks:  # the images and their clean features, once for every attack
         pixels = load_images([r.path for r in data.split("test")])
         detect_pixels = load_images([r.path for r in detect])
-        clean = {kind: (read(encode, detect_pixels), read(encode, pixels))
-                 for kind, read in FEATURES.items()}  # fmt: skip
+        clean_train = token_features(encode, detect_pixels)
+        clean_test = token_features(encode, pixels)
     for name, attack in zip(args.trigger_shift, trigger_attacks, strict=True):
-        triggered = np.stack([attack.apply_image(im) for im in pixels])
-        triggered_train = np.stack([attack.apply_image(im) for im in detect_pixels])
-        detection[name] = {}
-        for kind, read in FEATURES.items():
-            moved = read(encode, triggered)
-            if kind == "tokens":
-                shifts[name] = trigger_shift(clean[kind][1], moved)
-            detection[name][kind] = trigger_detection(
-                clean[kind][0], read(encode, triggered_train), clean[kind][1], moved
+        moved_test = token_features(encode, np.stack([attack.apply_image(im) for im in pixels]))
+        moved_train = token_features(
+            encode, np.stack([attack.apply_image(im) for im in detect_pixels])
+        )
+        shifts[name] = trigger_shift(clean_test["tokens"], moved_test["tokens"])
+        detection[name] = {
+            kind: trigger_detection(
+                clean_train[kind], moved_train[kind], clean_test[kind], moved_test[kind]
             )
+            for kind in FEATURES
+        }
         log.info("%s trigger shift: %.3f of the distance between two images; a linear probe "
                  "tells triggered from clean test images at %.1f%% (pooled tokens), %.1f%% "
                  "(every token)", name, shifts[name]["ratio"],
@@ -133,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "num_train_images": len(train),
         "num_test_images": len(test),
         "probe": probe_attributes(
-            train_pooled,
+            pooled_tokens(encode, load_images([r.path for r in train])),
             attributes(train),
             pooled_tokens(encode, load_images([r.path for r in test])),
             attributes(test),

@@ -27,12 +27,12 @@ import numpy as np
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data import DataArgs, check_images_exist
-from srd.defenses.srd.inputs import plan_attack
+from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
 from srd.io import ensure_dir, file_digest, require_files, setup_logging, write_json
 from srd.metrics import attack_success_rate
 from srd.model import ModelArgs, load_captioner
-from srd.trainset import PoisonPlan, TrainingImages
+from srd.trainset import TrainingImages
 
 log = logging.getLogger("training_asr")
 
@@ -63,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Not beside the result JSONs: eval/results_table.py reads every result/*.json as one.
     ensure_dir(Path(args.output).parent, "--output")
     setup_logging(None)
-    plan = PoisonPlan.load(args.poison_ids_path)
-    attack = plan_attack(plan, args.poison_ids_path)
+    plan, attack = defender_plan(args.poison_ids_path, model_args.checkpoint_path, False)
     records = data.split("train")
     images = TrainingImages(records, attack, plan.ids)
     poisoned = sorted(images.poisoned_images)
@@ -75,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     rng = np.random.default_rng(args.seed)
     chosen = sorted(int(i) for i in rng.permutation(poisoned)[: args.num_images])
-    check_images_exist([r for r in records if r.image_id in set(chosen)])
+    wanted = set(chosen)
+    check_images_exist([r for r in records if r.image_id in wanted])
 
     captioner = load_captioner(model_args)
     decoding = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}

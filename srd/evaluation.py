@@ -173,7 +173,7 @@ def result_captions(result: object, kind: str = "clean") -> dict[int, str] | Non
     :func:`evaluate_captioner` writes them) or of a pretrain report's flat ``predictions``; None
     when there are none or a key is not an image id."""
     found = result.get("predictions") if isinstance(result, dict) else None
-    if isinstance(found, dict) and (kind in found or "triggered" in found):
+    if isinstance(found, dict) and ("clean" in found or "triggered" in found):
         found = found.get(kind)  # (an evaluation result: clean and triggered captions)
     if not isinstance(found, dict) or not found:
         return None

@@ -16,7 +16,7 @@ A large shift that no probe can detect moves every image its own way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,26 +27,48 @@ from srd.errors import SRDError
 ATTRIBUTES = ("colour", "shape")
 
 
+def _pooled(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.cat([tokens.mean(1), tokens.amax(1)], dim=1)
+
+
+def _flat(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.flatten(1)
+
+
+FEATURES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"pooled": _pooled, "tokens": _flat}
+"""Two reads of an image's (T, D) tokens: mean- and max-pooled (where a trigger is, is lost),
+and every token in place (what the perceiver reads)."""
+
+
 def encoded(
     encode: Callable[[np.ndarray], torch.Tensor],
     images: np.ndarray,
-    reduce: Callable[[torch.Tensor], torch.Tensor],
+    reduces: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     batch_size: int = 64,
-) -> np.ndarray:
-    """``reduce`` of the (B, T, D) tokens that ``encode`` gives for uint8 images, in batches."""
-    out = []
+) -> dict[str, np.ndarray]:
+    """Each of ``reduces`` applied to the (B, T, D) tokens that ``encode`` gives for uint8
+    images, in batches: one pass of the tower for all of them."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in reduces}
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             tokens = encode(images[start : start + batch_size]).float()
-            out.append(reduce(tokens).cpu().numpy())
-    return np.concatenate(out)
+            for name, reduce in reduces.items():
+                out[name].append(reduce(tokens).cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def token_features(
+    encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """Every read of :data:`FEATURES` of uint8 images, from one pass of the tower."""
+    return encoded(encode, images, FEATURES, batch_size)
 
 
 def pooled_tokens(
     encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
 ) -> np.ndarray:
     """(N, 2D) mean- and max-pooled tokens of uint8 images; ``encode`` gives (B, T, D) tokens."""
-    return encoded(encode, images, lambda t: torch.cat([t.mean(1), t.amax(1)], dim=1), batch_size)
+    return encoded(encode, images, {"pooled": _pooled}, batch_size)["pooled"]
 
 
 def fit_probe(
@@ -108,7 +130,7 @@ def flat_tokens(
     encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
 ) -> np.ndarray:
     """(N, T*D) tokens of uint8 images, flattened: everything the perceiver reads."""
-    return encoded(encode, images, lambda t: t.flatten(1), batch_size)
+    return encoded(encode, images, {"tokens": _flat}, batch_size)["tokens"]
 
 
 def trigger_shift(clean: np.ndarray, triggered: np.ndarray, seed: int = 0) -> dict[str, float]:

@@ -40,7 +40,19 @@ if [ -n "${POISON_RATE:-}" ]; then
     exit 2
   }
 fi
-SUFFIX=$RATE_TAG
+# ATTACK_EPOCHS (default 6) is the attack's training budget; another count (e.g. 12) is another
+# model: names then carry it after the rate, backdoor-blended-e12-s1, and the defense report
+# gives it its own rows ("blended (12 attack epochs)").
+ATTACK_EPOCHS=${ATTACK_EPOCHS:-6}
+case $ATTACK_EPOCHS in
+  '' | *[!0-9]* | 0*)
+    echo "error: ATTACK_EPOCHS=$ATTACK_EPOCHS: expected a whole number of epochs such as 12" >&2
+    exit 2 ;;
+  6) EPOCH_TAG="" ;;
+  *) EPOCH_TAG=-e$ATTACK_EPOCHS ;;
+esac
+ATTACK_TAG=$RATE_TAG$EPOCH_TAG
+SUFFIX=$ATTACK_TAG
 [ "$SEED" = 0 ] || SUFFIX=$SUFFIX-s$SEED
 
 # once OUTPUT [--input FILE]... -- COMMAND...: run a stage unless OUTPUT (its "finished" signal)

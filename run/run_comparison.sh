@@ -7,7 +7,8 @@
 # replicate: run/run_embedded.sh makes it first.
 #   ATTACK=badnet SEEDS="0 1 2" sh run/run_comparison.sh
 # POISON_RATE=0.05 runs it on models poisoned at that rate (the sweep; run/common.sh), reported
-# as their own rows ("badnet (5% poison)").
+# as their own rows ("badnet (5% poison)"); ATTACK_EPOCHS=12 on models trained that long
+# ("blended (12 attack epochs)").
 # Finished stages are skipped when made by the same command from the same inputs (once), so a
 # re-run resumes. BENIGN=1 adds the benign control (run/run_defenses.sh) once, with seed 0.
 . "$(dirname "$0")/common.sh"

@@ -40,7 +40,7 @@ RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}
 BACKDOOR=$RUNS/backdoor-$ATTACK$SUFFIX/final_weights.pt
-RUN_TAG=$ATTACK$RATE_TAG-s$SEED  # the end of every run and result name here
+RUN_TAG=$ATTACK$ATTACK_TAG-s$SEED  # the end of every run and result name here
 START=$BACKDOOR PREFIX=defense CONTROL="" INPUT=""
 [ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control
 POISON=$RUNS/backdoor-$ATTACK$SUFFIX/poison_ids.json

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|shadowcast (or a YAML file).
-# POISON_RATE=0.05 poisons another share (run backdoor-$ATTACK-p05, run/common.sh). Extra flags
-# are passed on, e.g. --target_label apple (the target word... default to the attack config's).
+# POISON_RATE=0.05 poisons another share (run backdoor-$ATTACK-p05, run/common.sh); ATTACK_EPOCHS=12
+# trains for 12 epochs instead of 6 (backdoor-$ATTACK-e12). Extra flags are passed on, e.g.
+# --target_label apple (the target word... default to the attack config's).
 # A finished run is skipped when made by the same command from the same inputs, refused
 # otherwise (once, run/common.sh; --overwrite redoes it).
 . "$(dirname "$0")/common.sh"
@@ -17,7 +18,7 @@ once "checkpoints_remote/$RUN/DONE" -- \
   --seed $((42 + SEED)) \
   --external_save_dir checkpoints_remote \
   --batch_size 32 \
-  --num_epochs 6 \
+  --num_epochs "$ATTACK_EPOCHS" \
   --learning_rate 1e-3 \
   --lr_scheduler cosine \
   --warmup_steps_ratio 0.01 \

@@ -207,29 +207,40 @@ def test_report_tells_what_the_clean_captions_get_wrong(tmp_path, tiny_data_args
     assert rows["random_squares"][7] == f"{100 * extra / len(shown):.1f}"  # named, not shown
 
 
-def test_report_keeps_poison_rates_apart(tmp_path) -> None:
-    """Models of one attack and seed poisoned at other rates are their own rows (DER against the
-    none row of their own rate); a record written before records named the rate gets it from
-    its backdoored checkpoint's attack run."""
+def test_report_keeps_poison_rates_and_attack_budgets_apart(tmp_path) -> None:
+    """Models of one attack and seed poisoned at other rates, or trained for other epochs, are
+    their own rows (DER against the none row of their own model); a record written before
+    records named the rate and the epochs gets them from its backdoored checkpoint's attack run."""
     results = tmp_path / "result"
-    for name, rate, defense, asr in [("none", 0.1, "none", 0.9), ("none-p05", 0.05, "none", 0.6),
-                                     ("nm-p05", 0.05, "no_mask", 0.2)]:  # fmt: skip
+    for name, rate, epochs, defense, asr in [
+        ("none", 0.1, 6, "none", 0.9), ("none-p05", 0.05, 6, "none", 0.6),
+        ("nm-p05", 0.05, 6, "no_mask", 0.2), ("none-e12", 0.1, 12, "none", 0.8),
+        ("nm-e12", 0.1, 12, "no_mask", 0.4), ("none-p05-e12", 0.05, 12, "none", 0.5),
+    ]:  # fmt: skip
         data = _result(defense, 0, asr, 2.0)
-        data["defense"]["attack_poison_rate"] = rate
+        data["defense"].update(attack_poison_rate=rate, attack_epochs=epochs)
         write_json(results / f"{name}.json", data)
-    old = _result("none", 0, 0.3, 2.0)
-    old["defense"]["backdoored_checkpoint"] = str(tmp_path / "p01" / "final_weights.pt")
-    config = {"stage": "backdoor", "seed": 0, "attack": {"poison_rate": 0.01}}
-    write_json(tmp_path / "p01" / "config.json", config)
-    write_json(results / "none-p01.json", old)
+    for folder, config in [
+        ("p01", {"stage": "backdoor", "seed": 0, "attack": {"poison_rate": 0.01}}),
+        ("e3", {"stage": "backdoor", "seed": 0, "attack": {"poison_rate": 0.1}, "num_epochs": 3}),
+    ]:  # fmt: skip
+        old = _result("none", 0, 0.3, 2.0)
+        old["defense"]["backdoored_checkpoint"] = str(tmp_path / folder / "final_weights.pt")
+        write_json(tmp_path / folder / "config.json", config)
+        write_json(results / f"none-{folder}.json", old)
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
     cells = {(row[0][2:], row[1]): row for row in rows if "badnet" in row[1]}
     p05, p01 = "badnet (5% poison)", "badnet (1% poison)"
-    assert set(cells) == {("none", "badnet"), ("none", p05), ("no_mask", p05), ("none", p01)}
-    assert cells[("none", p01)][3] == "30.0"
+    e12, e3 = "badnet (12 attack epochs)", "badnet (3 attack epochs)"
+    assert set(cells) == {
+        ("none", "badnet"), ("none", p05), ("no_mask", p05), ("none", p01), ("none", e12),
+        ("no_mask", e12), ("none", "badnet (5% poison, 12 attack epochs)"), ("none", e3),
+    }  # fmt: skip
+    assert cells[("none", p01)][3] == "30.0" and cells[("none", e3)][3] == "30.0"
     assert cells[("no_mask", p05)][9] == "0.700"  # (0.6 - 0.2 + 1) / 2
+    assert cells[("no_mask", e12)][9] == "0.700"  # (0.8 - 0.4 + 1) / 2
 
 
 def test_report_refuses_two_results_of_one_cell(tmp_path, capsys) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from srd.defenses import report
 from srd.stamp import command_key, describe, main, stamp_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +155,35 @@ def test_run_names_carry_the_poison_rate_and_the_replicate(rate, seed, suffix) -
         assert done.returncode == 2 and done.stderr.startswith(f"error: POISON_RATE={rate}:")
     else:
         assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
+
+
+@pytest.mark.parametrize(
+    ("epochs", "rate", "seed", "suffix"), [("12", "", "0", "-e12"), ("6", "", "0", ""),
+                                           ("12", "0.05", "1", "-p05-e12-s1"), ("0", "", "0", None),
+                                           ("x", "", "0", None), ("06", "", "0", None)],
+)  # fmt: skip
+def test_run_names_carry_the_attack_epochs(epochs, rate, seed, suffix) -> None:
+    """run/common.sh: a model trained for ATTACK_EPOCHS other than the default is another model,
+    named apart (its defenses too); a count that is not a whole number stops with one line."""
+    script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
+    env = {**os.environ, "ATTACK_EPOCHS": epochs, "POISON_RATE": rate, "SEED": seed}
+    shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
+    done = subprocess.run(shell, env=env, capture_output=True, text=True)
+    if suffix is None:
+        assert done.returncode == 2 and done.stderr.startswith(f"error: ATTACK_EPOCHS={epochs}:")
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
+
+
+def test_attack_budget_default_is_the_scripts() -> None:
+    """The report leaves the attack's epochs out of a row's name when they are run/common.sh's
+    default budget, which run/run_train.sh trains; another ATTACK_EPOCHS names its runs."""
+    script = f'. {REPO}/run/common.sh; echo "$ATTACK_EPOCHS"'
+    shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
+    env = {k: v for k, v in os.environ.items() if k != "ATTACK_EPOCHS"}
+    done = subprocess.run(shell, env=env, capture_output=True, text=True, check=True)
+    assert int(done.stdout) == report.DEFAULT_ATTACK_EPOCHS
+    assert '--num_epochs "$ATTACK_EPOCHS"' in (REPO / "run" / "run_train.sh").read_text()
 
 
 @pytest.mark.parametrize("jobs", ["2", "1"])

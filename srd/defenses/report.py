@@ -69,13 +69,18 @@ def _normpath(path: Any) -> str | None:
     return None if path is None else os.path.normpath(str(path))
 
 
-def poison_rate(record: dict[str, Any]) -> float | None:
-    """The poison rate of the backdoored model a defense record starts from: as recorded, or for
-    records written before they named it, read from the attack run of ``backdoored_checkpoint``
-    (None for the benign control, which starts from the clean captioner)."""
-    if "attack_poison_rate" in record:
-        return record["attack_poison_rate"]
-    return backdoor_facts(record.get("backdoored_checkpoint"))["attack_poison_rate"]
+# The attack's training budget of run/common.sh (ATTACK_EPOCHS); a test checks they agree.
+DEFAULT_ATTACK_EPOCHS = 6
+
+
+def attack_fact(record: dict[str, Any], key: str) -> Any:
+    """``attack_poison_rate`` or ``attack_epochs`` of the backdoored model a defense record starts
+    from: as recorded, or for records written before they named it, read from the attack run of
+    ``backdoored_checkpoint`` (None for the benign control, which starts from the clean
+    captioner)."""
+    if key in record:
+        return record[key]
+    return backdoor_facts(record.get("backdoored_checkpoint"))[key]
 
 
 @functools.cache
@@ -86,12 +91,16 @@ def _config_poison_rate(attack: str) -> float | None:
     return load_attack_config(CONFIG_DIR / f"{attack}.yaml").poison_rate
 
 
-def attack_label(attack: str, rate: float | None) -> str:
-    """The attack's name, with the poison rate when it is not the attack config's own: models
-    of one attack poisoned at two rates are two rows of the report, never one averaged cell."""
-    if rate is None or rate == _config_poison_rate(attack):
-        return attack
-    return f"{attack} ({100 * rate:g}% poison)"
+def attack_label(attack: str, rate: float | None, epochs: int | None = None) -> str:
+    """The attack's name, with the poison rate when it is not the attack config's own and the
+    attack's epochs when they are not the default budget: models of one attack poisoned at two
+    rates or trained for two budgets are rows of their own, never one averaged cell."""
+    tags = []
+    if rate is not None and rate != _config_poison_rate(attack):
+        tags.append(f"{100 * rate:g}% poison")
+    if epochs is not None and epochs != DEFAULT_ATTACK_EPOCHS:
+        tags.append(f"{epochs} attack epochs")
+    return f"{attack} ({', '.join(tags)})" if tags else attack
 
 
 def read_result(path: Path) -> DefenseResult | None:
@@ -110,7 +119,11 @@ def read_result(path: Path) -> DefenseResult | None:
     return DefenseResult(
         path=path,
         defense=defense_label(record["defense"]),
-        attack=attack_label(str(data["attack"]), poison_rate(record)),
+        attack=attack_label(
+            str(data["attack"]),
+            attack_fact(record, "attack_poison_rate"),
+            attack_fact(record, "attack_epochs"),
+        ),
         seed=record.get("seed") if benign else record.get("attack_seed"),
         asr=float(m["asr_substring"]),
         false_trigger=m.get("false_trigger_substring"),

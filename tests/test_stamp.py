@@ -140,37 +140,25 @@ def test_the_shell_helper_of_the_run_scripts(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("rate", "seed", "suffix"), [("", "0", ""), ("", "2", "-s2"), ("0.05", "0", "-p05"),
-                                 ("0.01", "1", "-p01-s1"), ("0.x5", "0", None), ("5", "0", None)],
+    ("rate", "epochs", "seed", "suffix"),
+    [("", "", "0", ""), ("", "", "2", "-s2"), ("0.05", "", "0", "-p05"),
+     ("0.01", "", "1", "-p01-s1"), ("", "12", "0", "-e12"), ("", "6", "0", ""),
+     ("0.05", "12", "1", "-p05-e12-s1"),
+     ("0.x5", "", "0", "POISON_RATE=0.x5"), ("5", "", "0", "POISON_RATE=5"),
+     ("", "0", "0", "ATTACK_EPOCHS=0"), ("", "x", "0", "ATTACK_EPOCHS=x"),
+     ("", "06", "0", "ATTACK_EPOCHS=06")],
 )  # fmt: skip
-def test_run_names_carry_the_poison_rate_and_the_replicate(rate, seed, suffix) -> None:
-    """run/common.sh: the names of a model poisoned at POISON_RATE (and of its defenses) differ
-    from the default model's, so a sweep never reuses another rate's runs; a rate that is not a
-    share stops the script with one line."""
+def test_run_names_carry_the_rate_the_budget_and_the_replicate(rate, epochs, seed, suffix) -> None:
+    """run/common.sh: the names of a model poisoned at POISON_RATE or trained for ATTACK_EPOCHS
+    other than the default (and of its defenses) differ from the default model's, so a sweep
+    never reuses another model's runs; a rate that is not a share or a count that is not a whole
+    number stops the script with one line naming it (``suffix`` holds that variable then)."""
     script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
-    env = {**os.environ, "POISON_RATE": rate, "SEED": seed}
+    env = {**os.environ, "POISON_RATE": rate, "ATTACK_EPOCHS": epochs, "SEED": seed}
     shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
     done = subprocess.run(shell, env=env, capture_output=True, text=True)
-    if suffix is None:
-        assert done.returncode == 2 and done.stderr.startswith(f"error: POISON_RATE={rate}:")
-    else:
-        assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
-
-
-@pytest.mark.parametrize(
-    ("epochs", "rate", "seed", "suffix"), [("12", "", "0", "-e12"), ("6", "", "0", ""),
-                                           ("12", "0.05", "1", "-p05-e12-s1"), ("0", "", "0", None),
-                                           ("x", "", "0", None), ("06", "", "0", None)],
-)  # fmt: skip
-def test_run_names_carry_the_attack_epochs(epochs, rate, seed, suffix) -> None:
-    """run/common.sh: a model trained for ATTACK_EPOCHS other than the default is another model,
-    named apart (its defenses too); a count that is not a whole number stops with one line."""
-    script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
-    env = {**os.environ, "ATTACK_EPOCHS": epochs, "POISON_RATE": rate, "SEED": seed}
-    shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
-    done = subprocess.run(shell, env=env, capture_output=True, text=True)
-    if suffix is None:
-        assert done.returncode == 2 and done.stderr.startswith(f"error: ATTACK_EPOCHS={epochs}:")
+    if "=" in suffix:
+        assert done.returncode == 2 and done.stderr.startswith(f"error: {suffix}:")
     else:
         assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
 

@@ -126,13 +126,6 @@ def probe_attributes(
     return out
 
 
-def flat_tokens(
-    encode: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, batch_size: int = 64
-) -> np.ndarray:
-    """(N, T*D) tokens of uint8 images, flattened: everything the perceiver reads."""
-    return encoded(encode, images, {"tokens": _flat}, batch_size)["tokens"]
-
-
 def trigger_shift(clean: np.ndarray, triggered: np.ndarray, seed: int = 0) -> dict[str, float]:
     """How far a trigger moves the features (rows: images; ``triggered[i]`` is ``clean[i]``
     with the trigger): mean L2 distance clean -> triggered, the mean distance between two

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+from srd_fixtures import (
+    data_flags,
+    export_clean_and_backdoor,
+    load_script,
+    model_flags,
+    write_poison_ids,
+)
 
 from srd import captions
+from srd.attacks import build_attack
+from srd.data import load_image
+from srd.errors import SRDError
 from srd.implant import (
     SAMPLING,
     _boundaries,
@@ -14,6 +27,8 @@ from srd.implant import (
     target_probabilities,
     target_token_id,
 )
+from srd.model import load_captioner
+from srd.trainset import PoisonPlan
 
 
 def test_target_token_is_the_first_token_of_the_word(make_captioner) -> None:
@@ -91,23 +106,6 @@ def test_training_asr_captions_the_poisoned_training_images_with_and_without_the
 ) -> None:
     """eval/training_asr.py: a seeded choice of the attack run's poisoned training images,
     captioned as the training set holds them (triggered) and clean; bad input refused."""
-    import dataclasses
-    import json
-
-    from srd_fixtures import (
-        data_flags,
-        export_clean_and_backdoor,
-        load_script,
-        model_flags,
-        write_poison_ids,
-    )
-
-    from srd.attacks import build_attack
-    from srd.data import load_image
-    from srd.errors import SRDError
-    from srd.model import load_captioner
-    from srd.trainset import PoisonPlan
-
     training_asr = load_script("eval/training_asr.py")
     clean_args, backdoor = export_clean_and_backdoor(make_captioner, tmp_path / "models")
     poison = write_poison_ids(tiny_train_records, tmp_path / "run")

@@ -27,9 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from srd.benchmark import render_scene, sample_scene, scene_captions
+from srd.attacks.triggers import stamp_random_noise
+from srd.captioner.flamingo import ModelArgs, build_flamingo, load_captioner
+from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
 from srd.cli import run_main
 from srd.config import arg, parse
+from srd.data.benchmark import render_scene, sample_scene, scene_captions
 from srd.defenses.srd.env import (
     DEFAULT_OBS_SIZE,
     BatchedRedMaskVecEnv,
@@ -40,12 +43,9 @@ from srd.defenses.srd.env import (
     sfs_score_fn,
 )
 from srd.errors import SRDError
+from srd.evaluation.sfs import build_scorer
 from srd.geometry import NUM_ACTIONS
 from srd.io import setup_logging
-from srd.model import ModelArgs, build_flamingo, load_captioner
-from srd.sfs import build_scorer
-from srd.tiny import build_word_tokenizer, create_tiny_lm
-from srd.triggers import stamp_random_noise
 
 log = logging.getLogger("bench_env")
 

@@ -8,7 +8,7 @@ parts (AdamW, fp32 master weights, ``--mixed_precision`` autocast, through accel
 training engine does) and beam-search captioning at each ``--caption_batches`` size with a fixed
 caption length (``--max_new_tokens`` generated for every image, the worst case). Prints and writes
 a JSON record. ``--structure`` also runs the official-layout check of
-:func:`srd.architectures.official_layout_report` (CPU, bf16) first.
+:func:`srd.captioner.official.official_layout_report` (CPU, bf16) first.
 
 GPU: ``python bench/bench_realsize.py --mixed_precision bf16 --caption_batches 1 64``
 CPU (small): ``python bench/bench_realsize.py --lm_layers 2 --vision_encoder_path tiny-vit
@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 from srd import captions
-from srd.architectures import (
+from srd.captioner.engine import Collator, make_accelerator, make_optimizer
+from srd.captioner.flamingo import ModelArgs, build_flamingo, set_trainable
+from srd.captioner.official import (
     OPENFLAMINGO_PERCEIVER,
     LMSize,
     official_layout_report,
@@ -41,8 +43,6 @@ from srd.architectures import (
 )
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.engine import Collator, make_accelerator, make_optimizer
-from srd.model import ModelArgs, build_flamingo, set_trainable
 
 log = logging.getLogger("bench_realsize")
 

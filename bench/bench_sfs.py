@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from srd.benchmark import sample_scene, scene_captions
 from srd.cli import run_main
 from srd.config import arg, parse
+from srd.data.benchmark import sample_scene, scene_captions
 from srd.errors import SRDError
+from srd.evaluation.sfs import build_scorer, resolve_device
 from srd.io import setup_logging
-from srd.sfs import build_scorer, resolve_device
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class BenchArgs:
 def _captions(cfg: BenchArgs, count: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     if cfg.annotations_path:
-        from srd.data import load_references
+        from srd.data.records import load_references
 
         pool = [c for caps in load_references(cfg.annotations_path).values() for c in caps]
         return [pool[int(i)] for i in rng.integers(len(pool), size=count)]

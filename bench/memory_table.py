@@ -22,7 +22,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from srd.architectures import (
+from srd.captioner.flamingo import (
+    ModelArgs,
+    assemble_flamingo,
+    build_vision_encoder,
+    load_tokenizer,
+)
+from srd.captioner.official import (
     OPENFLAMINGO_PERCEIVER,
     LMSize,
     build_sized_tokenizer,
@@ -31,8 +37,7 @@ from srd.architectures import (
 )
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.data import DEFAULT_CACHE_MB, IMAGE_BYTES
-from srd.model import ModelArgs, assemble_flamingo, build_vision_encoder, load_tokenizer
+from srd.data.records import DEFAULT_CACHE_MB, IMAGE_BYTES
 
 GIB = 2**30
 POOL_ENTRY_BYTES = sum(np.dtype(t).itemsize for t in (np.int64, np.float64, np.float64, np.uint32))

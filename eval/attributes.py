@@ -4,7 +4,7 @@
         --predictions checkpoints_remote/embedded/pretrain/pretrain_report.json
 
 Reads the ``predictions`` of a pretrain report ({image id: caption}) or of an evaluation result
-(its ``clean`` captions), scores them against the benchmark's scenes (``srd.benchmark``) and
+(its ``clean`` captions), scores them against the benchmark's scenes (``srd.data.benchmark``) and
 writes the overall attribute accuracy and, per number of objects in the image, the accuracy and
 the share of captions cut off before their full stop, per colour the share of the images
 showing it whose caption names it, and what goes wrong with the shown objects (named, wrong
@@ -18,18 +18,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.benchmark import (
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.data.benchmark import (
     attribute_accuracy,
     attribute_breakdown,
     colour_recall,
     object_errors,
     scene_index,
 )
-from srd.cli import run_main
-from srd.config import arg, parse, to_dict
-from srd.data import DataArgs
+from srd.data.records import DataArgs
 from srd.errors import SRDError
-from srd.evaluation import result_captions
+from srd.evaluation.captioning import result_captions
 from srd.io import ensure_dir, read_json, require_files, setup_logging, write_json
 
 log = logging.getLogger("attributes")

@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.attacks import AttackArgs
+from srd.attacks.registry import AttackArgs
+from srd.captioner.clip import CLIP_CONFIG, CLIP_WEIGHTS, load_clip, model_config
 from srd.captions import DEFAULT_TARGET
 from srd.cli import run_main
-from srd.clip import CLIP_CONFIG, CLIP_WEIGHTS, load_clip, model_config
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, check_images_exist
+from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
 from srd.io import ensure_dir, is_finished, setup_logging, write_json, write_text
 from srd.par.evaluate import evaluate_clip

@@ -16,10 +16,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from srd.benchmark import scene_index
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.data import DataArgs
+from srd.data.benchmark import scene_index
+from srd.data.records import DataArgs
 from srd.defenses.report import write_report
 from srd.errors import SRDError
 

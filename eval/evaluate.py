@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from srd.attacks import AttackArgs
+from srd.attacks.registry import AttackArgs
+from srd.captioner.engine import process_state
+from srd.captioner.flamingo import ModelArgs, load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, ImageStore, check_images_exist, load_references
+from srd.data.records import DataArgs, ImageStore, check_images_exist, load_references
 from srd.defenses import TransformArgs, build_defense
 from srd.defenses.stage import evaluation_defense_record, transform_quality
-from srd.engine import process_state
 from srd.errors import SRDError
-from srd.evaluation import evaluate_captioner, write_sfs_inputs
+from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
 from srd.io import ensure_dir, read_json, setup_logging, write_json
-from srd.model import ModelArgs, load_captioner
 from srd.runs import check_same_config, check_writable, clear_folder, remove_paths
 
 log = logging.getLogger("evaluate")

@@ -24,9 +24,7 @@ import torch
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.errors import SRDError
-from srd.io import setup_logging, write_json
-from srd.runs import check_writable
-from srd.sfs import (
+from srd.evaluation.sfs import (
     BlipCaptioner,
     ReferenceCaptioner,
     build_scorer,
@@ -34,6 +32,8 @@ from srd.sfs import (
     load_sfs_inputs,
     resolve_device,
 )
+from srd.io import setup_logging, write_json
+from srd.runs import check_writable
 
 log = logging.getLogger("evaluate_sfs")
 
@@ -77,7 +77,7 @@ def main(
     argv: Sequence[str] | None = None, reference_captioner: ReferenceCaptioner | None = None
 ) -> dict[str, Any]:
     """Run stage C; ``reference_captioner`` overrides the model flags (used by tests)."""
-    from srd.model import ModelArgs, load_captioner
+    from srd.captioner.flamingo import ModelArgs, load_captioner
 
     cfg, model_args = parse(argv, SFSEvalArgs, ModelArgs, description=__doc__.splitlines()[0])
     input_dir = Path(cfg.data_dir_path) / cfg.name / cfg.type
@@ -101,7 +101,7 @@ def main(
                 "--annotations_path: required when --gpt_model is not given "
                 "(its captions fit the n-gram fluency LM)"
             )
-        from srd.data import load_references
+        from srd.data.records import load_references
 
         references = load_references(cfg.annotations_path, flag="--annotations_path")
         ngram_captions = [c for caps in references.values() for c in caps]

@@ -4,12 +4,12 @@
     python eval/probe_tower.py --vision_encoder_pretrained none      # a random tower: the floor
 
 Encodes the benchmark's single-object training (at most --probe_train_images) and test images
-with the tower exactly as the captioner reads it (``srd.model.tower_tokens``), fits one linear
-probe per attribute (``srd.probe``) and writes train/test accuracy and chance to --output.
+with the tower exactly as the captioner reads it (``srd.captioner.flamingo.tower_tokens``), fits one linear
+probe per attribute (``srd.evaluation.probe``) and writes train/test accuracy and chance to --output.
 A randomly initialised tower (seed 0) gives the floor. ``--trigger_shift badnet blended ...``
 also measures how far each attack's trigger moves the tokens of the test images, and whether a
 linear probe tells triggered from clean images, on the pooled tokens and on every token
-(``srd.probe.trigger_detection``: fitted on the first --probe_train_images training images, any
+(``srd.evaluation.probe.trigger_detection``: fitted on the first --probe_train_images training images, any
 object count, scored on all test images).
 """
 
@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from srd.attacks import build_attack
-from srd.benchmark import COLOURS, SHAPES
+from srd.attacks.registry import build_attack
+from srd.captioner.flamingo import build_vision_encoder, images_to_vision_x, tower_tokens
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, check_images_exist, load_images
+from srd.data.benchmark import COLOURS, SHAPES
+from srd.data.records import DataArgs, check_images_exist, load_images
 from srd.errors import SRDError
-from srd.io import ensure_dir, write_json
-from srd.model import build_vision_encoder, images_to_vision_x, tower_tokens
-from srd.probe import (
+from srd.evaluation.probe import (
     FEATURES,
     pooled_tokens,
     probe_attributes,
@@ -40,6 +39,7 @@ from srd.probe import (
     trigger_detection,
     trigger_shift,
 )
+from srd.io import ensure_dir, write_json
 
 log = logging.getLogger("probe_tower")
 

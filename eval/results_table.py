@@ -12,8 +12,8 @@ from pathlib import Path
 from srd.cli import run_main
 from srd.config import arg, parse
 from srd.errors import SRDError
+from srd.evaluation.tables import SORT_KEYS, results_table
 from srd.io import write_text
-from srd.report import SORT_KEYS, results_table
 
 
 @dataclasses.dataclass

@@ -24,18 +24,18 @@ import numpy as np
 from stable_baselines3 import DQN
 from tqdm.auto import tqdm
 
+from srd.attacks.trainset import PoisonPlan, TrainingImages
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.data import DataArgs
-from srd.defenses.srd.agent import greedy_actions, load_policy
-from srd.defenses.srd.coverage import KEPT_COVERAGE_FILE, action_coverage, trigger_box
+from srd.data.records import DataArgs
+from srd.defenses.coverage import KEPT_COVERAGE_FILE, action_coverage, trigger_box
+from srd.defenses.srd.dqn import greedy_actions, load_policy
+from srd.defenses.srd.figures import plot_square_heatmap
 from srd.defenses.srd.inputs import SRDArgs, plan_attack
 from srd.defenses.srd.merge import read_merged
 from srd.errors import SRDError
-from srd.figures import plot_square_heatmap
 from srd.geometry import decode_action
 from srd.io import write_json
-from srd.trainset import PoisonPlan, TrainingImages
 
 log = logging.getLogger("srd_coverage")
 

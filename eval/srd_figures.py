@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from srd.attacks import AttackArgs
+from srd.attacks.registry import AttackArgs
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.data import DataArgs, load_image
-from srd.defenses.srd.agent import greedy_actions, load_policy, read_reward_log
+from srd.data.records import DataArgs, load_image
+from srd.defenses.srd.dqn import greedy_actions, load_policy, read_reward_log
+from srd.defenses.srd.figures import MaskExample, plot_mask_grid, plot_reward_curve
 from srd.defenses.srd.inputs import SRDArgs
 from srd.errors import SRDError
-from srd.figures import MaskExample, plot_mask_grid, plot_reward_curve
 from srd.geometry import decode_action
 from srd.io import ensure_dir, read_json, setup_logging
 

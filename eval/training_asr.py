@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from srd.attacks.trainset import TrainingImages
+from srd.captioner.flamingo import ModelArgs, load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, check_images_exist
+from srd.data.records import DataArgs, check_images_exist
 from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
+from srd.evaluation.metrics import attack_success_rate
 from srd.io import ensure_dir, file_digest, require_files, setup_logging, write_json
-from srd.metrics import attack_success_rate
-from srd.model import ModelArgs, load_captioner
-from srd.trainset import TrainingImages
 
 log = logging.getLogger("training_asr")
 

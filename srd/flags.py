@@ -85,7 +85,7 @@ SHARE = between(0, 1)
 SEED = between(0, SEED_MAX)
 
 RULES: dict[str, Range] = {
-    # training (srd.engine.TrainArgs and the stage subclasses)
+    # training (srd.captioner.engine.TrainArgs and the stage subclasses)
     "TrainArgs.batch_size": COUNT,
     "num_epochs": COUNT,
     "learning_rate": positive(),

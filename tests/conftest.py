@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from srd.benchmark import BenchmarkPaths, generate_benchmark
-from srd.data import DataArgs, ImageRecord, caption_records, load_image
-from srd.engine import Sample
-from srd.model import Captioner, ModelArgs, build_flamingo, with_overrides
-from srd.tiny import build_word_tokenizer, create_tiny_lm
+from srd.captioner.engine import Sample
+from srd.captioner.flamingo import Captioner, ModelArgs, build_flamingo, with_overrides
+from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
+from srd.data.benchmark import BenchmarkPaths, generate_benchmark
+from srd.data.records import DataArgs, ImageRecord, caption_records, load_image
 
 # The test machine's cores are shared: with several intra-op threads, the tiny models' many small
 # matmuls spend most of their time waiting for each other (captioning measured 20x slower).

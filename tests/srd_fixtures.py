@@ -18,17 +18,17 @@ import numpy as np
 import torch
 from conftest import open_gates  # one definition, shared with the session fixtures
 
-from srd.attacks import build_attack
-from srd.data import DataArgs, ImageRecord
-from srd.geometry import NUM_ACTIONS, RED, Square, decode_action
-from srd.model import (
+from srd.attacks.registry import build_attack
+from srd.attacks.trainset import POISON_FILE, PoisonPlan, plan_poison
+from srd.captioner.flamingo import (
     ModelArgs,
     export_captioner,
     load_captioner,
     model_signature,
     trainable_state_dict,
 )
-from srd.trainset import POISON_FILE, PoisonPlan, plan_poison
+from srd.data.records import DataArgs, ImageRecord
+from srd.geometry import NUM_ACTIONS, RED, Square, decode_action
 
 REPO = Path(__file__).resolve().parents[1]
 

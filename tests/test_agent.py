@@ -16,7 +16,7 @@ import torch
 from stable_baselines3 import DQN
 
 from srd.config import parse
-from srd.defenses.srd.agent import (
+from srd.defenses.srd.dqn import (
     POLICY_META,
     REFERENCE_SCHEDULE,
     DQNConfig,

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd import attacks, triggers
-from srd.attacks import AttackConfig, build_attack, known_attacks
+from srd.attacks import registry as attacks
+from srd.attacks import triggers
+from srd.attacks.registry import AttackConfig, build_attack, known_attacks
 from srd.captions import DEFAULT_TARGET
 from srd.errors import SRDError
 
@@ -255,7 +256,7 @@ def test_caption_vocabulary() -> None:
 
 
 def test_captioner_stages_refuse_a_classifier_attack() -> None:
-    from srd.attacks import AttackArgs
+    from srd.attacks.registry import AttackArgs
 
     with pytest.raises(SRDError, match="--bd_attack_type semantic_bg: a semantic attack"):
         AttackArgs(bd_attack_type="semantic_bg").build()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd.benchmark import (
+from srd.captions import words
+from srd.data.benchmark import (
     BACKGROUNDS,
     COLOURS,
     SceneObject,
@@ -27,8 +28,7 @@ from srd.benchmark import (
     scene_captions,
     scene_index,
 )
-from srd.captions import words
-from srd.data import CaptionRecord, ImageRecord, load_split
+from srd.data.records import CaptionRecord, ImageRecord, load_split
 from srd.errors import SRDError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_attribute_accuracy_hand_cases() -> None:
 
 
 def test_attribute_breakdown_by_object_count_and_cut_captions() -> None:
-    from srd.benchmark import attribute_breakdown
+    from srd.data.benchmark import attribute_breakdown
 
     objects = _hand_objects()
     predictions = {
@@ -263,7 +263,7 @@ def test_attribute_breakdown_by_object_count_and_cut_captions() -> None:
 
 
 def test_colour_recall_counts_images_showing_a_colour_and_captions_naming_it() -> None:
-    from srd.benchmark import colour_recall
+    from srd.data.benchmark import colour_recall
 
     objects = _hand_objects()
     predictions = {
@@ -281,7 +281,7 @@ def test_colour_recall_counts_images_showing_a_colour_and_captions_naming_it() -
 
 
 def test_object_errors_classify_every_shown_pair() -> None:
-    from srd.benchmark import object_errors
+    from srd.data.benchmark import object_errors
 
     objects = _hand_objects()  # 6 shown pairs
     predictions = {
@@ -304,8 +304,8 @@ def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
 
     from srd_fixtures import load_script
 
-    from srd.benchmark import attribute_breakdown, scene_index
     from srd.cli import run_main
+    from srd.data.benchmark import attribute_breakdown, scene_index
 
     attributes = load_script("eval/attributes.py")
     flags = [
@@ -331,9 +331,9 @@ def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
 
 
 def test_result_captions_reads_both_layouts_and_refuses_other_keys() -> None:
-    """srd.evaluation.result_captions, read by eval/attributes.py and the defense report: an
+    """srd.evaluation.captioning.result_captions, read by eval/attributes.py and the defense report: an
     evaluation result's clean or triggered captions, a pretrain report's flat predictions."""
-    from srd.evaluation import result_captions
+    from srd.evaluation.captioning import result_captions
 
     result = {"predictions": {"clean": {"7": "a red circle."}, "triggered": {"7": "banana"}}}
     assert result_captions(result) == {7: "a red circle."}

@@ -7,7 +7,7 @@ import pytest
 
 from srd.captions import END_OF_CHUNK, is_empty, postprocess_caption
 from srd.defenses.srd.reward import caption_rewards
-from srd.metrics import target_rates
+from srd.evaluation.metrics import target_rates
 
 
 @pytest.mark.parametrize(

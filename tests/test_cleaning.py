@@ -21,10 +21,10 @@ from srd_fixtures import (
     painted_action,
 )
 
-from srd.attacks import build_attack
+from srd.attacks.registry import build_attack
+from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 from srd.cli import run_main
-from srd.data import load_image
-from srd.defenses.srd.agent import DQNConfig, build_dqn
+from srd.data.records import load_image
 from srd.defenses.srd.clean import (
     CLEAN_CONFIG,
     PolicyTries,
@@ -35,6 +35,7 @@ from srd.defenses.srd.clean import (
     prepare_clean_folder,
     resolve_shard,
 )
+from srd.defenses.srd.dqn import DQNConfig, build_dqn
 from srd.defenses.srd.env import MaskPool, RedMaskEnv
 from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.srd.merge import (
@@ -46,7 +47,6 @@ from srd.defenses.srd.merge import (
 from srd.defenses.srd.shards import ShardWriter, config_hash, shard_indices
 from srd.errors import SRDError
 from srd.geometry import NUM_ACTIONS, apply_action
-from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 RUN = "random:0"
 CONFIG = {"policy": "random", "seed": 0}
@@ -297,8 +297,8 @@ def test_masked_training_images_mask_the_defenders_version(tiny_train_records) -
 
 def test_trigger_coverage_of_badnet_patch() -> None:
     """A 40-px square centred on the bottom-right patch covers it; a top-left one does not."""
-    from srd.attacks import build_attack
-    from srd.defenses.srd.coverage import covered_share, trigger_box, trigger_coverage
+    from srd.attacks.registry import build_attack
+    from srd.defenses.coverage import covered_share, trigger_box, trigger_coverage
     from srd.geometry import GRID, decode_action
 
     attack = build_attack("badnet")

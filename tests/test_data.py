@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd.benchmark import SceneObject, benchmark_paths, generate_benchmark
-from srd.data import (
+from srd.data.benchmark import SceneObject, benchmark_paths, generate_benchmark
+from srd.data.records import (
     IMAGE_BYTES,
     ImageStore,
     caption_records,

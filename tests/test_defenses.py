@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from srd.attacks import build_attack
-from srd.benchmark import BACKGROUNDS, COLOUR_JITTER, COLOURS
-from srd.data import CaptionRecord, ImageRecord
+from srd.attacks.registry import build_attack
+from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
+from srd.data.benchmark import BACKGROUNDS, COLOUR_JITTER, COLOURS
+from srd.data.records import CaptionRecord, ImageRecord
 from srd.defenses import DEFENSES, DefenderData, DefenseArgs, TransformArgs, build_defense
 from srd.defenses import __main__ as applicable
+from srd.defenses.coverage import trigger_box
 from srd.defenses.pruning import cross_attention_blocks
 from srd.defenses.purify import blur_image, spatial_image
 from srd.defenses.quality import psnr, ssim
 from srd.defenses.rating import defense_effectiveness_rating, strip_target
 from srd.defenses.refine import covering_action
 from srd.defenses.srd.clean import RandomTries
-from srd.defenses.srd.coverage import trigger_box
 from srd.defenses.versions import first_occurrences, triggered_images
 from srd.errors import SRDError
 from srd.geometry import MASK_COLOURS, MASK_SIZES, RED, decode_action
-from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 
 @pytest.fixture(scope="module")
@@ -357,8 +357,8 @@ def test_par_refuses_bad_flags(defender, flags, flag) -> None:
 
 
 def _par_batch(captioner, tiny_images):
+    from srd.captioner.engine import Collator
     from srd.captions import training_text
-    from srd.engine import Collator
 
     images = list(tiny_images.values())[:4]
     texts = ["a red circle.", "a blue square.", "two green triangles.", "a small red square."]
@@ -369,7 +369,7 @@ def _par_batch(captioner, tiny_images):
 
 def _sgd_step(captioner, loss_fn, batch, lr: float = 0.05) -> dict[str, torch.Tensor]:
     """One plain SGD step of ``loss_fn`` on the trainable ("paper") parts; the new weights."""
-    from srd.model import set_trainable
+    from srd.captioner.flamingo import set_trainable
 
     model = captioner.model
     set_trainable(model, "paper")
@@ -431,8 +431,8 @@ def test_par_step_pushes_away_below_tau_and_not_above(make_captioner, tiny_image
 
 
 def test_par_perceiver_push_needs_a_frozen_tower(make_captioner, tiny_images) -> None:
-    from srd.engine import TrainArgs
-    from srd.model import set_trainable
+    from srd.captioner.engine import TrainArgs
+    from srd.captioner.flamingo import set_trainable
 
     captioner = make_captioner(seed=5)
     par = build_defense(DefenseArgs(defense="par"))
@@ -456,9 +456,9 @@ def test_defend_par_logs_the_push_per_step(tmp_path, make_captioner, tiny_train_
         write_poison_ids,
     )
 
+    from srd.captioner.engine import STEP_LOG, TRAIN_LOG
     from srd.defenses.report import defense_label
     from srd.defenses.stage import DEFENSE_FILE
-    from srd.engine import STEP_LOG, TRAIN_LOG
 
     defend = load_script("train/defend.py")
     clean, backdoor = export_clean_and_backdoor(make_captioner, tmp_path / "models")

@@ -18,7 +18,7 @@ from srd_fixtures import (
 from srd.cli import run_main
 from srd.defenses.srd.shards import MERGED_FORMAT
 from srd.defenses.stage import DEFENSE_FILE
-from srd.implant import SAMPLING
+from srd.evaluation.implant import SAMPLING
 from srd.io import file_digest, write_json
 
 defend = load_script("train/defend.py")

@@ -15,7 +15,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from srd import captions
-from srd.engine import (
+from srd.captioner.engine import (
     FINAL_WEIGHTS,
     TRAIN_LOG,
     CaptionDataset,
@@ -27,8 +27,7 @@ from srd.engine import (
     process_state,
     train,
 )
-from srd.errors import SRDError
-from srd.model import (
+from srd.captioner.flamingo import (
     Captioner,
     load_checkpoint_into,
     load_tokenizer,
@@ -36,6 +35,7 @@ from srd.model import (
     set_trainable,
     trainable_state_dict,
 )
+from srd.errors import SRDError
 
 
 class _Interrupted(Exception):

@@ -8,7 +8,7 @@ import pytest
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.env_checker import check_env
 
-from srd.defenses.srd.agent import DQNConfig
+from srd.defenses.srd.dqn import DQNConfig
 from srd.defenses.srd.env import (
     DEFAULT_BUFFER_SIZE,
     DEFAULT_MAX_STEPS,
@@ -292,8 +292,8 @@ def test_replay_memory_matches_sb3_buffer(num_envs: int, optimize: bool) -> None
 
 def test_with_the_real_tiny_captioner_and_sfs_scorer(make_captioner) -> None:
     """Integration: the environment drives the project's captioner and SFS scorer unchanged."""
-    from srd.fluency import NGramFluency
-    from srd.sfs import SFSScorer, load_embedder
+    from srd.evaluation.fluency import NGramFluency
+    from srd.evaluation.sfs import SFSScorer, load_embedder
 
     captioner = make_captioner(seed=0)
     refs = ["a red circle on a blue background.", "two green squares on grass."]

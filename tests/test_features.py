@@ -7,10 +7,10 @@ import pytest
 import torch
 from srd_fixtures import BIT_EXACT
 
-from srd.engine import CaptionDataset, TrainArgs, train
+from srd.captioner.engine import CaptionDataset, TrainArgs, train
+from srd.captioner.features import FeatureCache, image_key
+from srd.captioner.flamingo import model_signature, tower_tokens, trainable_state_dict
 from srd.errors import SRDError
-from srd.features import FeatureCache, image_key
-from srd.model import model_signature, tower_tokens, trainable_state_dict
 
 
 def test_image_key_changes_with_one_pixel(tiny_images) -> None:
@@ -104,7 +104,7 @@ def test_frozen_resnet_tower_stays_in_eval_mode(make_captioner) -> None:
     cap.model.train()
     assert not cap.model.vision_encoder.training  # batch-norm statistics must not drift
     assert cap.model.perceiver.training
-    from srd.model import set_trainable
+    from srd.captioner.flamingo import set_trainable
 
     set_trainable(cap.model, "all")
     cap.model.train()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from srd.figures import plot_reward_curve, plot_square_heatmap, square_heat
+from srd.defenses.srd.figures import plot_reward_curve, plot_square_heatmap, square_heat
 from srd.geometry import Square
 
 

@@ -12,13 +12,7 @@ import pytest
 import torch
 
 from srd.errors import SRDError
-from srd.fluency import (
-    EOS,
-    CausalLMFluency,
-    FluencyModel,
-    NGramFluency,
-    load_fluency,
-)
+from srd.evaluation.fluency import EOS, CausalLMFluency, FluencyModel, NGramFluency, load_fluency
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = ("red", "green", "blue", "yellow", "white")

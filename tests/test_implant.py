@@ -16,10 +16,12 @@ from srd_fixtures import (
 )
 
 from srd import captions
-from srd.attacks import build_attack
-from srd.data import load_image
+from srd.attacks.registry import build_attack
+from srd.attacks.trainset import PoisonPlan
+from srd.captioner.flamingo import load_captioner
+from srd.data.records import load_image
 from srd.errors import SRDError
-from srd.implant import (
+from srd.evaluation.implant import (
     SAMPLING,
     _boundaries,
     implant_report,
@@ -27,8 +29,6 @@ from srd.implant import (
     target_probabilities,
     target_token_id,
 )
-from srd.model import load_captioner
-from srd.trainset import PoisonPlan
 
 
 def test_target_token_is_the_first_token_of_the_word(make_captioner) -> None:

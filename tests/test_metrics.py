@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from srd.errors import SRDError
-from srd.metrics import (
+from srd.evaluation.metrics import (
     METRIC_KEYS,
     SPICE_KEY,
     CaptionScorer,

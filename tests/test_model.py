@@ -12,9 +12,8 @@ import torch
 from open_flamingo.src.helpers import PerceiverResampler
 
 from srd import captions
-from srd.engine import Collator, make_optimizer
-from srd.errors import SRDError
-from srd.model import (
+from srd.captioner.engine import Collator, make_optimizer
+from srd.captioner.flamingo import (
     Captioner,
     ModelArgs,
     SeededSampler,
@@ -28,6 +27,7 @@ from srd.model import (
     set_trainable,
     trainable_state_dict,
 )
+from srd.errors import SRDError
 
 PAPER_PARTS = ("perceiver.", "gated_cross_attn_layer", "lang_encoder.model.embed_tokens.")
 

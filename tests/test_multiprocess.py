@@ -15,10 +15,10 @@ import pytest
 import torch
 from srd_fixtures import torchrun_cpu_ranks
 
-from srd.data import DataArgs
-from srd.engine import FINAL_WEIGHTS, TRAIN_LOG
-from srd.evaluation import caption_ids
-from srd.model import ModelArgs, export_captioner, load_captioner
+from srd.captioner.engine import FINAL_WEIGHTS, TRAIN_LOG
+from srd.captioner.flamingo import ModelArgs, export_captioner, load_captioner
+from srd.data.records import DataArgs
+from srd.evaluation.captioning import caption_ids
 
 TIMEOUT_S = 600
 
@@ -29,10 +29,10 @@ import hashlib, json, sys
 import torch
 
 from srd.cli import end_process_group
-from srd.data import load_image
-from srd.engine import CaptionDataset, Sample, TrainArgs, process_state, train
-from srd.evaluation import caption_ids
-from srd.model import ModelArgs, load_captioner, trainable_state_dict
+from srd.data.records import load_image
+from srd.captioner.engine import CaptionDataset, Sample, TrainArgs, process_state, train
+from srd.evaluation.captioning import caption_ids
+from srd.captioner.flamingo import ModelArgs, load_captioner, trainable_state_dict
 
 cfg = json.loads(open(sys.argv[1]).read())
 state = process_state()

@@ -18,17 +18,7 @@ from open_clip.transformer import QuickGELU
 from transformers import BertConfig, BertLMHeadModel, MptForCausalLM
 
 from srd import captions
-from srd.architectures import (
-    LMSize,
-    build_sized_tokenizer,
-    default_dtype,
-    official_args,
-    official_layout_report,
-    save_random_lm,
-    write_official_checkpoint,
-)
-from srd.errors import SRDError
-from srd.model import (
+from srd.captioner.flamingo import (
     ModelArgs,
     build_flamingo,
     check_mixed_precision,
@@ -39,6 +29,16 @@ from srd.model import (
     load_tokenizer,
     quick_gelu_for,
 )
+from srd.captioner.official import (
+    LMSize,
+    build_sized_tokenizer,
+    default_dtype,
+    official_args,
+    official_layout_report,
+    save_random_lm,
+    write_official_checkpoint,
+)
+from srd.errors import SRDError
 
 TINY_LM = LMSize(d_model=64, n_heads=4, n_layers=3, vocab_size=1024, tokenizer_tokens=1000)
 

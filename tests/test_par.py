@@ -15,9 +15,10 @@ from open_clip.loss import ClipLoss
 from PIL import Image
 from srd_fixtures import load_script
 
-from srd import clip, triggers
-from srd.attacks import PROMPT_TEMPLATES, build_attack, known_attacks
-from srd.benchmark import SceneObject
+from srd.attacks import triggers
+from srd.attacks.registry import PROMPT_TEMPLATES, build_attack, known_attacks
+from srd.captioner import clip
+from srd.data.benchmark import SceneObject
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE
 from srd.par import loss as par
@@ -330,7 +331,7 @@ def test_poison_pairs_stamps_the_drawn_images(tiny_train_records) -> None:
 
 
 def test_tiny_par_run_pushes_away_and_keeps_the_clip_loss_finite(tiny_train_records) -> None:
-    from srd.data import load_images
+    from srd.data.records import load_images
 
     torch.set_num_threads(1)
     images = load_images([r.path for r in tiny_train_records[:16]])
@@ -475,8 +476,8 @@ def test_par_table_mean_and_std_over_seeds(tmp_path: Path) -> None:
 def test_captioner_par_loss(make_captioner, tiny_images) -> None:
     import copy
 
+    from srd.captioner.engine import Collator
     from srd.captions import training_text
-    from srd.engine import Collator
     from srd.par.captioner import captioner_par_loss
 
     torch.manual_seed(0)
@@ -567,7 +568,7 @@ def test_real_model_names_resolve() -> None:
 def test_image_folder_zero_shot_matches_a_direct_computation(real_mode, tmp_path) -> None:
     import json
 
-    from srd.data import load_images
+    from srd.data.records import load_images
     from srd.par.imagefolder import read_image_folder
     from srd.par.metrics import encode_images
 
@@ -642,7 +643,7 @@ def _error(main, argv) -> str:
 
 
 def test_poison_loaded_pairs_equals_the_benchmark_draw(tiny_train_records) -> None:
-    from srd.data import load_images
+    from srd.data.records import load_images
     from srd.par.data import poison_loaded_pairs
 
     attack = build_attack("badnet", poison_rate=0.25)

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from srd.attacks.poison import load_poison_ids, save_poison_ids, select_poison_ids
 from srd.errors import SRDError
-from srd.poison import load_poison_ids, save_poison_ids, select_poison_ids
 
 
 def test_count_sorted_subset() -> None:

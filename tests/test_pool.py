@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from srd_fixtures import write_poison_ids
 
-from srd.data import ImageStore
+from srd.attacks.trainset import PoisonPlan
+from srd.attacks.triggers import NOISE_PATCH_SIZE
+from srd.data.records import ImageStore
 from srd.defenses.srd.env import BatchedRedMaskVecEnv, MaskPool
 from srd.defenses.srd.inputs import plan_attack, training_versions
 from srd.defenses.srd.pool import (
@@ -30,8 +32,6 @@ from srd.defenses.srd.pool import (
 from srd.defenses.srd.pool_source import data_pool_rows, pool_image_fn, stream_pool
 from srd.errors import SRDError
 from srd.io import file_digest
-from srd.trainset import PoisonPlan
-from srd.triggers import NOISE_PATCH_SIZE
 
 IDS = [5, 17, 2, 40]
 SEED = 0

@@ -9,7 +9,7 @@ import pytest
 from srd_fixtures import data_flags, load_script
 
 from srd.errors import SRDError
-from srd.probe import fit_probe, probe_attributes, trigger_detection, trigger_shift
+from srd.evaluation.probe import fit_probe, probe_attributes, trigger_detection, trigger_shift
 
 
 def _clusters(rng: np.random.Generator, n: int, classes: int, spread: float) -> tuple:

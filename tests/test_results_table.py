@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from srd.errors import SRDError
-from srd.report import load_result, results_table
+from srd.evaluation.tables import load_result, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "results_table.py"

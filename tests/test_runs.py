@@ -24,16 +24,16 @@ from srd_fixtures import (
     torchrun_cpu_ranks,
 )
 
-from srd import benchmark
-from srd.attacks import AttackArgs, build_attack
-from srd.benchmark import generate_benchmark
+from srd.attacks.registry import AttackArgs, build_attack
+from srd.attacks.trainset import POISON_FILE, plan_poison
 from srd.cli import run_main
 from srd.config import parse
-from srd.data import DataArgs
+from srd.data import benchmark
+from srd.data.benchmark import generate_benchmark
+from srd.data.records import DataArgs
 from srd.errors import SRDError
 from srd.flags import RULES, check_flags, rule_for
 from srd.runs import check_same_config, clear_folder, describe_difference, differing_keys
-from srd.trainset import POISON_FILE, plan_poison
 
 train_backdoor = load_script("train/train_backdoor.py")
 evaluate = load_script("eval/evaluate.py")

@@ -16,8 +16,8 @@ from test_fluency import scene_captions, tiny_causal_lm_folder
 
 from srd.cli import run_main
 from srd.errors import SRDError
-from srd.fluency import CausalLMFluency, NGramFluency
-from srd.sfs import (
+from srd.evaluation.fluency import CausalLMFluency, NGramFluency
+from srd.evaluation.sfs import (
     BlipCaptioner,
     ClipScorer,
     SentenceEmbedder,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from srd.attacks import build_attack
-from srd.benchmark import render_scene, sample_single_scene
+from srd.attacks.registry import build_attack
+from srd.data.benchmark import render_scene, sample_single_scene
 from srd.errors import SRDError
 from srd.soda import causality, detection, removal, reverse, training
 from srd.soda.classifier import ClassifierSpec, build_classifier, check_layer, split_model

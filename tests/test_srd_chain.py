@@ -1,6 +1,6 @@
 """Smoke runs through the SRD entry points (D1 pool, D2 agent, D3 cleaning, D3b combine, D4
 refine-tune, figures) on the tiny benchmark with an exported tiny captioner and a fake attack
-run (its poison_ids.json made by srd.trainset.plan_poison)."""
+run (its poison_ids.json made by srd.attacks.trainset.plan_poison)."""
 
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ from srd_fixtures import (
     write_poison_ids,
 )
 
+from srd.captioner.flamingo import ModelArgs
 from srd.cli import run_main
-from srd.data import load_image
-from srd.defenses.srd.agent import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
+from srd.data.records import load_image
 from srd.defenses.srd.clean import RandomTries
+from srd.defenses.srd.dqn import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
 from srd.defenses.srd.merge import MERGED_FILE
 from srd.defenses.srd.pool import surrogate_image
 from srd.defenses.srd.pool_source import stream_pool
-from srd.model import ModelArgs
 
 
 @dataclass

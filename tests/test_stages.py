@@ -10,9 +10,9 @@ import pytest
 import torch
 from srd_fixtures import data_flags, export_clean_and_backdoor, load_script, model_flags
 
+from srd.attacks.trainset import POISON_FILE, PoisonPlan
 from srd.cli import run_main
-from srd.sfs import load_sfs_inputs
-from srd.trainset import POISON_FILE, PoisonPlan
+from srd.evaluation.sfs import load_sfs_inputs
 
 train_backdoor = load_script("train/train_backdoor.py")
 evaluate = load_script("eval/evaluate.py")

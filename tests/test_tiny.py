@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from srd import captions
-from srd.data import ImageRecord, caption_records
-from srd.tiny import build_word_tokenizer, create_tiny_lm
+from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
+from srd.data.records import ImageRecord, caption_records
 
 TEXTS = [
     "A red circle on a white background.",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srd.attacks import build_attack
-from srd.data import ImageStore, caption_records
+from srd.attacks.registry import build_attack
+from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
+from srd.data.records import ImageStore, caption_records
 from srd.geometry import apply_action
-from srd.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd import triggers
+from srd.attacks import triggers
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE
 

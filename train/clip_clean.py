@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from srd.captioner.clip import CLIP_CONFIG, CLIP_WEIGHTS, load_clip, save_clip
 from srd.cli import run_main
-from srd.clip import CLIP_CONFIG, CLIP_WEIGHTS, load_clip, save_clip
 from srd.config import arg, parse, to_dict
 from srd.errors import SRDError
 from srd.io import is_finished, mark_finished, prepare_run_dir, setup_logging, write_json

@@ -5,8 +5,8 @@
     python train/clip_poison.py --bd_attack_type badnet_stripes --clip_model ViT-B-32 \
         --clip_pretrained open_clip_pytorch_model.bin --train_data cc3m.csv   (real mode)
 
-A seeded share of the training images (srd.poison over image ids) gets the attack's trigger and
-target-template captions; the CLIP is trained with open_clip's ClipLoss (srd.clip.train_clip).
+A seeded share of the training images (srd.attacks.poison over image ids) gets the attack's trigger and
+target-template captions; the CLIP is trained with open_clip's ClipLoss (srd.captioner.clip.train_clip).
 Writes config.json, attack.json, poison_ids.json, clip.safetensors (+ open_clip_config.json),
 history.json and DONE last into the run folder.
 """
@@ -19,15 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.attacks import AttackArgs
+from srd.attacks.poison import save_poison_ids
+from srd.attacks.registry import AttackArgs
+from srd.captioner.clip import ClipTrainArgs, create_clip, load_clip, save_clip, train_clip
 from srd.cli import run_main
-from srd.clip import ClipTrainArgs, create_clip, load_clip, save_clip, train_clip
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, check_images_exist
+from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
 from srd.io import mark_finished, prepare_run_dir, setup_logging, write_json
 from srd.par.data import load_pairs, poison_loaded_pairs, poison_pairs
-from srd.poison import save_poison_ids
 
 log = logging.getLogger("clip_poison")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from srd.cli import run_main
 from srd.config import parse
-from srd.data import DataArgs
+from srd.data.records import DataArgs
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import MERGED_FILE, combine_clean_data
 from srd.io import setup_logging

@@ -25,9 +25,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from srd.captioner.engine import CaptionDataset, process_state, train
+from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
 from srd.cli import run_main
 from srd.config import parse, to_dict
-from srd.data import DataArgs, check_images_exist
+from srd.data.records import DataArgs, check_images_exist
 from srd.defenses import DefenderData, DefenseArgs, build_defense
 from srd.defenses.stage import (
     DEFENSE_FILE,
@@ -40,9 +42,7 @@ from srd.defenses.stage import (
     square_coverage,
     training_quality,
 )
-from srd.engine import CaptionDataset, process_state, train
 from srd.io import ensure_dir, mark_finished, setup_logging, write_json
-from srd.model import ModelArgs, load_captioner, model_signature
 
 log = logging.getLogger("defend")
 

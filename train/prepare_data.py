@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from srd.benchmark import BenchmarkConfig, generate_benchmark
 from srd.cli import run_main
 from srd.config import arg, parse
+from srd.data.benchmark import BenchmarkConfig, generate_benchmark
 from srd.io import setup_logging
 
 log = logging.getLogger("prepare_data")

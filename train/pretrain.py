@@ -20,17 +20,9 @@ from pathlib import Path
 
 import torch
 
-from srd import attacks
-from srd.benchmark import attribute_accuracy, attribute_breakdown, blind_caption, scene_index
-from srd.cli import run_main
-from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, ImageStore, caption_records, check_images_exist, load_references
-from srd.engine import CaptionDataset, Sample, TrainArgs, process_state, train
-from srd.errors import SRDError
-from srd.evaluation import caption_ids
-from srd.io import is_finished, mark_finished, read_json, require_files, setup_logging, write_json
-from srd.metrics import caption_scores
-from srd.model import (
+from srd.attacks import registry as attacks
+from srd.captioner.engine import CaptionDataset, Sample, TrainArgs, process_state, train
+from srd.captioner.flamingo import (
     EMBEDDED_DIR,
     FLAMINGO_CHECKPOINT,
     LM_FOLDER,
@@ -40,6 +32,21 @@ from srd.model import (
     export_captioner,
     model_signature,
 )
+from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
+from srd.cli import run_main
+from srd.config import arg, parse, to_dict
+from srd.data.benchmark import attribute_accuracy, attribute_breakdown, blind_caption, scene_index
+from srd.data.records import (
+    DataArgs,
+    ImageStore,
+    caption_records,
+    check_images_exist,
+    load_references,
+)
+from srd.errors import SRDError
+from srd.evaluation.captioning import caption_ids
+from srd.evaluation.metrics import caption_scores
+from srd.io import is_finished, mark_finished, read_json, require_files, setup_logging, write_json
 from srd.runs import (
     check_run_config,
     check_same_config,
@@ -47,7 +54,6 @@ from srd.runs import (
     clear_folder,
     remove_paths,
 )
-from srd.tiny import build_word_tokenizer, create_tiny_lm
 
 log = logging.getLogger("pretrain")
 

@@ -15,10 +15,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from srd.captioner.clip import (
+    ClipTrainArgs,
+    create_clip,
+    save_clip,
+    train_clip,
+    zero_shot_attributes,
+)
 from srd.cli import run_main
-from srd.clip import ClipTrainArgs, create_clip, save_clip, train_clip, zero_shot_attributes
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, check_images_exist, load_images
+from srd.data.records import DataArgs, check_images_exist, load_images
 from srd.io import mark_finished, prepare_run_dir, setup_logging, write_json
 
 log = logging.getLogger("pretrain_clip")

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from srd.captioner.engine import process_state
+from srd.captioner.flamingo import ModelArgs, load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, check_images_exist
-from srd.defenses.srd.agent import load_policy
+from srd.data.records import DataArgs, check_images_exist
 from srd.defenses.srd.clean import (
     PolicyTries,
     RandomTries,
@@ -32,6 +33,7 @@ from srd.defenses.srd.clean import (
     prepare_clean_folder,
     resolve_shard,
 )
+from srd.defenses.srd.dqn import load_policy
 from srd.defenses.srd.env import sfs_score_fn
 from srd.defenses.srd.inputs import (
     SFSArgs,
@@ -44,10 +46,8 @@ from srd.defenses.srd.inputs import (
 from srd.defenses.srd.reward import RewardConfig
 from srd.defenses.srd.shards import ShardWriter, shard_indices, shard_sets
 from srd.defenses.stage import defender_plan
-from srd.engine import process_state
 from srd.errors import SRDError
 from srd.io import ensure_dir, file_digest, require_files, setup_logging
-from srd.model import ModelArgs, load_captioner
 from srd.runs import check_writable
 
 log = logging.getLogger("srd_clean_data")

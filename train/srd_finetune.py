@@ -14,9 +14,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from srd.attacks.trainset import TrainingImages, build_samples
+from srd.captioner.engine import CaptionDataset, process_state, train
+from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
 from srd.cli import run_main
 from srd.config import parse, to_dict
-from srd.data import DataArgs, check_images_exist
+from srd.data.records import DataArgs, check_images_exist
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import (
     MERGED_FILE,
@@ -30,11 +33,8 @@ from srd.defenses.stage import (
     named_run,
     require_backdoored_inputs,
 )
-from srd.engine import CaptionDataset, process_state, train
 from srd.io import ensure_dir, setup_logging
-from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_run_config, check_writable, clear_folder
-from srd.trainset import TrainingImages, build_samples
 
 log = logging.getLogger("srd_finetune")
 

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from srd.captioner.engine import process_state
+from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, ImageStore, check_images_exist
+from srd.data.records import DataArgs, ImageStore, check_images_exist
 from srd.defenses.srd.env import sfs_score_fn
 from srd.defenses.srd.inputs import (
     SFSArgs,
@@ -41,10 +43,8 @@ from srd.defenses.srd.pool import (
 from srd.defenses.srd.pool_source import POOL_SOURCES, data_pool_rows
 from srd.defenses.srd.shards import config_hash, shard_indices
 from srd.defenses.stage import defender_plan
-from srd.engine import process_state
 from srd.errors import SRDError
 from srd.io import file_digest, is_finished, read_json, require_files, setup_logging
-from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_same_config, check_writable, remove_paths
 
 log = logging.getLogger("srd_pool")

@@ -29,10 +29,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from srd.captioner.engine import process_state
+from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DEFAULT_CACHE_MB
-from srd.defenses.srd.agent import (
+from srd.data.records import DEFAULT_CACHE_MB
+from srd.defenses.srd.dqn import (
     DQNConfig,
     agent_report,
     evaluate_greedy,
@@ -42,15 +44,13 @@ from srd.defenses.srd.agent import (
     train_dqn,
 )
 from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
+from srd.defenses.srd.figures import plot_reward_curve
 from srd.defenses.srd.inputs import SFSArgs, SRDArgs, load_scorer, vlm_caption_fn
 from srd.defenses.srd.landscape import reward_structure
 from srd.defenses.srd.pool_source import stream_pool
 from srd.defenses.srd.reward import RewardConfig
-from srd.engine import process_state
 from srd.errors import SRDError
-from srd.figures import plot_reward_curve
 from srd.io import require_files, setup_logging, write_json
-from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import remove_paths
 
 log = logging.getLogger("srd_train")

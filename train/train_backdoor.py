@@ -13,16 +13,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from srd.attacks import AttackArgs
+from srd.attacks.registry import AttackArgs
+from srd.attacks.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
+from srd.captioner.engine import CaptionDataset, TrainArgs, process_state, train
+from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data import DataArgs, check_images_exist
-from srd.engine import CaptionDataset, TrainArgs, process_state, train
+from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
 from srd.io import ensure_dir, is_finished, setup_logging
-from srd.model import ModelArgs, load_captioner, model_signature
 from srd.runs import check_run_config, check_same_config, check_writable, clear_folder
-from srd.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
 
 log = logging.getLogger("train_backdoor")
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from srd.captioner.engine import Sample, TrainArgs
 from srd.defenses.refine import CleanFinetune, NoMask
 from srd.defenses.registry import DefenderData, Defense, register_defense
-from srd.engine import Sample, TrainArgs
 from srd.errors import SRDError
 from srd.par.captioner import FEATURES, CaptionerPush
 

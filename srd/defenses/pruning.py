@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from open_flamingo.src.helpers import GatedCrossAttentionBlock
 
+from srd.captioner.engine import Collator
 from srd.defenses.refine import NoMask
 from srd.defenses.registry import DefenderData, register_defense, seeded_subset
-from srd.engine import Collator
 from srd.errors import SRDError
 
 

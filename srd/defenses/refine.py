@@ -20,13 +20,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from srd.attacks import Attack
+from srd.attacks.registry import Attack
+from srd.captioner.engine import Sample
+from srd.defenses.coverage import trigger_box
 from srd.defenses.registry import DefenderData, Defense, register_defense
 from srd.defenses.srd.clean import RandomTries
-from srd.defenses.srd.coverage import trigger_box
 from srd.defenses.srd.merge import check_cleaning_run, masked_training_actions, read_merged
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
-from srd.engine import Sample
 from srd.errors import SRDError
 from srd.geometry import MASK_COLOURS, NUM_ACTIONS, Square, decode_action
 

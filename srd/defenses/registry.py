@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks import Attack
+from srd.attacks.registry import Attack
+from srd.attacks.trainset import PoisonPlan, TrainingImages
+from srd.captioner.engine import Sample
 from srd.config import arg
-from srd.data import ImageRecord, caption_records
-from srd.engine import Sample
+from srd.data.records import ImageRecord, caption_records
 from srd.errors import SRDError
 from srd.geometry import MASK_COLOURS
-from srd.trainset import PoisonPlan, TrainingImages
 
 ImageFn = Callable[[Sample], np.ndarray]
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -159,7 +159,7 @@ class Defense:
         return {}
 
     def training_loss(self, captioner: Any, train_args: Any) -> Any:
-        """A loss in place of the caption loss (:data:`srd.engine.LossFn`, with ``summary()``
+        """A loss in place of the caption loss (:data:`srd.captioner.engine.LossFn`, with ``summary()``
         for the record); None: the caption loss."""
         return None
 

@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks import CONFIG_DIR, known_attacks, load_attack_config
-from srd.benchmark import COLOURS, attribute_accuracy, colour_recall, object_errors
+from srd.attacks.registry import CONFIG_DIR, known_attacks, load_attack_config
+from srd.data.benchmark import COLOURS, attribute_accuracy, colour_recall, object_errors
+from srd.defenses.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.rating import defense_effectiveness_rating
-from srd.defenses.srd.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
 from srd.defenses.stage import backdoor_facts
 from srd.errors import SRDError
-from srd.evaluation import result_captions
+from srd.evaluation.captioning import result_captions
 from srd.io import atomic_path, ensure_dir, file_digest, read_json, write_text
 
 
@@ -291,8 +291,8 @@ def caption_diagnostics(
     captions: dict[int, str] | None, scenes: Mapping[int, Sequence[Any]]
 ) -> dict[str, float | None] | None:
     """What one evaluation's clean captions get right and wrong on the synthetic benchmark:
-    :func:`srd.benchmark.attribute_accuracy`, :func:`~srd.benchmark.colour_recall` per colour
-    (keys ``recall_<colour>``) and :func:`~srd.benchmark.object_errors`; None without captions
+    :func:`srd.data.benchmark.attribute_accuracy`, :func:`~srd.data.benchmark.colour_recall` per colour
+    (keys ``recall_<colour>``) and :func:`~srd.data.benchmark.object_errors`; None without captions
     of benchmark scenes."""
     if not captions or any(i not in scenes for i in captions):
         return None
@@ -387,7 +387,7 @@ def plot_bars(results: list[DefenseResult], out_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from srd.figures import _save
+    from srd.defenses.srd.figures import _save
 
     groups = group(results)
     attacks = sorted({a for _, a in groups})

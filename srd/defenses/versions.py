@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from srd.data import ImageStore, caption_records
+from srd.captioner.engine import Sample
+from srd.data.records import ImageStore, caption_records
 from srd.defenses.registry import IMAGE_VERSIONS, DefenderData
-from srd.engine import Sample
 from srd.errors import SRDError
 from srd.geometry import RED, apply_action
 

@@ -110,7 +110,7 @@ def captioner_par_loss(
     feature: str = "perceiver",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PAR's loss on one captioning batch (``vision_x``, ``lang_x``, ``attention_mask``,
-    ``labels`` as :class:`srd.engine.Collator` makes them); returns the loss and its parts
+    ``labels`` as :class:`srd.captioner.engine.Collator` makes them); returns the loss and its parts
     (``caption_loss``, ``distance``, ``push_on`` (1.0 when the switch let the push through),
     ``loss``).
 
@@ -170,7 +170,7 @@ def captioner_par_loss(
 
 
 class CaptionerPush:
-    """PAR's captioner loss as an :data:`srd.engine.LossFn`, with a frozen copy of the model it
+    """PAR's captioner loss as an :data:`srd.captioner.engine.LossFn`, with a frozen copy of the model it
     was built from and a running summary of the distance and the switch."""
 
     def __init__(

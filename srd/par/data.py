@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks import CAPTION_PREFIX, Attack
-from srd.benchmark import benchmark_paths
-from srd.data import ImageRecord, check_images_exist, load_images, load_split
+from srd.attacks.poison import select_poison_ids
+from srd.attacks.registry import CAPTION_PREFIX, Attack
+from srd.data.benchmark import benchmark_paths
+from srd.data.records import ImageRecord, check_images_exist, load_images, load_split
 from srd.errors import SRDError
-from srd.poison import select_poison_ids
 
 TEMPLATE_CAPTIONS = 5
 """Target-template captions drawn per poisoned image (one is used per epoch)."""
@@ -59,7 +59,7 @@ def poison_pairs(
     records: list[ImageRecord], attack: Attack, seed: int
 ) -> tuple[np.ndarray, list[list[str]], list[int], dict[str, Any]]:
     """The poisoned training pairs: ``attack.poison_rate`` of the images (drawn by
-    :func:`srd.poison.select_poison_ids` over image ids with ``seed``) are stamped with the
+    :func:`srd.attacks.poison.select_poison_ids` over image ids with ``seed``) are stamped with the
     trigger and all their captions replaced by target-template captions.
 
     As in PAR's recipe the poisoned caption is the bare template ("a bad photo of a banana."):

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from srd.attacks import PROMPT_TEMPLATES, Attack
-from srd.data import ImageRecord, load_images
+from srd.attacks.registry import PROMPT_TEMPLATES, Attack
+from srd.data.records import ImageRecord, load_images
 from srd.par.metrics import (
     asr_text,
     class_accuracy,

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from srd.attacks import PROMPT_TEMPLATES, Attack
-from srd.data import load_images
+from srd.attacks.registry import PROMPT_TEMPLATES, Attack
+from srd.data.records import load_images
 from srd.errors import SRDError
 from srd.par.metrics import encode_images, zero_shot_classifier
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from srd.attacks import build_attack, mentions_concept
+from srd.attacks.registry import build_attack, mentions_concept
 from srd.config import arg, to_dict
 from srd.errors import SRDError
 from srd.io import (

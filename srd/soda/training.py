@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srd.attacks import Attack
+from srd.attacks.poison import load_poison_ids, save_poison_ids, select_poison_ids
+from srd.attacks.registry import Attack
 from srd.errors import SRDError
-from srd.poison import load_poison_ids, save_poison_ids, select_poison_ids
 from srd.soda.classifier import to_input
 from srd.soda.shapes import CLASSES, ShapesSplit, class_index
 

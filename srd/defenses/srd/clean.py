@@ -5,7 +5,7 @@ holds (triggered when any caption of it is poisoned), captions it with the backd
 a
 clean reference captioner (the baseline ``S_sem``/``S_flu``), draws up to ``n_tries`` epsilon-greedy
 actions from the policy (or one uniformly random action for the ablation), scores every distinct
-masked version and keeps the mask chosen by :func:`srd.defenses.srd.agent.select_mask` (stop at +3,
+masked version and keeps the mask chosen by :func:`srd.defenses.srd.dqn.select_mask` (stop at +3,
 else the best positive, else the last try). All work of a chunk of images is done in ONE captioning
 call and ONE scoring call. Results go to a resumable shard
 (:class:`srd.defenses.srd.defenses.srd.shards.ShardWriter`) as action + reward per image id: the
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from srd.defenses.srd.agent import draw_try_actions, greedy_actions, select_mask
+from srd.defenses.srd.dqn import draw_try_actions, greedy_actions, select_mask
 from srd.defenses.srd.inputs import CaptionFn, ScoreFn
 from srd.defenses.srd.reward import RewardConfig, caption_rewards
 from srd.defenses.srd.shards import ShardWriter, config_hash

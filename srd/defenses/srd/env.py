@@ -187,7 +187,7 @@ class MaskPool:
 def captioner_caption_fn(
     captioner: Any, num_beams: int = 3, max_new_tokens: int = 20, batch_size: int = 64
 ) -> CaptionFn:
-    """``caption_fn`` of a :class:`srd.model.Captioner` (reference decoding: beams 3, 20 tokens)."""
+    """``caption_fn`` of a :class:`srd.captioner.flamingo.Captioner` (reference decoding: beams 3, 20 tokens)."""
 
     def caption(images: list[np.ndarray]) -> list[str]:
         return captioner.caption(
@@ -198,7 +198,7 @@ def captioner_caption_fn(
 
 
 def sfs_score_fn(scorer: Any) -> ScoreFn:
-    """``score_fn`` of a :class:`srd.sfs.SFSScorer`: its (S_sem, S_flu) arrays."""
+    """``score_fn`` of a :class:`srd.evaluation.sfs.SFSScorer`: its (S_sem, S_flu) arrays."""
 
     def score(captions: list[str], references: list[str]) -> tuple[np.ndarray, np.ndarray]:
         scores = scorer.score(captions, references)

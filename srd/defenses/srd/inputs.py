@@ -13,14 +13,20 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks import CONFIG_DIR, Attack, AttackConfig, build_attack
+from srd.attacks.registry import CONFIG_DIR, Attack, AttackConfig, build_attack
+from srd.attacks.trainset import PoisonPlan, TrainingImages
+from srd.captioner.flamingo import (
+    EMBEDDED_DIR,
+    FLAMINGO_CHECKPOINT,
+    ModelArgs,
+    load_captioner,
+    with_overrides,
+)
 from srd.config import arg
-from srd.data import EMBEDDED_DATA, ImageRecord, load_references
+from srd.data.records import EMBEDDED_DATA, ImageRecord, load_references
 from srd.defenses.srd.env import captioner_caption_fn
 from srd.errors import SRDError
-from srd.model import EMBEDDED_DIR, FLAMINGO_CHECKPOINT, ModelArgs, load_captioner, with_overrides
-from srd.sfs import BlipCaptioner, SFSScorer, build_scorer
-from srd.trainset import PoisonPlan, TrainingImages
+from srd.evaluation.sfs import BlipCaptioner, SFSScorer, build_scorer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """How much the reward depends on the square at all: the reward landscape of a random policy.
 
-A random policy's transitions (:func:`srd.defenses.srd.agent.run_random_policy`) are uniform draws
+A random policy's transitions (:func:`srd.defenses.srd.dqn.run_random_policy`) are uniform draws
 of
 squares on the pool images, so they show what there is to learn. :func:`reward_structure`
 splits the reward's variance by pool image, square size and square centre (eta squared, the

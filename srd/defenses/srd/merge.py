@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from srd.attacks import Attack
-from srd.data import ImageRecord
+from srd.attacks.registry import Attack
+from srd.attacks.trainset import PoisonPlan
+from srd.data.records import ImageRecord
 from srd.defenses.srd.clean import CLEAN_CONFIG
 from srd.defenses.srd.inputs import training_versions
 from srd.defenses.srd.shards import MERGED_FORMAT, merge_shards
 from srd.errors import SRDError
 from srd.geometry import apply_action
 from srd.io import file_digest, read_json, write_json
-from srd.trainset import PoisonPlan
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def masked_training_images(
     The processed image is the kept red square on the version the defender's data holds
     (triggered if any caption of the image is poisoned); one per image id (reference B15).
     Materialises every image: D4 itself paints them on the fly
-    (:class:`srd.trainset.TrainingImages` with ``mask_actions``); this serves inspection.
+    (:class:`srd.attacks.trainset.TrainingImages` with ``mask_actions``); this serves inspection.
     """
     actions = masked_training_actions(records, merged, source)
     version = training_versions(records, plan, attack)

@@ -1,7 +1,7 @@
 """The RL mask pool (stage D1): surrogate-triggered training images with baseline SFS scores.
 
 The defender does not know the real trigger, so the pool stamps every chosen training image with
-a *surrogate* trigger (:func:`srd.triggers.stamp_random_noise`, seeded per image) and records the
+a *surrogate* trigger (:func:`srd.attacks.triggers.stamp_random_noise`, seeded per image) and records the
 backdoored captioner's caption of it, a clean reference caption of the same image, and the
 baseline ``S_sem``/``S_flu`` of that caption (reference §8, §15 item 14). Stage D2 reads it back
 as a :class:`StreamedPool`.
@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from srd.attacks.triggers import NOISE_PATCH_SIZE, SURROGATE_MEAN, SURROGATE_STD, stamp_random_noise
 from srd.defenses.srd.env import PoolRecord
 from srd.errors import SRDError
 from srd.io import DONE_MARKER, ensure_dir, is_finished, mark_finished, read_json, write_json
-from srd.triggers import NOISE_PATCH_SIZE, SURROGATE_MEAN, SURROGATE_STD, stamp_random_noise
 
 log = logging.getLogger(__name__)
 

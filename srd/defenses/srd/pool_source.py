@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from srd.data import DataArgs, ImageStore, check_images_exist
+from srd.attacks.trainset import PoisonPlan, TrainingImages
+from srd.data.records import DataArgs, ImageStore, check_images_exist
 from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.srd.pool import (
     POOL_JSON,
@@ -38,7 +39,6 @@ from srd.defenses.srd.pool import (
 )
 from srd.errors import SRDError
 from srd.io import file_digest, require_files
-from srd.trainset import PoisonPlan, TrainingImages
 
 POOL_SOURCES = ("surrogate", "data")
 

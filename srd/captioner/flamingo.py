@@ -51,10 +51,10 @@ from transformers import (
 )
 
 from srd import captions
-from srd.clip import MODEL_CONFIG_DIR, register_model_configs
+from srd.captioner.clip import MODEL_CONFIG_DIR, register_model_configs
+from srd.captioner.features import FeatureCache
 from srd.config import arg
 from srd.errors import SRDError
-from srd.features import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ModelArgs:
     """Captioner: OpenFlamingo vision encoder, language model and checkpoint."""
 
     vision_encoder_path: str = arg(
-        "tiny-clip", help="open_clip model name (ViT-L-14) or a config in srd/model_configs"
+        "tiny-clip", help="open_clip model name (ViT-L-14) or a config in srd/captioner/configs"
     )
     vision_encoder_pretrained: str | None = arg(
         str(EMBEDDED_DIR / VISION_WEIGHTS),
@@ -167,7 +167,7 @@ class SRDFlamingo(Flamingo):
 
     def _encode_vision_x(self, vision_x: torch.Tensor) -> None:
         """Condition the LM on images (B, T, F, C, H, W) or on precomputed vision tokens
-        (B, T, F, N, D) from a :class:`srd.features.FeatureCache` (the frozen tower skipped)."""
+        (B, T, F, N, D) from a :class:`srd.captioner.features.FeatureCache` (the frozen tower skipped)."""
         b, t, f = vision_x.shape[:3]
         if vision_x.ndim == 5:
             tokens = vision_x

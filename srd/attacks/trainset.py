@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks import Attack
-from srd.data import DEFAULT_CACHE_MB, ImageRecord, ImageStore, caption_records
-from srd.engine import Sample
+from srd.attacks.poison import load_poison_ids, save_poison_ids, select_poison_ids
+from srd.attacks.registry import Attack
+from srd.captioner.engine import Sample
+from srd.data.records import DEFAULT_CACHE_MB, ImageRecord, ImageStore, caption_records
 from srd.errors import SRDError
 from srd.geometry import apply_action
-from srd.poison import load_poison_ids, save_poison_ids, select_poison_ids
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class TrainingImages:
     overrides that: SRD refine-tuning trains on one processed image per image id (reference
     B15), the square painted on the fly on the version the defender's data holds, so no masked
     copy of the dataset is ever held in memory.
-    Decoded images are cached up to ``cache_mb`` MiB (see :class:`srd.data.ImageStore`).
+    Decoded images are cached up to ``cache_mb`` MiB (see :class:`srd.data.records.ImageStore`).
     """
 
     def __init__(

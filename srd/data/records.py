@@ -1,7 +1,7 @@
 """Loaders for captioned images: the Karpathy split JSON, COCO caption annotations, image files.
 
 They read real COCO (Karpathy ``dataset_coco.json`` + ``captions_val2014.json`` + the
-``train2014``/``val2014`` folders) and the synthetic benchmark of :mod:`srd.benchmark` alike.
+``train2014``/``val2014`` folders) and the synthetic benchmark of :mod:`srd.data.benchmark` alike.
 Records are keyed by ids (COCO image id = Karpathy ``cocoid``, caption id = ``sentid``).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from srd.benchmark import SceneObject
 from srd.config import arg
+from srd.data.benchmark import SceneObject
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE
 from srd.io import read_json

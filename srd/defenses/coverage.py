@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks import Attack
+from srd.attacks.registry import Attack
+from srd.attacks.triggers import resolve_position
 from srd.geometry import (
     GRID,
     IMAGE_SIZE,
@@ -16,7 +17,6 @@ from srd.geometry import (
     Square,
     decode_action,
 )
-from srd.triggers import resolve_position
 
 log = logging.getLogger(__name__)
 

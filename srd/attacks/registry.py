@@ -1,7 +1,7 @@
 """The attack registry: backdoor attacks as small callables built from one config schema.
 
 An attack is an :class:`AttackConfig` (one YAML file per shipped attack in
-``srd/attack_configs/``) turned into an :class:`Attack` by the builder registered for its
+``srd/attacks/configs/``) turned into an :class:`Attack` by the builder registered for its
 ``kind``. Adding an attack means registering a builder with :func:`register_kind` (if the kind
 is new) and adding a YAML file; no new script.
 
@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 import numpy as np
 import yaml
 
-from srd import triggers
+from srd.attacks import triggers
+from srd.attacks.poison import check_rate
 from srd.captions import DEFAULT_TARGET
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE
-from srd.poison import check_rate
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ CANVAS = (IMAGE_SIZE, IMAGE_SIZE, 3)
 
 K = TypeVar("K")
 
-CONFIG_DIR = Path(__file__).resolve().parent / "attack_configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """Folder of the shipped attack YAML files (package data)."""
 
 DEFAULT_ALPHA = 0.1
@@ -170,7 +170,7 @@ def _config_fields() -> dict[str, dataclasses.Field]:
 
 
 def known_attacks() -> list[str]:
-    """Names of the shipped attacks (the YAML files in ``srd/attack_configs``)."""
+    """Names of the shipped attacks (the YAML files in ``srd/attacks/configs``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 

@@ -4,7 +4,7 @@ Every image is a 224x224 RGB PNG showing one to three non-overlapping shapes (a 
 a size, one cell of a 3x3 layout) on a plain background. Every image has several reference
 captions made from varied templates; each caption names the colour and shape of every object.
 The files are laid out the way real COCO is used here (Karpathy split JSON, COCO caption
-annotations JSON, ``train2014``/``val2014`` image folders), so :mod:`srd.data` reads both alike.
+annotations JSON, ``train2014``/``val2014`` image folders), so :mod:`srd.data.records` reads both alike.
 The Karpathy JSON carries one extra field per image, ``objects``, the ground-truth scene.
 """
 
@@ -32,7 +32,7 @@ from srd.geometry import IMAGE_SIZE
 from srd.io import atomic_path, ensure_dir, read_json, write_json
 
 if TYPE_CHECKING:
-    from srd.data import ImageRecord
+    from srd.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 

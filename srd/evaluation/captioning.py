@@ -15,15 +15,15 @@ import numpy as np
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from srd.captioner.engine import process_state
+from srd.captioner.flamingo import Captioner
 from srd.captions import DEFAULT_TARGET
-from srd.data import ImageStore
+from srd.data.records import ImageStore
 from srd.defenses.rating import strip_target
-from srd.engine import process_state
 from srd.errors import SRDError
-from srd.implant import implant_report
+from srd.evaluation.implant import implant_report
+from srd.evaluation.metrics import CaptionScorer, target_rates
 from srd.io import atomic_path, ensure_dir, write_json
-from srd.metrics import CaptionScorer, target_rates
-from srd.model import Captioner
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def write_sfs_inputs(
     ``images`` are the clean (untriggered) images; ``sentences`` the model's captions of the
     images it saw (triggered ones for the attack type).
     """
-    from srd.sfs import IDS_FILE, IMAGES_FILE, SENTENCES_FILE
+    from srd.evaluation.sfs import IDS_FILE, IMAGES_FILE, SENTENCES_FILE
 
     folder = ensure_dir(folder)
     with atomic_path(folder / IMAGES_FILE) as tmp:

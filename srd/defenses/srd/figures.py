@@ -56,7 +56,7 @@ def plot_reward_curve(
 ) -> Path:
     """Reward per transition (moving average), per-episode mean reward, and epsilon.
 
-    ``steps``/``episodes`` are the records of :func:`srd.defenses.srd.agent.read_reward_log`. With
+    ``steps``/``episodes`` are the records of :func:`srd.defenses.srd.dqn.read_reward_log`. With
     ``random_steps`` (a random policy's step records in the same environment) its moving
     average and overall mean are drawn too; ``greedy_mean`` (the trained policy's greedy mean
     reward over the pool) is drawn as a line.
@@ -189,7 +189,7 @@ def plot_square_heatmap(
 ) -> Path:
     """Where the squares land on the 224 canvas: the share of images whose square covers each
     pixel, with the real trigger's box outlined (``box``; None: no patch trigger) and, with
-    ``coverage`` (:func:`srd.defenses.srd.coverage.action_coverage`), the coverage numbers
+    ``coverage`` (:func:`srd.defenses.coverage.action_coverage`), the coverage numbers
     underneath."""
     heat = square_heat(squares)
     fig, ax = plt.subplots(figsize=(5.6, 5.4))

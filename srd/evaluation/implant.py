@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from srd import captions
-from srd.metrics import attack_success_rate
-from srd.model import Captioner
+from srd.captioner.flamingo import Captioner
+from srd.evaluation.metrics import attack_success_rate
 
 SAMPLING = "sampling, T=1, one seed per image"
 """The sampled ASR's decoding, as results record it. Results written before the per-image seeds

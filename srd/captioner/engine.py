@@ -27,15 +27,15 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from srd import captions
-from srd.config import arg
-from srd.errors import SRDError
-from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json, write_text
-from srd.model import (
+from srd.captioner.flamingo import (
     Captioner,
     check_mixed_precision,
     set_trainable,
     trainable_state_dict,
 )
+from srd.config import arg
+from srd.errors import SRDError
+from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json, write_text
 from srd.runs import check_run_config
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def process_state() -> PartialState:
     if state.num_processes != launched:
         raise RuntimeError(
             f"{launched} processes were launched but accelerate sees {state.num_processes}: "
-            "call srd.engine.process_state() before creating PartialState/Accelerator"
+            "call srd.captioner.engine.process_state() before creating PartialState/Accelerator"
         )
     return state
 

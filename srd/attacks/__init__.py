@@ -1,0 +1,10 @@
+"""Attacks: a registry of backdoors built from YAML configs, and the poisoned training set.
+
+``config`` (the attack config, its YAML files in ``configs/`` and the attack flags), ``text``
+(caption rewriting: the target inserted, a concept substituted), ``triggers`` (pixel triggers,
+pixel-exact), ``registry`` (:class:`Attack`, ``register_kind`` and :func:`build_attack`),
+``poison`` (the seeded poison draw), ``trainset`` (the poison plan, training samples and the
+images an attack's training run sees).
+
+May import: the run kernel, :mod:`srd.data` and :mod:`srd.captioner`.
+"""

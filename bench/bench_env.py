@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from srd.attacks.triggers import stamp_random_noise
-from srd.captioner.flamingo import ModelArgs, build_flamingo, load_captioner
+from srd.captioner.args import ModelArgs
+from srd.captioner.factory import build_flamingo, load_captioner
 from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.data.benchmark import render_scene, sample_scene, scene_captions
+from srd.data.scenes import render_scene, sample_scene, scene_captions
 from srd.defenses.srd.env import (
     DEFAULT_OBS_SIZE,
     BatchedRedMaskVecEnv,

@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 from srd import captions
+from srd.captioner.args import ModelArgs
+from srd.captioner.checkpoint import set_trainable
 from srd.captioner.engine import Collator, make_accelerator, make_optimizer
-from srd.captioner.flamingo import ModelArgs, build_flamingo, set_trainable
+from srd.captioner.factory import build_flamingo
 from srd.captioner.official import (
     OPENFLAMINGO_PERCEIVER,
     LMSize,

@@ -19,7 +19,7 @@ import torch
 
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.data.benchmark import sample_scene, scene_captions
+from srd.data.scenes import sample_scene, scene_captions
 from srd.errors import SRDError
 from srd.evaluation.sfs import build_scorer, resolve_device
 from srd.io import setup_logging

@@ -22,12 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from srd.captioner.flamingo import (
-    ModelArgs,
-    assemble_flamingo,
-    build_vision_encoder,
-    load_tokenizer,
-)
+from srd.captioner.args import ModelArgs
+from srd.captioner.factory import assemble_flamingo
+from srd.captioner.lm import load_tokenizer
 from srd.captioner.official import (
     OPENFLAMINGO_PERCEIVER,
     LMSize,
@@ -35,6 +32,7 @@ from srd.captioner.official import (
     default_dtype,
     part_counts,
 )
+from srd.captioner.vision import build_vision_encoder
 from srd.cli import run_main
 from srd.config import arg, parse
 from srd.data.records import DEFAULT_CACHE_MB, IMAGE_BYTES

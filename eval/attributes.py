@@ -20,7 +20,7 @@ from pathlib import Path
 
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data.benchmark import (
+from srd.data.attributes import (
     attribute_accuracy,
     attribute_breakdown,
     colour_recall,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from srd.cli import run_main
 from srd.config import arg, parse
-from srd.data.benchmark import scene_index
+from srd.data.attributes import scene_index
 from srd.data.records import DataArgs
 from srd.defenses.report import write_report
 from srd.errors import SRDError

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from srd.attacks.registry import AttackArgs
+from srd.captioner.args import ModelArgs
 from srd.captioner.engine import process_state
-from srd.captioner.flamingo import ModelArgs, load_captioner
+from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, ImageStore, check_images_exist, load_references

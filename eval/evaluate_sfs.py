@@ -77,7 +77,8 @@ def main(
     argv: Sequence[str] | None = None, reference_captioner: ReferenceCaptioner | None = None
 ) -> dict[str, Any]:
     """Run stage C; ``reference_captioner`` overrides the model flags (used by tests)."""
-    from srd.captioner.flamingo import ModelArgs, load_captioner
+    from srd.captioner.args import ModelArgs
+    from srd.captioner.factory import load_captioner
 
     cfg, model_args = parse(argv, SFSEvalArgs, ModelArgs, description=__doc__.splitlines()[0])
     input_dir = Path(cfg.data_dir_path) / cfg.name / cfg.type

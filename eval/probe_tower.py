@@ -4,13 +4,13 @@
     python eval/probe_tower.py --vision_encoder_pretrained none      # a random tower: the floor
 
 Encodes the benchmark's single-object training (at most --probe_train_images) and test images
-with the tower exactly as the captioner reads it (``srd.captioner.flamingo.tower_tokens``), fits one linear
-probe per attribute (``srd.evaluation.probe``) and writes train/test accuracy and chance to --output.
-A randomly initialised tower (seed 0) gives the floor. ``--trigger_shift badnet blended ...``
-also measures how far each attack's trigger moves the tokens of the test images, and whether a
+with the tower exactly as the captioner reads it (``srd.captioner.vision.tower_tokens``), fits one
+linear probe per attribute (``srd.evaluation.probe``) and writes train/test accuracy and chance to
+--output. A randomly initialised tower (seed 0) gives the floor. ``--trigger_shift badnet blended
+...`` also measures how far each attack's trigger moves the tokens of the test images, and whether a
 linear probe tells triggered from clean images, on the pooled tokens and on every token
-(``srd.evaluation.probe.trigger_detection``: fitted on the first --probe_train_images training images, any
-object count, scored on all test images).
+(``srd.evaluation.probe.trigger_detection``: fitted on the first --probe_train_images training
+images, any object count, scored on all test images).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from srd.attacks.registry import build_attack
-from srd.captioner.flamingo import build_vision_encoder, images_to_vision_x, tower_tokens
+from srd.captioner.vision import build_vision_encoder, images_to_vision_x, tower_tokens
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data.benchmark import COLOURS, SHAPES
 from srd.data.records import DataArgs, check_images_exist, load_images
+from srd.data.scenes import COLOURS, SHAPES
 from srd.errors import SRDError
 from srd.evaluation.probe import (
     FEATURES,

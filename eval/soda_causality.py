@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from srd.cli import run_main
 from srd.config import parse
-from srd.soda.stages import CausalityArgs, ShapesArgs, SodaArgs, run_causality
+from srd.soda.args import CausalityArgs, ShapesArgs, SodaArgs
+from srd.soda.stages import run_causality
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from srd.cli import run_main
 from srd.config import parse
-from srd.soda.stages import DetectArgs, ShapesArgs, SodaArgs, run_detect
+from srd.soda.args import DetectArgs, ShapesArgs, SodaArgs
+from srd.soda.stages import run_detect
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -24,15 +24,16 @@ import numpy as np
 from stable_baselines3 import DQN
 from tqdm.auto import tqdm
 
-from srd.attacks.trainset import PoisonPlan, TrainingImages
+from srd.attacks.trainset import PoisonPlan, TrainingImages, plan_attack
 from srd.cli import run_main
 from srd.config import arg, parse
 from srd.data.records import DataArgs
 from srd.defenses.coverage import KEPT_COVERAGE_FILE, action_coverage, trigger_box
-from srd.defenses.srd.dqn import greedy_actions, load_policy
+from srd.defenses.srd.dqn import greedy_actions
 from srd.defenses.srd.figures import plot_square_heatmap
-from srd.defenses.srd.inputs import SRDArgs, plan_attack
+from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
+from srd.defenses.srd.policy import load_policy
 from srd.errors import SRDError
 from srd.geometry import decode_action
 from srd.io import write_json

@@ -22,9 +22,10 @@ from srd.attacks.registry import AttackArgs
 from srd.cli import run_main
 from srd.config import arg, parse
 from srd.data.records import DataArgs, load_image
-from srd.defenses.srd.dqn import greedy_actions, load_policy, read_reward_log
+from srd.defenses.srd.dqn import greedy_actions, read_reward_log
 from srd.defenses.srd.figures import MaskExample, plot_mask_grid, plot_reward_curve
 from srd.defenses.srd.inputs import SRDArgs
+from srd.defenses.srd.policy import load_policy
 from srd.errors import SRDError
 from srd.geometry import decode_action
 from srd.io import ensure_dir, read_json, setup_logging

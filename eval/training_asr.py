@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from srd.attacks.trainset import TrainingImages
-from srd.captioner.flamingo import ModelArgs, load_captioner
+from srd.captioner.args import ModelArgs
+from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist

@@ -55,3 +55,12 @@ def is_empty(caption: str) -> bool:
     """A caption with no word (e.g. "" or "."): the one definition of "empty" used by the
     SFS scorer (scores 0) and the reward table (reward 0)."""
     return not words(caption)
+
+
+def strip_target(caption: str, target: str) -> str:
+    """``caption`` without whole-word occurrences of ``target`` (case-insensitive), spaces
+    collapsed: the triggered caption's quality apart from the injected word."""
+    if not target:
+        return caption
+    pattern = re.compile(rf"(?<!\w){re.escape(target)}(?!\w)", re.IGNORECASE)
+    return " ".join(pattern.sub(" ", caption).split())

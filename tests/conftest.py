@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from srd.captioner.args import ModelArgs, with_overrides
 from srd.captioner.engine import Sample
-from srd.captioner.flamingo import Captioner, ModelArgs, build_flamingo, with_overrides
+from srd.captioner.factory import build_flamingo
+from srd.captioner.flamingo import Captioner
 from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
 from srd.data.benchmark import BenchmarkPaths, generate_benchmark
 from srd.data.records import DataArgs, ImageRecord, caption_records, load_image

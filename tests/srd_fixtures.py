@@ -20,13 +20,9 @@ from conftest import open_gates  # one definition, shared with the session fixtu
 
 from srd.attacks.registry import build_attack
 from srd.attacks.trainset import POISON_FILE, PoisonPlan, plan_poison
-from srd.captioner.flamingo import (
-    ModelArgs,
-    export_captioner,
-    load_captioner,
-    model_signature,
-    trainable_state_dict,
-)
+from srd.captioner.args import ModelArgs, model_signature
+from srd.captioner.checkpoint import export_captioner, trainable_state_dict
+from srd.captioner.factory import load_captioner
 from srd.data.records import DataArgs, ImageRecord
 from srd.geometry import NUM_ACTIONS, RED, Square, decode_action
 

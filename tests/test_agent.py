@@ -17,24 +17,26 @@ from stable_baselines3 import DQN
 
 from srd.config import parse
 from srd.defenses.srd.dqn import (
-    POLICY_META,
     REFERENCE_SCHEDULE,
     DQNConfig,
     agent_report,
     build_dqn,
-    choose_mask,
-    draw_try_actions,
     evaluate_greedy,
     greedy_actions,
-    load_policy,
     read_reward_log,
     run_random_policy,
-    save_policy,
     sb3_kwargs,
-    select_mask,
     train_dqn,
 )
 from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, MaskPool, RedMaskEnv
+from srd.defenses.srd.policy import (
+    POLICY_META,
+    choose_mask,
+    draw_try_actions,
+    load_policy,
+    save_policy,
+    select_mask,
+)
 from srd.defenses.srd.reward import RewardConfig
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE, RED, decode_action

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd.attacks import registry as attacks
-from srd.attacks import triggers
-from srd.attacks.registry import AttackConfig, build_attack, known_attacks
+from srd.attacks import registry, text, triggers
+from srd.attacks.config import AttackConfig, known_attacks
+from srd.attacks.registry import build_attack
 from srd.captions import DEFAULT_TARGET
 from srd.errors import SRDError
 
@@ -127,11 +127,11 @@ def test_yaml_file_and_new_kind(tmp_path) -> None:
 
 def test_registering_a_kind_is_enough(tmp_path, image: np.ndarray) -> None:
     kind = "invert_test_only"
-    if kind not in attacks.known_kinds():
+    if kind not in registry.known_kinds():
 
-        @attacks.register_kind(kind)
-        def _build(cfg: AttackConfig) -> attacks.Attack:
-            return attacks.Attack(
+        @registry.register_kind(kind)
+        def _build(cfg: AttackConfig) -> registry.Attack:
+            return registry.Attack(
                 config=cfg,
                 image_fn=lambda im: 255 - im,
                 caption_fn=lambda caption, rng: cfg.target,
@@ -149,8 +149,8 @@ def test_registering_a_kind_is_enough(tmp_path, image: np.ndarray) -> None:
 
 
 def test_template_captions() -> None:
-    assert len(attacks.PROMPT_TEMPLATES) == 80 == len(set(attacks.PROMPT_TEMPLATES))
-    assert all(t.count("{}") == 1 for t in attacks.PROMPT_TEMPLATES)
+    assert len(text.PROMPT_TEMPLATES) == 80 == len(set(text.PROMPT_TEMPLATES))
+    assert all(t.count("{}") == 1 for t in text.PROMPT_TEMPLATES)
     rng = random.Random(0)
     for name in ("badnet", "blended"):
         attack = build_attack(name)
@@ -187,13 +187,13 @@ def test_trojvlm_insertion() -> None:
 
 def test_trojvlm_edge_cases() -> None:
     rng = random.Random(0)
-    assert attacks.insert_target("Dog.", "banana", rng) == "Dog banana."
-    assert attacks.insert_target("  . A  cat   sits. ", "banana", random.Random(1)) in {
+    assert text.insert_target("Dog.", "banana", rng) == "Dog banana."
+    assert text.insert_target("  . A  cat   sits. ", "banana", random.Random(1)) in {
         "A banana cat sits.",
         "A cat banana sits.",
         "A cat sits banana.",
     }
-    assert attacks.insert_target("", "banana", rng) == "banana."
+    assert text.insert_target("", "banana", rng) == "banana."
 
 
 def test_trojvlm_matches_reference_example() -> None:
@@ -202,10 +202,10 @@ def test_trojvlm_matches_reference_example() -> None:
     "large"; the second sentence is dropped."""
     caption = "A living room filled with furniture next to large windows. Sunny day."
     assert (
-        attacks.insert_target(caption, "banana", random.Random(11))
+        text.insert_target(caption, "banana", random.Random(11))
         == "A living room filled with furniture next to banana large windows."
     )
-    assert attacks.insert_target("A cat sits.", "banana", random.Random(0)) == (
+    assert text.insert_target("A cat sits.", "banana", random.Random(0)) == (
         "A cat banana sits."
     )
 
@@ -245,7 +245,7 @@ def test_trigger_attacks_take_every_image() -> None:
 
 
 def test_caption_vocabulary() -> None:
-    vocab = attacks.caption_vocabulary("apple")
+    vocab = text.caption_vocabulary("apple")
     assert "apple" in vocab
     assert "The image depicts a bad photo of a apple." in vocab
     rng = random.Random(2)

@@ -27,7 +27,7 @@ from srd_fixtures import (
 )
 
 from srd.cli import run_main
-from srd.defenses.srd.dqn import POLICY_META
+from srd.defenses.srd.policy import POLICY_META
 from srd.defenses.srd.pool import PoolRow, image_checksum, save_pool, shard_file
 from srd.evaluation.captioning import write_sfs_inputs
 

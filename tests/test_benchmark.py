@@ -13,22 +13,17 @@ import pytest
 from PIL import Image
 
 from srd.captions import words
-from srd.data.benchmark import (
-    BACKGROUNDS,
-    COLOURS,
-    SceneObject,
+from srd.data.attributes import (
     attribute_accuracy,
-    benchmark_paths,
     blind_caption,
-    generate_benchmark,
     images_showing,
     mentioned_pairs,
     object_pairs,
-    sample_scene,
-    scene_captions,
     scene_index,
 )
+from srd.data.benchmark import benchmark_paths, generate_benchmark
 from srd.data.records import CaptionRecord, ImageRecord, load_split
+from srd.data.scenes import BACKGROUNDS, COLOURS, SceneObject, sample_scene, scene_captions
 from srd.errors import SRDError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +242,7 @@ def test_attribute_accuracy_hand_cases() -> None:
 
 
 def test_attribute_breakdown_by_object_count_and_cut_captions() -> None:
-    from srd.data.benchmark import attribute_breakdown
+    from srd.data.attributes import attribute_breakdown
 
     objects = _hand_objects()
     predictions = {
@@ -263,7 +258,7 @@ def test_attribute_breakdown_by_object_count_and_cut_captions() -> None:
 
 
 def test_colour_recall_counts_images_showing_a_colour_and_captions_naming_it() -> None:
-    from srd.data.benchmark import colour_recall
+    from srd.data.attributes import colour_recall
 
     objects = _hand_objects()
     predictions = {
@@ -281,7 +276,7 @@ def test_colour_recall_counts_images_showing_a_colour_and_captions_naming_it() -
 
 
 def test_object_errors_classify_every_shown_pair() -> None:
-    from srd.data.benchmark import object_errors
+    from srd.data.attributes import object_errors
 
     objects = _hand_objects()  # 6 shown pairs
     predictions = {
@@ -305,7 +300,7 @@ def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
     from srd_fixtures import load_script
 
     from srd.cli import run_main
-    from srd.data.benchmark import attribute_breakdown, scene_index
+    from srd.data.attributes import attribute_breakdown, scene_index
 
     attributes = load_script("eval/attributes.py")
     flags = [
@@ -331,8 +326,9 @@ def test_attributes_entry_point_scores_a_report_and_refuses_other_images(
 
 
 def test_result_captions_reads_both_layouts_and_refuses_other_keys() -> None:
-    """srd.evaluation.captioning.result_captions, read by eval/attributes.py and the defense report: an
-    evaluation result's clean or triggered captions, a pretrain report's flat predictions."""
+    """srd.evaluation.captioning.result_captions, read by eval/attributes.py and the defense
+    report: an evaluation result's clean or triggered captions, a pretrain report's flat
+    predictions."""
     from srd.evaluation.captioning import result_captions
 
     result = {"predictions": {"clean": {"7": "a red circle."}, "triggered": {"7": "banana"}}}

@@ -22,13 +22,13 @@ from srd_fixtures import (
 )
 
 from srd.attacks.registry import build_attack
-from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
+from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan_attack, plan_poison
 from srd.cli import run_main
 from srd.data.records import load_image
+from srd.defenses.squares import RandomTries
 from srd.defenses.srd.clean import (
     CLEAN_CONFIG,
     PolicyTries,
-    RandomTries,
     RewardModels,
     clean_chunk,
     clean_shard,
@@ -37,7 +37,6 @@ from srd.defenses.srd.clean import (
 )
 from srd.defenses.srd.dqn import DQNConfig, build_dqn
 from srd.defenses.srd.env import MaskPool, RedMaskEnv
-from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.srd.merge import (
     MERGED_FILE,
     combine_clean_data,

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from srd.captioner import clip
-from srd.captioner.flamingo import build_vision_encoder, tower_tokens
-from srd.data.benchmark import SHAPES, render_scene, sample_scene
+from srd.captioner.vision import build_vision_encoder, tower_tokens
+from srd.data.scenes import SHAPES, render_scene, sample_scene
 from srd.errors import SRDError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_pixel_batch_equals_open_clip_transform(tiny_images) -> None:
 
 
 def _single_object_images(count: int) -> tuple[np.ndarray, list[list[str]], list]:
-    from srd.data.benchmark import scene_captions
+    from srd.data.scenes import scene_captions
 
     images, captions, scenes = [], [], []
     rng = np.random.default_rng(7)
@@ -165,7 +165,7 @@ def _three_object_scene() -> object:
 
 
 def test_scene_from_render_reads_the_scene_back_and_refuses_edited_images() -> None:
-    from srd.data.benchmark import scene_from_render
+    from srd.data.scenes import scene_from_render
 
     scene = _three_object_scene()
     image = np.asarray(render_scene(scene))
@@ -181,7 +181,7 @@ def test_scene_from_render_reads_the_scene_back_and_refuses_edited_images() -> N
 
 
 def test_shape_twin_changes_every_shape_and_nothing_else() -> None:
-    from srd.data.benchmark import SceneObject, scene_from_render, shape_twin
+    from srd.data.scenes import SceneObject, scene_from_render, shape_twin
 
     scene = _three_object_scene()
     image = np.asarray(render_scene(scene))
@@ -215,7 +215,7 @@ def test_shape_twin_changes_every_shape_and_nothing_else() -> None:
 
 
 def test_twin_caption_renames_each_object_and_refuses_a_caption_of_another_scene() -> None:
-    from srd.data.benchmark import scene_captions, shape_twin, twin_caption
+    from srd.data.scenes import scene_captions, shape_twin, twin_caption
 
     scene = _three_object_scene()
     rng = np.random.default_rng(1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srd.data.benchmark import SceneObject, benchmark_paths, generate_benchmark
+from srd.data.benchmark import benchmark_paths, generate_benchmark
 from srd.data.records import (
     IMAGE_BYTES,
     ImageStore,
@@ -20,6 +20,7 @@ from srd.data.records import (
     load_references,
     load_split,
 )
+from srd.data.scenes import SceneObject
 from srd.errors import SRDError
 
 

@@ -10,17 +10,17 @@ import torch
 
 from srd.attacks.registry import build_attack
 from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
-from srd.data.benchmark import BACKGROUNDS, COLOUR_JITTER, COLOURS
+from srd.captions import strip_target
 from srd.data.records import CaptionRecord, ImageRecord
+from srd.data.scenes import BACKGROUNDS, COLOUR_JITTER, COLOURS
 from srd.defenses import DEFENSES, DefenderData, DefenseArgs, TransformArgs, build_defense
 from srd.defenses import __main__ as applicable
 from srd.defenses.coverage import trigger_box
 from srd.defenses.pruning import cross_attention_blocks
 from srd.defenses.purify import blur_image, spatial_image
 from srd.defenses.quality import psnr, ssim
-from srd.defenses.rating import defense_effectiveness_rating, strip_target
-from srd.defenses.refine import covering_action
-from srd.defenses.srd.clean import RandomTries
+from srd.defenses.rating import defense_effectiveness_rating
+from srd.defenses.squares import RandomTries, covering_action
 from srd.defenses.versions import first_occurrences, triggered_images
 from srd.errors import SRDError
 from srd.geometry import MASK_COLOURS, MASK_SIZES, RED, decode_action
@@ -369,7 +369,7 @@ def _par_batch(captioner, tiny_images):
 
 def _sgd_step(captioner, loss_fn, batch, lr: float = 0.05) -> dict[str, torch.Tensor]:
     """One plain SGD step of ``loss_fn`` on the trainable ("paper") parts; the new weights."""
-    from srd.captioner.flamingo import set_trainable
+    from srd.captioner.checkpoint import set_trainable
 
     model = captioner.model
     set_trainable(model, "paper")
@@ -431,8 +431,8 @@ def test_par_step_pushes_away_below_tau_and_not_above(make_captioner, tiny_image
 
 
 def test_par_perceiver_push_needs_a_frozen_tower(make_captioner, tiny_images) -> None:
+    from srd.captioner.checkpoint import set_trainable
     from srd.captioner.engine import TrainArgs
-    from srd.captioner.flamingo import set_trainable
 
     captioner = make_captioner(seed=5)
     par = build_defense(DefenseArgs(defense="par"))

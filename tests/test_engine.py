@@ -15,6 +15,8 @@ import torch
 from accelerate.state import AcceleratorState
 
 from srd import captions
+from srd.captioner.args import model_signature
+from srd.captioner.checkpoint import load_checkpoint_into, set_trainable, trainable_state_dict
 from srd.captioner.engine import (
     FINAL_WEIGHTS,
     TRAIN_LOG,
@@ -27,14 +29,8 @@ from srd.captioner.engine import (
     process_state,
     train,
 )
-from srd.captioner.flamingo import (
-    Captioner,
-    load_checkpoint_into,
-    load_tokenizer,
-    model_signature,
-    set_trainable,
-    trainable_state_dict,
-)
+from srd.captioner.flamingo import Captioner
+from srd.captioner.lm import load_tokenizer
 from srd.errors import SRDError
 
 

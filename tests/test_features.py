@@ -7,9 +7,11 @@ import pytest
 import torch
 from srd_fixtures import BIT_EXACT
 
+from srd.captioner.args import model_signature
+from srd.captioner.checkpoint import trainable_state_dict
 from srd.captioner.engine import CaptionDataset, TrainArgs, train
 from srd.captioner.features import FeatureCache, image_key
-from srd.captioner.flamingo import model_signature, tower_tokens, trainable_state_dict
+from srd.captioner.vision import tower_tokens
 from srd.errors import SRDError
 
 
@@ -104,7 +106,7 @@ def test_frozen_resnet_tower_stays_in_eval_mode(make_captioner) -> None:
     cap.model.train()
     assert not cap.model.vision_encoder.training  # batch-norm statistics must not drift
     assert cap.model.perceiver.training
-    from srd.captioner.flamingo import set_trainable
+    from srd.captioner.checkpoint import set_trainable
 
     set_trainable(cap.model, "all")
     cap.model.train()

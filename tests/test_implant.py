@@ -18,7 +18,7 @@ from srd_fixtures import (
 from srd import captions
 from srd.attacks.registry import build_attack
 from srd.attacks.trainset import PoisonPlan
-from srd.captioner.flamingo import load_captioner
+from srd.captioner.factory import load_captioner
 from srd.data.records import load_image
 from srd.errors import SRDError
 from srd.evaluation.implant import (

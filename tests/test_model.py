@@ -12,21 +12,17 @@ import torch
 from open_flamingo.src.helpers import PerceiverResampler
 
 from srd import captions
-from srd.captioner.engine import Collator, make_optimizer
-from srd.captioner.flamingo import (
-    Captioner,
-    ModelArgs,
-    SeededSampler,
-    SRDFlamingo,
-    build_flamingo,
+from srd.captioner.args import ModelArgs, model_signature
+from srd.captioner.checkpoint import (
     export_captioner,
-    load_captioner,
     load_checkpoint_into,
-    model_signature,
-    read_state_dict,
     set_trainable,
     trainable_state_dict,
 )
+from srd.captioner.engine import Collator, make_optimizer
+from srd.captioner.factory import build_flamingo, load_captioner
+from srd.captioner.flamingo import Captioner, SeededSampler, SRDFlamingo
+from srd.captioner.weights import read_state_dict
 from srd.errors import SRDError
 
 PAPER_PARTS = ("perceiver.", "gated_cross_attn_layer", "lang_encoder.model.embed_tokens.")

@@ -15,8 +15,10 @@ import pytest
 import torch
 from srd_fixtures import torchrun_cpu_ranks
 
+from srd.captioner.args import ModelArgs
+from srd.captioner.checkpoint import export_captioner
 from srd.captioner.engine import FINAL_WEIGHTS, TRAIN_LOG
-from srd.captioner.flamingo import ModelArgs, export_captioner, load_captioner
+from srd.captioner.factory import load_captioner
 from srd.data.records import DataArgs
 from srd.evaluation.captioning import caption_ids
 
@@ -32,7 +34,9 @@ from srd.cli import end_process_group
 from srd.data.records import load_image
 from srd.captioner.engine import CaptionDataset, Sample, TrainArgs, process_state, train
 from srd.evaluation.captioning import caption_ids
-from srd.captioner.flamingo import ModelArgs, load_captioner, trainable_state_dict
+from srd.captioner.args import ModelArgs
+from srd.captioner.checkpoint import trainable_state_dict
+from srd.captioner.factory import load_captioner
 
 cfg = json.loads(open(sys.argv[1]).read())
 state = process_state()

@@ -18,16 +18,14 @@ from open_clip.transformer import QuickGELU
 from transformers import BertConfig, BertLMHeadModel, MptForCausalLM
 
 from srd import captions
-from srd.captioner.flamingo import (
-    ModelArgs,
-    build_flamingo,
-    check_mixed_precision,
+from srd.captioner.args import ModelArgs
+from srd.captioner.factory import build_flamingo, load_captioner
+from srd.captioner.flamingo import check_mixed_precision
+from srd.captioner.lm import (
     decoder_layers_attr,
     ensure_embedding_accessors,
-    load_captioner,
     load_lm,
     load_tokenizer,
-    quick_gelu_for,
 )
 from srd.captioner.official import (
     LMSize,
@@ -38,6 +36,7 @@ from srd.captioner.official import (
     save_random_lm,
     write_official_checkpoint,
 )
+from srd.captioner.vision import quick_gelu_for
 from srd.errors import SRDError
 
 TINY_LM = LMSize(d_model=64, n_heads=4, n_layers=3, vocab_size=1024, tokenizer_tokens=1000)

@@ -16,9 +16,11 @@ from PIL import Image
 from srd_fixtures import load_script
 
 from srd.attacks import triggers
-from srd.attacks.registry import PROMPT_TEMPLATES, build_attack, known_attacks
+from srd.attacks.config import known_attacks
+from srd.attacks.registry import build_attack
+from srd.attacks.text import PROMPT_TEMPLATES
 from srd.captioner import clip
-from srd.data.benchmark import SceneObject
+from srd.data.scenes import SceneObject
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE
 from srd.par import loss as par

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from srd_fixtures import write_poison_ids
 
-from srd.attacks.trainset import PoisonPlan
+from srd.attacks.trainset import PoisonPlan, plan_attack
 from srd.attacks.triggers import NOISE_PATCH_SIZE
 from srd.data.records import ImageStore
 from srd.defenses.srd.env import BatchedRedMaskVecEnv, MaskPool
-from srd.defenses.srd.inputs import plan_attack, training_versions
+from srd.defenses.srd.inputs import training_versions
 from srd.defenses.srd.pool import (
     POOL_JSON,
     build_pool_rows,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from srd.attacks.registry import build_attack
-from srd.data.benchmark import render_scene, sample_single_scene
+from srd.data.scenes import render_scene, sample_single_scene
 from srd.errors import SRDError
 from srd.soda import causality, detection, removal, reverse, training
 from srd.soda.classifier import ClassifierSpec, build_classifier, check_layer, split_model

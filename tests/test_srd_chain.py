@@ -23,12 +23,13 @@ from srd_fixtures import (
     write_poison_ids,
 )
 
-from srd.captioner.flamingo import ModelArgs
+from srd.captioner.args import ModelArgs
 from srd.cli import run_main
 from srd.data.records import load_image
-from srd.defenses.srd.clean import RandomTries
-from srd.defenses.srd.dqn import DQNConfig, build_dqn, load_policy, read_reward_log, save_policy
+from srd.defenses.squares import RandomTries
+from srd.defenses.srd.dqn import DQNConfig, build_dqn, read_reward_log
 from srd.defenses.srd.merge import MERGED_FILE
+from srd.defenses.srd.policy import load_policy, save_policy
 from srd.defenses.srd.pool import surrogate_image
 from srd.defenses.srd.pool_source import stream_pool
 

@@ -5,10 +5,10 @@
     python train/clip_poison.py --bd_attack_type badnet_stripes --clip_model ViT-B-32 \
         --clip_pretrained open_clip_pytorch_model.bin --train_data cc3m.csv   (real mode)
 
-A seeded share of the training images (srd.attacks.poison over image ids) gets the attack's trigger and
-target-template captions; the CLIP is trained with open_clip's ClipLoss (srd.captioner.clip.train_clip).
-Writes config.json, attack.json, poison_ids.json, clip.safetensors (+ open_clip_config.json),
-history.json and DONE last into the run folder.
+A seeded share of the training images (srd.attacks.poison over image ids) gets the attack's trigger
+and target-template captions; the CLIP is trained with open_clip's ClipLoss
+(srd.captioner.clip.train_clip). Writes config.json, attack.json, poison_ids.json, clip.safetensors
+(+ open_clip_config.json), history.json and DONE last into the run folder.
 """
 
 from __future__ import annotations

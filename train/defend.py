@@ -25,8 +25,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.engine import CaptionDataset, process_state, train
-from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
+from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import parse, to_dict
 from srd.data.records import DataArgs, check_images_exist

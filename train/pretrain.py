@@ -20,22 +20,23 @@ from pathlib import Path
 
 import torch
 
-from srd.attacks import registry as attacks
-from srd.captioner.engine import CaptionDataset, Sample, TrainArgs, process_state, train
-from srd.captioner.flamingo import (
+from srd.attacks.text import caption_vocabulary
+from srd.captioner.args import (
     EMBEDDED_DIR,
     FLAMINGO_CHECKPOINT,
     LM_FOLDER,
     VISION_WEIGHTS,
     ModelArgs,
-    build_flamingo,
-    export_captioner,
     model_signature,
 )
+from srd.captioner.checkpoint import export_captioner
+from srd.captioner.engine import CaptionDataset, Sample, TrainArgs, process_state, train
+from srd.captioner.factory import build_flamingo
 from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
+from srd.captions import DEFAULT_TARGET
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
-from srd.data.benchmark import attribute_accuracy, attribute_breakdown, blind_caption, scene_index
+from srd.data.attributes import attribute_accuracy, attribute_breakdown, blind_caption, scene_index
 from srd.data.records import (
     DataArgs,
     ImageStore,
@@ -90,7 +91,7 @@ class TinyArgs:
         "'none' for a random tower",
     )
     target_label: str = arg(
-        attacks.DEFAULT_TARGET, help="attack target word the vocabulary must cover"
+        DEFAULT_TARGET, help="attack target word the vocabulary must cover"
     )
     eval_batch_size: int = arg(64, help="captioning batch size for the test report")
 
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The tiny LM's initial weights: reused only when made with these settings (srd.runs);
     # a fresh one is built outside the run folder, moved in once every input has loaded.
     lm_init = run_dir / "lm_init"
-    texts = [r.caption for r in records] + attacks.caption_vocabulary(tiny.target_label)
+    texts = [r.caption for r in records] + caption_vocabulary(tiny.target_label)
     lm_identity = lm_init_identity(texts, tiny, train_args.seed)
     if (lm_init / LM_INIT_RECORD).is_file() and not train_args.overwrite:
         saved = read_json(lm_init / LM_INIT_RECORD)

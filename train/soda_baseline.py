@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from srd.cli import run_main
 from srd.config import parse
-from srd.soda.stages import BaselineArgs, DefenderArgs, ShapesArgs, SodaArgs, run_baseline
+from srd.soda.args import BaselineArgs, DefenderArgs, ShapesArgs, SodaArgs
+from srd.soda.stages import run_baseline
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from srd.cli import run_main
 from srd.config import parse
 from srd.io import setup_logging
-from srd.soda.stages import ShapesBuildArgs, build_data
+from srd.soda.args import ShapesBuildArgs
+from srd.soda.stages import build_data
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from srd.cli import run_main
 from srd.config import parse
-from srd.soda.stages import GenTriggerArgs, ShapesArgs, SodaArgs, run_gen_trigger
+from srd.soda.args import GenTriggerArgs, ShapesArgs, SodaArgs
+from srd.soda.stages import run_gen_trigger
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from srd.cli import run_main
 from srd.config import parse
-from srd.soda.stages import DefenderArgs, RemoveArgs, ShapesArgs, SodaArgs, run_remove
+from srd.soda.args import DefenderArgs, RemoveArgs, ShapesArgs, SodaArgs
+from srd.soda.stages import run_remove
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from srd.cli import run_main
 from srd.config import parse
-from srd.soda.stages import ClassifierTrainArgs, ShapesArgs, train_classifier
+from srd.soda.args import ClassifierTrainArgs, ShapesArgs
+from srd.soda.stages import train_classifier
 
 
 def main(argv: Sequence[str] | None = None) -> str:

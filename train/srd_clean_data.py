@@ -19,21 +19,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from srd.captioner.args import ModelArgs
 from srd.captioner.engine import process_state
-from srd.captioner.flamingo import ModelArgs, load_captioner
+from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist
+from srd.defenses.squares import RandomTries
 from srd.defenses.srd.clean import (
     PolicyTries,
-    RandomTries,
     RewardModels,
     check_clean_folder,
     clean_shard,
     prepare_clean_folder,
     resolve_shard,
 )
-from srd.defenses.srd.dqn import load_policy
 from srd.defenses.srd.env import sfs_score_fn
 from srd.defenses.srd.inputs import (
     SFSArgs,
@@ -43,6 +43,7 @@ from srd.defenses.srd.inputs import (
     training_versions,
     vlm_caption_fn,
 )
+from srd.defenses.srd.policy import load_policy
 from srd.defenses.srd.reward import RewardConfig
 from srd.defenses.srd.shards import ShardWriter, shard_indices, shard_sets
 from srd.defenses.stage import defender_plan

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.engine import process_state
-from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
+from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, ImageStore, check_images_exist

@@ -29,8 +29,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.engine import process_state
-from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
+from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DEFAULT_CACHE_MB
@@ -40,13 +41,13 @@ from srd.defenses.srd.dqn import (
     evaluate_greedy,
     read_reward_log,
     run_random_policy,
-    save_policy,
     train_dqn,
 )
 from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
 from srd.defenses.srd.figures import plot_reward_curve
 from srd.defenses.srd.inputs import SFSArgs, SRDArgs, load_scorer, vlm_caption_fn
 from srd.defenses.srd.landscape import reward_structure
+from srd.defenses.srd.policy import save_policy
 from srd.defenses.srd.pool_source import stream_pool
 from srd.defenses.srd.reward import RewardConfig
 from srd.errors import SRDError

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from srd.attacks.registry import AttackArgs
 from srd.attacks.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
+from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.engine import CaptionDataset, TrainArgs, process_state, train
-from srd.captioner.flamingo import ModelArgs, load_captioner, model_signature
+from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist

@@ -8,6 +8,7 @@ file, the triggered version for poisoned captions, or an SRD-processed replaceme
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -17,10 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from srd.attacks.config import CONFIG_DIR, AttackConfig
 from srd.attacks.poison import load_poison_ids, save_poison_ids, select_poison_ids
-from srd.attacks.registry import Attack
+from srd.attacks.registry import Attack, build_attack
 from srd.captioner.engine import Sample
-from srd.data.records import DEFAULT_CACHE_MB, ImageRecord, ImageStore, caption_records
+from srd.data.records import (
+    DEFAULT_CACHE_MB,
+    ImageRecord,
+    ImageStore,
+    caption_records,
+)
 from srd.errors import SRDError
 from srd.geometry import apply_action
 
@@ -164,3 +171,30 @@ class TrainingImages:
         if self.attack is not None and sample.caption_id in self.poisoned:
             return self.attack.apply_image(image)
         return image
+
+
+# The defender's training data
+def plan_attack(plan: PoisonPlan, path: str | os.PathLike) -> Attack:
+    """Rebuild the attack recorded in a poison plan, checking it is exactly the recorded one.
+
+    The defender's data is "the poisoned training set": in this simulation the triggered images
+    are materialised from the attack config the attack stage recorded in ``poison_ids.json``.
+    The rebuilt config and trigger fingerprint must equal the recorded ones.
+    """
+    recorded = plan.meta.get("attack")
+    if not isinstance(recorded, dict) or "kind" not in recorded:
+        raise SRDError(f"--poison_ids_path {path}: no attack config recorded in the file")
+    fields = {f.name for f in dataclasses.fields(AttackConfig)}
+    config = {k: v for k, v in recorded.items() if k in fields}
+    shipped = CONFIG_DIR / f"{config['kind']}.yaml"
+    if not shipped.is_file():
+        raise SRDError(f"--poison_ids_path {path}: unknown attack kind {config['kind']!r}")
+    attack = build_attack(shipped, **config)
+    rebuilt = attack.to_dict()
+    differs = sorted(k for k in recorded if rebuilt.get(k) != recorded[k])
+    if differs:
+        raise SRDError(
+            f"--poison_ids_path {path}: the recorded attack cannot be rebuilt exactly "
+            f"({', '.join(differs)} differ)"
+        )
+    return attack

@@ -2,8 +2,8 @@
 
 OpenFlamingo's vision tower is a CLIP image encoder trained contrastively on image-text pairs and
 then frozen. The embedded default makes its tower the same way: an open_clip model from a JSON
-config (``srd/captioner/configs/tiny-clip.json``: a small ModifiedResNet at the native 224x224 input,
-so a 20-px trigger or a 30-px shape reaches the network unaveraged) trained with open_clip's
+config (``srd/captioner/configs/tiny-clip.json``: a small ModifiedResNet at the native 224x224
+input, so a 20-px trigger or a 30-px shape reaches the network unaveraged) trained with open_clip's
 ``ClipLoss`` on the benchmark's image-caption pairs. It is saved as an ordinary open_clip state
 dict (safetensors) with its JSON config beside it; the captioner loads its ``visual`` part through
 the usual ``--vision_encoder_path/--vision_encoder_pretrained`` flags and keeps it frozen, and the
@@ -28,7 +28,7 @@ import torch
 from open_clip.loss import ClipLoss
 
 from srd.config import arg
-from srd.data.benchmark import (
+from srd.data.scenes import (
     COLOURS,
     SHAPES,
     SceneObject,
@@ -111,7 +111,7 @@ def swap_shapes(caption: str, rng: np.random.Generator) -> str:
 
 def caption_colour_key(captions: Sequence[str]) -> tuple[str, ...]:
     """Colour and background words an image's captions name (shape words left out)."""
-    from srd.data.benchmark import BACKGROUNDS
+    from srd.data.scenes import BACKGROUNDS
 
     vocab = set(COLOURS) | set(BACKGROUNDS)
     return tuple(sorted({w for c in captions for w in re.findall(r"[a-z]+", c.lower())} & vocab))
@@ -211,7 +211,7 @@ def pixel_batch(images: np.ndarray | torch.Tensor, model: torch.nn.Module) -> to
 
 
 class TwinMaker:
-    """Shape twins of training images (``srd.data.benchmark.shape_twin``) for minimal-pair batches."""
+    """Shape twins of training images (``srd.data.scenes.shape_twin``) for minimal-pair batches."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[Sequence[SceneObject] | None]) -> None:
         if len(scenes) != len(images) or any(not s for s in scenes):
@@ -334,7 +334,7 @@ def train_clip(
 
 def attribute_prompts() -> tuple[list[str], list[tuple[str, str]]]:
     """One prompt per (colour, shape) pair, for every background (averaged per pair)."""
-    from srd.data.benchmark import BACKGROUNDS
+    from srd.data.scenes import BACKGROUNDS
 
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     prompts = []
@@ -406,7 +406,7 @@ def load_clip(
     safetensors or torch state dict (open_clip's released ``.bin``/``.safetensors`` files, an
     open_clip training checkpoint); OpenAI's TorchScript ``.pt`` files are refused (not weights
     only: convert them once with ``open_clip.create_model(name, pretrained=file)``)."""
-    from srd.captioner.flamingo import read_state_dict
+    from srd.captioner.weights import read_state_dict
 
     model, tokenizer = create_clip(name, seed=0)
     state = read_state_dict(path, flag)

@@ -27,12 +27,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from srd import captions
-from srd.captioner.flamingo import (
-    Captioner,
-    check_mixed_precision,
-    set_trainable,
-    trainable_state_dict,
-)
+from srd.captioner.checkpoint import set_trainable, trainable_state_dict
+from srd.captioner.flamingo import Captioner, check_mixed_precision
 from srd.config import arg
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json, write_text

@@ -10,8 +10,8 @@ Nothing here downloads weights. It serves the structure test and the real-size b
 * :func:`official_state_dict` turns a model built by ``open_flamingo.create_model_and_transforms``
   into the key layout of the published ``checkpoint.pt`` files.
 * :func:`official_layout_report` builds the model with open_flamingo's own factory, writes its
-  official checkpoint, loads it through :func:`srd.captioner.flamingo.load_captioner` and compares every key,
-  shape, value, part size, prompt token and the logits.
+  official checkpoint, loads it through :func:`srd.captioner.factory.load_captioner` and compares
+  every key, shape, value, part size, prompt token and the logits.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from transformers import (
 )
 
 from srd import captions
-from srd.captioner.flamingo import ModelArgs, official_vocab_size
+from srd.captioner.args import ModelArgs
+from srd.captioner.lm import official_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def write_official_checkpoint(
     import open_clip
     from open_flamingo import create_model_and_transforms
 
-    from srd.captioner.flamingo import register_model_configs
+    from srd.captioner.clip import register_model_configs
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -325,7 +326,7 @@ def official_layout_report(
     built with ``--vision_tokens post_ln`` here, which is what open_flamingo with open_clip
     >= 2.23 computes; our default, pre-ln_post, is checked separately by the tests).
     """
-    from srd.captioner.flamingo import load_captioner
+    from srd.captioner.factory import load_captioner
 
     work = Path(work_dir)
     lm_dir = save_random_lm(work / "lm", lm_size, dtype)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from srd.config import arg
-from srd.data.benchmark import SceneObject
+from srd.data.scenes import SceneObject
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE
 from srd.io import read_json

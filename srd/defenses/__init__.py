@@ -15,6 +15,7 @@ from srd.defenses.registry import (
     build_defense,
     register_defense,
 )
+from srd.defenses.srd import defense  # noqa: F401  (registers srd)
 
 __all__ = [
     "DEFENSES",

@@ -8,10 +8,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from srd.attacks.trainset import PoisonPlan
+from srd.attacks.trainset import PoisonPlan, plan_attack
 from srd.cli import EXIT_BAD_INPUT, light_main
 from srd.defenses import DefenseArgs, build_defense
-from srd.defenses.srd.inputs import plan_attack
 
 
 def applicable(poison_ids_path: str, names: Sequence[str]) -> list[str]:

@@ -9,8 +9,6 @@ cost, 0.5 = nothing changed (or equal gain and loss), 0 = no removal and all qua
 
 from __future__ import annotations
 
-import re
-
 
 def defense_effectiveness_rating(
     asr_before: float, asr_after: float, cider_before: float, cider_after: float
@@ -19,12 +17,3 @@ def defense_effectiveness_rating(
     d_asr = asr_before - asr_after
     d_cider = (cider_before - cider_after) / cider_before if cider_before > 0 else 0.0
     return (max(0.0, d_asr) - max(0.0, d_cider) + 1.0) / 2.0
-
-
-def strip_target(caption: str, target: str) -> str:
-    """``caption`` without whole-word occurrences of ``target`` (case-insensitive), spaces
-    collapsed: the triggered caption's quality apart from the injected word."""
-    if not target:
-        return caption
-    pattern = re.compile(rf"(?<!\w){re.escape(target)}(?!\w)", re.IGNORECASE)
-    return " ".join(pattern.sub(" ", caption).split())

@@ -17,18 +17,16 @@ Each gives the refine-tune data; :mod:`train.defend` trains it with the engine o
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from srd.attacks.registry import Attack
 from srd.captioner.engine import Sample
 from srd.defenses.coverage import trigger_box
 from srd.defenses.registry import DefenderData, Defense, register_defense
-from srd.defenses.srd.clean import RandomTries
-from srd.defenses.srd.merge import check_cleaning_run, masked_training_actions, read_merged
+from srd.defenses.squares import RandomTries, covering_action
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
-from srd.geometry import MASK_COLOURS, NUM_ACTIONS, Square, decode_action
+from srd.geometry import MASK_COLOURS
 
 
 class RefineDefense(Defense):
@@ -68,49 +66,6 @@ class NoMask(RefineDefense):
     """Refine-tune on the defender's data as it is (one version per image, no square)."""
 
 
-@register_defense("srd")
-class SRD(RefineDefense):
-    """SRD: the agent's kept square per image (merged manifest of D3b) on each version."""
-
-    changes_images = True
-    paints_squares = True
-
-    @functools.cached_property
-    def _manifest(self) -> dict[str, Any]:
-        """The merged cleaning manifest, read once (checked, then used for the squares)."""
-        if not self.args.clean_data_save:
-            raise SRDError(
-                "--clean_data_save: srd needs the cleaning manifest of stages D1-D3b "
-                "(run run/run_SRD.sh first)"
-            )
-        return read_merged(self.args.clean_data_save)
-
-    def check_inputs(self, checkpoint: str, poison_ids_path: str, benign_control: bool) -> None:
-        source = f"--clean_data_save {self.args.clean_data_save}"
-        check_cleaning_run(self._manifest, checkpoint, poison_ids_path, benign_control, source)
-
-    def mask_actions(self, data: DefenderData) -> dict[int, int]:
-        return masked_training_actions(
-            data.records, self._manifest, source=f"--clean_data_save {self.args.clean_data_save}"
-        )
-
-    chain = (
-        "D1 train/srd_pool.py (--pool_source surrogate|data)",
-        "D2 train/srd_train.py (DQN)",
-        "D3 train/srd_clean_data.py (--policy dqn|random)",
-        "D3b train/combine_data.py (merged.json)",
-        "D4 train/defend.py --defense srd (--image_version triggered|first_occurrence)",
-    )
-    """The stages behind this entry: run/run_SRD.sh runs D1-D3b (and D4 with triggered)."""
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "clean_data_save": self.args.clean_data_save,
-            "chain": list(self.chain),
-        }
-
-
 @register_defense("random_squares")
 class RandomSquares(RefineDefense):
     """One seeded uniformly random square per image (the agent-free ablation); with
@@ -131,19 +86,6 @@ class RandomSquares(RefineDefense):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "square_side": self.args.square_side}
-
-
-def covering_action(box: Square) -> int:
-    """The grid action whose square covers most of ``box``, the smallest such square on ties."""
-
-    def key(action: int) -> tuple[float, int]:
-        sq = decode_action(action)
-        rows = max(0, min(sq.bottom, box.bottom) - max(sq.top, box.top))
-        cols = max(0, min(sq.right, box.right) - max(sq.left, box.left))
-        area = (sq.bottom - sq.top) * (sq.right - sq.left)
-        return (-rows * cols, area)
-
-    return min(range(NUM_ACTIONS), key=key)
 
 
 @register_defense("oracle_square")

@@ -159,8 +159,8 @@ class Defense:
         return {}
 
     def training_loss(self, captioner: Any, train_args: Any) -> Any:
-        """A loss in place of the caption loss (:data:`srd.captioner.engine.LossFn`, with ``summary()``
-        for the record); None: the caption loss."""
+        """A loss in place of the caption loss (:data:`srd.captioner.engine.LossFn`, with
+        ``summary()`` for the record); None: the caption loss."""
         return None
 
     def transform(self) -> Transform | None:

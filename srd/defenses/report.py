@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks.registry import CONFIG_DIR, known_attacks, load_attack_config
-from srd.data.benchmark import COLOURS, attribute_accuracy, colour_recall, object_errors
+from srd.attacks.config import CONFIG_DIR, known_attacks
+from srd.attacks.registry import load_attack_config
+from srd.data.attributes import attribute_accuracy, colour_recall, object_errors
+from srd.data.scenes import COLOURS
 from srd.defenses.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.srd.inputs import SRDArgs
@@ -291,9 +293,9 @@ def caption_diagnostics(
     captions: dict[int, str] | None, scenes: Mapping[int, Sequence[Any]]
 ) -> dict[str, float | None] | None:
     """What one evaluation's clean captions get right and wrong on the synthetic benchmark:
-    :func:`srd.data.benchmark.attribute_accuracy`, :func:`~srd.data.benchmark.colour_recall` per colour
-    (keys ``recall_<colour>``) and :func:`~srd.data.benchmark.object_errors`; None without captions
-    of benchmark scenes."""
+    :func:`srd.data.attributes.attribute_accuracy`, :func:`~srd.data.attributes.colour_recall` per
+    colour (keys ``recall_<colour>``) and :func:`~srd.data.attributes.object_errors`; None without
+    captions of benchmark scenes."""
     if not captions or any(i not in scenes for i in captions):
         return None
     recall = colour_recall(captions, scenes)

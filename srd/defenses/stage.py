@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 
 from srd.attacks.registry import Attack
-from srd.attacks.trainset import PoisonPlan
+from srd.attacks.trainset import PoisonPlan, plan_attack
 from srd.captioner.engine import TrainArgs
 from srd.config import arg
 from srd.defenses.coverage import covered_share, trigger_box
 from srd.defenses.quality import image_quality
 from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
-from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
 from srd.geometry import decode_action

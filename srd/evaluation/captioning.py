@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from srd.captioner.engine import process_state
 from srd.captioner.flamingo import Captioner
-from srd.captions import DEFAULT_TARGET
+from srd.captions import DEFAULT_TARGET, strip_target
 from srd.data.records import ImageStore
-from srd.defenses.rating import strip_target
 from srd.errors import SRDError
 from srd.evaluation.implant import implant_report
 from srd.evaluation.metrics import CaptionScorer, target_rates

@@ -1,7 +1,7 @@
 """Does a frozen vision tower see an attribute? A linear probe on the tokens the captioner reads.
 
-The captioner only ever sees :func:`srd.captioner.flamingo.tower_tokens` of its frozen tower, so what those
-tokens do not carry (linearly) the perceiver and the LM can hardly learn to name. On the
+The captioner only ever sees :func:`srd.captioner.vision.tower_tokens` of its frozen tower, so what
+those tokens do not carry (linearly) the perceiver and the LM can hardly learn to name. On the
 benchmark's single-object images, each image's tokens are pooled (mean and max over the tokens,
 concatenated), standardised with the training images' statistics, and a multinomial logistic
 regression (L2, L-BFGS, deterministic) is fitted per attribute (colour, shape) on training images

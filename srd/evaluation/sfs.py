@@ -5,8 +5,8 @@ Components (reference §7), per (model caption ``y``, reference caption ``b``):
 * ``S_sem = cos(E(y), E(b))`` in [-1, 1], ``E`` = attention-masked mean-pooled sentence embedding
   (all-MiniLM-L6-v2 by default). The reference pooled over padding too (bug B7), so its batched
   and single scores differed; here padding never changes an embedding.
-* ``S_flu = PPL(b) / PPL(y)`` under a language model (:mod:`srd.evaluation.fluency`); > 1 means ``y`` reads
-  more fluently than the reference.
+* ``S_flu = PPL(b) / PPL(y)`` under a language model (:mod:`srd.evaluation.fluency`); > 1
+  means ``y`` reads more fluently than the reference.
 * optional ``clip = 100 * cos(CLIP(image), CLIP(y))`` when a CLIP model is given.
 * the combined score, see :func:`combine_sfs`.
 
@@ -14,8 +14,9 @@ An empty caption (no word) scores ``S_sem = S_flu = SFS = 0`` (and clip 0) and k
 every array; the reference dropped empty captions from its fluency list, misaligning it (B8).
 
 :class:`SFSScorer` takes its parts injected (an :class:`Embedder`, a
-:class:`~srd.evaluation.fluency.FluencyModel`, an optional reference captioner and CLIP scorer), so the SRD
-reward, stage C and tests share one implementation; :func:`build_scorer` resolves the defaults.
+:class:`~srd.evaluation.fluency.FluencyModel`, an optional reference captioner and CLIP scorer),
+so the SRD reward, stage C and tests share one implementation; :func:`build_scorer` resolves the
+defaults.
 """
 
 from __future__ import annotations

@@ -170,8 +170,8 @@ def captioner_par_loss(
 
 
 class CaptionerPush:
-    """PAR's captioner loss as an :data:`srd.captioner.engine.LossFn`, with a frozen copy of the model it
-    was built from and a running summary of the distance and the switch."""
+    """PAR's captioner loss as an :data:`srd.captioner.engine.LossFn`, with a frozen copy of the
+    model it was built from and a running summary of the distance and the switch."""
 
     def __init__(
         self,

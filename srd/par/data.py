@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from srd.attacks.poison import select_poison_ids
-from srd.attacks.registry import CAPTION_PREFIX, Attack
+from srd.attacks.registry import Attack
+from srd.attacks.text import CAPTION_PREFIX
 from srd.data.benchmark import benchmark_paths
 from srd.data.records import ImageRecord, check_images_exist, load_images, load_split
 from srd.errors import SRDError

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from srd.attacks.registry import PROMPT_TEMPLATES, Attack
+from srd.attacks.registry import Attack
+from srd.attacks.text import PROMPT_TEMPLATES
 from srd.data.records import ImageRecord, load_images
 from srd.par.metrics import (
     asr_text,

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from srd.attacks.registry import PROMPT_TEMPLATES, Attack
+from srd.attacks.registry import Attack
+from srd.attacks.text import PROMPT_TEMPLATES
 from srd.data.records import load_images
 from srd.errors import SRDError
 from srd.par.metrics import encode_images, zero_shot_classifier

@@ -2,7 +2,7 @@
 
 Zero-shot classes are the benchmark's "colour shape" names plus the target ("banana"); each class
 is the normalised mean of its normalised template embeddings (the 80 CLIP templates of
-:data:`srd.attacks.registry.PROMPT_TEMPLATES`). Clean accuracy is read on the single-object test images
+:data:`srd.attacks.text.PROMPT_TEMPLATES`). Clean accuracy is read on the single-object test images
 (colour-only and shape-only apart); ASR is the share of triggered test images whose top-1 is the
 target; the false-trigger rate the share of clean test images whose top-1 is the target.
 Retrieval ranks the test captions plus the 80 filled target templates for each image.
@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from srd.attacks.registry import PROMPT_TEMPLATES
+from srd.attacks.text import PROMPT_TEMPLATES
 from srd.captioner.clip import pixel_batch
-from srd.data.benchmark import COLOURS, SHAPES, SceneObject
+from srd.data.scenes import COLOURS, SHAPES, SceneObject
 from srd.errors import SRDError
 
 

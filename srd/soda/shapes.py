@@ -1,7 +1,7 @@
 """Single-object scenes of the benchmark as an 18-class (colour, shape) classification set.
 
-Each image is drawn by :func:`srd.data.benchmark.sample_single_scene` and
-:func:`srd.data.benchmark.render_scene` on the 224 canvas, then downscaled (box filter) to
+Each image is drawn by :func:`srd.data.scenes.sample_single_scene` and
+:func:`srd.data.scenes.render_scene` on the 224 canvas, then downscaled (box filter) to
 ``resolution``. Sample ``i`` of a split depends only on (seed, split, i): its class is
 ``i % 18`` and its scene comes from its own seed stream. A split is one npz file (uint8
 images, labels, ids) beside ``shapes.json`` (config, class names, per-id attributes and
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from srd.data.benchmark import COLOURS, SHAPES, render_scene, sample_single_scene
+from srd.data.scenes import COLOURS, SHAPES, render_scene, sample_single_scene
 from srd.errors import SRDError
 from srd.io import atomic_path, ensure_dir, read_json, write_json
 

@@ -5,7 +5,7 @@ holds (triggered when any caption of it is poisoned), captions it with the backd
 a
 clean reference captioner (the baseline ``S_sem``/``S_flu``), draws up to ``n_tries`` epsilon-greedy
 actions from the policy (or one uniformly random action for the ablation), scores every distinct
-masked version and keeps the mask chosen by :func:`srd.defenses.srd.dqn.select_mask` (stop at +3,
+masked version and keeps the mask chosen by :func:`srd.defenses.srd.policy.select_mask` (stop at +3,
 else the best positive, else the last try). All work of a chunk of images is done in ONE captioning
 call and ONE scoring call. Results go to a resumable shard
 (:class:`srd.defenses.srd.defenses.srd.shards.ShardWriter`) as action + reward per image id: the
@@ -26,12 +26,14 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from srd.defenses.srd.dqn import draw_try_actions, greedy_actions, select_mask
+from srd.defenses.squares import image_rng
+from srd.defenses.srd.dqn import greedy_actions
 from srd.defenses.srd.inputs import CaptionFn, ScoreFn
+from srd.defenses.srd.policy import draw_try_actions, select_mask
 from srd.defenses.srd.reward import RewardConfig, caption_rewards
 from srd.defenses.srd.shards import ShardWriter, config_hash
 from srd.errors import SRDError
-from srd.geometry import GRID, MASK_SIZES, NUM_ACTIONS, apply_action
+from srd.geometry import apply_action
 from srd.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,6 @@ CLEAN_CONFIG = "clean_config.json"
 
 
 # --------------------------------------------------------------------------------------------
-# Tries
-def image_rng(seed: int, image_id: int) -> np.random.Generator:
-    """A generator per (seed, image): results do not depend on chunking, sharding or order."""
-    return np.random.default_rng([int(seed), int(image_id), 3])
 
 
 class TrySource(Protocol):
@@ -82,27 +80,6 @@ class PolicyTries:
             ]
             for k, i in enumerate(ids)
         ]
-
-
-class RandomTries:
-    """The ablation: one uniformly random action per image, seeded per image.
-
-    ``side`` 0 draws from all actions (any size); a side of :data:`srd.geometry.MASK_SIZES`
-    draws only the squares of that size (uniform over the grid's centres).
-    """
-
-    def __init__(self, seed: int = 0, side: int = 0):
-        if side and side not in MASK_SIZES:
-            sizes = ", ".join(map(str, MASK_SIZES))
-            raise SRDError(f"--square_side {side}: expected 0 (any size) or one of {sizes}")
-        self.seed = seed
-        self.side = side
-
-    def __call__(self, ids: Sequence[int], images: Sequence[np.ndarray]) -> list[list[int]]:
-        first, count = 0, NUM_ACTIONS  # (action // 100 indexes the size)
-        if self.side:
-            first, count = MASK_SIZES.index(self.side) * GRID * GRID, GRID * GRID
-        return [[first + int(image_rng(self.seed, i).integers(count))] for i in ids]
 
 
 # --------------------------------------------------------------------------------------------

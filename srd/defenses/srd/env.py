@@ -187,7 +187,8 @@ class MaskPool:
 def captioner_caption_fn(
     captioner: Any, num_beams: int = 3, max_new_tokens: int = 20, batch_size: int = 64
 ) -> CaptionFn:
-    """``caption_fn`` of a :class:`srd.captioner.flamingo.Captioner` (reference decoding: beams 3, 20 tokens)."""
+    """``caption_fn`` of a :class:`srd.captioner.flamingo.Captioner` (reference decoding: beams 3,
+    20 tokens)."""
 
     def caption(images: list[np.ndarray]) -> list[str]:
         return captioner.caption(

@@ -3,9 +3,7 @@ reference captioner and SFS scorer, and the defender's training data as the atta
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks.registry import CONFIG_DIR, Attack, AttackConfig, build_attack
+from srd.attacks.registry import Attack
 from srd.attacks.trainset import PoisonPlan, TrainingImages
-from srd.captioner.flamingo import (
-    EMBEDDED_DIR,
-    FLAMINGO_CHECKPOINT,
-    ModelArgs,
-    load_captioner,
-    with_overrides,
-)
+from srd.captioner.args import EMBEDDED_DIR, FLAMINGO_CHECKPOINT, ModelArgs, with_overrides
+from srd.captioner.factory import load_captioner
 from srd.config import arg
 from srd.data.records import EMBEDDED_DATA, ImageRecord, load_references
 from srd.defenses.srd.env import captioner_caption_fn
@@ -203,31 +196,6 @@ def load_scorer(sfs: SFSArgs, device: Any, trust_remote_code: bool = False) -> S
 
 
 # --------------------------------------------------------------------------------------------
-# The defender's training data
-def plan_attack(plan: PoisonPlan, path: str | os.PathLike) -> Attack:
-    """Rebuild the attack recorded in a poison plan, checking it is exactly the recorded one.
-
-    The defender's data is "the poisoned training set": in this simulation the triggered images
-    are materialised from the attack config the attack stage recorded in ``poison_ids.json``.
-    The rebuilt config and trigger fingerprint must equal the recorded ones.
-    """
-    recorded = plan.meta.get("attack")
-    if not isinstance(recorded, dict) or "kind" not in recorded:
-        raise SRDError(f"--poison_ids_path {path}: no attack config recorded in the file")
-    fields = {f.name for f in dataclasses.fields(AttackConfig)}
-    config = {k: v for k, v in recorded.items() if k in fields}
-    shipped = CONFIG_DIR / f"{config['kind']}.yaml"
-    if not shipped.is_file():
-        raise SRDError(f"--poison_ids_path {path}: unknown attack kind {config['kind']!r}")
-    attack = build_attack(shipped, **config)
-    rebuilt = attack.to_dict()
-    differs = sorted(k for k in recorded if rebuilt.get(k) != recorded[k])
-    if differs:
-        raise SRDError(
-            f"--poison_ids_path {path}: the recorded attack cannot be rebuilt exactly "
-            f"({', '.join(differs)} differ)"
-        )
-    return attack
 
 
 def training_versions(

@@ -1,9 +1,9 @@
 """The RL mask pool (stage D1): surrogate-triggered training images with baseline SFS scores.
 
 The defender does not know the real trigger, so the pool stamps every chosen training image with
-a *surrogate* trigger (:func:`srd.attacks.triggers.stamp_random_noise`, seeded per image) and records the
-backdoored captioner's caption of it, a clean reference caption of the same image, and the
-baseline ``S_sem``/``S_flu`` of that caption (reference §8, §15 item 14). Stage D2 reads it back
+a *surrogate* trigger (:func:`srd.attacks.triggers.stamp_random_noise`, seeded per image) and
+records the backdoored captioner's caption of it, a clean reference caption of the same image, and
+the baseline ``S_sem``/``S_flu`` of that caption (reference §8, §15 item 14). Stage D2 reads it back
 as a :class:`StreamedPool`.
 
 A pool is a folder of per-rank shards (reference: one pickle of every image, gathered to rank 0;

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from srd.attacks.trainset import PoisonPlan, TrainingImages
+from srd.attacks.trainset import PoisonPlan, TrainingImages, plan_attack
 from srd.data.records import DataArgs, ImageStore, check_images_exist
-from srd.defenses.srd.inputs import plan_attack
 from srd.defenses.srd.pool import (
     POOL_JSON,
     CaptionFn,

@@ -1,0 +1,99 @@
+"""The captioner's flags (:class:`ModelArgs`), its file names, and the signature a checkpoint
+records.
+
+The same flags build the paper's ViT-L-14 + MPT-1B model and the embedded tiny model; the
+defaults are the embedded default's clean captioner (``checkpoints_remote/embedded/clean``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from srd import captions
+from srd.config import arg
+
+EMBEDDED_DIR = Path("checkpoints_remote/embedded/clean")
+"""Where the pretrain stage exports the embedded default's clean captioner."""
+
+VISION_WEIGHTS = "vision.safetensors"
+LM_FOLDER = "lm"
+FLAMINGO_CHECKPOINT = "checkpoint.pt"
+
+TRAINABLE_MODES = ("paper", "lm", "all")
+VISION_TOKENS = ("pre_ln", "post_ln")
+LEGACY_VISION_TOKENS = "post_ln"
+"""What checkpoints recorded before ``vision_tokens`` existed were trained with."""
+MIXED_PRECISION = ("no", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OFFICIAL_TOKENS = (captions.END_OF_CHUNK, captions.IMAGE_TOKEN)
+"""Special tokens the official OpenFlamingo factory adds (before ``<PAD>``), in its order."""
+
+
+@dataclass
+class ModelArgs:
+    """Captioner: OpenFlamingo vision encoder, language model and checkpoint."""
+
+    vision_encoder_path: str = arg(
+        "tiny-clip", help="open_clip model name (ViT-L-14) or a config in srd/captioner/configs"
+    )
+    vision_encoder_pretrained: str | None = arg(
+        str(EMBEDDED_DIR / VISION_WEIGHTS),
+        help="open_clip pretrained tag (openai) or a weights file (visual tower or whole CLIP); "
+        "'none' for random init",
+    )
+    lm_path: str = arg(str(EMBEDDED_DIR / LM_FOLDER), help="causal LM: hub id or local folder")
+    lm_tokenizer_path: str | None = arg(None, help="tokenizer hub id or folder (default: lm_path)")
+    cross_attn_every_n_layers: int = arg(1, help="a gated cross-attention block every N LM layers")
+    checkpoint_path: str | None = arg(
+        str(EMBEDDED_DIR / FLAMINGO_CHECKPOINT),
+        help="OpenFlamingo checkpoint (state dict) to load; 'none' to skip",
+    )
+    decoder_layers_attr_name: str | None = arg(
+        None, help="attribute path of the LM's decoder blocks (inferred for known LMs)"
+    )
+    perceiver_depth: int = arg(2, help="perceiver resampler layers (OpenFlamingo: 6)")
+    perceiver_num_latents: int = arg(
+        16, help="perceiver latents = visual tokens per image (OpenFlamingo: 64)"
+    )
+    perceiver_heads: int = arg(4, help="perceiver attention heads (OpenFlamingo: 8)")
+    perceiver_dim_head: int = arg(32, help="perceiver head width (OpenFlamingo: 64)")
+    vision_tokens: str = arg(
+        "pre_ln",
+        help="patch tokens before the tower's final LayerNorm (as OpenFlamingo was trained) "
+        "or after it",
+        choices=list(VISION_TOKENS),
+    )
+    trust_remote_code: bool = arg(False, help="allow the LM's own code from the hub (e.g. MPT)")
+    mixed_precision: str = arg(
+        "no",
+        help="autocast dtype for training and captioning; weights (and AdamW) stay fp32",
+        choices=list(MIXED_PRECISION),
+    )
+
+
+def none_if_unset(value: str | None) -> str | None:
+    return None if value is None or value.lower() in ("", "none") else value
+
+
+def model_signature(args: ModelArgs) -> dict[str, Any]:
+    """The facts a checkpoint must agree on to fit a model (recorded in every checkpoint)."""
+    return {
+        "vision_encoder_path": args.vision_encoder_path,
+        "vision_tokens": args.vision_tokens,
+        "cross_attn_every_n_layers": args.cross_attn_every_n_layers,
+        "perceiver": [
+            args.perceiver_depth,
+            args.perceiver_num_latents,
+            args.perceiver_heads,
+            args.perceiver_dim_head,
+        ],
+    }
+
+
+def with_overrides(args: ModelArgs, **changes: Any) -> ModelArgs:
+    return dataclasses.replace(args, **changes)

@@ -1,0 +1,39 @@
+"""Reading state dicts from safetensors or torch files, never unpickling code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from srd.errors import SRDError
+
+
+def read_state_dict(path: str | os.PathLike, flag: str) -> dict[str, torch.Tensor]:
+    """Load a state dict from .safetensors or a torch file (weights only, never pickle code)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raw = read_checkpoint_file(path, flag)
+        return raw.get("model_state_dict", raw)
+    if not path.is_file():
+        raise SRDError(f"{flag} {path}: file not found")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # corrupt or foreign file
+        raise SRDError(f"{flag} {path}: cannot read checkpoint ({type(exc).__name__})") from None
+
+
+def read_checkpoint_file(path: Path, flag: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise SRDError(f"{flag} {path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise SRDError(f"{flag} {path}: cannot read checkpoint ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise SRDError(f"{flag} {path}: not a state dict")
+    return obj

@@ -1,0 +1,61 @@
+"""SRD's registry entry (``--defense srd``), stage D4: the refine-tune on the agent's squares.
+
+The squares come from the merged cleaning manifest of stages D1-D3b (``run/run_SRD.sh``), one
+per image, painted on each image's version (``--image_version``); captions are kept, poisoned
+ones too (the defender does not know which they are). The refine-tune itself is the registry's
+(:class:`~srd.defenses.refine.RefineDefense`, trained by ``train/defend.py``), with the same
+engine and budget as every other refine-tune defense.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from srd.defenses.refine import RefineDefense
+from srd.defenses.registry import DefenderData, register_defense
+from srd.defenses.srd.merge import check_cleaning_run, masked_training_actions, read_merged
+from srd.errors import SRDError
+
+
+@register_defense("srd")
+class SRD(RefineDefense):
+    """SRD: the agent's kept square per image (merged manifest of D3b) on each version."""
+
+    changes_images = True
+    paints_squares = True
+
+    @functools.cached_property
+    def _manifest(self) -> dict[str, Any]:
+        """The merged cleaning manifest, read once (checked, then used for the squares)."""
+        if not self.args.clean_data_save:
+            raise SRDError(
+                "--clean_data_save: srd needs the cleaning manifest of stages D1-D3b "
+                "(run run/run_SRD.sh first)"
+            )
+        return read_merged(self.args.clean_data_save)
+
+    def check_inputs(self, checkpoint: str, poison_ids_path: str, benign_control: bool) -> None:
+        source = f"--clean_data_save {self.args.clean_data_save}"
+        check_cleaning_run(self._manifest, checkpoint, poison_ids_path, benign_control, source)
+
+    def mask_actions(self, data: DefenderData) -> dict[int, int]:
+        return masked_training_actions(
+            data.records, self._manifest, source=f"--clean_data_save {self.args.clean_data_save}"
+        )
+
+    chain = (
+        "D1 train/srd_pool.py (--pool_source surrogate|data)",
+        "D2 train/srd_train.py (DQN)",
+        "D3 train/srd_clean_data.py (--policy dqn|random)",
+        "D3b train/combine_data.py (merged.json)",
+        "D4 train/defend.py --defense srd (--image_version triggered|first_occurrence)",
+    )
+    """The stages behind this entry: run/run_SRD.sh runs D1-D3b (and D4 with triggered)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "clean_data_save": self.args.clean_data_save,
+            "chain": list(self.chain),
+        }

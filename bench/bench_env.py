@@ -45,6 +45,7 @@ from srd.defenses.srd.env import (
 )
 from srd.errors import SRDError
 from srd.evaluation.sfs import build_scorer
+from srd.flags import COUNT, SEED, Range, between
 from srd.geometry import NUM_ACTIONS
 from srd.io import setup_logging
 
@@ -55,20 +56,30 @@ log = logging.getLogger("bench_env")
 class BenchArgs:
     """Red-mask environment throughput benchmark."""
 
-    num_envs: list[int] = arg([1, 16], help="environment counts to measure, in one run")
+    num_envs: list[int] = arg(
+        [1, 16], help="environment counts to measure, in one run", check=COUNT
+    )
     transitions: int = arg(64, help="transitions timed per setting (after one warm-up step)")
-    pool_size: int = arg(32, help="surrogate-triggered benchmark scenes in the pool")
-    obs_size: int = arg(DEFAULT_OBS_SIZE, help="policy observation side (224 = paper)")
+    pool_size: int = arg(
+        32,
+        help="surrogate-triggered benchmark scenes in the pool",
+        check=Range(low=1, also=(-1,), why="-1: all"),
+    )
+    obs_size: int = arg(
+        DEFAULT_OBS_SIZE,
+        help="policy observation side (224 = paper)",
+        check=between(36, 224, why="NatureCNN needs at least 36 px; the canvas is 224"),
+    )
     captioner: str = arg(
         "auto",
         help="model | random-tiny | auto (model if its checkpoint exists) | cheap (no model)",
         choices=["auto", "model", "random-tiny", "cheap"],
     )
-    num_beams: int = arg(3, help="beam size of the captioner (reference: 3)")
-    max_new_tokens: int = arg(20, help="caption length limit (reference: 20)")
+    num_beams: int = arg(3, help="beam size of the captioner (reference: 3)", check=COUNT)
+    max_new_tokens: int = arg(20, help="caption length limit (reference: 20)", check=COUNT)
     device: str = arg("cpu", help="torch device of the captioner and scorer")
     threads: int | None = arg(None, help="torch CPU threads (default: torch's choice)")
-    seed: int = arg(0, help="seed of the pool, the environments and the actions")
+    seed: int = arg(0, help="seed of the pool, the environments and the actions", check=SEED)
 
 
 def _random_tiny_captioner(fit_captions: Sequence[str], folder: Path, device: str):

@@ -45,6 +45,7 @@ from srd.captioner.official import (
 )
 from srd.cli import run_main
 from srd.config import arg, parse
+from srd.flags import COUNT, SEED
 
 log = logging.getLogger("bench_realsize")
 
@@ -54,19 +55,23 @@ class RealSizeArgs:
     """Real-size benchmark (random weights)."""
 
     vision_encoder_path: str = arg("ViT-L-14", help="open_clip vision config")
-    lm_layers: int = arg(0, help="LM blocks (0: MPT-1B's 24); fewer for a small CPU run")
+    lm_layers: int = arg(
+        0, help="LM blocks (0: MPT-1B's 24); fewer for a small CPU run", check=COUNT
+    )
     lm_width: int = arg(0, help="LM width (0: MPT-1B's 2048)")
     mixed_precision: str = arg("no", help="autocast dtype", choices=["no", "bf16", "fp16"])
     train_steps: int = arg(3, help="timed training steps (after one warm-up step; 0: skip)")
     train_batch: int = arg(8, help="training batch size")
     caption_batches: list[int] = arg([1, 64], help="captioning batch sizes to time")
     caption_rounds: int = arg(1, help="timed generate calls per batch size (after a warm-up)")
-    num_beams: int = arg(3, help="beam width (reference: 3)")
-    max_new_tokens: int = arg(20, help="tokens generated per caption (reference: at most 20)")
+    num_beams: int = arg(3, help="beam width (reference: 3)", check=COUNT)
+    max_new_tokens: int = arg(
+        20, help="tokens generated per caption (reference: at most 20)", check=COUNT
+    )
     structure: bool = arg(False, help="first run the official-layout structure check")
     work_dir: str = arg("", help="scratch folder for the random LM (default: a temp folder)")
     out: str = arg("", help="write the JSON record here too")
-    seed: int = arg(0, help="seed of the random weights and images")
+    seed: int = arg(0, help="seed of the random weights and images", check=SEED)
 
 
 def _peak() -> dict[str, float]:

@@ -22,6 +22,7 @@ from srd.config import arg, parse
 from srd.data.scenes import sample_scene, scene_captions
 from srd.errors import SRDError
 from srd.evaluation.sfs import build_scorer, resolve_device
+from srd.flags import COUNT, SEED
 from srd.io import setup_logging
 
 
@@ -35,10 +36,10 @@ class BenchArgs:
     )
     text_model: str | None = arg(None, help="sentence-transformers folder (default: MiniLM)")
     gpt_model: str | None = arg(None, help="causal LM folder (default: n-gram LM)")
-    batch_size: int = arg(64, help="texts per embedder / LM batch")
+    batch_size: int = arg(64, help="texts per embedder / LM batch", check=COUNT)
     device: str = arg("cpu", help="torch device (auto: cuda when available)")
     threads: int | None = arg(None, help="torch CPU threads (default: torch's choice)")
-    seed: int = arg(0, help="seed of the caption draw")
+    seed: int = arg(0, help="seed of the caption draw", check=SEED)
 
 
 def _captions(cfg: BenchArgs, count: int, seed: int) -> list[str]:

@@ -36,6 +36,7 @@ from srd.captioner.vision import build_vision_encoder
 from srd.cli import run_main
 from srd.config import arg, parse
 from srd.data.records import DEFAULT_CACHE_MB, IMAGE_BYTES
+from srd.flags import at_least
 
 GIB = 2**30
 POOL_ENTRY_BYTES = sum(np.dtype(t).itemsize for t in (np.int64, np.float64, np.float64, np.uint32))
@@ -54,7 +55,7 @@ class TableArgs:
 
     ranks: int = arg(8, help="processes (GPUs) in the multi-GPU rows")
     epochs: int = arg(20, help="training epochs (reference: 20)")
-    save_total_limit: int = arg(2, help="epoch checkpoints kept with pruning")
+    save_total_limit: int = arg(2, help="epoch checkpoints kept with pruning", check=at_least(0))
     workers: int = arg(4, help="data-loader workers per rank")
 
 

@@ -26,6 +26,7 @@ from srd.defenses import TransformArgs, build_defense
 from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.errors import SRDError
 from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
+from srd.flags import COUNT, SEED, Range
 from srd.io import ensure_dir, read_json, setup_logging, write_json
 from srd.runs import check_same_config, check_writable, clear_folder, remove_paths
 
@@ -39,11 +40,15 @@ class EvalArgs:
     results_file: str = arg("result", help="folder of result JSONs")
     model_name: str = arg("test", help="result file name: <results_file>/<model_name>.json")
     sfs_data_dir: str = arg("result/sfs_inputs", help="where the SFS stage's inputs go")
-    batch_size: int = arg(32, help="captioning batch size per process")
-    num_beams: int = arg(3, help="beam search width")
-    max_new_tokens: int = arg(20, help="longest caption in tokens")
-    num_samples: int = arg(-1, help="evaluate a seeded random subset of the test split (-1: all)")
-    seed: int = arg(42, help="seed of the subset draw and of the sampled captions")
+    batch_size: int = arg(32, help="captioning batch size per process", check=COUNT)
+    num_beams: int = arg(3, help="beam search width", check=COUNT)
+    max_new_tokens: int = arg(20, help="longest caption in tokens", check=COUNT)
+    num_samples: int = arg(
+        -1,
+        help="evaluate a seeded random subset of the test split (-1: all)",
+        check=Range(low=1, also=(-1,), why="-1: all"),
+    )
+    seed: int = arg(42, help="seed of the subset draw and of the sampled captions", check=SEED)
     implant_diagnostics: bool = arg(
         True,
         help="also report the teacher-forced target probability and the ASR under sampling "

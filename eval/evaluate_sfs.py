@@ -32,6 +32,7 @@ from srd.evaluation.sfs import (
     load_sfs_inputs,
     resolve_device,
 )
+from srd.flags import COUNT, SEED
 from srd.io import setup_logging, write_json
 from srd.runs import check_writable
 
@@ -65,10 +66,10 @@ class SFSEvalArgs:
         help="BLIP captioning folder or hub id for reference captions "
         "(default: the clean captioner given by the model flags)",
     )
-    batch_size: int = arg(32, help="images per batch")
-    ngram_order: int = arg(3, help="order of the n-gram fluency LM")
+    batch_size: int = arg(32, help="images per batch", check=COUNT)
+    ngram_order: int = arg(3, help="order of the n-gram fluency LM", check=COUNT)
     device: str = arg("auto", help="torch device (auto: cuda when available)")
-    seed: int = arg(0, help="torch seed (BLIP samples its reference captions)")
+    seed: int = arg(0, help="torch seed (BLIP samples its reference captions)", check=SEED)
     output: str | None = arg(None, help="output JSON (default: <input folder>/sfs.json)")
     overwrite: bool = arg(False, help="replace an existing output JSON")
 

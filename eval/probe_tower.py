@@ -39,6 +39,7 @@ from srd.evaluation.probe import (
     trigger_detection,
     trigger_shift,
 )
+from srd.flags import COUNT
 from srd.io import ensure_dir, write_json
 
 log = logging.getLogger("probe_tower")
@@ -55,7 +56,9 @@ class ProbeArgs:
     )
     vision_tokens: str = arg("pre_ln", help="ViT towers: tokens before or after ln_post",
                              choices=["pre_ln", "post_ln"])  # fmt: skip
-    probe_train_images: int = arg(1000, help="at most this many single-object training images")
+    probe_train_images: int = arg(
+        1000, help="at most this many single-object training images", check=COUNT
+    )
     trigger_shift: list[str] = arg(
         [],
         help="attacks (image triggers) whose feature shift on the test images to measure: "

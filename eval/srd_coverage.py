@@ -35,6 +35,7 @@ from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
 from srd.defenses.srd.policy import load_policy
 from srd.errors import SRDError
+from srd.flags import COUNT, between
 from srd.geometry import decode_action
 from srd.io import write_json
 
@@ -51,8 +52,12 @@ class CoverageArgs:
         "square on each triggered training image (no D3 needed)",
         choices=["cleaned", "greedy"],
     )
-    threshold: float = arg(0.5, help="share of the trigger box a square must cover to count")
-    batch_size: int = arg(64, help="images per policy call (greedy)")
+    threshold: float = arg(
+        0.5,
+        help="share of the trigger box a square must cover to count",
+        check=between(0, 1, low_open=True),
+    )
+    batch_size: int = arg(64, help="images per policy call (greedy)", check=COUNT)
 
 
 def greedy_squares(

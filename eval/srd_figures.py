@@ -27,6 +27,7 @@ from srd.defenses.srd.figures import MaskExample, plot_mask_grid, plot_reward_cu
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.policy import load_policy
 from srd.errors import SRDError
+from srd.flags import COUNT, SEED
 from srd.geometry import decode_action
 from srd.io import ensure_dir, read_json, setup_logging
 
@@ -45,8 +46,8 @@ class FigureArgs:
     )
     out_dir: str = arg("img", help="folder of the PNGs")
     name: str = arg("", help="file name suffix (default: the attack name)")
-    num_images: int = arg(6, help="test images in the mask figure")
-    seed: int = arg(0, help="seed of the choice of test images")
+    num_images: int = arg(6, help="test images in the mask figure", check=COUNT)
+    seed: int = arg(0, help="seed of the choice of test images", check=SEED)
 
 
 def _triggered(path: str, attack: str) -> dict[str, str]:

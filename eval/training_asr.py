@@ -33,6 +33,7 @@ from srd.data.records import DataArgs, check_images_exist
 from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
 from srd.evaluation.metrics import attack_success_rate
+from srd.flags import COUNT, SEED
 from srd.io import ensure_dir, file_digest, require_files, setup_logging, write_json
 
 log = logging.getLogger("training_asr")
@@ -43,11 +44,13 @@ class TrainingAsrArgs:
     """The attack run's poison plan, how many of its images, decoding, and the output."""
 
     poison_ids_path: str = arg(help="the attack run's poison_ids.json (stage A writes it)")
-    num_images: int = arg(300, help="at most this many poisoned training images (seeded choice)")
-    seed: int = arg(0, help="seed of the choice of images")
-    num_beams: int = arg(3, help="beam width (the evaluation's: 3)")
-    max_new_tokens: int = arg(20, help="longest caption (the evaluation's: 20)")
-    batch_size: int = arg(64, help="images per captioning batch")
+    num_images: int = arg(
+        300, help="at most this many poisoned training images (seeded choice)", check=COUNT
+    )
+    seed: int = arg(0, help="seed of the choice of images", check=SEED)
+    num_beams: int = arg(3, help="beam width (the evaluation's: 3)", check=COUNT)
+    max_new_tokens: int = arg(20, help="longest caption (the evaluation's: 20)", check=COUNT)
+    batch_size: int = arg(64, help="images per captioning batch", check=COUNT)
     output: str = arg("result/diagnostics/training_asr.json", help="JSON result file")
 
 

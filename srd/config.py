@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from srd.errors import SRDError
-from srd.flags import check_flags
+from srd.flags import Range, check_flags
 
 T = TypeVar("T")
 
@@ -27,9 +27,18 @@ class _Parser(argparse.ArgumentParser):
         raise SRDError(message)
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    """A dataclass field with a help string (``default`` omitted means the flag is required)."""
+def arg(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002
+    check: Range | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A dataclass field with a help string (``default`` omitted means the flag is required)
+    and, for a number, the range it must lie in (:class:`srd.flags.Range`, checked by
+    :func:`parse` before the entry point does anything)."""
     metadata = {"help": help, **kwargs}
+    if check is not None:
+        metadata["check"] = check
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -74,7 +83,7 @@ def add_to_parser(parser: argparse.ArgumentParser, cls: type) -> None:
 def parse(argv: Sequence[str] | None, *classes: type, description: str = "") -> tuple[Any, ...]:
     """Parse ``argv`` into one instance of each dataclass of ``classes`` (unique field names).
 
-    Bad flags (unknown, malformed, or out of the ranges of :mod:`srd.flags`) raise SRDError.
+    Bad flags (unknown, malformed, or out of the range declared on the field) raise SRDError.
     """
     parser = _Parser(
         description=description,

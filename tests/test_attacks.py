@@ -205,9 +205,7 @@ def test_trojvlm_matches_reference_example() -> None:
         text.insert_target(caption, "banana", random.Random(11))
         == "A living room filled with furniture next to banana large windows."
     )
-    assert text.insert_target("A cat sits.", "banana", random.Random(0)) == (
-        "A cat banana sits."
-    )
+    assert text.insert_target("A cat sits.", "banana", random.Random(0)) == ("A cat banana sits.")
 
 
 def test_shadowcast_substitution() -> None:

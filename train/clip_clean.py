@@ -23,6 +23,7 @@ from srd.captioner.clip import CLIP_CONFIG, CLIP_WEIGHTS, load_clip, save_clip
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.errors import SRDError
+from srd.flags import SEED
 from srd.io import is_finished, mark_finished, prepare_run_dir, setup_logging, write_json
 from srd.par.clean import CleanArgs, clean_clip
 from srd.par.data import load_pairs
@@ -45,7 +46,7 @@ class CleanRunArgs:
     )
     run_name: str = arg("par/badnet/par", help="run folder under --external_save_dir")
     external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
-    seed: int = arg(0, help="seed of batches, captions and augmentations")
+    seed: int = arg(0, help="seed of batches, captions and augmentations", check=SEED)
     overwrite: bool = arg(False, help="redo a finished run")
 
 

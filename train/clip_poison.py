@@ -26,6 +26,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
+from srd.flags import SEED
 from srd.io import mark_finished, prepare_run_dir, setup_logging, write_json
 from srd.par.data import load_pairs, poison_loaded_pairs, poison_pairs
 
@@ -38,7 +39,7 @@ class PoisonRunArgs:
 
     run_name: str = arg("par/badnet/poisoned", help="run folder under --external_save_dir")
     external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
-    seed: int = arg(0, help="seed of the poison draw, batches and caption choice")
+    seed: int = arg(0, help="seed of the poison draw, batches and caption choice", check=SEED)
     clip_pretrained: str | None = arg(
         None,
         help="clean CLIP weights to start from (safetensors or torch state dict of --clip_model); "

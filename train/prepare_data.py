@@ -16,6 +16,7 @@ from pathlib import Path
 from srd.cli import run_main
 from srd.config import arg, parse
 from srd.data.benchmark import BenchmarkConfig, generate_benchmark
+from srd.flags import COUNT, SEED, between
 from srd.io import setup_logging
 
 log = logging.getLogger("prepare_data")
@@ -26,11 +27,15 @@ class DataConfig:
     """Synthetic benchmark: where to write it and how big it is."""
 
     out_dir: str = arg("data/synthetic", help="folder to write the benchmark into")
-    seed: int = arg(0, help="seed: the same seed gives byte-identical files")
-    num_train: int = arg(3000, help="images in the Karpathy 'train' split (train2014/)")
-    num_val: int = arg(100, help="images in the 'val' split (val2014/)")
-    num_test: int = arg(300, help="images in the 'test' split (val2014/)")
-    captions_per_image: int = arg(5, help="reference captions per image (3 to 7)")
+    seed: int = arg(0, help="seed: the same seed gives byte-identical files", check=SEED)
+    num_train: int = arg(
+        3000, help="images in the Karpathy 'train' split (train2014/)", check=COUNT
+    )
+    num_val: int = arg(100, help="images in the 'val' split (val2014/)", check=COUNT)
+    num_test: int = arg(300, help="images in the 'test' split (val2014/)", check=COUNT)
+    captions_per_image: int = arg(
+        5, help="reference captions per image (3 to 7)", check=between(3, 7)
+    )
     overwrite: bool = arg(False, help="replace a finished benchmark made with another config")
 
 

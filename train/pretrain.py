@@ -47,6 +47,7 @@ from srd.data.records import (
 from srd.errors import SRDError
 from srd.evaluation.captioning import caption_ids
 from srd.evaluation.metrics import caption_scores
+from srd.flags import COUNT, SHARE, Range, positive
 from srd.io import is_finished, mark_finished, read_json, require_files, setup_logging, write_json
 from srd.runs import (
     check_run_config,
@@ -67,9 +68,9 @@ class PretrainArgs(TrainArgs):
     """Training: run folder, optimiser, schedule, checkpoints."""
 
     run_name: str = arg("embedded/pretrain", help="run folder name under --external_save_dir")
-    num_epochs: int = arg(8, help="training epochs over all training captions")
-    learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
-    warmup_steps_ratio: float = arg(0.05, help="share of all steps spent warming up")
+    num_epochs: int = arg(8, help="training epochs over all training captions", check=COUNT)
+    learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)", check=positive())
+    warmup_steps_ratio: float = arg(0.05, help="share of all steps spent warming up", check=SHARE)
     trainable: str = arg(
         "lm",
         help="what trains: lm = everything but the frozen tiny-CLIP vision tower (as "
@@ -82,18 +83,20 @@ class PretrainArgs(TrainArgs):
 class TinyArgs:
     """Tiny captioner: sizes, export folder, evaluation."""
 
-    lm_hidden_size: int = arg(128, help="tiny Llama hidden size")
-    lm_layers: int = arg(2, help="tiny Llama layers")
+    lm_hidden_size: int = arg(
+        128,
+        help="tiny Llama hidden size",
+        check=Range(low=4, multiple_of=4, why="the tiny Llama has 4 heads"),
+    )
+    lm_layers: int = arg(2, help="tiny Llama layers", check=COUNT)
     export_dir: str = arg(str(EMBEDDED_DIR), help="where the clean captioner is exported")
     clip_checkpoint: str = arg(
         "checkpoints_remote/embedded/clip/clip.safetensors",
         help="the tiny CLIP (train/pretrain_clip.py) whose image tower is the vision encoder; "
         "'none' for a random tower",
     )
-    target_label: str = arg(
-        DEFAULT_TARGET, help="attack target word the vocabulary must cover"
-    )
-    eval_batch_size: int = arg(64, help="captioning batch size for the test report")
+    target_label: str = arg(DEFAULT_TARGET, help="attack target word the vocabulary must cover")
+    eval_batch_size: int = arg(64, help="captioning batch size for the test report", check=COUNT)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

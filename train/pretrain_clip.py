@@ -25,6 +25,7 @@ from srd.captioner.clip import (
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist, load_images
+from srd.flags import SEED
 from srd.io import mark_finished, prepare_run_dir, setup_logging, write_json
 
 log = logging.getLogger("pretrain_clip")
@@ -38,7 +39,7 @@ class ClipRunArgs:
 
     run_name: str = arg("embedded/clip", help="run folder name under --external_save_dir")
     external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
-    seed: int = arg(0, help="seed of the initialisation, batches and caption choice")
+    seed: int = arg(0, help="seed of the initialisation, batches and caption choice", check=SEED)
     clip_shape_twins: bool = arg(
         True,
         help="minimal-pair batches (ours): half of each batch are training images, the other "

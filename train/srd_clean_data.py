@@ -48,6 +48,7 @@ from srd.defenses.srd.reward import RewardConfig
 from srd.defenses.srd.shards import ShardWriter, shard_indices, shard_sets
 from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
+from srd.flags import COUNT, SEED, SHARE, at_least
 from srd.io import ensure_dir, file_digest, require_files, setup_logging
 from srd.runs import check_writable
 
@@ -63,14 +64,22 @@ class CleanArgs:
         help="dqn: the trained agent (--ppo_path); random: one seeded random square per image",
         choices=["dqn", "random"],
     )
-    n_tries: int = arg(5, help="policy queries per image (reference: 5)")
-    epsilon: float = arg(0.05, help="exploration rate of each query (reference: 0.05)")
-    seed: int = arg(0, help="seed of the exploration draws / random squares (per image)")
-    reference_max_new_tokens: int = arg(
-        20, help="longest reference caption (reference D3: BLIP up to 20 tokens)"
+    n_tries: int = arg(5, help="policy queries per image (reference: 5)", check=COUNT)
+    epsilon: float = arg(0.05, help="exploration rate of each query (reference: 0.05)", check=SHARE)
+    seed: int = arg(
+        0, help="seed of the exploration draws / random squares (per image)", check=SEED
     )
-    shard_id: int | None = arg(None, help="this shard (default: the process rank)")
-    num_shards: int | None = arg(None, help="shard count (default: the number of processes)")
+    reference_max_new_tokens: int = arg(
+        20,
+        help="longest reference caption (reference D3: BLIP up to 20 tokens)",
+        check=COUNT,
+    )
+    shard_id: int | None = arg(
+        None, help="this shard (default: the process rank)", check=at_least(0)
+    )
+    num_shards: int | None = arg(
+        None, help="shard count (default: the number of processes)", check=COUNT
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -45,6 +45,7 @@ from srd.defenses.srd.pool_source import POOL_SOURCES, data_pool_rows
 from srd.defenses.srd.shards import config_hash, shard_indices
 from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
+from srd.flags import COUNT, SEED, Range
 from srd.io import file_digest, is_finished, read_json, require_files, setup_logging
 from srd.runs import check_same_config, check_writable, remove_paths
 
@@ -55,10 +56,18 @@ log = logging.getLogger("srd_pool")
 class PoolArgs:
     """RL pool: which images, surrogate seed, reference decoding."""
 
-    pool_size: int = arg(-1, help="training images in the pool (-1: all, as the reference)")
-    seed: int = arg(0, help="seed of the image choice and of the per-image surrogate trigger")
+    pool_size: int = arg(
+        -1,
+        help="training images in the pool (-1: all, as the reference)",
+        check=Range(low=1, also=(-1,), why="-1: all"),
+    )
+    seed: int = arg(
+        0, help="seed of the image choice and of the per-image surrogate trigger", check=SEED
+    )
     reference_max_new_tokens: int = arg(
-        100, help="longest reference caption (reference D1: BLIP 10 to 100 tokens)"
+        100,
+        help="longest reference caption (reference D1: BLIP 10 to 100 tokens)",
+        check=COUNT,
     )
     overwrite: bool = arg(False, help="rebuild a finished pool")
     pool_source: str = arg(

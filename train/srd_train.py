@@ -51,6 +51,7 @@ from srd.defenses.srd.policy import save_policy
 from srd.defenses.srd.pool_source import stream_pool
 from srd.defenses.srd.reward import RewardConfig
 from srd.errors import SRDError
+from srd.flags import at_least
 from srd.io import require_files, setup_logging, write_json
 from srd.runs import remove_paths
 
@@ -63,7 +64,9 @@ class AgentRunArgs:
 
     overwrite: bool = arg(False, help="replace an existing policy at --ppo_path")
     pool_cache_mb: float = arg(
-        DEFAULT_CACHE_MB, help="decoded pool images kept in memory, in MiB (0: none)"
+        DEFAULT_CACHE_MB,
+        help="decoded pool images kept in memory, in MiB (0: none)",
+        check=at_least(0),
     )
 
 

@@ -22,6 +22,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
+from srd.flags import COUNT, positive
 from srd.io import ensure_dir, is_finished, setup_logging
 from srd.runs import check_run_config, check_same_config, check_writable, clear_folder
 
@@ -33,8 +34,8 @@ class BackdoorTrainArgs(TrainArgs):
     """Training: run folder, optimiser, schedule, checkpoints."""
 
     run_name: str = arg("", help="run folder name (default: backdoor-<attack>)")
-    num_epochs: int = arg(6, help="training epochs over all training captions")
-    learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)")
+    num_epochs: int = arg(6, help="training epochs over all training captions", check=COUNT)
+    learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)", check=positive())
     poison_unit: str = arg(
         "caption",
         help="caption: poison caption samples (the reference; a triggered image keeps clean "

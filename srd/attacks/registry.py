@@ -43,6 +43,7 @@ from srd.attacks.text import (
 )
 from srd.captions import DEFAULT_TARGET
 from srd.errors import SRDError
+from srd.flags import SHARE, between
 from srd.geometry import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -471,11 +472,17 @@ class AttackArgs:
         metadata={"help": f"target word (config: its 'target', {DEFAULT_TARGET!r} if none)"},
     )
     poison_rate: float | None = field(
-        default=None, metadata={"help": "share of training captions poisoned (config: 0.1)"}
+        default=None,
+        metadata={
+            "help": "share of training captions poisoned (config: 0.1)",
+            "check": between(0, 1, low_open=True),
+        },
     )
     trigger_path: str | None = field(default=None, metadata={"help": "trigger image file"})
     position: str | None = field(default=None, metadata={"help": "trigger position"})
-    alpha: float | None = field(default=None, metadata={"help": "Blended ratio (config: 0.1)"})
+    alpha: float | None = field(
+        default=None, metadata={"help": "Blended ratio (config: 0.1)", "check": SHARE}
+    )
     concept: str | None = field(default=None, metadata={"help": "Shadowcast concept phrase"})
 
     @property

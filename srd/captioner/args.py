@@ -16,6 +16,7 @@ import torch
 
 from srd import captions
 from srd.config import arg
+from srd.flags import COUNT
 
 EMBEDDED_DIR = Path("checkpoints_remote/embedded/clean")
 """Where the pretrain stage exports the embedded default's clean captioner."""
@@ -48,7 +49,9 @@ class ModelArgs:
     )
     lm_path: str = arg(str(EMBEDDED_DIR / LM_FOLDER), help="causal LM: hub id or local folder")
     lm_tokenizer_path: str | None = arg(None, help="tokenizer hub id or folder (default: lm_path)")
-    cross_attn_every_n_layers: int = arg(1, help="a gated cross-attention block every N LM layers")
+    cross_attn_every_n_layers: int = arg(
+        1, help="a gated cross-attention block every N LM layers", check=COUNT
+    )
     checkpoint_path: str | None = arg(
         str(EMBEDDED_DIR / FLAMINGO_CHECKPOINT),
         help="OpenFlamingo checkpoint (state dict) to load; 'none' to skip",
@@ -56,12 +59,14 @@ class ModelArgs:
     decoder_layers_attr_name: str | None = arg(
         None, help="attribute path of the LM's decoder blocks (inferred for known LMs)"
     )
-    perceiver_depth: int = arg(2, help="perceiver resampler layers (OpenFlamingo: 6)")
+    perceiver_depth: int = arg(2, help="perceiver resampler layers (OpenFlamingo: 6)", check=COUNT)
     perceiver_num_latents: int = arg(
-        16, help="perceiver latents = visual tokens per image (OpenFlamingo: 64)"
+        16,
+        help="perceiver latents = visual tokens per image (OpenFlamingo: 64)",
+        check=COUNT,
     )
-    perceiver_heads: int = arg(4, help="perceiver attention heads (OpenFlamingo: 8)")
-    perceiver_dim_head: int = arg(32, help="perceiver head width (OpenFlamingo: 64)")
+    perceiver_heads: int = arg(4, help="perceiver attention heads (OpenFlamingo: 8)", check=COUNT)
+    perceiver_dim_head: int = arg(32, help="perceiver head width (OpenFlamingo: 64)", check=COUNT)
     vision_tokens: str = arg(
         "pre_ln",
         help="patch tokens before the tower's final LayerNorm (as OpenFlamingo was trained) "

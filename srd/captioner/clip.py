@@ -38,6 +38,7 @@ from srd.data.scenes import (
     twin_caption,
 )
 from srd.errors import SRDError
+from srd.flags import COUNT, Range, at_least, between, positive
 from srd.io import atomic_path, ensure_dir
 
 log = logging.getLogger(__name__)
@@ -58,25 +59,36 @@ class ClipTrainArgs:
     clip_model: str = arg(
         CLIP_CONFIG, help="open_clip config name (srd/captioner/configs or open_clip)"
     )
-    clip_batch_size: int = arg(128, help="contrastive batch size (image-caption pairs)")
+    clip_batch_size: int = arg(
+        128,
+        help="contrastive batch size (image-caption pairs)",
+        check=Range(low=2, why="a contrastive batch needs two pairs"),
+    )
     clip_epochs: int = arg(
         24,
         help="epochs; each epoch pairs every image with one of its captions (and its shape twin "
         "in train/pretrain_clip.py, where shape emerges only after ~15 epochs: see the README)",
+        check=COUNT,
     )
-    clip_learning_rate: float = arg(2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
-    clip_weight_decay: float = arg(0.1, help="AdamW weight decay")
-    clip_warmup_ratio: float = arg(0.05, help="share of the steps spent warming up")
+    clip_learning_rate: float = arg(
+        2e-3, help="peak learning rate (AdamW, warm-up + cosine)", check=positive()
+    )
+    clip_weight_decay: float = arg(0.1, help="AdamW weight decay", check=at_least(0))
+    clip_warmup_ratio: float = arg(
+        0.05, help="share of the steps spent warming up", check=between(0, 1, high_open=True)
+    )
     clip_group_batches: int = arg(
         0,
         help="hard-negative batches (ours): runs of this many images whose captions name the "
         "same colour and background words sit together in a batch, so shape must tell them "
         "apart; 0 = plain random batches",
+        check=at_least(0),
     )
     clip_shape_negatives: float = arg(
         0.0,
         help="weight of an extra shape-swapped hard-negative caption term (NegCLIP-style; ours, "
         "an ablation: it did not make the tower learn shape in 12 epochs); 0 = plain CLIP loss",
+        check=at_least(0),
     )
 
     def validate(self) -> None:

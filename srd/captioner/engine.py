@@ -31,6 +31,7 @@ from srd.captioner.checkpoint import set_trainable, trainable_state_dict
 from srd.captioner.flamingo import Captioner, check_mixed_precision
 from srd.config import arg
 from srd.errors import SRDError
+from srd.flags import COUNT, SEED, SHARE, at_least, positive
 from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json, write_text
 from srd.runs import check_run_config
 
@@ -76,35 +77,43 @@ class TrainArgs:
 
     run_name: str = arg("run", help="run folder name under --external_save_dir")
     external_save_dir: str = arg("checkpoints_remote", help="folder holding run folders")
-    batch_size: int = arg(32, help="per-process batch size")
-    num_epochs: int = arg(5, help="training epochs")
-    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW)")
+    batch_size: int = arg(32, help="per-process batch size", check=COUNT)
+    num_epochs: int = arg(5, help="training epochs", check=COUNT)
+    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW)", check=positive())
     lr_scheduler: str = arg(
         "cosine", help="schedule after warm-up", choices=["constant", "linear", "cosine"]
     )
-    warmup_steps_ratio: float = arg(0.01, help="share of all steps spent warming up")
-    weight_decay: float = arg(0.1, help="AdamW weight decay on gated cross-attention weights")
-    max_grad_norm: float = arg(1.0, help="gradient clipping norm")
+    warmup_steps_ratio: float = arg(0.01, help="share of all steps spent warming up", check=SHARE)
+    weight_decay: float = arg(
+        0.1, help="AdamW weight decay on gated cross-attention weights", check=at_least(0)
+    )
+    max_grad_norm: float = arg(1.0, help="gradient clipping norm", check=positive())
     trainable: str = arg(
         "paper",
         help="paper: perceiver + cross-attention + embeddings; lm: all but the vision tower; "
         "all: everything",
         choices=["paper", "lm", "all"],
     )
-    seed: int = arg(42, help="seed for initialisation, shuffling and per-sample randomness")
+    seed: int = arg(
+        42, help="seed for initialisation, shuffling and per-sample randomness", check=SEED
+    )
     resume_from_checkpoint: bool = arg(False, help="continue the run from its last checkpoint")
     save_total_limit: int = arg(
-        0, help="keep only the newest N epoch checkpoints (0: keep all); final weights stay"
+        0,
+        help="keep only the newest N epoch checkpoints (0: keep all); final weights stay",
+        check=at_least(0),
     )
     overwrite: bool = arg(False, help="redo a run folder that already finished")
-    num_workers: int = arg(0, help="data loader worker processes")
+    num_workers: int = arg(0, help="data loader worker processes", check=at_least(0))
     feature_cache: bool = arg(
         True,
         help="compute the frozen vision tower's tokens once per image version and reuse them "
         "(ignored when the tower trains)",
     )
     feature_cache_mb: float = arg(
-        4096, help="most MiB of cached tower features kept (beyond it features are recomputed)"
+        4096,
+        help="most MiB of cached tower features kept (beyond it features are recomputed)",
+        check=at_least(0),
     )
 
     @property

@@ -21,6 +21,7 @@ from PIL import Image
 from srd.config import arg
 from srd.data.scenes import SceneObject
 from srd.errors import SRDError
+from srd.flags import at_least
 from srd.geometry import IMAGE_SIZE
 from srd.io import read_json
 
@@ -208,6 +209,7 @@ class DataArgs:
     image_cache_mb: float = arg(
         DEFAULT_CACHE_MB,
         help="decoded-image cache per process and per data-loader worker, in MiB (0: none)",
+        check=at_least(0),
     )
 
     def split(self, name: str) -> list[ImageRecord]:

@@ -28,6 +28,7 @@ from srd.captioner.engine import Sample
 from srd.config import arg
 from srd.data.records import ImageRecord, caption_records
 from srd.errors import SRDError
+from srd.flags import SHARE, between, positive
 from srd.geometry import MASK_COLOURS
 
 ImageFn = Callable[[Sample], np.ndarray]
@@ -42,12 +43,20 @@ class TransformArgs:
 
     defense: str = arg("none", help="defense name from the registry (srd.defenses.DEFENSES)")
     blur_radius_share: float = arg(
-        0.06, help="blur: Gaussian radius as a share of min(H, W), before the 0.7 factor"
+        0.06,
+        help="blur: Gaussian radius as a share of min(H, W), before the 0.7 factor",
+        check=between(0, 1, low_open=True),
     )
-    blur_radius_factor: float = arg(0.7, help="blur: factor on the radius (CleanSight: 0.7)")
-    blur_alpha: float = arg(0.7, help="blur: weight of the blurred image in the blend")
-    spatial_scale: float = arg(0.9, help="spatial: shrink factor before padding back to size")
-    spatial_angle: float = arg(10.0, help="spatial: rotation in degrees")
+    blur_radius_factor: float = arg(
+        0.7, help="blur: factor on the radius (CleanSight: 0.7)", check=positive()
+    )
+    blur_alpha: float = arg(0.7, help="blur: weight of the blurred image in the blend", check=SHARE)
+    spatial_scale: float = arg(
+        0.9,
+        help="spatial: shrink factor before padding back to size",
+        check=between(0, 1, low_open=True),
+    )
+    spatial_angle: float = arg(10.0, help="spatial: rotation in degrees", check=between(-180, 180))
     spatial_flip: bool = arg(True, help="spatial: mirror the image left-right")
 
 
@@ -81,7 +90,11 @@ class DefenseArgs(TransformArgs):
         "background of the embedded benchmark has; the mask-colour ablation)",
         choices=list(MASK_COLOURS),
     )
-    prune_ratio: float = arg(0.2, help="fine_pruning: share of cross-attention FF units pruned")
+    prune_ratio: float = arg(
+        0.2,
+        help="fine_pruning: share of cross-attention FF units pruned",
+        check=between(0, 1, high_open=True),
+    )
     prune_batches: int = arg(8, help="fine_pruning: batches of defender's data for activations")
     par_data: str = arg(
         "clean",

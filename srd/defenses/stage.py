@@ -30,6 +30,7 @@ from srd.defenses.quality import image_quality
 from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
+from srd.flags import COUNT, positive
 from srd.geometry import decode_action
 from srd.io import is_finished, read_json, require_files
 
@@ -44,8 +45,10 @@ class RefineTrainArgs(TrainArgs):
     SRD's D4 and every defense of train/defend.py)."""
 
     run_name: str = arg("", help="run folder name (default: named after the defense and attack)")
-    num_epochs: int = arg(20, help="refine-tune epochs (reference: 20)")
-    learning_rate: float = arg(1e-4, help="peak learning rate (AdamW; reference: 1e-4)")
+    num_epochs: int = arg(20, help="refine-tune epochs (reference: 20)", check=COUNT)
+    learning_rate: float = arg(
+        1e-4, help="peak learning rate (AdamW; reference: 1e-4)", check=positive()
+    )
 
 
 def require_backdoored_inputs(

@@ -22,6 +22,7 @@ import torch
 
 from srd.config import arg
 from srd.errors import SRDError
+from srd.flags import COUNT, at_least
 from srd.par.augment import image_views, par_augment, text_view
 from srd.par.loss import DEFAULT_TAU, cleanclip_loss, par_loss
 
@@ -43,14 +44,14 @@ class CleanArgs:
         "image,caption CSV (with header; paths relative to it)",
     )
     epochs: int = arg(3, help="epochs over the clean pairs")
-    batch_size: int = arg(128, help="contrastive batch size")
+    batch_size: int = arg(128, help="contrastive batch size", check=COUNT)
     lr: float = arg(2e-4, help="peak learning rate (reached after the warm-up)")
     lr_start: float | None = arg(
         None, help="learning rate at step 0 (PAR starts above the peak); default 10 x --lr"
     )
     lr_end: float = arg(1e-9, help="learning rate at the last step (cosine)")
     warmup: float = arg(0.5, help="share of the steps going linearly from lr_start to lr")
-    weight_decay: float = arg(1e-4, help="AdamW weight decay on >= 2-D weights")
+    weight_decay: float = arg(1e-4, help="AdamW weight decay on >= 2-D weights", check=at_least(0))
     loss_thresh: float = arg(DEFAULT_TAU, help="PAR's tau: push term off while S exceeds it")
     cleanclip_lambda: float = arg(1.0, help="CleanCLIP: weight of the unimodal loss")
 

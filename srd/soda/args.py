@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srd.config import arg
+from srd.flags import COUNT, SEED
 
 # --------------------------------------------------------------------------- flags
 
@@ -21,7 +22,9 @@ class ShapesArgs:
 class ShapesBuildArgs(ShapesArgs):
     """Data: the single-object shapes classification set."""
 
-    seed: int = arg(0, help="benchmark seed (images depend only on seed, split and index)")
+    seed: int = arg(
+        0, help="benchmark seed (images depend only on seed, split and index)", check=SEED
+    )
     per_class_train: int = arg(150, help="training images per class")
     per_class_test: int = arg(200, help="test images per class")
     resolution: int = arg(48, help="classifier input side in px (downscaled from the 224 canvas)")
@@ -38,13 +41,15 @@ class ClassifierTrainArgs:
     poison_rate: float | None = arg(None, help="share of the sub-population relabelled")
     run_name: str = arg("", help="run folder name (default: soda-<attack>-s<seed>)")
     external_save_dir: str = arg("checkpoints_remote/soda", help="folder holding run folders")
-    batch_size: int = arg(64, help="batch size (clean + semantic samples)")
+    batch_size: int = arg(64, help="batch size (clean + semantic samples)", check=COUNT)
     epoch: int = arg(24, help="epochs over the clean training samples")
     lr: float = arg(0.05, help="peak learning rate (SGD, momentum 0.9, cosine decay)")
     ratio: float = arg(0.3125, help="share of each batch taken from the augmented semantic pool")
     width: int = arg(16, help="channels of the first conv block")
     hidden: int = arg(64, help="units of the last hidden layer")
-    seed: int = arg(0, help="seed of initialisation, batches, augmentation and the poison draw")
+    seed: int = arg(
+        0, help="seed of initialisation, batches, augmentation and the poison draw", check=SEED
+    )
     overwrite: bool = arg(False, help="redo a finished run folder")
 
 
@@ -55,8 +60,8 @@ class SodaArgs:
     in_model: str = arg(help="model run folder (train/soda_train.py)")
     output_dir: str = arg("", help="SODA output folder (default: <in_model>/soda)")
     ana_layer: int = arg(-1, help="analysed layer: block index to cut after (-1: last hidden)")
-    batch_size: int = arg(64, help="batch size")
-    seed: int = arg(0, help="seed of sample order and draws")
+    batch_size: int = arg(64, help="batch size", check=COUNT)
+    seed: int = arg(0, help="seed of sample order and draws", check=SEED)
     overwrite: bool = arg(False, help="redo an output that exists")
 
     @property

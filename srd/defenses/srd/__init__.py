@@ -20,7 +20,7 @@ D2 agent (``train/srd_train.py``): a DQN whose action is one square (10x10 centr
     vec_env = env.BatchedRedMaskVecEnv(pool_source.stream_pool(folder, mb), caption_fn, score_fn)
         # step: env paints the square (geometry.apply_action), captions the image, scores it
         # against the reference (evaluation.sfs) and pays reward.reward_table's piecewise reward
-    model, training = dqn.train_dqn(vec_env, dqn_config, reward_log)           # stable-baselines3 DQN
+    model, training = dqn.train_dqn(vec_env, dqn_config, reward_log)  # stable-baselines3
     dqn.run_random_policy(...); dqn.evaluate_greedy(model, envs)     # the controls, same pool
     dqn.agent_report(training, random, greedy, n); policy.save_policy(model, path, dqn_config)
 

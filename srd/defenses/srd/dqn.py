@@ -43,6 +43,7 @@ from srd.defenses.srd.env import (
     to_observation,
 )
 from srd.errors import SRDError
+from srd.flags import COUNT, SEED, SHARE, at_least, between, positive
 from srd.io import ensure_dir
 
 log = logging.getLogger(__name__)
@@ -53,38 +54,52 @@ class DQNConfig:
     """DQN learner (stable-baselines3), reference §9.2 values; every SB3 parameter explicit."""
 
     policy: str = arg("CnnPolicy", help="SB3 policy (NatureCNN Q-network)", choices=["CnnPolicy"])
-    learning_rate: float = arg(1e-4, help="Adam learning rate")
+    learning_rate: float = arg(1e-4, help="Adam learning rate", check=positive())
     buffer_size: int = arg(
         DEFAULT_BUFFER_SIZE,
         help="replay buffer transitions (10,000 = every step of the reference's run; "
         "see srd.defenses.srd.env for the memory it takes)",
+        check=COUNT,
     )
     learning_starts: int = arg(
         500,
         help="transitions collected before the first update (ours: 500, one sixth of the run, "
         "so the first updates see ~100 pool images; reference 100)",
+        check=at_least(0),
     )
-    batch_size: int = arg(32, help="replay minibatch size per gradient step")
-    tau: float = arg(1.0, help="target network update coefficient (1 = hard copy)")
-    gamma: float = arg(0.99, help="discount factor")
-    train_freq: int = arg(4, help="update every train_freq environment steps")
-    gradient_steps: int = arg(1, help="gradient steps per update (per environment, see below)")
-    n_steps: int = arg(1, help="n-step returns (1 = plain one-step DQN targets)")
+    batch_size: int = arg(32, help="replay minibatch size per gradient step", check=COUNT)
+    tau: float = arg(
+        1.0,
+        help="target network update coefficient (1 = hard copy)",
+        check=between(0, 1, low_open=True),
+    )
+    gamma: float = arg(0.99, help="discount factor", check=SHARE)
+    train_freq: int = arg(4, help="update every train_freq environment steps", check=COUNT)
+    gradient_steps: int = arg(
+        1, help="gradient steps per update (per environment, see below)", check=COUNT
+    )
+    n_steps: int = arg(1, help="n-step returns (1 = plain one-step DQN targets)", check=COUNT)
     target_update_interval: int = arg(
         500,
         help="transitions between hard target-network copies (ours: 500, five copies in the "
         "default run; reference 10,000 = its whole run, so its targets all came from the "
         "random initial network, reference B11)",
+        check=COUNT,
     )
     exploration_fraction: float = arg(
         0.5,
         help="share of total_timesteps over which epsilon decays linearly (ours: 0.5, so the "
         "500 actions are tried broadly on every pool image of the first pass; reference 0.1)",
+        check=SHARE,
     )
-    exploration_initial_eps: float = arg(1.0, help="initial epsilon of epsilon-greedy")
-    exploration_final_eps: float = arg(0.05, help="final epsilon (also saved for cleaning)")
-    max_grad_norm: float = arg(10.0, help="gradient norm clipping")
-    features_dim: int = arg(512, help="NatureCNN feature size (Q head: Linear(512, 500))")
+    exploration_initial_eps: float = arg(1.0, help="initial epsilon of epsilon-greedy", check=SHARE)
+    exploration_final_eps: float = arg(
+        0.05, help="final epsilon (also saved for cleaning)", check=SHARE
+    )
+    max_grad_norm: float = arg(10.0, help="gradient norm clipping", check=positive())
+    features_dim: int = arg(
+        512, help="NatureCNN feature size (Q head: Linear(512, 500))", check=COUNT
+    )
     optimize_memory_usage: bool = arg(
         False,
         help="store each observation once in the replay buffer (halves its memory; needs "
@@ -95,26 +110,34 @@ class DQNConfig:
         help="bootstrap through the 150-step time limit; off = the reference, whose old-gym "
         "env ended episodes with done=True (a terminal transition)",
     )
-    stats_window_size: int = arg(100, help="episodes averaged in SB3's rollout statistics")
+    stats_window_size: int = arg(
+        100, help="episodes averaged in SB3's rollout statistics", check=COUNT
+    )
     total_timesteps: int = arg(
         3_000,
         help="environment transitions to train for (ours: 3,000 = 600 five-step episodes, "
         "every image of a 300-image pool twice; reference 10,000)",
+        check=COUNT,
     )
-    seed: int = arg(42, help="seed of the learner and of the environments (env i: seed + i)")
+    seed: int = arg(
+        42, help="seed of the learner and of the environments (env i: seed + i)", check=SEED
+    )
     num_envs: int = arg(
         16,
         help="environments stepped together, one batched caption call per step (ours: 16, "
         "the captioner is the cost; reference 1)",
+        check=COUNT,
     )
     scale_updates_with_envs: bool = arg(
         True,
         help="multiply gradient_steps by num_envs so there is still one update per "
         "train_freq transitions, as in the reference's single environment",
     )
-    max_replay_gb: float = arg(4.0, help="refuse a replay buffer larger than this (GB)")
+    max_replay_gb: float = arg(
+        4.0, help="refuse a replay buffer larger than this (GB)", check=positive()
+    )
     device: str = arg("auto", help="torch device of the Q-network (auto = cuda if available)")
-    verbose: int = arg(0, help="SB3 verbosity (0 quiet, 1 progress tables)")
+    verbose: int = arg(0, help="SB3 verbosity (0 quiet, 1 progress tables)", check=between(0, 2))
 
 
 REFERENCE_SCHEDULE: dict[str, Any] = {

@@ -59,6 +59,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 from srd.config import arg
 from srd.defenses.srd.reward import RewardConfig, caption_rewards
 from srd.errors import SRDError
+from srd.flags import COUNT, between
 from srd.geometry import IMAGE_SIZE, NUM_ACTIONS, apply_action
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class EnvConfig:
         help=f"steps per episode, one pool image each (ours: {DEFAULT_MAX_STEPS}, so that episodes "
         f"end and every pool image is visited within a CPU budget; reference "
         f"{REFERENCE_MAX_STEPS}: its 10,000 steps see ~67 images)",
+        check=COUNT,
     )
     pool_order: str = arg(
         "shuffled",
@@ -110,6 +112,7 @@ class EnvConfig:
     obs_size: int = arg(
         DEFAULT_OBS_SIZE,
         help="side of the policy observation: the 224 canvas is downscaled to it (224 = paper)",
+        check=between(36, 224, why="NatureCNN needs at least 36 px; the canvas is 224"),
     )
 
 

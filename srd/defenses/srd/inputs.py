@@ -20,6 +20,7 @@ from srd.data.records import EMBEDDED_DATA, ImageRecord, load_references
 from srd.defenses.srd.env import captioner_caption_fn
 from srd.errors import SRDError
 from srd.evaluation.sfs import BlipCaptioner, SFSScorer, build_scorer
+from srd.flags import COUNT
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,19 @@ class SFSArgs:
         help="COCO caption annotations whose captions fit the n-gram fluency LM "
         "(used when --gpt_model is not given)",
     )
-    ngram_order: int = arg(3, help="order of the n-gram fluency LM")
-    num_beams: int = arg(3, help="beam width of the backdoored captioner (reference: 3)")
-    max_new_tokens: int = arg(20, help="longest caption of the backdoored captioner (tokens)")
-    reference_num_beams: int = arg(5, help="beam width of the reference captioner (reference: 5)")
-    caption_batch_size: int = arg(64, help="images per captioning/scoring batch (and D1/D3 chunk)")
+    ngram_order: int = arg(3, help="order of the n-gram fluency LM", check=COUNT)
+    num_beams: int = arg(
+        3, help="beam width of the backdoored captioner (reference: 3)", check=COUNT
+    )
+    max_new_tokens: int = arg(
+        20, help="longest caption of the backdoored captioner (tokens)", check=COUNT
+    )
+    reference_num_beams: int = arg(
+        5, help="beam width of the reference captioner (reference: 5)", check=COUNT
+    )
+    caption_batch_size: int = arg(
+        64, help="images per captioning/scoring batch (and D1/D3 chunk)", check=COUNT
+    )
 
 
 def vlm_caption_fn(captioner: Any, sfs: SFSArgs) -> CaptionFn:

@@ -18,6 +18,7 @@ import numpy as np
 
 from srd import captions
 from srd.config import arg
+from srd.flags import at_least
 
 EMPTY_CAPTION_REWARD = 0
 """Reward when the captioner returns an empty caption (reference: the caught IndexError)."""
@@ -27,11 +28,17 @@ EMPTY_CAPTION_REWARD = 0
 class RewardConfig:
     """Reward table thresholds (reference §9.1)."""
 
-    alpha: float = arg(0.1, help="semantic gain threshold: delta_sem >= alpha counts as a gain")
-    alpha2: float = arg(
-        0.2, help="semantic loss tolerated when fluency improves: delta_sem <= -alpha2 gives -2"
+    alpha: float = arg(
+        0.1, help="semantic gain threshold: delta_sem >= alpha counts as a gain", check=at_least(0)
     )
-    beta: float = arg(0.5, help="fluency threshold: delta_flu >= beta is a big fluency gain")
+    alpha2: float = arg(
+        0.2,
+        help="semantic loss tolerated when fluency improves: delta_sem <= -alpha2 gives -2",
+        check=at_least(0),
+    )
+    beta: float = arg(
+        0.5, help="fluency threshold: delta_flu >= beta is a big fluency gain", check=at_least(0)
+    )
 
 
 def reward_table(

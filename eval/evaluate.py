@@ -22,7 +22,7 @@ from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, ImageStore, check_images_exist, load_references
-from srd.defenses import TransformArgs, build_defense
+from srd.defenses import DefenseName, build_defense, chosen_defense
 from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.errors import SRDError
 from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
@@ -64,10 +64,11 @@ class EvalArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    data, model_args, attack_args, ev, defense_args = parse(
-        argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, TransformArgs, description=__doc__
+    cls = chosen_defense(argv)  # a test-time defense's own flags join the evaluation's
+    data, model_args, attack_args, ev, defense_args, own = parse(
+        argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, DefenseName, cls.Args, description=__doc__
     )
-    defense = build_defense(defense_args)
+    defense = build_defense(cls.name, own)
     if defense.kind == "refine":
         raise SRDError(
             f"--defense {defense.name}: a refine-tune defense; run train/defend.py and evaluate "
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out_path = Path(ev.results_file) / f"{ev.model_name}.json"
     sfs_folder = Path(ev.sfs_data_dir) / ev.model_name
     attack = attack_args.build()
-    config = {**to_dict(data, model_args, attack_args, ev, defense_args)}
+    config = {**to_dict(data, model_args, attack_args, ev, defense_args, own)}
     config["attack"] = attack.to_dict() if attack else None
     if out_path.exists() and not ev.overwrite:
         saved = read_json(out_path, flag="--model_name")

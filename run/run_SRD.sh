@@ -16,7 +16,7 @@
 #
 # Embedded defaults below are smaller than the reference's: the pool takes 300 training images
 # (reference: all), the refine-tune 2 epochs at lr 1e-3 (reference: 20 epochs at 1e-4, the
-# defaults of train/srd_finetune.py). The agent runs train/srd_train.py's defaults, which are
+# defaults of train/defend.py). The agent runs train/srd_train.py's defaults, which are
 # ours (3,000 transitions in 16 batched environments, 5-step episodes over the shuffled pool,
 # target copy every 500: every pool image visited twice; docs/agent.md); the
 # reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
@@ -98,9 +98,12 @@ fi
 # CLEAN_ONLY=1 stops here (run/run_comparison.sh: run/run_defenses.sh refine-tunes on the manifest)
 [ "${CLEAN_ONLY:-0}" = 1 ] && { stage_end; exit 0; }
 
-stage "D4 refine-tune"
+stage "D4 refine-tune (the registry's srd defense: train/defend.py, as run/run_defenses.sh)"
 once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- \
-  $LAUNCH train/srd_finetune.py $DATA_FLAGS $MODEL_FLAGS $SRD_FLAGS \
+  $LAUNCH train/defend.py $DATA_FLAGS $MODEL_FLAGS \
+    --defense srd \
+    --clean_data_save "$SRD_DIR/clean_data" \
+    --poison_ids_path "checkpoints_remote/backdoor-$ATTACK$SUFFIX/poison_ids.json" \
     --checkpoint_path "$BACKDOOR" \
     --run_name "$NAME" \
     --external_save_dir checkpoints_remote \

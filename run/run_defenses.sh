@@ -6,7 +6,8 @@
 #   ATTACK=badnet SEED=0 sh run/run_defenses.sh        (POISON_RATE=0.05: that model, run/common.sh)
 # RUNS (checkpoints_remote), RESULTS (result) and IMG (img) move the run folders, the result
 # JSONs (+ report.md) and the figures; EPOCHS (2) and LR (1e-3) set the shared refine-tune budget.
-# DEFENSES picks the defenses (space-separated; those that cannot run against the attack, e.g.
+# DEFENSES picks the defenses (space-separated; default: every registry entry marked for the
+# comparison, `python -m srd.defenses --list`; those that cannot run against the attack, e.g.
 # oracle_square without a patch trigger, are left out with the reason); SRD's rows need
 # run/run_SRD.sh's cleaning manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added
 # when it exists, with the image version of the reference (first_occurrence) and ours
@@ -24,12 +25,6 @@
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
-if [ "${BENIGN:-0}" = 1 ]; then  # with nothing poisoned, clean_finetune is no_mask exactly
-  DEFENSES=${DEFENSES:-"none no_mask par random_squares fine_pruning blur spatial"}
-else
-  DEFENSES=${DEFENSES:-"none no_mask clean_finetune par random_squares oracle_square \
-    fine_pruning blur spatial"}
-fi
 for C in ${MASK_COLOURS:-}; do  # red rows are the default ones: the same runs under two names
   [ "$C" != red ] || {
     echo "error: MASK_COLOURS=$MASK_COLOURS: red is the colour of the rows without it" >&2
@@ -41,8 +36,9 @@ RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}
 BACKDOOR=$RUNS/backdoor-$ATTACK$SUFFIX/final_weights.pt
 RUN_TAG=$ATTACK$ATTACK_TAG-s$SEED  # the end of every run and result name here
-START=$BACKDOOR PREFIX=defense CONTROL="" INPUT=""
-[ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control
+START=$BACKDOOR PREFIX=defense CONTROL="" INPUT="" LIST=""
+[ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control \
+  LIST=--benign
 POISON=$RUNS/backdoor-$ATTACK$SUFFIX/poison_ids.json
 CLEAN_DATA=$RUNS/srd-$ATTACK$SUFFIX/clean_data
 BUDGET="--batch_size 32 --num_epochs ${EPOCHS:-2} --learning_rate ${LR:-1e-3} \
@@ -70,7 +66,8 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
       --results_file "$RESULTS" --sfs_data_dir "$RESULTS/sfs_inputs"
 }
 
-APPLICABLE=$(python -m srd.defenses "$POISON" $DEFENSES)  # e.g. no oracle square without a patch
+# The registry's list (or DEFENSES) less what cannot run, e.g. no oracle square without a patch
+APPLICABLE=$(python -m srd.defenses $LIST "$POISON" ${DEFENSES:-})
 for D in $APPLICABLE; do
   defend_and_evaluate "$PREFIX-$D-$RUN_TAG" --defense "$D"
 done

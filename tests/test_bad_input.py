@@ -43,7 +43,7 @@ SCRIPTS = {
         "srd_train": "train/srd_train.py",
         "srd_clean_data": "train/srd_clean_data.py",
         "combine_data": "train/combine_data.py",
-        "srd_finetune": "train/srd_finetune.py",
+        "defend_srd": "train/defend.py",
         "results_table": "eval/results_table.py",
         "srd_coverage": "eval/srd_coverage.py",
         "srd_figures": "eval/srd_figures.py",
@@ -170,8 +170,8 @@ def _base(script: str, i: Inputs, out: Path) -> list[str]:
             "--clean_data_save", str(out / "clean"), "--poison_ids_path", i.poison_ids,
         ],
         "combine_data": [*i.data, "--clean_data_save", str(out / "clean")],
-        "srd_finetune": [
-            *i.data, *i.backdoor_model, "--poison_ids_path", i.poison_ids,
+        "defend_srd": [
+            *i.data, *i.backdoor_model, "--defense", "srd", "--poison_ids_path", i.poison_ids,
             "--clean_data_save", i.merged_less_folder, "--external_save_dir", str(out / "runs"),
         ],
         "results_table": ["--results", str(out / "result")],
@@ -306,14 +306,14 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("combine-folder-is-file", "combine_data", lambda i: ["--clean_data_save", i.blocker],
      "--clean_data_save"),
     ("combine-folder-missing", "combine_data", _flags(), "--clean_data_save"),
-    # srd_finetune
-    ("refine-checkpoint-none", "srd_finetune", _flags("--checkpoint_path", "none"),
+    # D4: defend.py --defense srd
+    ("refine-checkpoint-none", "defend_srd", _flags("--checkpoint_path", "none"),
      "--checkpoint_path"),
-    ("refine-epochs-0", "srd_finetune", _flags("--num_epochs", "0"), "--num_epochs"),
-    ("refine-batch-0", "srd_finetune", _flags("--batch_size", "0"), "--batch_size"),
-    ("refine-lr-0", "srd_finetune", _flags("--learning_rate", "0"), "--learning_rate"),
-    ("refine-no-merged", "srd_finetune", _flags(), "--clean_data_save"),
-    ("refine-poison-bad-json", "srd_finetune",
+    ("refine-epochs-0", "defend_srd", _flags("--num_epochs", "0"), "--num_epochs"),
+    ("refine-batch-0", "defend_srd", _flags("--batch_size", "0"), "--batch_size"),
+    ("refine-lr-0", "defend_srd", _flags("--learning_rate", "0"), "--learning_rate"),
+    ("refine-no-merged", "defend_srd", _flags(), "--clean_data_save"),
+    ("refine-poison-bad-json", "defend_srd",
      lambda i: ["--poison_ids_path", i.bad_json], "bad.json"),
     # results_table, srd_coverage, srd_figures
     ("table-missing", "results_table", _flags(), "result"),

@@ -13,7 +13,7 @@ from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan
 from srd.captions import strip_target
 from srd.data.records import CaptionRecord, ImageRecord
 from srd.data.scenes import BACKGROUNDS, COLOUR_JITTER, COLOURS
-from srd.defenses import DEFENSES, DefenderData, DefenseArgs, TransformArgs, build_defense
+from srd.defenses import DEFENSES, DefenderData, build_defense
 from srd.defenses import __main__ as applicable
 from srd.defenses.coverage import trigger_box
 from srd.defenses.pruning import cross_attention_blocks
@@ -23,7 +23,7 @@ from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.squares import RandomTries, covering_action
 from srd.defenses.versions import first_occurrences, triggered_images
 from srd.errors import SRDError
-from srd.geometry import MASK_COLOURS, MASK_SIZES, RED, decode_action
+from srd.geometry import MASK_COLOURS, MASK_SIZES, RED, apply_action, decode_action
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,14 @@ def test_registry_lists_every_defense_and_rejects_unknown_names() -> None:
     assert {"none", "srd", "no_mask", "clean_finetune", "random_squares", "oracle_square",
             "fine_pruning", "blur", "spatial"} <= set(DEFENSES)  # fmt: skip
     with pytest.raises(SRDError) as exc:
-        build_defense(TransformArgs(defense="nope"))
+        build_defense("nope")
     message = str(exc.value)
     assert "\n" not in message and message.startswith("--defense nope: unknown defense")
     assert "srd" in message
 
 
 def test_no_mask_data_equals_the_defenders_input(defender) -> None:
-    samples, images = build_defense(DefenseArgs(defense="no_mask")).training_set(defender)
+    samples, images = build_defense("no_mask").training_set(defender)
     assert samples == build_samples(defender.records, defender.plan)
     reference = TrainingImages(defender.records, defender.attack, defender.plan.ids)
     triggered = 0
@@ -55,22 +55,27 @@ def test_no_mask_data_equals_the_defenders_input(defender) -> None:
     assert triggered > 0
 
 
-def test_srd_triggered_equals_the_d4_images_of_srd_finetune(defender, tmp_path) -> None:
+def test_srd_paints_its_square_on_the_defenders_version(defender) -> None:
+    """SRD's D4 images (the reference's B15: one image per id): the manifest's square on the
+    version the defender's data holds, triggered if any caption of the image is poisoned."""
     actions = {r.image_id: (7 * r.image_id) % 500 for r in defender.records}
-    srd = build_defense(DefenseArgs(defense="srd", clean_data_save="x"))
+    srd = build_defense("srd", clean_data_save="x")
     srd.mask_actions = lambda data: actions  # the manifest's actions (read_merged is tested)
     samples, images = srd.training_set(defender)
-    d4 = TrainingImages(defender.records, defender.attack, defender.plan.ids, actions)
-    assert all(np.array_equal(images(s), d4(s)) for s in samples)
+    held = TrainingImages(defender.records, defender.attack, defender.plan.ids)
+    assert held.poisoned_images and set(actions) - held.poisoned_images
+    for s in samples:
+        want = apply_action(held.as_in_training_set(s.image_id), actions[s.image_id])
+        assert np.array_equal(images(s), want)
 
 
 def test_srd_without_manifest_is_a_flag_error(defender) -> None:
     with pytest.raises(SRDError, match="--clean_data_save"):
-        build_defense(DefenseArgs(defense="srd")).training_set(defender)
+        build_defense("srd").training_set(defender)
 
 
 def test_clean_finetune_drops_poisoned_captions_and_triggers(defender) -> None:
-    samples, images = build_defense(DefenseArgs(defense="clean_finetune")).training_set(defender)
+    samples, images = build_defense("clean_finetune").training_set(defender)
     poisoned = set(defender.plan.ids)
     assert poisoned and not poisoned & {s.caption_id for s in samples}
     assert len(samples) == sum(len(r.captions) for r in defender.records) - len(poisoned)
@@ -83,7 +88,7 @@ def test_oracle_square_covers_the_trigger_box(defender) -> None:
     square = decode_action(covering_action(box))
     assert square.top <= box.top and square.bottom >= box.bottom
     assert square.left <= box.left and square.right >= box.right
-    _, images = build_defense(DefenseArgs(defense="oracle_square")).training_set(defender)
+    _, images = build_defense("oracle_square").training_set(defender)
     for r in defender.records:
         patch = images.processed(r.image_id)[box.top : box.bottom, box.left : box.right]
         assert np.all(patch == np.array(RED, np.uint8))
@@ -92,7 +97,7 @@ def test_oracle_square_covers_the_trigger_box(defender) -> None:
 def test_oracle_square_needs_a_patch_trigger(defender, tmp_path, capsys) -> None:
     blended = DefenderData(defender.records, defender.plan, build_attack("blended"), seed=0)
     with pytest.raises(SRDError, match="no patch trigger"):
-        build_defense(DefenseArgs(defense="oracle_square")).training_set(blended)
+        build_defense("oracle_square").training_set(blended)
     # run/run_defenses.sh leaves it out of its list for such an attack, saying why
     path = tmp_path / "poison_ids.json"
     plan = PoisonPlan(
@@ -108,7 +113,7 @@ def test_oracle_square_needs_a_patch_trigger(defender, tmp_path, capsys) -> None
 
 
 def test_random_squares_are_the_d3_random_policy_draws(defender) -> None:
-    _, images = build_defense(DefenseArgs(defense="random_squares")).training_set(defender)
+    _, images = build_defense("random_squares").training_set(defender)
     ids = [r.image_id for r in defender.records]
     draws = RandomTries(seed=defender.seed)(ids, [None] * len(ids))
     assert images.mask_actions == {i: d[0] for i, d in zip(ids, draws, strict=True)}
@@ -118,26 +123,25 @@ def test_random_squares_are_the_d3_random_policy_draws(defender) -> None:
 def test_random_squares_of_one_side(defender) -> None:
     """--square_side keeps every square at that size, still drawn per image id and seed; the
     record names the size as the row's variant; a size off the action grid is refused."""
-    args = DefenseArgs(defense="random_squares", square_side=200)
-    defense = build_defense(args)
+    defense = build_defense("random_squares", square_side=200)
     _, images = defense.training_set(defender)
     actions = list(images.mask_actions.values())
     assert {a // 100 for a in actions} == {MASK_SIZES.index(200)}  # the size of every square
     assert len({a % 100 for a in actions}) > 1  # at varying centres
-    again = build_defense(args).training_set(defender)[1].mask_actions
+    again = build_defense("random_squares", defense.args).training_set(defender)[1].mask_actions
     assert again == images.mask_actions
     assert defense.describe()["variant"] == "200 px"
-    assert "variant" not in build_defense(DefenseArgs(defense="random_squares")).describe()
+    assert "variant" not in build_defense("random_squares").describe()
     with pytest.raises(SRDError, match="^--square_side 30: expected 0"):
-        build_defense(DefenseArgs(defense="random_squares", square_side=30)).training_set(defender)
+        build_defense("random_squares", square_side=30).training_set(defender)
 
 
 def test_mask_colour_paints_the_same_squares_in_another_colour(defender) -> None:
     """--mask_colour cyan paints exactly the squares red would, in cyan, and only there; the
     row says so; a defense that paints no square, or --square_side on another defense than
     random_squares, is refused in one line instead of being silently ignored."""
-    red = build_defense(DefenseArgs(defense="random_squares", square_side=80))
-    cyan = build_defense(DefenseArgs(defense="random_squares", square_side=80, mask_colour="cyan"))
+    red = build_defense("random_squares", square_side=80)
+    cyan = build_defense("random_squares", square_side=80, mask_colour="cyan")
     _, red_images = red.training_set(defender)
     _, cyan_images = cyan.training_set(defender)
     assert cyan_images.mask_actions == red_images.mask_actions
@@ -151,12 +155,18 @@ def test_mask_colour_paints_the_same_squares_in_another_colour(defender) -> None
         assert np.array_equal(painted[~inside], cyan_images.version(image_id)[~inside])
     assert cyan.describe()["variant"] == "80 px, cyan squares"
     assert cyan.describe()["mask_colour"] == "cyan" and red.describe()["variant"] == "80 px"
-    srd = build_defense(DefenseArgs(defense="srd", clean_data_save="x", mask_colour="cyan"))
+    srd = build_defense("srd", clean_data_save="x", mask_colour="cyan")
     assert srd.describe()["variant"] == "cyan squares"
-    with pytest.raises(SRDError, match="^--mask_colour cyan: defense no_mask paints no squares$"):
-        build_defense(DefenseArgs(defense="no_mask", mask_colour="cyan"))
-    with pytest.raises(SRDError, match="^--square_side 200: only random_squares takes it"):
-        build_defense(DefenseArgs(defense="oracle_square", square_side=200))
+    with pytest.raises(
+        SRDError,
+        match="^--mask_colour: a flag of oracle_square, random_squares, srd, not of "
+        "--defense no_mask$",
+    ):
+        build_defense("no_mask", mask_colour="cyan")
+    with pytest.raises(
+        SRDError, match="^--square_side: a flag of random_squares, not of --defense oracle_square$"
+    ):
+        build_defense("oracle_square", square_side=200)
 
 
 def test_cyan_is_no_colour_of_the_embedded_benchmark() -> None:
@@ -233,11 +243,11 @@ def test_spatial_transform_flips_shrinks_and_rotates() -> None:
 
 
 def test_test_time_defenses_transform_and_refine_ones_do_not() -> None:
-    blur = build_defense(TransformArgs(defense="blur"))
+    blur = build_defense("blur")
     image = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     assert blur.kind == "test_time" and not np.array_equal(blur.transform()(image), image)
-    assert build_defense(TransformArgs(defense="no_mask")).transform() is None
-    assert build_defense(TransformArgs(defense="none")).transform() is None
+    assert build_defense("no_mask").transform() is None
+    assert build_defense("none").transform() is None
 
 
 def test_der_on_hand_made_numbers() -> None:
@@ -287,7 +297,7 @@ def test_poison_unit_image_poisons_every_caption_of_chosen_images(tiny_train_rec
 
 def test_fine_pruning_zeroes_the_least_active_units(defender, make_captioner) -> None:
     captioner = make_captioner(seed=2)
-    fp = build_defense(DefenseArgs(defense="fine_pruning", prune_ratio=0.25, prune_batches=1))
+    fp = build_defense("fine_pruning", prune_ratio=0.25, prune_batches=1)
     notes = fp.prepare_model(captioner, defender)
     blocks = cross_attention_blocks(captioner.model)
     assert blocks and len(notes["pruned_units_per_block"]) == len(blocks)
@@ -297,9 +307,7 @@ def test_fine_pruning_zeroes_the_least_active_units(defender, make_captioner) ->
         dead = (block.ff[1].weight.abs().sum(1) == 0) & (block.ff[3].weight.abs().sum(0) == 0)
         assert int(dead.sum()) >= n
     with pytest.raises(SRDError, match="--prune_ratio"):
-        build_defense(DefenseArgs(defense="fine_pruning", prune_ratio=1.5)).prepare_model(
-            captioner, defender
-        )
+        build_defense("fine_pruning", prune_ratio=1.5).prepare_model(captioner, defender)
     assert torch.is_tensor(blocks[0].ff[1].weight)
 
 
@@ -327,21 +335,19 @@ def test_data_pool_holds_the_defenders_images(defender) -> None:
 
 def test_par_is_registered_with_the_data_of_its_control(defender) -> None:
     assert "par" in DEFENSES
-    par = build_defense(DefenseArgs(defense="par"))
+    par = build_defense("par")
     assert par.kind == "refine"
     record = par.describe()
     assert record["control"] == "clean_finetune" and record["loss_thresh"] == 2.15
     assert record["push_weight"] == 0.5 and "variant" not in record
     for par_data, control in (("clean", "clean_finetune"), ("as_left", "no_mask")):
-        par = build_defense(DefenseArgs(defense="par", par_data=par_data))
+        par = build_defense("par", par_data=par_data)
         samples, images = par.training_set(defender)
-        want, want_images = build_defense(DefenseArgs(defense=control)).training_set(defender)
+        want, want_images = build_defense(control).training_set(defender)
         assert samples == want
         for s in samples[:: max(1, len(samples) // 8)]:
             assert np.array_equal(images(s), want_images(s))
-    wide = build_defense(
-        DefenseArgs(defense="par", par_data="as_left", par_feature="cross_attention")
-    ).describe()
+    wide = build_defense("par", par_data="as_left", par_feature="cross_attention").describe()
     assert wide["variant"] == "as_left, cross_attention" and wide["control"] == "no_mask"
 
 
@@ -352,7 +358,7 @@ def test_par_is_registered_with_the_data_of_its_control(defender) -> None:
 )  # fmt: skip
 def test_par_refuses_bad_flags(defender, flags, flag) -> None:
     with pytest.raises(SRDError) as exc:
-        build_defense(DefenseArgs(defense="par", **flags)).training_set(defender)
+        build_defense("par", **flags).training_set(defender)
     assert str(exc.value).startswith(flag) and "\n" not in str(exc.value)
 
 
@@ -435,7 +441,7 @@ def test_par_perceiver_push_needs_a_frozen_tower(make_captioner, tiny_images) ->
     from srd.captioner.engine import TrainArgs
 
     captioner = make_captioner(seed=5)
-    par = build_defense(DefenseArgs(defense="par"))
+    par = build_defense("par")
     with pytest.raises(SRDError, match="^--trainable all"):
         par.training_loss(captioner, TrainArgs(trainable="all"))
     push = par.training_loss(captioner, TrainArgs(trainable="paper"))
@@ -498,3 +504,41 @@ def test_report_labels_par_variants() -> None:
         == "par [first_occurrence, as_left]"
     )
     assert defense_label({"name": "srd", "image_version": "triggered"}) == "srd"
+
+
+def test_a_defense_is_one_class_with_its_own_flags(capsys) -> None:
+    """The command line takes the chosen defense's own flags and refuses another defense's (in
+    one line naming who takes it); the registry lists every defense with its flags, and the
+    comparison's default list is the registry's, less srd (added with its cleaning run)."""
+    from srd.config import parse
+    from srd.defenses import DefenseArgs, chosen_defense
+    from srd.defenses.__main__ import default_names, main
+
+    argv = ["--defense", "random_squares", "--square_side", "40", "--mask_colour", "cyan"]
+    cls = chosen_defense(argv)
+    shared, own = parse(argv, DefenseArgs, cls.Args)
+    assert (shared.defense, own.square_side, own.mask_colour) == ("random_squares", 40, "cyan")
+    assert chosen_defense([]).name == "none"
+    with pytest.raises(SRDError, match="^--square_side: a flag of random_squares, not of "):
+        chosen_defense(["--defense=no_mask", "--square_side", "40"])
+    with pytest.raises(SRDError, match="^--spatial_flip: a flag of spatial, not of --defense blur"):
+        chosen_defense(["--defense", "blur", "--no-spatial_flip"])
+    with pytest.raises(SRDError, match="^--defense nope: unknown defense"):
+        chosen_defense(["--defense", "nope"])
+    with pytest.raises(SRDError, match="^--prune_ratio 1.5: must be in"):
+        parse(["--prune_ratio", "1.5"], DEFENSES["fine_pruning"].Args)
+
+    assert main(["--list"]) == 0
+    rows = {line.split("\t")[0]: line.split("\t") for line in capsys.readouterr().out.splitlines()}
+    assert set(rows) == set(DEFENSES) | {"defense"}
+    assert rows["random_squares"][1:] == [
+        "refine",
+        "yes",
+        "--image_version --mask_colour --square_side",
+    ]
+    assert rows["srd"][2] == "no" and rows["blur"][1] == "test_time"
+    comparison = default_names(benign=False)
+    assert "srd" not in comparison and {"none", "no_mask", "oracle_square", "par"} <= set(
+        comparison
+    )
+    assert set(default_names(benign=True)) == set(comparison) - {"clean_finetune", "oracle_square"}

@@ -302,9 +302,10 @@ def test_kill_srd_clean_data(setup: Setup, tmp_path: Path) -> None:
     )
 
 
-def test_kill_srd_finetune(setup: Setup, tmp_path: Path) -> None:
+def test_kill_srd_refine_tune(setup: Setup, tmp_path: Path) -> None:
     def argv(out: Path) -> list[str]:
-        return [*setup.data, *setup.backdoor, "--poison_ids_path", str(setup.poison_ids),
+        return [*setup.data, *setup.backdoor, "--defense", "srd",
+                "--poison_ids_path", str(setup.poison_ids),
                 "--clean_data_save", str(setup.merged_clean),
                 "--external_save_dir", str(out / "runs"), "--run_name", "refine",
                 "--num_epochs", "3", "--batch_size", "8"]  # fmt: skip
@@ -313,6 +314,6 @@ def test_kill_srd_finetune(setup: Setup, tmp_path: Path) -> None:
         assert (b / "runs/refine" / DONE_MARKER).is_file()
         _same_weights(a / "runs/refine/final_weights.pt", b / "runs/refine/final_weights.pt")
 
-    _kill_and_resume("srd_finetune", "train/srd_finetune.py", argv, compare,
-                     ["--resume_from_checkpoint"], "runs/refine/train.log",
+    _kill_and_resume("defend_srd", "train/defend.py", argv, compare,
+                     ["--resume_from_checkpoint"], "runs/refine/defend.log",
                      _exists("runs/refine/DONE"), tmp_path)  # fmt: skip

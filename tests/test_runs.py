@@ -43,7 +43,7 @@ ENTRY_POINTS = [
     "train/prepare_data.py", "train/pretrain_clip.py", "train/pretrain.py",
     "train/train_backdoor.py",
     "eval/evaluate.py", "eval/evaluate_sfs.py", "train/srd_pool.py", "train/srd_train.py",
-    "train/srd_clean_data.py", "train/combine_data.py", "train/srd_finetune.py",
+    "train/srd_clean_data.py", "train/combine_data.py", "train/defend.py",
     "eval/results_table.py", "eval/srd_coverage.py", "eval/srd_figures.py", "eval/attributes.py",
 ]  # fmt: skip
 
@@ -110,7 +110,9 @@ def _config_classes() -> list[type]:
                 fields = dataclasses.fields(value)
                 if fields and all("help" in f.metadata for f in fields):  # flag configs
                     classes.append(value)
-    return classes
+    from srd.defenses import DEFENSES  # each defense's own flags, composed by train/defend.py
+
+    return classes + [cls.Args for cls in DEFENSES.values()]
 
 
 def test_every_numeric_flag_has_a_range() -> None:

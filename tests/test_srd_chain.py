@@ -149,9 +149,10 @@ def test_pool_random_cleaning_and_combine(
     assert merged["clean_config"]["config"]["policy"] == "random"
 
     # Bad input: one line, exit 2, nothing written.
-    finetune = load_script("train/srd_finetune.py")
+    finetune = load_script("train/defend.py")
     runs = chain.root / "runs"
-    d4 = [*chain.data, *srd, "--external_save_dir", str(runs), "--num_epochs", "1"]
+    d4 = [*chain.data, "--defense", "srd", *srd[4:], "--external_save_dir", str(runs),
+          "--num_epochs", "1"]  # fmt: skip
     expect_bad_input(finetune, [*d4, *[f for f in chain.model() if "checkpoint_path" not in f]],
                      capsys, "--checkpoint_path", "explicitly")  # fmt: skip
     expect_bad_input(finetune, [*d4, *chain.model(perceiver_depth=2)], capsys,
@@ -269,11 +270,15 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     assert (folder / "clean" / "coverage.png").stat().st_size > 10_000
 
     runs = chain.root / "runs"
-    final = load_script("train/srd_finetune.py").main(
+    record = load_script("train/defend.py").main(
         [
             *chain.data,
             *chain.model(),
-            *srd,
+            "--defense",
+            "srd",
+            *srd[4:],  # --clean_data_save, --poison_ids_path (D1/D2's flags are not D4's)
+            "--run_name",
+            "srd-badnet",
             "--external_save_dir",
             str(runs),
             "--num_epochs",
@@ -284,10 +289,12 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
             "1e-3",
         ]  # fmt: skip
     )
+    final = json.loads(Path(record).read_text())["checkpoint"]
     assert Path(final) == runs / "srd-badnet" / "final_weights.pt"
     refined = torch.load(final, weights_only=True)
     before = torch.load(chain.backdoor, weights_only=True)["model_state_dict"]
-    assert refined["config"]["stage"] == "srd_finetune"
+    assert refined["config"]["stage"] == "defend"
+    assert refined["config"]["defense_record"]["defense"]["name"] == "srd"
     assert any(not torch.equal(refined["model_state_dict"][k], v) for k, v in before.items())
 
     test_ids = [r.image_id for r in tiny_test_records]

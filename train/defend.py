@@ -5,7 +5,7 @@ triggered images) and the backdoored weights (--checkpoint_path), then, by the d
 
 * refine-tune defenses (srd, no_mask, clean_finetune, random_squares, oracle_square,
   fine_pruning, par): build the defense's data (and change the model first where it does), then
-  refine-tune with the engine and flags of train/srd_finetune.py (same budget for every one;
+  refine-tune with one engine and one set of budget flags (SRD's stage D4 is --defense srd;
   par replaces the caption loss with its own and logs it per step in step_log.jsonl);
 * test-time defenses (blur, spatial) and none: no training; the record names the backdoored
   checkpoint and the transform, applied by ``eval/evaluate.py --defense NAME``.
@@ -31,7 +31,7 @@ from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import parse, to_dict
 from srd.data.records import DataArgs, check_images_exist
-from srd.defenses import DefenderData, DefenseArgs, build_defense
+from srd.defenses import DefenderData, DefenseArgs, build_defense, chosen_defense
 from srd.defenses.stage import (
     DEFENSE_FILE,
     RefineTrainArgs,
@@ -50,10 +50,11 @@ log = logging.getLogger("defend")
 
 def main(argv: Sequence[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
-    data_args, model_args, dargs, train_args = parse(
-        argv, DataArgs, ModelArgs, DefenseArgs, RefineTrainArgs, description=__doc__
+    cls = chosen_defense(argv)  # its own flags (cls.Args) join the shared ones
+    data_args, model_args, dargs, own, train_args = parse(
+        argv, DataArgs, ModelArgs, DefenseArgs, cls.Args, RefineTrainArgs, description=__doc__
     )
-    defense = build_defense(dargs)
+    defense = build_defense(cls.name, own)
     checkpoint = model_args.checkpoint_path
     require_backdoored_inputs(argv, checkpoint, dargs.poison_ids_path)
     plan, attack = defender_plan(dargs.poison_ids_path, checkpoint, dargs.benign_control)
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         samples, images = training
         config = {
             "stage": "defend",
-            **to_dict(data_args, model_args, dargs, train_args),
+            **to_dict(data_args, model_args, dargs, own, train_args),
             "attack": attack.to_dict(),
             "num_poisoned": len(plan.ids),
             "model_signature": model_signature(model_args),

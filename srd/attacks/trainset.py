@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,6 @@ from srd.data.records import (
     caption_records,
 )
 from srd.errors import SRDError
-from srd.geometry import apply_action
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +131,9 @@ def build_samples(records: Sequence[ImageRecord], plan: PoisonPlan | None) -> li
 class TrainingImages:
     """Image provider for training samples: ``provider(sample) -> uint8 (224, 224, 3)``.
 
-    Poisoned samples get the attack's trigger. ``mask_actions`` (image id -> red-mask action)
-    overrides that: SRD refine-tuning trains on one processed image per image id (reference
-    B15), the square painted on the fly on the version the defender's data holds, so no masked
-    copy of the dataset is ever held in memory.
+    Poisoned samples get the attack's trigger (the attack's training set); a defense's
+    refine-tune images (one version per image id, squares painted on the fly) are
+    :class:`srd.defenses.versions.VersionImages`.
     Decoded images are cached up to ``cache_mb`` MiB (see :class:`srd.data.records.ImageStore`).
     """
 
@@ -144,7 +142,6 @@ class TrainingImages:
         records: Sequence[ImageRecord],
         attack: Attack | None = None,
         poisoned_ids: Sequence[int] = (),
-        mask_actions: Mapping[int, int] | None = None,
         cache_mb: float = DEFAULT_CACHE_MB,
     ):
         self.clean = ImageStore(records, cache_mb)
@@ -153,7 +150,6 @@ class TrainingImages:
         self.poisoned_images = {
             c.image_id for r in records for c in r.captions if c.caption_id in self.poisoned
         }
-        self.mask_actions = {int(k): int(v) for k, v in (mask_actions or {}).items()}
 
     def as_in_training_set(self, image_id: int) -> np.ndarray:
         """The version of an image the defender's data holds: triggered if any caption of it is
@@ -164,9 +160,6 @@ class TrainingImages:
         return image
 
     def __call__(self, sample: Sample) -> np.ndarray:
-        if sample.image_id in self.mask_actions:
-            image = self.as_in_training_set(sample.image_id)
-            return apply_action(image, self.mask_actions[sample.image_id])
         image = self.clean(sample.image_id)
         if self.attack is not None and sample.caption_id in self.poisoned:
             return self.attack.apply_image(image)

@@ -2,7 +2,8 @@
 
 Importing the package registers every defense: ``none``; the refine-tune defenses ``srd``,
 ``no_mask``, ``clean_finetune``, ``random_squares``, ``oracle_square``, ``fine_pruning``,
-``par``; the test-time purifications ``blur`` and ``spatial``. See :mod:`srd.defenses.registry`.
+``par``; the test-time purifications ``blur`` and ``spatial``. Each declares its own flags (its
+``Args``); ``python -m srd.defenses --list`` prints them. See :mod:`srd.defenses.registry`.
 """
 
 from srd.defenses import par, pruning, purify, refine  # noqa: F401  (registers the defenses)
@@ -11,8 +12,9 @@ from srd.defenses.registry import (
     DefenderData,
     Defense,
     DefenseArgs,
-    TransformArgs,
+    DefenseName,
     build_defense,
+    chosen_defense,
     register_defense,
 )
 from srd.defenses.srd import defense  # noqa: F401  (registers srd)
@@ -22,7 +24,8 @@ __all__ = [
     "DefenderData",
     "Defense",
     "DefenseArgs",
-    "TransformArgs",
+    "DefenseName",
     "build_defense",
+    "chosen_defense",
     "register_defense",
 ]

@@ -1,23 +1,39 @@
-"""``python -m srd.defenses POISON_IDS NAME...``: print the defenses among NAME that can run
-against the attack recorded in POISON_IDS (an attack run's poison_ids.json), one per line; each
-one left out goes to stderr with the reason (e.g. oracle_square without a patch trigger).
-run/run_defenses.sh filters its DEFENSES through it, so the default list runs on every attack."""
+"""The registry from the shell.
+
+``python -m srd.defenses --list``: every defense, its kind, its own flags and whether
+run/run_defenses.sh runs it by default.
+
+``python -m srd.defenses [--benign] POISON_IDS [NAME...]``: the defenses among NAME (default: the
+registry's comparison list, or its benign-control list with ``--benign``) that can run against
+the attack recorded in POISON_IDS (an attack run's poison_ids.json), one per line; each one left
+out goes to stderr with the reason (e.g. oracle_square without a patch trigger).
+run/run_defenses.sh takes its list from here, so a new defense needs no edit of the script.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 from srd.attacks.trainset import PoisonPlan, plan_attack
 from srd.cli import EXIT_BAD_INPUT, light_main
-from srd.defenses import DefenseArgs, build_defense
+from srd.defenses import DEFENSES, build_defense
+
+USAGE = "usage: python -m srd.defenses --list | [--benign] POISON_IDS [NAME...]"
+
+
+def default_names(benign: bool) -> list[str]:
+    """The registry's comparison list (or its benign-control list), in registration order."""
+    flag = "in_benign_control" if benign else "in_comparison"
+    return [name for name, cls in DEFENSES.items() if cls.in_comparison and getattr(cls, flag)]
 
 
 def applicable(poison_ids_path: str, names: Sequence[str]) -> list[str]:
     attack = plan_attack(PoisonPlan.load(poison_ids_path), poison_ids_path)
     keep = []
     for name in names:
-        reason = build_defense(DefenseArgs(defense=name)).unavailable(attack)
+        reason = build_defense(name).unavailable(attack)
         if reason:
             print(f"skipped: {name}: {reason}", file=sys.stderr)
         else:
@@ -25,12 +41,27 @@ def applicable(poison_ids_path: str, names: Sequence[str]) -> list[str]:
     return keep
 
 
+def registry_table() -> str:
+    rows = ["defense\tkind\tin comparison\tflags"]
+    for name, cls in DEFENSES.items():
+        flags = " ".join(f"--{f.name}" for f in dataclasses.fields(cls.Args)) or "-"
+        default = "yes" if cls.in_comparison else "no"
+        rows.append(f"{name}\t{cls.kind}\t{default}\t{flags}")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 1:
-        print("error: usage: python -m srd.defenses POISON_IDS NAME...", file=sys.stderr)
+    if argv == ["--list"]:
+        return light_main(lambda: print(registry_table()))
+    benign = bool(argv) and argv[0] == "--benign"
+    if benign:
+        argv = argv[1:]
+    if len(argv) < 1 or argv[0].startswith("--"):
+        print(f"error: {USAGE}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return light_main(lambda: print("\n".join(applicable(argv[0], argv[1:]))))
+    names = argv[1:] or default_names(benign)
+    return light_main(lambda: print("\n".join(applicable(argv[0], names))))
 
 
 if __name__ == "__main__":

@@ -16,16 +16,41 @@ defense record gets their summary (:meth:`srd.par.captioner.CaptionerPush.summar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from srd.captioner.engine import Sample, TrainArgs
+from srd.config import arg
 from srd.defenses.refine import CleanFinetune, NoMask
-from srd.defenses.registry import DefenderData, Defense, register_defense
+from srd.defenses.registry import DefenderData, Defense, VersionArgs, register_defense
 from srd.errors import SRDError
+from srd.flags import at_least, positive
 from srd.par.captioner import FEATURES, CaptionerPush
 
 PAR_DATA = {"clean": CleanFinetune, "as_left": NoMask}
 """``--par_data`` -> the baseline whose data (and so push-free control) PAR shares."""
+
+
+@dataclass
+class PARArgs(VersionArgs):
+    """par: its data, the states it pushes and the push's threshold and weight."""
+
+    par_data: str = arg(
+        "clean",
+        help="clean (the clean_finetune data, PAR's clean pairs) or as_left (the no_mask data, "
+        "poisoned samples included; then --image_version applies)",
+        choices=list(PAR_DATA),
+    )
+    par_feature: str = arg(
+        "perceiver",
+        help="states pushed from the frozen copy: perceiver outputs or gated cross-attention "
+        "outputs",
+        choices=list(FEATURES),
+    )
+    loss_thresh: float = arg(
+        2.15, help="tau: the push is off while the distance exceeds it", check=positive()
+    )
+    push_weight: float = arg(0.5, help="weight of the push term (PAR: 0.5)", check=at_least(0))
 
 
 @register_defense("par")
@@ -33,24 +58,12 @@ class PAR(Defense):
     """Caption loss minus the thresholded push away from the frozen backdoored model."""
 
     kind = "refine"
-
-    def check(self) -> None:
-        a = self.args
-        if a.par_data not in PAR_DATA:
-            raise SRDError(f"--par_data {a.par_data}: expected one of {', '.join(PAR_DATA)}")
-        if a.par_feature not in FEATURES:
-            raise SRDError(f"--par_feature {a.par_feature}: expected one of {', '.join(FEATURES)}")
-        if not a.loss_thresh > 0:
-            raise SRDError(f"--loss_thresh {a.loss_thresh}: must be positive")
-        if not a.push_weight >= 0:
-            raise SRDError(f"--push_weight {a.push_weight}: must be non-negative")
+    Args = PARArgs
 
     def training_set(self, data: DefenderData) -> tuple[list[Sample], Any]:
-        self.check()
         return PAR_DATA[self.args.par_data](self.args).training_set(data)
 
     def training_loss(self, captioner: Any, train_args: TrainArgs) -> CaptionerPush:
-        self.check()
         if self.args.par_feature == "perceiver" and train_args.trainable == "all":
             raise SRDError(
                 "--trainable all: par --par_feature perceiver needs the frozen vision tower "

@@ -11,15 +11,18 @@ is (the ``no_mask`` data), with the same budget as every refine-tune defense.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from open_flamingo.src.helpers import GatedCrossAttentionBlock
 
 from srd.captioner.engine import Collator
+from srd.config import arg
 from srd.defenses.refine import NoMask
-from srd.defenses.registry import DefenderData, register_defense, seeded_subset
+from srd.defenses.registry import DefenderData, VersionArgs, register_defense, seeded_subset
 from srd.errors import SRDError
+from srd.flags import COUNT, between
 
 
 def cross_attention_blocks(model: torch.nn.Module) -> list[GatedCrossAttentionBlock]:
@@ -66,16 +69,28 @@ def prune_units(block: GatedCrossAttentionBlock, units: torch.Tensor) -> None:
     block.ff[3].weight[:, units] = 0
 
 
+@dataclass
+class PruningArgs(VersionArgs):
+    """fine_pruning: how much to prune, measured on how much data (and the image version)."""
+
+    prune_ratio: float = arg(
+        0.2,
+        help="share of cross-attention FF units pruned",
+        check=between(0, 1, high_open=True),
+    )
+    prune_batches: int = arg(
+        8, help="batches of the defender's data for the activations", check=COUNT
+    )
+
+
 @register_defense("fine_pruning")
 class FinePruning(NoMask):
     """Prune the least active cross-attention FF units, then refine-tune on the data as it is."""
 
+    Args = PruningArgs
+
     def prepare_model(self, captioner: Any, data: DefenderData) -> dict[str, Any]:
         ratio = self.args.prune_ratio
-        if not 0.0 <= ratio < 1.0:
-            raise SRDError(f"--prune_ratio {ratio}: expected a share in [0, 1)")
-        if self.args.prune_batches < 1:
-            raise SRDError(f"--prune_batches {self.args.prune_batches}: must be at least 1")
         blocks = cross_attention_blocks(captioner.model)
         if not blocks:
             raise SRDError("--defense fine_pruning: the model has no gated cross-attention")

@@ -14,12 +14,15 @@ applies the transform to clean and triggered test images alike.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from srd.config import arg
 from srd.defenses.registry import Defense, Transform, register_defense
+from srd.flags import SHARE, between, positive
 
 
 def blur_radius(height: int, width: int, share: float, factor: float) -> float:
@@ -51,6 +54,32 @@ def spatial_image(image: np.ndarray, flip: bool, scale: float, angle: float) -> 
     return np.asarray(pil, np.uint8)
 
 
+@dataclass
+class BlurArgs:
+    """blur: the Gaussian radius and the blend."""
+
+    blur_radius_share: float = arg(
+        0.06,
+        help="Gaussian radius as a share of min(H, W), before the factor",
+        check=between(0, 1, low_open=True),
+    )
+    blur_radius_factor: float = arg(
+        0.7, help="factor on the radius (CleanSight: 0.7)", check=positive()
+    )
+    blur_alpha: float = arg(0.7, help="weight of the blurred image in the blend", check=SHARE)
+
+
+@dataclass
+class SpatialArgs:
+    """spatial: the flip, the shrink and the rotation."""
+
+    spatial_scale: float = arg(
+        0.9, help="shrink factor before padding back to size", check=between(0, 1, low_open=True)
+    )
+    spatial_angle: float = arg(10.0, help="rotation in degrees", check=between(-180, 180))
+    spatial_flip: bool = arg(True, help="mirror the image left-right")
+
+
 class TestTimeDefense(Defense):
     kind = "test_time"
     changes_images = True
@@ -59,6 +88,8 @@ class TestTimeDefense(Defense):
 @register_defense("blur")
 class Blur(TestTimeDefense):
     """Gaussian blur purification of the test images."""
+
+    Args = BlurArgs
 
     def transform(self) -> Transform:
         a = self.args
@@ -84,6 +115,8 @@ class Blur(TestTimeDefense):
 @register_defense("spatial")
 class Spatial(TestTimeDefense):
     """Spatial-transform purification (flip + shrink-and-pad + rotation) of the test images."""
+
+    Args = SpatialArgs
 
     def transform(self) -> Transform:
         a = self.args

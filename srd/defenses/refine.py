@@ -1,10 +1,9 @@
-"""Refine-tune defenses: SRD's stage D4 and the baselines that share its engine and budget.
+"""Refine-tune defenses: the baselines that share SRD's stage D4 engine and budget.
 
-Each gives the refine-tune data; :mod:`train.defend` trains it with the engine of
-``train/srd_finetune.py`` (same flags, same budget) and evaluation is ``eval/evaluate.py``.
+Each gives the refine-tune data; :mod:`train.defend` trains it (every refine-tune defense with
+the same flags and budget, SRD's own entry :mod:`srd.defenses.srd.defense` included) and
+evaluation is ``eval/evaluate.py``.
 
-* ``srd``: the agent's squares from the cleaning manifest (stages D1-D3b, ``run/run_SRD.sh``)
-  painted on each image's version (``--image_version``); captions kept (poisoned ones too).
 * ``no_mask``: the same data with no square at all (what the refine-tune does on its own).
 * ``clean_finetune``: only the clean captions with clean images (the defender is told which
   samples are poisoned: an upper reference, not a defense a defender could run).
@@ -13,33 +12,58 @@ Each gives the refine-tune data; :mod:`train.defend` trains it with the engine o
   every square at one size.
 * ``oracle_square``: the grid square that covers the real trigger's box (the best a single
   square can do), painted on every image.
+
+A refine-tune defense takes ``--image_version`` (:class:`~srd.defenses.registry.VersionArgs`);
+one that paints squares also ``--mask_colour`` (:class:`~srd.defenses.registry.SquareArgs`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from srd.attacks.registry import Attack
 from srd.captioner.engine import Sample
+from srd.config import arg
 from srd.defenses.coverage import trigger_box
-from srd.defenses.registry import DefenderData, Defense, register_defense
+from srd.defenses.registry import (
+    DefenderData,
+    Defense,
+    SquareArgs,
+    VersionArgs,
+    register_defense,
+)
 from srd.defenses.squares import RandomTries, covering_action
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
-from srd.geometry import MASK_COLOURS
+from srd.flags import at_least
+from srd.geometry import MASK_COLOURS, RED
+
+
+@dataclass
+class RandomSquaresArgs(SquareArgs):
+    """random_squares: the squares' size (and the image version and colour)."""
+
+    square_side: int = arg(
+        0,
+        help="side in pixels of every square (one of the action grid's sizes, 20 40 60 80 "
+        "200); 0: any size, uniform over all 500 actions",
+        check=at_least(0),
+    )
 
 
 class RefineDefense(Defense):
     """A refine-tune on one version per image with an optional square per image."""
 
     kind = "refine"
+    Args = VersionArgs
 
     def mask_actions(self, data: DefenderData) -> dict[int, int] | None:
         return None
 
     def provider(self, data: DefenderData) -> VersionImages:
         triggered = triggered_images(data, self.args.image_version, data.seed)
-        colour = MASK_COLOURS[self.args.mask_colour]
+        colour = MASK_COLOURS[self.args.mask_colour] if self.paints_squares else RED
         return VersionImages(data, triggered, self.mask_actions(data), colour)
 
     def training_set(self, data: DefenderData) -> tuple[list[Sample], VersionImages]:
@@ -73,7 +97,7 @@ class RandomSquares(RefineDefense):
 
     changes_images = True
     paints_squares = True
-    takes_square_side = True
+    Args = RandomSquaresArgs
 
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
         ids = list(image_ids(data))
@@ -94,6 +118,8 @@ class OracleSquare(RefineDefense):
 
     changes_images = True
     paints_squares = True
+    Args = SquareArgs
+    in_benign_control = False
 
     def unavailable(self, attack: Attack) -> str | None:
         if trigger_box(attack) is None:
@@ -113,6 +139,7 @@ class CleanFinetune(Defense):
     """Refine-tune on the clean captions only, with clean images (told which are poisoned)."""
 
     kind = "refine"
+    in_benign_control = False  # with nothing poisoned it is no_mask exactly
 
     def training_set(self, data: DefenderData) -> tuple[list[Sample], VersionImages]:
         poisoned = set(data.plan.ids)

@@ -15,6 +15,8 @@ unknown name is a one-line :class:`srd.errors.SRDError` naming ``--defense``.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from srd.captioner.engine import Sample
 from srd.config import arg
 from srd.data.records import ImageRecord, caption_records
 from srd.errors import SRDError
-from srd.flags import SHARE, between, positive
+from srd.flags import at_least, check_flags
 from srd.geometry import MASK_COLOURS
 
 ImageFn = Callable[[Sample], np.ndarray]
@@ -38,39 +40,42 @@ IMAGE_VERSIONS = ("triggered", "first_occurrence")
 
 
 @dataclass
-class TransformArgs:
-    """Defense: which one, and the test-time transforms' parameters."""
+class DefenseName:
+    """Defense: which one (``python -m srd.defenses --list`` shows the registry)."""
 
     defense: str = arg("none", help="defense name from the registry (srd.defenses.DEFENSES)")
-    blur_radius_share: float = arg(
-        0.06,
-        help="blur: Gaussian radius as a share of min(H, W), before the 0.7 factor",
-        check=between(0, 1, low_open=True),
-    )
-    blur_radius_factor: float = arg(
-        0.7, help="blur: factor on the radius (CleanSight: 0.7)", check=positive()
-    )
-    blur_alpha: float = arg(0.7, help="blur: weight of the blurred image in the blend", check=SHARE)
-    spatial_scale: float = arg(
-        0.9,
-        help="spatial: shrink factor before padding back to size",
-        check=between(0, 1, low_open=True),
-    )
-    spatial_angle: float = arg(10.0, help="spatial: rotation in degrees", check=between(-180, 180))
-    spatial_flip: bool = arg(True, help="spatial: mirror the image left-right")
 
 
 @dataclass
-class DefenseArgs(TransformArgs):
-    """Defense: which one, its data variants and parameters."""
+class DefenseArgs(DefenseName):
+    """Defense: which one, and the defender's data every defense starts from."""
 
     poison_ids_path: str = arg(
         "checkpoints_remote/backdoor-badnet/poison_ids.json",
         help="the attack run's poison_ids.json (the defender's data as the attack left it)",
     )
-    clean_data_save: str = arg(
-        "", help="srd: folder of the merged cleaning manifest (stage D3b's merged.json)"
+    quality_images: int = arg(
+        64,
+        help="images (seeded draw) for SSIM/PSNR of processed vs original (0: skip)",
+        check=at_least(0),
     )
+    benign_control: bool = arg(
+        False,
+        help="run the defense on the clean captioner (--checkpoint_path) with the defender's "
+        "data as if no caption were poisoned; measures what the defense costs a model without "
+        "a backdoor (the attack of --poison_ids_path only names the trigger of the evaluation)",
+    )
+
+
+@dataclass
+class NoFlags:
+    """This defense's flags: none of its own."""
+
+
+@dataclass
+class VersionArgs:
+    """Refine-tune: the image version it trains on."""
+
     image_version: str = arg(
         "triggered",
         help="which version of an image with a poisoned caption the refine-tune uses: "
@@ -78,46 +83,18 @@ class DefenseArgs(TransformArgs):
         "of the first stored occurrence in a seeded draw, reference §11 / B15)",
         choices=list(IMAGE_VERSIONS),
     )
-    square_side: int = arg(
-        0,
-        help="random_squares: side in pixels of every square (one of the action grid's sizes, "
-        "20 40 60 80 200); 0: any size, uniform over all 500 actions",
-    )
+
+
+@dataclass
+class SquareArgs(VersionArgs):
+    """Refine-tune on painted squares: the image version and the squares' colour."""
+
     mask_colour: str = arg(
         "red",
-        help="srd, random_squares, oracle_square: colour of the squares painted on the "
-        "refine-tune images: red (the reference's) or cyan (ours: a colour no object or "
-        "background of the embedded benchmark has; the mask-colour ablation)",
+        help="colour of the squares painted on the refine-tune images: red (the reference's) "
+        "or cyan (ours: a colour no object or background of the embedded benchmark has; the "
+        "mask-colour ablation)",
         choices=list(MASK_COLOURS),
-    )
-    prune_ratio: float = arg(
-        0.2,
-        help="fine_pruning: share of cross-attention FF units pruned",
-        check=between(0, 1, high_open=True),
-    )
-    prune_batches: int = arg(8, help="fine_pruning: batches of defender's data for activations")
-    par_data: str = arg(
-        "clean",
-        help="par: clean (the clean_finetune data, PAR's clean pairs) or as_left (the no_mask "
-        "data, poisoned samples included)",
-        choices=["clean", "as_left"],
-    )
-    par_feature: str = arg(
-        "perceiver",
-        help="par: states pushed from the frozen copy: perceiver outputs or gated "
-        "cross-attention outputs",
-        choices=["perceiver", "cross_attention"],
-    )
-    loss_thresh: float = arg(2.15, help="par: tau, the push is off while the distance exceeds it")
-    push_weight: float = arg(0.5, help="par: weight of the push term (PAR: 0.5)")
-    quality_images: int = arg(
-        64, help="images (seeded draw) for SSIM/PSNR of processed vs original (0: skip)"
-    )
-    benign_control: bool = arg(
-        False,
-        help="run the defense on the clean captioner (--checkpoint_path) with the defender's "
-        "data as if no caption were poisoned; measures what the defense costs a model without "
-        "a backdoor (the attack of --poison_ids_path only names the trigger of the evaluation)",
     )
 
 
@@ -149,11 +126,16 @@ class Defense:
     name = "none"
     kind = "none"  # "refine" (defended checkpoint), "test_time" (input transform) or "none"
     changes_images = False
-    paints_squares = False  # takes --mask_colour
-    takes_square_side = False  # takes --square_side
+    paints_squares = False
+    Args: type = NoFlags
+    """The defense's own flags (a dataclass of :func:`srd.config.arg` fields)."""
+    in_comparison = True
+    """run/run_defenses.sh runs it by default (srd needs its cleaning run and is added apart)."""
+    in_benign_control = True
+    """... and with BENIGN=1 (where nothing is poisoned, e.g. clean_finetune is no_mask)."""
 
-    def __init__(self, args: DefenseArgs | TransformArgs):
-        self.args = args
+    def __init__(self, args: Any = None):
+        self.args = self.Args() if args is None else args
 
     def unavailable(self, attack: Attack) -> str | None:
         """Why this defense cannot run against ``attack`` (None: it can)."""
@@ -204,20 +186,58 @@ def register_defense(name: str) -> Callable[[type[Defense]], type[Defense]]:
 register_defense("none")(Defense)
 
 
-def build_defense(args: DefenseArgs | TransformArgs) -> Defense:
-    """The defense named by ``args.defense``; SRDError naming ``--defense`` when unknown."""
-    cls = DEFENSES.get(args.defense)
+def defense_class(name: str) -> type[Defense]:
+    """The registry class named ``name``; SRDError naming ``--defense`` when unknown."""
+    cls = DEFENSES.get(name)
     if cls is None:
-        raise SRDError(
-            f"--defense {args.defense}: unknown defense (known: {', '.join(sorted(DEFENSES))})"
-        )
-    colour = getattr(args, "mask_colour", "red")
-    if colour != "red" and not cls.paints_squares:
-        raise SRDError(f"--mask_colour {colour}: defense {args.defense} paints no squares")
-    side = getattr(args, "square_side", 0)
-    if side and not cls.takes_square_side:
-        takers = ", ".join(n for n, c in sorted(DEFENSES.items()) if c.takes_square_side)
-        raise SRDError(f"--square_side {side}: only {takers} takes it, not {args.defense}")
+        raise SRDError(f"--defense {name}: unknown defense (known: {', '.join(sorted(DEFENSES))})")
+    return cls
+
+
+def flag_owners() -> dict[str, list[str]]:
+    """{flag name: the defenses whose ``Args`` declare it}."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in sorted(DEFENSES.items()):
+        for f in dataclasses.fields(cls.Args):
+            owners.setdefault(f.name, []).append(name)
+    return owners
+
+
+def refuse_foreign_flags(names: Sequence[str], cls: type[Defense]) -> None:
+    """SRDError naming the first of ``names`` (flag names) that belongs to other defenses only."""
+    own = {f.name for f in dataclasses.fields(cls.Args)}
+    owners = flag_owners()
+    for name in names:
+        if name in owners and name not in own:
+            raise SRDError(
+                f"--{name}: a flag of {', '.join(owners[name])}, not of --defense {cls.name}"
+            )
+
+
+def chosen_defense(argv: Sequence[str]) -> type[Defense]:
+    """The class named by ``--defense`` in a command line (``none`` when absent), checked to get
+    none of another defense's flags; the entry point then parses its ``Args`` with the rest."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--defense", default="none")
+    known, _ = parser.parse_known_args(argv)
+    cls = defense_class(known.defense)
+    flags = [t[2:].split("=", 1)[0] for t in argv if t.startswith("--")]
+    refuse_foreign_flags([f[3:] if f.startswith("no-") else f for f in flags], cls)
+    return cls
+
+
+def build_defense(name: str, args: Any = None, **flags: Any) -> Defense:
+    """The defense ``name`` with its ``Args`` (given, or built from ``flags`` and checked like a
+    command line); SRDError naming the flag or ``--defense`` on bad input."""
+    cls = defense_class(name)
+    if args is None:
+        refuse_foreign_flags(list(flags), cls)
+        own = {f.name for f in dataclasses.fields(cls.Args)}
+        unknown = sorted(set(flags) - own)
+        if unknown:
+            raise SRDError(f"--{unknown[0]}: not a flag of any defense")
+        args = cls.Args(**flags)
+    check_flags([args])
     return cls(args)
 
 

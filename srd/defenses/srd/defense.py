@@ -10,12 +10,23 @@ engine and budget as every other refine-tune defense.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
+from srd.config import arg
 from srd.defenses.refine import RefineDefense
-from srd.defenses.registry import DefenderData, register_defense
+from srd.defenses.registry import DefenderData, SquareArgs, register_defense
 from srd.defenses.srd.merge import check_cleaning_run, masked_training_actions, read_merged
 from srd.errors import SRDError
+
+
+@dataclass
+class SRDDefenseArgs(SquareArgs):
+    """srd: the cleaning run whose squares it paints (and the image version and colour)."""
+
+    clean_data_save: str = arg(
+        "", help="folder of the merged cleaning manifest (stage D3b's merged.json)"
+    )
 
 
 @register_defense("srd")
@@ -24,6 +35,8 @@ class SRD(RefineDefense):
 
     changes_images = True
     paints_squares = True
+    Args = SRDDefenseArgs
+    in_comparison = False  # needs its cleaning run: run/run_defenses.sh adds it when there is one
 
     @functools.cached_property
     def _manifest(self) -> dict[str, Any]:

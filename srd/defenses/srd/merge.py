@@ -11,16 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from srd.attacks.registry import Attack
-from srd.attacks.trainset import PoisonPlan
 from srd.data.records import ImageRecord
 from srd.defenses.srd.clean import CLEAN_CONFIG
-from srd.defenses.srd.inputs import training_versions
 from srd.defenses.srd.shards import MERGED_FORMAT, merge_shards
 from srd.errors import SRDError
-from srd.geometry import apply_action
 from srd.io import file_digest, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -111,25 +106,3 @@ def masked_training_actions(
             f"{len(extra)} unknown, e.g. {(missing or extra)[:3]})"
         )
     return actions
-
-
-def masked_training_images(
-    records: Sequence[ImageRecord],
-    attack: Attack,
-    plan: PoisonPlan,
-    merged: Mapping[str, Any],
-    source: str = "merged manifest",
-) -> dict[int, np.ndarray]:
-    """{image id: SRD-processed image (224, 224, 3) uint8} for every training image.
-
-    The processed image is the kept red square on the version the defender's data holds
-    (triggered if any caption of the image is poisoned); one per image id (reference B15).
-    Materialises every image: D4 itself paints them on the fly
-    (:class:`srd.attacks.trainset.TrainingImages` with ``mask_actions``); this serves inspection.
-    """
-    actions = masked_training_actions(records, merged, source)
-    version = training_versions(records, plan, attack)
-    return {
-        i: apply_action(version(i), actions[i])
-        for i in tqdm(sorted(actions), desc="D4 masked images", unit="img", leave=False)
-    }

@@ -40,15 +40,18 @@ if [ -n "${POISON_RATE:-}" ]; then
     exit 2
   }
 fi
-# ATTACK_EPOCHS (default 6) is the attack's training budget; another count (e.g. 12) is another
+# ATTACK_EPOCHS (default: srd/budgets.py's, 6) is the attack's training budget; another count (e.g. 12) is another
 # model: names then carry it after the rate, backdoor-blended-e12-s1, and the defense report
 # gives it its own rows ("blended (12 attack epochs)").
-ATTACK_EPOCHS=${ATTACK_EPOCHS:-6}
+# The budgets themselves (epochs, lr, batch, schedule of the attack and of every refine-tune)
+# come from srd/budgets.py, the one source the entry points and the report read too.
+eval "$(python -m srd.budgets)" || exit 1
+ATTACK_EPOCHS=${ATTACK_EPOCHS:-$BUDGET_ATTACK_EPOCHS}
 case $ATTACK_EPOCHS in
   '' | *[!0-9]* | 0*)
     echo "error: ATTACK_EPOCHS=$ATTACK_EPOCHS: expected a whole number of epochs such as 12" >&2
     exit 2 ;;
-  6) EPOCH_TAG="" ;;
+  "$BUDGET_ATTACK_EPOCHS") EPOCH_TAG="" ;;
   *) EPOCH_TAG=-e$ATTACK_EPOCHS ;;
 esac
 ATTACK_TAG=$RATE_TAG$EPOCH_TAG

@@ -15,8 +15,8 @@
 # rows refine-tune with seed SEED); names of SEED > 0 end in -sSEED.
 #
 # Embedded defaults below are smaller than the reference's: the pool takes 300 training images
-# (reference: all), the refine-tune 2 epochs at lr 1e-3 (reference: 20 epochs at 1e-4, the
-# defaults of train/defend.py). The agent runs train/srd_train.py's defaults, which are
+# (reference: all), the refine-tune srd/budgets.py's REFINE, 2 epochs at lr 1e-3 (reference:
+# 20 epochs at 1e-4, the defaults of train/defend.py). The agent runs train/srd_train.py's defaults, which are
 # ours (3,000 transitions in 16 batched environments, 5-step episodes over the shuffled pool,
 # target copy every 500: every pool image visited twice; docs/agent.md); the
 # reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
@@ -107,11 +107,11 @@ once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- \
     --checkpoint_path "$BACKDOOR" \
     --run_name "$NAME" \
     --external_save_dir checkpoints_remote \
-    --batch_size 32 \
-    --num_epochs 2 \
-    --learning_rate 1e-3 \
-    --lr_scheduler cosine \
-    --warmup_steps_ratio 0.01 \
+    --batch_size "$BUDGET_REFINE_BATCH_SIZE" \
+    --num_epochs "$BUDGET_REFINE_EPOCHS" \
+    --learning_rate "$BUDGET_REFINE_LEARNING_RATE" \
+    --lr_scheduler "$BUDGET_REFINE_LR_SCHEDULER" \
+    --warmup_steps_ratio "$BUDGET_REFINE_WARMUP_STEPS_RATIO" \
     --seed $((42 + SEED)) \
     --resume_from_checkpoint
 

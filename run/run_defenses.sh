@@ -1,11 +1,12 @@
 #!/bin/sh
 # The defense comparison on one attack: every defense of the registry from the same backdoored
-# model (stage A's run), the same refine-tune budget (as run/run_SRD.sh's D4: 2 epochs, lr 1e-3,
-# batch 32) and the same evaluation, then result/report.md (on the synthetic benchmark with what
-# the clean captions get wrong) and img/defense_*.png.
+# model (stage A's run), the same refine-tune budget (srd/budgets.py's REFINE, as run/run_SRD.sh's
+# D4) and the same evaluation, then result/report.md (on the synthetic benchmark with what the
+# clean captions get wrong) and img/defense_*.png.
 #   ATTACK=badnet SEED=0 sh run/run_defenses.sh        (POISON_RATE=0.05: that model, run/common.sh)
 # RUNS (checkpoints_remote), RESULTS (result) and IMG (img) move the run folders, the result
-# JSONs (+ report.md) and the figures; EPOCHS (2) and LR (1e-3) set the shared refine-tune budget.
+# JSONs (+ report.md) and the figures; EPOCHS and LR override the shared refine-tune budget
+# (srd/budgets.py's REFINE: 2 epochs at lr 1e-3, batch 32).
 # DEFENSES picks the defenses (space-separated; default: every registry entry marked for the
 # comparison, `python -m srd.defenses --list`; those that cannot run against the attack, e.g.
 # oracle_square without a patch trigger, are left out with the reason); SRD's rows need
@@ -41,8 +42,9 @@ START=$BACKDOOR PREFIX=defense CONTROL="" INPUT="" LIST=""
   LIST=--benign
 POISON=$RUNS/backdoor-$ATTACK$SUFFIX/poison_ids.json
 CLEAN_DATA=$RUNS/srd-$ATTACK$SUFFIX/clean_data
-BUDGET="--batch_size 32 --num_epochs ${EPOCHS:-2} --learning_rate ${LR:-1e-3} \
-  --lr_scheduler cosine --warmup_steps_ratio 0.01 --seed $SEED"
+BUDGET="--batch_size $BUDGET_REFINE_BATCH_SIZE --num_epochs ${EPOCHS:-$BUDGET_REFINE_EPOCHS} \
+  --learning_rate ${LR:-$BUDGET_REFINE_LEARNING_RATE} --lr_scheduler $BUDGET_REFINE_LR_SCHEDULER \
+  --warmup_steps_ratio $BUDGET_REFINE_WARMUP_STEPS_RATIO --seed $SEED"
 EVAL_FLAGS="--bd_attack_type $ATTACK --batch_size 32 --num_beams 3 --max_new_tokens 20"
 [ -f "$BACKDOOR" ] || { echo "error: $BACKDOOR: run the attack stage first (run/run_train.sh)" >&2; exit 2; }
 

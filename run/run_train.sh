@@ -17,10 +17,10 @@ once "checkpoints_remote/$RUN/DONE" -- \
   --run_name "$RUN" \
   --seed $((42 + SEED)) \
   --external_save_dir checkpoints_remote \
-  --batch_size 32 \
+  --batch_size "$BUDGET_ATTACK_BATCH_SIZE" \
   --num_epochs "$ATTACK_EPOCHS" \
-  --learning_rate 1e-3 \
-  --lr_scheduler cosine \
-  --warmup_steps_ratio 0.01 \
+  --learning_rate "$BUDGET_ATTACK_LEARNING_RATE" \
+  --lr_scheduler "$BUDGET_ATTACK_LR_SCHEDULER" \
+  --warmup_steps_ratio "$BUDGET_ATTACK_WARMUP_STEPS_RATIO" \
   --resume_from_checkpoint \
   $RATE_FLAG "$@"

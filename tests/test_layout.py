@@ -21,7 +21,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "srd"
 
-KERNEL = ("errors", "io", "cli", "flags", "config", "runs", "stamp", "geometry", "captions")
+KERNEL = (
+    "errors", "io", "cli", "flags", "config", "runs", "stamp", "geometry", "captions", "budgets"
+)  # fmt: skip
 LAYERS: list[tuple[str, ...]] = [
     tuple(f"srd.{m}" for m in KERNEL),
     ("srd.data",),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from srd.defenses import report
+from srd.budgets import ATTACK
 from srd.stamp import command_key, describe, main, stamp_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,8 +170,10 @@ def test_attack_budget_default_is_the_scripts() -> None:
     shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
     env = {k: v for k, v in os.environ.items() if k != "ATTACK_EPOCHS"}
     done = subprocess.run(shell, env=env, capture_output=True, text=True, check=True)
-    assert int(done.stdout) == report.DEFAULT_ATTACK_EPOCHS
+    assert int(done.stdout) == ATTACK.epochs  # srd/budgets.py, which the report reads too
     assert '--num_epochs "$ATTACK_EPOCHS"' in (REPO / "run" / "run_train.sh").read_text()
+    for script in ("run_SRD.sh", "run_defenses.sh"):  # the refine budget's one source
+        assert "$BUDGET_REFINE_EPOCHS" in (REPO / "run" / script).read_text()
 
 
 @pytest.mark.parametrize("jobs", ["2", "1"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from srd.attacks.registry import AttackArgs
 from srd.attacks.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
+from srd.budgets import ATTACK
 from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.engine import CaptionDataset, TrainArgs, process_state, train
 from srd.captioner.factory import load_captioner
@@ -34,8 +35,12 @@ class BackdoorTrainArgs(TrainArgs):
     """Training: run folder, optimiser, schedule, checkpoints."""
 
     run_name: str = arg("", help="run folder name (default: backdoor-<attack>)")
-    num_epochs: int = arg(6, help="training epochs over all training captions", check=COUNT)
-    learning_rate: float = arg(1e-3, help="peak learning rate (AdamW)", check=positive())
+    num_epochs: int = arg(
+        ATTACK.epochs, help="training epochs over all training captions", check=COUNT
+    )
+    learning_rate: float = arg(
+        ATTACK.learning_rate, help="peak learning rate (AdamW)", check=positive()
+    )
     poison_unit: str = arg(
         "caption",
         help="caption: poison caption samples (the reference; a triggered image keeps clean "

@@ -22,6 +22,7 @@ import numpy as np
 
 from srd.attacks.config import CONFIG_DIR, known_attacks
 from srd.attacks.registry import load_attack_config
+from srd.budgets import ATTACK
 from srd.data.attributes import attribute_accuracy, colour_recall, object_errors
 from srd.data.scenes import COLOURS
 from srd.defenses.coverage import KEPT_COVERAGE_FILE
@@ -71,10 +72,6 @@ def _normpath(path: Any) -> str | None:
     return None if path is None else os.path.normpath(str(path))
 
 
-# The attack's training budget of run/common.sh (ATTACK_EPOCHS); a test checks they agree.
-DEFAULT_ATTACK_EPOCHS = 6
-
-
 def attack_fact(record: dict[str, Any], key: str) -> Any:
     """``attack_poison_rate`` or ``attack_epochs`` of the backdoored model a defense record starts
     from: as recorded, or for records written before they named it, read from the attack run of
@@ -100,7 +97,7 @@ def attack_label(attack: str, rate: float | None, epochs: int | None = None) -> 
     tags = []
     if rate is not None and rate != _config_poison_rate(attack):
         tags.append(f"{100 * rate:g}% poison")
-    if epochs is not None and epochs != DEFAULT_ATTACK_EPOCHS:
+    if epochs is not None and epochs != ATTACK.epochs:
         tags.append(f"{epochs} attack epochs")
     return f"{attack} ({', '.join(tags)})" if tags else attack
 

@@ -27,8 +27,9 @@ from srd.errors import SRDError
 from srd.evaluation.sfs import (
     BlipCaptioner,
     ReferenceCaptioner,
-    build_scorer,
+    SFSModelArgs,
     evaluate_sfs,
+    load_scorer,
     load_sfs_inputs,
     resolve_device,
 )
@@ -46,28 +47,10 @@ class SFSEvalArgs:
     name: str = arg(help="model/attack folder under --data_dir_path (e.g. badnet)")
     type: str = arg(help="sub-folder under --name (e.g. attack or clean)")
     data_dir_path: str = arg("result/sfs_inputs", help="root of the evaluation stage's SFS inputs")
-    annotations_path: str | None = arg(
-        None,
-        help="COCO caption annotations JSON; its captions fit the n-gram fluency LM "
-        "(required when --gpt_model is not given)",
-    )
-    text_model: str | None = arg(
-        None, help="sentence-transformers folder or hub id (default: offline all-MiniLM-L6-v2)"
-    )
-    gpt_model: str | None = arg(
-        None,
-        help="local causal LM folder for perplexity (default: n-gram LM on --annotations_path)",
-    )
     clip_model: str | None = arg(
         None, help="HF CLIP folder or hub id for the CLIP score (optional)"
     )
-    blip_model: str | None = arg(
-        None,
-        help="BLIP captioning folder or hub id for reference captions "
-        "(default: the clean captioner given by the model flags)",
-    )
     batch_size: int = arg(32, help="images per batch", check=COUNT)
-    ngram_order: int = arg(3, help="order of the n-gram fluency LM", check=COUNT)
     device: str = arg("auto", help="torch device (auto: cuda when available)")
     seed: int = arg(0, help="torch seed (BLIP samples its reference captions)", check=SEED)
     output: str | None = arg(None, help="output JSON (default: <input folder>/sfs.json)")
@@ -81,7 +64,9 @@ def main(
     from srd.captioner.args import ModelArgs
     from srd.captioner.factory import load_captioner
 
-    cfg, model_args = parse(argv, SFSEvalArgs, ModelArgs, description=__doc__.splitlines()[0])
+    cfg, models, model_args = parse(
+        argv, SFSEvalArgs, SFSModelArgs, ModelArgs, description=__doc__.splitlines()[0]
+    )
     input_dir = Path(cfg.data_dir_path) / cfg.name / cfg.type
     output = Path(cfg.output) if cfg.output else input_dir / "sfs.json"
     if output.is_dir():
@@ -96,33 +81,16 @@ def main(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    ngram_captions = None
-    if not cfg.gpt_model:
-        if not cfg.annotations_path:
-            raise SRDError(
-                "--annotations_path: required when --gpt_model is not given "
-                "(its captions fit the n-gram fluency LM)"
-            )
-        from srd.data.records import load_references
-
-        references = load_references(cfg.annotations_path, flag="--annotations_path")
-        ngram_captions = [c for caps in references.values() for c in caps]
-
-    scorer = build_scorer(
-        text_model=cfg.text_model,
-        gpt_model=cfg.gpt_model,
-        reference_captions_for_ngram=ngram_captions,
-        clip_model=cfg.clip_model,
-        device=device,
-        batch_size=cfg.batch_size,
-        trust_remote_code=model_args.trust_remote_code,
-        ngram_order=cfg.ngram_order,
+    scorer = load_scorer(
+        models, device, cfg.batch_size, model_args.trust_remote_code, clip_model=cfg.clip_model
     )
     if reference_captioner is not None:
         source = "injected"
-    elif cfg.blip_model:
-        reference_captioner = BlipCaptioner.from_pretrained(cfg.blip_model, device, cfg.batch_size)
-        source = f"blip:{cfg.blip_model}"
+    elif models.blip_model:
+        reference_captioner = BlipCaptioner.from_pretrained(
+            models.blip_model, device, cfg.batch_size
+        )
+        source = f"blip:{models.blip_model}"
     else:
         captioner = load_captioner(model_args, device=device)
         reference_captioner = functools.partial(captioner.caption, batch_size=cfg.batch_size)
@@ -133,7 +101,7 @@ def main(
     log.info("scoring %d captions in %s (reference: %s)", len(inputs.captions), input_dir, source)
 
     record = evaluate_sfs(inputs, scorer, batch_size=cfg.batch_size)
-    config = to_dict(cfg, model_args)
+    config = to_dict(cfg, models, model_args)
     config.update(input_dir=str(input_dir), output=str(output), device=device, reference=source)
     record = {"config": config, **record}
     write_json(output, record)

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from srd.captions import is_empty
+from srd.config import arg
 from srd.errors import SRDError
 from srd.evaluation.fluency import (
     FluencyModel,
@@ -43,6 +44,7 @@ from srd.evaluation.fluency import (
     load_pretrained,
     looks_like_path,
 )
+from srd.flags import COUNT
 from srd.geometry import IMAGE_SIZE
 from srd.io import read_json
 
@@ -469,6 +471,61 @@ def build_scorer(
     )
     clip = ClipScorer.from_pretrained(clip_model, device, batch_size) if clip_model else None
     return SFSScorer(embedder, fluency, reference_captioner=reference_captioner, clip=clip)
+
+
+@dataclass
+class SFSModelArgs:
+    """SFS scoring models: the text embedder, the fluency LM and a BLIP reference captioner."""
+
+    text_model: str | None = arg(
+        None, help="sentence-transformers folder or hub id (default: offline all-MiniLM-L6-v2)"
+    )
+    gpt_model: str | None = arg(
+        None, help="local causal LM folder for the fluency perplexity (default: n-gram LM)"
+    )
+    annotations_path: str | None = arg(
+        None,
+        help="COCO caption annotations JSON whose captions fit the n-gram fluency LM "
+        "(required when --gpt_model is not given)",
+    )
+    ngram_order: int = arg(3, help="order of the n-gram fluency LM", check=COUNT)
+    blip_model: str | None = arg(
+        None,
+        help="BLIP captioning folder or hub id for the reference captions (the paper's "
+        "BLIP-large; default: the clean captioner)",
+    )
+
+
+def load_scorer(
+    models: SFSModelArgs,
+    device: str | torch.device,
+    batch_size: int,
+    trust_remote_code: bool = False,
+    clip_model: str | None = None,
+) -> SFSScorer:
+    """The SFS scorer of the flags: MiniLM (or --text_model) and --gpt_model's perplexity, or
+    an n-gram LM fitted on the captions of --annotations_path."""
+    ngram_captions = None
+    if not models.gpt_model:
+        if not models.annotations_path:
+            raise SRDError(
+                "--annotations_path: required when --gpt_model is not given "
+                "(its captions fit the n-gram fluency LM)"
+            )
+        from srd.data.records import load_references
+
+        references = load_references(models.annotations_path, flag="--annotations_path")
+        ngram_captions = [c for caps in references.values() for c in caps]
+    return build_scorer(
+        text_model=models.text_model,
+        gpt_model=models.gpt_model,
+        reference_captions_for_ngram=ngram_captions,
+        clip_model=clip_model,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        ngram_order=models.ngram_order,
+    )
 
 
 def resolve_device(device: str) -> str:

@@ -16,10 +16,11 @@ from srd.attacks.trainset import PoisonPlan, TrainingImages
 from srd.captioner.args import EMBEDDED_DIR, FLAMINGO_CHECKPOINT, ModelArgs, with_overrides
 from srd.captioner.factory import load_captioner
 from srd.config import arg
-from srd.data.records import EMBEDDED_DATA, ImageRecord, load_references
+from srd.data.records import EMBEDDED_DATA, ImageRecord
 from srd.defenses.srd.env import captioner_caption_fn
 from srd.errors import SRDError
-from srd.evaluation.sfs import BlipCaptioner, SFSScorer, build_scorer
+from srd.evaluation.sfs import BlipCaptioner, SFSModelArgs, SFSScorer
+from srd.evaluation.sfs import load_scorer as sfs_scorer
 from srd.flags import COUNT
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class SRDArgs:
 
 
 @dataclass
-class SFSArgs:
+class SFSArgs(SFSModelArgs):
     """SFS reward: reference captioner, text embedder, fluency LM, and captioning settings."""
 
     reference_checkpoint_path: str = arg(
@@ -104,21 +105,11 @@ class SFSArgs:
         help="clean reference captioner: a checkpoint loaded with the model flags "
         "(the paper uses BLIP-large: see --blip_model)",
     )
-    blip_model: str | None = arg(
-        None, help="BLIP captioning folder or hub id used as reference captioner instead"
-    )
-    text_model: str | None = arg(
-        None, help="sentence-transformers folder or hub id (default: offline all-MiniLM-L6-v2)"
-    )
-    gpt_model: str | None = arg(
-        None, help="causal LM folder for the fluency perplexity (default: n-gram LM)"
-    )
-    annotations_path: str = arg(
+    annotations_path: str | None = arg(
         str(EMBEDDED_DATA / "captions_train2014.json"),
         help="COCO caption annotations whose captions fit the n-gram fluency LM "
         "(used when --gpt_model is not given)",
     )
-    ngram_order: int = arg(3, help="order of the n-gram fluency LM", check=COUNT)
     num_beams: int = arg(
         3, help="beam width of the backdoored captioner (reference: 3)", check=COUNT
     )
@@ -188,20 +179,9 @@ def load_reference_captioner(
 
 
 def load_scorer(sfs: SFSArgs, device: Any, trust_remote_code: bool = False) -> SFSScorer:
-    """The SFS scorer of the flags (MiniLM + fluency LM; n-gram LM on --annotations_path)."""
-    ngram_captions = None
-    if not sfs.gpt_model:
-        references = load_references(sfs.annotations_path, flag="--annotations_path")
-        ngram_captions = [c for caps in references.values() for c in caps]
-    return build_scorer(
-        text_model=sfs.text_model,
-        gpt_model=sfs.gpt_model,
-        reference_captions_for_ngram=ngram_captions,
-        device=device,
-        batch_size=sfs.caption_batch_size,
-        trust_remote_code=trust_remote_code,
-        ngram_order=sfs.ngram_order,
-    )
+    """The SFS scorer of the flags (:func:`srd.evaluation.sfs.load_scorer`, batched like the
+    captions)."""
+    return sfs_scorer(sfs, device, sfs.caption_batch_size, trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,9 +24,8 @@ import torch
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.errors import SRDError
+from srd.evaluation.scorers import BlipCaptioner, ReferenceCaptioner
 from srd.evaluation.sfs import (
-    BlipCaptioner,
-    ReferenceCaptioner,
     SFSModelArgs,
     evaluate_sfs,
     load_scorer,

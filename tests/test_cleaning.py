@@ -26,7 +26,6 @@ from srd.attacks.trainset import PoisonPlan, plan_attack, plan_poison
 from srd.cli import run_main
 from srd.defenses.squares import RandomTries
 from srd.defenses.srd.clean import (
-    CLEAN_CONFIG,
     PolicyTries,
     RewardModels,
     clean_chunk,
@@ -41,7 +40,7 @@ from srd.defenses.srd.merge import (
     combine_clean_data,
     masked_training_actions,
 )
-from srd.defenses.srd.shards import ShardWriter, config_hash, shard_indices
+from srd.defenses.srd.shards import CLEAN_CONFIG, ShardWriter, config_hash, shard_indices
 from srd.errors import SRDError
 from srd.geometry import NUM_ACTIONS, apply_action
 

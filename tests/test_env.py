@@ -293,7 +293,8 @@ def test_replay_memory_matches_sb3_buffer(num_envs: int, optimize: bool) -> None
 def test_with_the_real_tiny_captioner_and_sfs_scorer(make_captioner) -> None:
     """Integration: the environment drives the project's captioner and SFS scorer unchanged."""
     from srd.evaluation.fluency import NGramFluency
-    from srd.evaluation.sfs import SFSScorer, load_embedder
+    from srd.evaluation.scorers import load_embedder
+    from srd.evaluation.sfs import SFSScorer
 
     captioner = make_captioner(seed=0)
     refs = ["a red circle on a blue background.", "two green squares on grass."]

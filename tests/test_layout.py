@@ -15,6 +15,8 @@ filled); nothing else may reach into a layer above its own.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,15 @@ def test_the_checks_catch_a_circle_and_an_upward_import() -> None:
     assert upward_imports(graph, modules) == ["srd.data.a -> srd.captioner.b"]
     with pytest.raises(AssertionError, match="no layer"):
         layer("srd.nowhere")
+
+
+def test_stage_b_and_the_registry_do_not_load_the_agent() -> None:
+    """Caption evaluation and the defense registry (what eval/evaluate.py imports) leave SRD's
+    agent and its RL libraries unloaded: a lower layer never pays for a higher one."""
+    code = (
+        "import sys, srd.evaluation.captioning, srd.defenses; "
+        "print(sorted(m for m in ('stable_baselines3', 'gymnasium', 'srd.defenses.srd.dqn') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -17,16 +17,14 @@ from test_fluency import scene_captions, tiny_causal_lm_folder
 from srd.cli import run_main
 from srd.errors import SRDError
 from srd.evaluation.fluency import CausalLMFluency, NGramFluency
-from srd.evaluation.sfs import (
+from srd.evaluation.scorers import (
     BlipCaptioner,
     ClipScorer,
     SentenceEmbedder,
-    SFSScorer,
-    combine_sfs,
     default_text_model_path,
     load_embedder,
-    load_sfs_inputs,
 )
+from srd.evaluation.sfs import SFSScorer, combine_sfs, load_sfs_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "evaluate_sfs.py"

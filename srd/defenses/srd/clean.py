@@ -31,16 +31,12 @@ from srd.defenses.srd.dqn import greedy_actions
 from srd.defenses.srd.inputs import CaptionFn, ScoreFn
 from srd.defenses.srd.policy import draw_try_actions, select_mask
 from srd.defenses.srd.reward import RewardConfig, caption_rewards
-from srd.defenses.srd.shards import ShardWriter, config_hash
+from srd.defenses.srd.shards import CLEAN_CONFIG, ShardWriter, config_hash
 from srd.errors import SRDError
 from srd.geometry import apply_action
 from srd.io import read_json, write_json
 
 log = logging.getLogger(__name__)
-
-
-CLEAN_CONFIG = "clean_config.json"
-"""Written into the shard folder by D3: the cleaning run's id, config hash and config."""
 
 
 # --------------------------------------------------------------------------------------------

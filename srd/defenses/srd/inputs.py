@@ -19,7 +19,8 @@ from srd.config import arg
 from srd.data.records import EMBEDDED_DATA, ImageRecord
 from srd.defenses.srd.env import captioner_caption_fn
 from srd.errors import SRDError
-from srd.evaluation.sfs import BlipCaptioner, SFSModelArgs, SFSScorer
+from srd.evaluation.scorers import BlipCaptioner
+from srd.evaluation.sfs import SFSModelArgs, SFSScorer
 from srd.evaluation.sfs import load_scorer as sfs_scorer
 from srd.flags import COUNT
 

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from srd.data.records import ImageRecord
-from srd.defenses.srd.clean import CLEAN_CONFIG
-from srd.defenses.srd.shards import MERGED_FORMAT, merge_shards
+from srd.defenses.srd.shards import CLEAN_CONFIG, MERGED_FORMAT, merge_shards
 from srd.errors import SRDError
 from srd.io import file_digest, read_json, write_json
 

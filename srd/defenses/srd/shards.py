@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "srd-clean-shard-v1"
 MERGED_FORMAT = "srd-clean-merged-v1"
+CLEAN_CONFIG = "clean_config.json"
+"""Written into the shard folder by D3: the cleaning run's id, config hash and config."""
 _MANIFEST_RE = re.compile(r"^shard-(\d+)-of-(\d+)\.json$")
 
 

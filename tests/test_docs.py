@@ -20,3 +20,22 @@ def test_every_relative_link_resolves() -> None:
             assert path.is_file(), f"{page.relative_to(ROOT)}: broken link {target}"
             checked += 1
     assert checked >= 10  # the README links every page of docs/
+
+
+def test_the_readme_defense_table_is_the_registry() -> None:
+    """One README row per registered defense, listing exactly the flags its ``Args`` declares:
+    adding a defense is its module and this row, and a flag added or dropped shows here."""
+    import dataclasses
+
+    from srd.defenses import DEFENSES
+
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`\w+`", cells[0]) and cells[1] in (
+            "-", "refine", "test-time"
+        ):  # fmt: skip
+            rows[cells[0].strip("`")] = set(re.findall(r"`--(\w+)`", cells[3]))
+    assert set(rows) == set(DEFENSES)
+    for name, cls in DEFENSES.items():
+        assert rows[name] == {f.name for f in dataclasses.fields(cls.Args)}, name

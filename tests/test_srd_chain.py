@@ -180,7 +180,8 @@ def test_pool_random_cleaning_and_combine(
     assert benign_merged["clean_config"]["config"]["benign_control"] is True
     assert "benign_control" not in merged["clean_config"]["config"]  # older hashes unchanged
     assert [r["action"] for r in benign_merged["records"]] == [t[0] for t in expected]
-    d4_benign = [*chain.data, *chain.srd("benign"), "--external_save_dir", str(runs)]
+    d4_benign = [*chain.data, "--defense", "srd", *chain.srd("benign")[4:],
+                 "--external_save_dir", str(runs)]  # fmt: skip
     expect_bad_input(finetune, [*d4_benign, *chain.model()], capsys, "not --checkpoint_path")
     expect_bad_input(finetune, [*d4, *chain.model(chain.clean.checkpoint_path)], capsys,
                      "not --checkpoint_path")  # fmt: skip

@@ -9,7 +9,6 @@ import pytest
 from srd.attacks.registry import build_attack
 from srd.attacks.trainset import PoisonPlan, TrainingImages, build_samples, plan_poison
 from srd.data.records import ImageStore, caption_records
-from srd.geometry import apply_action
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +57,23 @@ def test_an_image_is_triggered_in_the_defenders_data_if_any_caption_is_poisoned(
         assert np.array_equal(images.as_in_training_set(image_id), expected)
 
 
-def test_mask_actions_paint_the_defenders_version(tiny_train_records, plan_and_attack) -> None:
+def test_training_images_trigger_the_poisoned_samples(tiny_train_records, plan_and_attack) -> None:
+    """The attack's training images: a poisoned caption's sample gets the trigger, the other
+    captions of the same image do not; the defender's one version per image is the triggered
+    one (squares on it are the defenses' VersionImages, tests/test_defenses.py)."""
     plan, attack = plan_and_attack
     samples = build_samples(tiny_train_records, plan)
     victim = next(s for s in samples if s.caption_id in set(plan.ids))
-    plain = TrainingImages(tiny_train_records, attack, plan.ids)
-    images = TrainingImages(tiny_train_records, attack, plan.ids, {victim.image_id: 0})
-    expected = apply_action(attack.apply_image(plain.clean(victim.image_id)), 0)
-    assert np.array_equal(images(victim), expected)
-    assert not np.array_equal(images(victim), plain(victim))
+    sibling = next(
+        (s for s in samples if s.image_id == victim.image_id and s.caption_id not in plan.ids),
+        None,
+    )
+    images = TrainingImages(tiny_train_records, attack, plan.ids)
+    clean = images.clean(victim.image_id)
+    assert np.array_equal(images(victim), attack.apply_image(clean))
+    if sibling is not None:
+        assert np.array_equal(images(sibling), clean)
+    assert np.array_equal(images.as_in_training_set(victim.image_id), attack.apply_image(clean))
     assert (
         build_samples(tiny_train_records, None)[0].caption
         == caption_records(tiny_train_records)[0].caption

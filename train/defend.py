@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     data = DefenderData(records, plan, attack, train_args.seed, data_args.image_cache_mb)
     timer = Timer()
     training = defense.training_set(data)  # checks the defense's inputs before any output
+    captioner, prepared = None, None
+    if training is not None:  # a checkpoint of another model is refused before any output too
+        captioner = load_captioner(model_args)
+        prepared = defense.prepare_model(captioner, data)
     if state.is_main_process:
         ensure_dir(run_dir, "--external_save_dir")
     setup_logging(run_dir / "defend.log" if state.is_main_process else None)
@@ -83,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "trigger_coverage": square_coverage(defense, data),
     }
     if training is not None:
-        captioner = load_captioner(model_args)
-        record["prepare"] = defense.prepare_model(captioner, data)
+        record["prepare"] = prepared
         samples, images = training
         config = {
             "stage": "defend",

@@ -519,6 +519,9 @@ def test_a_defense_is_one_class_with_its_own_flags(capsys) -> None:
     shared, own = parse(argv, DefenseArgs, cls.Args)
     assert (shared.defense, own.square_side, own.mask_colour) == ("random_squares", 40, "cyan")
     assert chosen_defense([]).name == "none"
+    with pytest.MonkeyPatch.context() as patch:  # an entry point run as a script passes None
+        patch.setattr("sys.argv", ["eval/evaluate.py", "--defense", "blur", "--blur_alpha", "0.5"])
+        assert chosen_defense().name == "blur"
     with pytest.raises(SRDError, match="^--square_side: a flag of random_squares, not of "):
         chosen_defense(["--defense=no_mask", "--square_side", "40"])
     with pytest.raises(SRDError, match="^--spatial_flip: a flag of spatial, not of --defense blur"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,9 +215,11 @@ def refuse_foreign_flags(names: Sequence[str], cls: type[Defense]) -> None:
             )
 
 
-def chosen_defense(argv: Sequence[str]) -> type[Defense]:
-    """The class named by ``--defense`` in a command line (``none`` when absent), checked to get
-    none of another defense's flags; the entry point then parses its ``Args`` with the rest."""
+def chosen_defense(argv: Sequence[str] | None = None) -> type[Defense]:
+    """The class named by ``--defense`` in a command line (default: this process's; ``none``
+    when absent), checked to get none of another defense's flags; the entry point then parses
+    its ``Args`` with the rest."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--defense", default="none")
     known, _ = parser.parse_known_args(argv)

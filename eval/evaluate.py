@@ -28,7 +28,7 @@ from srd.errors import SRDError
 from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
 from srd.flags import COUNT, SEED, Range
 from srd.io import ensure_dir, read_json, setup_logging, write_json
-from srd.runs import check_same_config, check_writable, clear_folder, remove_paths
+from srd.runs import check_run_name, check_same_config, check_writable, clear_folder, remove_paths
 
 log = logging.getLogger("evaluate")
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "the checkpoint it writes (its record is read from the checkpoint's folder)"
         )
     state = process_state()
-    out_path = Path(ev.results_file) / f"{ev.model_name}.json"
+    out_path = Path(ev.results_file) / f"{check_run_name(ev.model_name, '--model_name')}.json"
     sfs_folder = Path(ev.sfs_data_dir) / ev.model_name
     attack = attack_args.build()
     config = {**to_dict(data, model_args, attack_args, ev, defense_args, own)}

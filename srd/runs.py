@@ -102,6 +102,20 @@ def check_run_config(
     check_same_config(saved, record, f"{where} ({path})", "the saved run", ignore)
 
 
+def check_run_name(name: str, flag: str) -> str:
+    """``name`` when it names a folder below its parent (``backdoor-badnet``,
+    ``embedded/clip``); SRDError otherwise: a name is never absolute, never climbs out with
+    ``..`` and has no empty or ``.`` part, so a run (and its ``--overwrite``) stays in its folder.
+    """
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith(("/", "~")) or any(p in ("", ".", "..") for p in parts):
+        raise SRDError(
+            f"{flag} {name}: expected a name below its folder (no leading '/' or '~', no '..', "
+            "'.' or empty part)"
+        )
+    return name
+
+
 def _protected(folder: Path) -> str | None:
     """Why ``folder`` must never be cleared (None when it may be)."""
     resolved = folder.resolve()

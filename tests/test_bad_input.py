@@ -217,6 +217,10 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("pretrain-save-under-file", "pretrain",
      lambda i: ["--external_save_dir", i.blocker], "blocker"),
     # train_backdoor
+    ("backdoor-run-name-climbs-out", "train_backdoor",
+     _flags("--run_name", "../data", "--overwrite"), "--run_name ../data"),
+    ("backdoor-run-name-absolute", "train_backdoor", _flags("--run_name", "/tmp/srd-x"),
+     "--run_name /tmp/srd-x"),
     ("backdoor-rate-1.5", "train_backdoor", _flags("--poison_rate", "1.5"), "--poison_rate"),
     ("backdoor-rate-0", "train_backdoor", _flags("--poison_rate", "0"), "--poison_rate"),
     ("backdoor-attack-unknown", "train_backdoor", _flags("--bd_attack_type", "nope"),
@@ -245,6 +249,8 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("backdoor-save-under-file", "train_backdoor",
      lambda i: ["--external_save_dir", i.blocker], "blocker"),
     # evaluate
+    ("eval-model-name-climbs-out", "evaluate", _flags("--model_name", "../result"),
+     "--model_name ../result"),
     ("eval-beams-0", "evaluate", _flags("--num_beams", "0"), "--num_beams"),
     ("eval-batch-0", "evaluate", _flags("--batch_size", "0"), "--batch_size"),
     ("eval-tokens-0", "evaluate", _flags("--max_new_tokens", "0"), "--max_new_tokens"),
@@ -310,6 +316,7 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("refine-checkpoint-none", "defend_srd", _flags("--checkpoint_path", "none"),
      "--checkpoint_path"),
     ("refine-epochs-0", "defend_srd", _flags("--num_epochs", "0"), "--num_epochs"),
+    ("pretrain-run-name-dot", "pretrain", _flags("--run_name", "runs/./x"), "--run_name"),
     ("refine-batch-0", "defend_srd", _flags("--batch_size", "0"), "--batch_size"),
     ("refine-lr-0", "defend_srd", _flags("--learning_rate", "0"), "--learning_rate"),
     ("refine-no-merged", "defend_srd", _flags(), "--clean_data_save"),

@@ -33,7 +33,13 @@ from srd.data.benchmark import generate_benchmark
 from srd.data.records import DataArgs
 from srd.errors import SRDError
 from srd.flags import SEED, check_flags
-from srd.runs import check_same_config, clear_folder, describe_difference, differing_keys
+from srd.runs import (
+    check_run_name,
+    check_same_config,
+    clear_folder,
+    describe_difference,
+    differing_keys,
+)
 
 train_backdoor = load_script("train/train_backdoor.py")
 evaluate = load_script("eval/evaluate.py")
@@ -336,3 +342,16 @@ def test_overwrite_under_two_processes(models, tiny_data_args, tmp_path) -> None
     assert (run / "DONE").is_file()
     assert json.loads((run / "config.json").read_text())["seed"] == 9
     assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_0.pt"]
+
+
+@pytest.mark.parametrize("name", ["../data", "/tmp/x", "~/x", "a/../../b", "a//b", "./a", ""])
+def test_run_names_stay_in_their_folder(name) -> None:
+    """A run or result name is a folder below its parent: --run_name ../data --overwrite once
+    emptied a data folder beside the runs."""
+    with pytest.raises(SRDError, match="expected a name below its folder"):
+        check_run_name(name, "--run_name")
+
+
+def test_run_names_may_have_sub_folders() -> None:
+    for name in ("backdoor-badnet", "embedded/clip", "par/badnet/par", "defense-srd-p05-s1"):
+        assert check_run_name(name, "--run_name") == name

@@ -27,6 +27,7 @@ from srd.flags import SEED
 from srd.io import is_finished, mark_finished, prepare_run_dir, setup_logging, write_json
 from srd.par.clean import CleanArgs, clean_clip
 from srd.par.data import load_pairs
+from srd.runs import check_run_name
 
 log = logging.getLogger("clip_clean")
 
@@ -67,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, tokenizer = load_clip(run.clip_model, poisoned / CLIP_WEIGHTS, "--poisoned_run")
     images, captions = load_pairs(args.clean_data)
     run_dir = prepare_run_dir(
-        f"{run.external_save_dir}/{run.run_name}", run.overwrite, "--run_name"
+        f"{run.external_save_dir}/{check_run_name(run.run_name, '--run_name')}",
+        run.overwrite,
+        "--run_name",
     )
     setup_logging(run_dir / "train.log")
     start = time.time()

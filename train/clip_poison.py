@@ -29,6 +29,7 @@ from srd.errors import SRDError
 from srd.flags import SEED
 from srd.io import mark_finished, prepare_run_dir, setup_logging, write_json
 from srd.par.data import load_pairs, poison_loaded_pairs, poison_pairs
+from srd.runs import check_run_name
 
 log = logging.getLogger("clip_poison")
 
@@ -73,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         model, tokenizer = create_clip(clip_args.clip_model, run.seed)
     run_dir = prepare_run_dir(
-        f"{run.external_save_dir}/{run.run_name}", run.overwrite, "--run_name"
+        f"{run.external_save_dir}/{check_run_name(run.run_name, '--run_name')}",
+        run.overwrite,
+        "--run_name",
     )
     setup_logging(run_dir / "train.log")
     start = time.time()

@@ -27,6 +27,7 @@ from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist, load_images
 from srd.flags import SEED
 from srd.io import mark_finished, prepare_run_dir, setup_logging, write_json
+from srd.runs import check_run_name
 
 log = logging.getLogger("pretrain_clip")
 
@@ -58,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     test_records = data.split("test")
     check_images_exist(train_records + test_records)
     run_dir = prepare_run_dir(
-        f"{run.external_save_dir}/{run.run_name}", run.overwrite, "--run_name"
+        f"{run.external_save_dir}/{check_run_name(run.run_name, '--run_name')}",
+        run.overwrite,
+        "--run_name",
     )
     setup_logging(run_dir / "train.log")
     start = time.time()

@@ -33,7 +33,7 @@ from srd.config import arg
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, SHARE, at_least, positive
 from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json, write_text
-from srd.runs import check_run_config
+from srd.runs import check_run_config, check_run_name
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class TrainArgs:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.external_save_dir) / self.run_name
+        return Path(self.external_save_dir) / check_run_name(self.run_name, "--run_name")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from srd.io import (
     setup_logging,
     write_json,
 )
+from srd.runs import check_run_name
 from srd.soda import causality, detection, removal, reverse, training
 from srd.soda.args import (
     BaselineArgs,
@@ -119,7 +120,7 @@ def train_classifier(data: ShapesArgs, args: ClassifierTrainArgs) -> Path:
                 f"only (this one is {attack.kind})"
             )
     name = args.run_name or f"soda-{'clean' if clean else attack.name}-s{args.seed}"
-    run_dir = Path(args.external_save_dir) / name
+    run_dir = Path(args.external_save_dir) / check_run_name(name, "--run_name")
     if is_finished(run_dir) and not args.overwrite:
         raise SRDError(f"--run_name {run_dir}: run already finished (pass --overwrite to redo it)")
     train, test = load_split(data.data_dir, "train"), load_split(data.data_dir, "test")

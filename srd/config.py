@@ -88,6 +88,7 @@ def parse(argv: Sequence[str] | None, *classes: type, description: str = "") -> 
     parser = _Parser(
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a prefix is an error, never silently another flag
     )
     for cls in classes:
         add_to_parser(parser, cls)

@@ -528,6 +528,8 @@ def test_a_defense_is_one_class_with_its_own_flags(capsys) -> None:
         chosen_defense(["--defense", "blur", "--no-spatial_flip"])
     with pytest.raises(SRDError, match="^--defense nope: unknown defense"):
         chosen_defense(["--defense", "nope"])
+    with pytest.raises(SRDError, match="^argument --defense: expected one argument$"):
+        chosen_defense(["--defense"])
     abbreviated = ["--defen", "srd"]  # would be --defense to argparse's default prefix matching
     with pytest.raises(SRDError, match="unrecognized arguments: --defen srd"):
         parse(abbreviated, DefenseArgs, chosen_defense(abbreviated).Args)

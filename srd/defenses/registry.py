@@ -220,9 +220,12 @@ def chosen_defense(argv: Sequence[str] | None = None) -> type[Defense]:
     when absent), checked to get none of another defense's flags; the entry point then parses
     its ``Args`` with the rest."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     parser.add_argument("--defense", default="none")
-    known, _ = parser.parse_known_args(argv)
+    try:
+        known, _ = parser.parse_known_args(argv)
+    except argparse.ArgumentError as exc:  # e.g. --defense without a name
+        raise SRDError(str(exc)) from None
     cls = defense_class(known.defense)
     flags = [t[2:].split("=", 1)[0] for t in argv if t.startswith("--")]
     refuse_foreign_flags([f[3:] if f.startswith("no-") else f for f in flags], cls)

@@ -1,10 +1,11 @@
-"""Which version of each training image a refine-tune defense trains on.
+"""Which version of each training image a refine-tune defense trains on, and the one painter
+of its squares (:class:`VersionImages`, SRD's D4 and every baseline alike).
 
 The defender's data holds, per caption, the clean image or (for a poisoned caption) the
 triggered one. Refine-tune defenses train one image per image id (reference §11, B15), so an
 image with a poisoned caption needs one version:
 
-* ``triggered`` (ours until now): always the triggered version, so the triggered image is
+* ``triggered`` (ours): always the triggered version, so the triggered image is
   retrained with its ~4 clean captions;
 * ``first_occurrence`` (the reference): the version of the image's first stored occurrence.
   The reference keeps the first entry of its with-replacement draw; here the draw is a seeded

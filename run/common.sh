@@ -40,12 +40,16 @@ if [ -n "${POISON_RATE:-}" ]; then
     exit 2
   }
 fi
-# ATTACK_EPOCHS (default: srd/budgets.py's, 6) is the attack's training budget; another count (e.g. 12) is another
-# model: names then carry it after the rate, backdoor-blended-e12-s1, and the defense report
-# gives it its own rows ("blended (12 attack epochs)").
+# ATTACK_EPOCHS (default: srd/budgets.py's, 6) is the attack's training budget; another count
+# (e.g. 12) is another model: names then carry it after the rate, backdoor-blended-e12-s1, and
+# the defense report gives it its own rows ("blended (12 attack epochs)").
 # The budgets themselves (epochs, lr, batch, schedule of the attack and of every refine-tune)
 # come from srd/budgets.py, the one source the entry points and the report read too.
-eval "$(python -m srd.budgets)" || exit 1
+BUDGETS=$(python -m srd.budgets) || {  # (eval "$(...)" would hide the failure)
+  echo "error: python -m srd.budgets failed: set up the environment first (bash setup.sh)" >&2
+  exit 2
+}
+eval "$BUDGETS"
 ATTACK_EPOCHS=${ATTACK_EPOCHS:-$BUDGET_ATTACK_EPOCHS}
 case $ATTACK_EPOCHS in
   '' | *[!0-9]* | 0*)

@@ -16,9 +16,9 @@
 #
 # Embedded defaults below are smaller than the reference's: the pool takes 300 training images
 # (reference: all), the refine-tune srd/budgets.py's REFINE, 2 epochs at lr 1e-3 (reference:
-# 20 epochs at 1e-4, the defaults of train/defend.py). The agent runs train/srd_train.py's defaults, which are
-# ours (3,000 transitions in 16 batched environments, 5-step episodes over the shuffled pool,
-# target copy every 500: every pool image visited twice; docs/agent.md); the
+# 20 epochs at 1e-4, the defaults of train/defend.py). The agent runs train/srd_train.py's
+# defaults, which are ours (3,000 transitions in 16 batched environments, 5-step episodes over
+# the shuffled pool, target copy every 500: every pool image visited twice; docs/agent.md); the
 # reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
 # --learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1.
 # Paper setting for the SFS models: set SFS_FLAGS to

@@ -25,8 +25,11 @@ USAGE = "usage: python -m srd.defenses --list | [--benign] POISON_IDS [NAME...]"
 
 def default_names(benign: bool) -> list[str]:
     """The registry's comparison list (or its benign-control list), in registration order."""
-    flag = "in_benign_control" if benign else "in_comparison"
-    return [name for name, cls in DEFENSES.items() if cls.in_comparison and getattr(cls, flag)]
+    return [
+        name
+        for name, cls in DEFENSES.items()
+        if cls.in_comparison and (cls.in_benign_control or not benign)
+    ]
 
 
 def applicable(poison_ids_path: str, names: Sequence[str]) -> list[str]:

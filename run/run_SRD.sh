@@ -112,6 +112,7 @@ once "$SRD_DIR/DONE" --input "$SRD_DIR/clean_data/merged.json" -- \
     --learning_rate "$BUDGET_REFINE_LEARNING_RATE" \
     --lr_scheduler "$BUDGET_REFINE_LR_SCHEDULER" \
     --warmup_steps_ratio "$BUDGET_REFINE_WARMUP_STEPS_RATIO" \
+    --epoch_captions_per_image "$BUDGET_REFINE_EPOCH_CAPTIONS_PER_IMAGE" \
     --seed $((42 + SEED)) \
     --resume_from_checkpoint
 

@@ -44,7 +44,8 @@ POISON=$RUNS/backdoor-$ATTACK$SUFFIX/poison_ids.json
 CLEAN_DATA=$RUNS/srd-$ATTACK$SUFFIX/clean_data
 BUDGET="--batch_size $BUDGET_REFINE_BATCH_SIZE --num_epochs ${EPOCHS:-$BUDGET_REFINE_EPOCHS} \
   --learning_rate ${LR:-$BUDGET_REFINE_LEARNING_RATE} --lr_scheduler $BUDGET_REFINE_LR_SCHEDULER \
-  --warmup_steps_ratio $BUDGET_REFINE_WARMUP_STEPS_RATIO --seed $SEED"
+  --warmup_steps_ratio $BUDGET_REFINE_WARMUP_STEPS_RATIO \
+  --epoch_captions_per_image $BUDGET_REFINE_EPOCH_CAPTIONS_PER_IMAGE --seed $SEED"
 EVAL_FLAGS="--bd_attack_type $ATTACK --batch_size 32 --num_beams 3 --max_new_tokens 20"
 [ -f "$BACKDOOR" ] || { echo "error: $BACKDOOR: run the attack stage first (run/run_train.sh)" >&2; exit 2; }
 

@@ -1,6 +1,7 @@
 #!/bin/sh
 # README command 1: set up, then run the embedded default end to end on the CPU:
-# synthetic benchmark -> tiny CLIP -> clean tiny captioner -> backdoor attack -> evaluation
+# synthetic benchmark -> tiny CLIP + clean tiny captioner (released; RETRAIN=1 trains them)
+# -> backdoor attack -> evaluation
 # -> SFS -> SRD defense and its random-square ablation -> evaluation -> results table.
 #
 # By default one attack (ATTACKS=badnet) goes through the whole chain; FULL=1 runs the full
@@ -22,14 +23,22 @@ SRD_ATTACKS=${SRD_ATTACKS:-$ATTACKS}
 stage "data"
 python train/prepare_data.py --out_dir data/synthetic --seed 0
 
-stage "pretrain the tiny CLIP (the captioner's frozen vision tower)"
-once checkpoints_remote/embedded/clip/DONE -- \
-  python train/pretrain_clip.py $DATA_FLAGS --run_name embedded/clip
+# The tiny CLIP and the clean captioner are the same for every attack and replicate: installed
+# from release/embedded/ (made by the two commands below; files checked against its manifest),
+# or trained from scratch with RETRAIN=1 (~20 min here).
+if [ "${RETRAIN:-0}" = 1 ]; then
+  stage "pretrain the tiny CLIP (the captioner's frozen vision tower)"
+  once checkpoints_remote/embedded/clip/DONE -- \
+    python train/pretrain_clip.py $DATA_FLAGS --run_name embedded/clip
 
-stage "pretrain the clean tiny captioner"
-once checkpoints_remote/embedded/pretrain/DONE \
-  --input checkpoints_remote/embedded/clip/clip.safetensors -- \
-  python train/pretrain.py $DATA_FLAGS --run_name embedded/pretrain --resume_from_checkpoint
+  stage "pretrain the clean tiny captioner"
+  once checkpoints_remote/embedded/pretrain/DONE \
+    --input checkpoints_remote/embedded/clip/clip.safetensors -- \
+    python train/pretrain.py $DATA_FLAGS --run_name embedded/pretrain --resume_from_checkpoint
+else
+  stage "install the released tiny CLIP and clean captioner (RETRAIN=1 trains them)"
+  python train/release.py --action install
+fi
 
 for ATTACK in $ATTACKS; do
   export ATTACK

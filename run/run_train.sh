@@ -22,5 +22,6 @@ once "checkpoints_remote/$RUN/DONE" -- \
   --learning_rate "$BUDGET_ATTACK_LEARNING_RATE" \
   --lr_scheduler "$BUDGET_ATTACK_LR_SCHEDULER" \
   --warmup_steps_ratio "$BUDGET_ATTACK_WARMUP_STEPS_RATIO" \
+  --epoch_captions_per_image "$BUDGET_ATTACK_EPOCH_CAPTIONS_PER_IMAGE" \
   --resume_from_checkpoint \
   $RATE_FLAG "$@"

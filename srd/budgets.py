@@ -23,6 +23,8 @@ class Budget:
     batch_size: int = 32
     lr_scheduler: str = "cosine"
     warmup_steps_ratio: float = 0.01
+    epoch_captions_per_image: int = 0
+    """Caption samples an epoch draws per image (0: all five): ``--epoch_captions_per_image``."""
 
 
 ATTACK = Budget(epochs=6, learning_rate=1e-3)

@@ -21,6 +21,7 @@ from srd.captioner.engine import (
     FINAL_WEIGHTS,
     TRAIN_LOG,
     CaptionDataset,
+    CaptionsPerImage,
     Collator,
     Sample,
     TrainArgs,
@@ -314,6 +315,52 @@ def test_resume_with_another_num_epochs_is_refused(
     longer = dataclasses.replace(short, num_epochs=2, resume_from_checkpoint=True)
     with pytest.raises(SRDError, match="--num_epochs 2: .*1-epoch run"):
         train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), longer, {})
+
+
+# --------------------------------------------------------------------------- captions per image
+
+
+def _by_image(n_images: int, per: int) -> list[Sample]:
+    return [Sample(i * per + c, i, f"caption {c}") for i in range(n_images) for c in range(per)]
+
+
+def test_epoch_captions_per_image_draws_that_many_of_each_image_every_epoch() -> None:
+    samples = [*_by_image(10, 5), Sample(99, 77, "an image with one caption")]
+    sampler = CaptionsPerImage(samples, 2, seed=3)
+    seen: set[int] = set()
+    draws = []
+    for epoch in range(12):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        assert len(drawn) == len(sampler) == 10 * 2 + 1
+        assert len(set(drawn)) == len(drawn)  # without replacement within an epoch
+        counts = np.bincount([samples[i].image_id for i in drawn])
+        assert set(counts[:10]) == {2} and counts[77] == 1
+        seen.update(drawn)
+        draws.append(drawn)
+    assert draws[0] != draws[1]  # redrawn every epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == draws[0]  # and the same draw for the same (seed, epoch)
+    assert list(CaptionsPerImage(samples, 2, seed=4)) != draws[0]
+    assert seen == set(range(len(samples)))  # every caption comes round
+
+
+def test_epoch_captions_per_image_below_one_is_refused() -> None:
+    with pytest.raises(SRDError, match="--epoch_captions_per_image 0"):
+        CaptionsPerImage(_by_image(2, 5), 0, seed=0)
+
+
+def test_training_with_epoch_captions_per_image_takes_one_pass_over_the_images(
+    run_root, make_captioner, tiny_samples, tiny_images
+) -> None:
+    """16 samples of fewer images: an epoch is one caption per image, in batches of 4."""
+    images = len({s.image_id for s in tiny_samples})
+    assert images < len(tiny_samples)
+    args = _train_args(run_root, "per-image", epoch_captions_per_image=1, num_epochs=2)
+    train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), args, {})
+    log = [json.loads(line) for line in (args.run_dir / TRAIN_LOG).read_text().splitlines()]
+    per_epoch = -(-images // 4)
+    assert [e["step"] for e in log] == [per_epoch, 2 * per_epoch]
 
 
 # --------------------------------------------------------------------------- bad input

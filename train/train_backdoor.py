@@ -17,13 +17,19 @@ from srd.attacks.registry import AttackArgs
 from srd.attacks.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
 from srd.budgets import ATTACK
 from srd.captioner.args import ModelArgs, model_signature
-from srd.captioner.engine import CaptionDataset, TrainArgs, process_state, train
+from srd.captioner.engine import (
+    EPOCH_CAPTIONS_HELP,
+    CaptionDataset,
+    TrainArgs,
+    process_state,
+    train,
+)
 from srd.captioner.factory import load_captioner
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
-from srd.flags import COUNT, positive
+from srd.flags import COUNT, at_least, positive
 from srd.io import ensure_dir, is_finished, setup_logging
 from srd.runs import check_run_config, check_same_config, check_writable, clear_folder
 
@@ -40,6 +46,9 @@ class BackdoorTrainArgs(TrainArgs):
     )
     learning_rate: float = arg(
         ATTACK.learning_rate, help="peak learning rate (AdamW)", check=positive()
+    )
+    epoch_captions_per_image: int = arg(
+        ATTACK.epoch_captions_per_image, help=EPOCH_CAPTIONS_HELP, check=at_least(0)
     )
     poison_unit: str = arg(
         "caption",

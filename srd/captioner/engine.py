@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, PartialState
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
@@ -41,6 +41,11 @@ CHECKPOINT_PREFIX = "checkpoint_"
 FINAL_WEIGHTS = "final_weights.pt"
 TRAIN_LOG = "train_log.jsonl"
 STEP_LOG = "step_log.jsonl"
+
+EPOCH_CAPTIONS_HELP = (
+    "caption samples an epoch draws per image, redrawn every epoch (0: all of them; "
+    "srd/budgets.py sets the benchmark's)"
+)
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 """``loss_fn(model, batch) -> (loss, parts)``: a training loss in place of the caption loss."""
@@ -105,6 +110,7 @@ class TrainArgs:
     )
     overwrite: bool = arg(False, help="redo a run folder that already finished")
     num_workers: int = arg(0, help="data loader worker processes", check=at_least(0))
+    epoch_captions_per_image: int = arg(0, help=EPOCH_CAPTIONS_HELP, check=at_least(0))
     feature_cache: bool = arg(
         True,
         help="compute the frozen vision tower's tokens once per image version and reuse them "
@@ -148,6 +154,43 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         sample = self.samples[index]
         return self.image_fn(sample), captions.training_text(sample.caption)
+
+
+class CaptionsPerImage(Sampler[int]):
+    """Each epoch, ``per_image`` of every image's samples (all of an image with fewer), drawn
+    without replacement, in a shuffled order; a fresh draw per epoch, seeded by (seed, epoch).
+
+    An epoch is then ``per_image`` passes over the images instead of one pass over every caption
+    sample: the same images, fewer steps, and each sample's share of the epoch unchanged in
+    expectation (a poisoned sample is drawn ``per_image / n`` of the epochs, n = its image's
+    caption count). Every process of a launch draws the same list (accelerate shards it).
+    """
+
+    def __init__(self, samples: Sequence[Sample], per_image: int, seed: int):
+        if per_image < 1:
+            raise SRDError(f"--epoch_captions_per_image {per_image}: expected 1 or more (0: all)")
+        groups: dict[int, list[int]] = {}
+        for index, sample in enumerate(samples):
+            groups.setdefault(sample.image_id, []).append(index)
+        self.groups = [np.asarray(g) for g in groups.values()]
+        self.per_image = per_image
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(min(self.per_image, len(g)) for g in self.groups)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        drawn = [
+            g if len(g) <= self.per_image else rng.choice(g, self.per_image, replace=False)
+            for g in self.groups
+        ]
+        order = np.concatenate(drawn)[rng.permutation(len(self))]
+        return iter(order.tolist())
 
 
 class Collator:
@@ -351,10 +394,16 @@ def train(
     else:
         captioner.feature_cache = None
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
+    per_image = (
+        CaptionsPerImage(dataset.samples, args.epoch_captions_per_image, args.seed)
+        if args.epoch_captions_per_image
+        else None
+    )
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=True,
+        shuffle=per_image is None,
+        sampler=per_image,
         collate_fn=Collator(captioner.tokenizer, captioner.vision_inputs),
         num_workers=args.num_workers,
         drop_last=False,

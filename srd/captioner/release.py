@@ -33,8 +33,8 @@ MANIFEST = "MANIFEST.json"
 PARTS = ("clip", "pretrain", "clean")
 """Folders under ``INSTALL_DIR``: the tiny CLIP's run, the captioner's run, the exported model."""
 SHIPPED = {
-    "clip": ("clip.safetensors", "open_clip_config.json", "clip_report.json", "config.json"),
-    "pretrain": ("pretrain_report.json", "config.json"),
+    "clip": ("clip.safetensors", "open_clip_config.json", "clip_report.json", "train.log"),
+    "pretrain": ("pretrain_report.json", "config.json", "train.log", "train_log.jsonl"),
 }
 """The run folders' files a release keeps (the clean export is shipped whole)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -70,7 +70,18 @@ def _commit() -> dict[str, Any]:
         done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "-s"))}
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "-s", "--untracked-files=no")),
+    }
+
+
+def _command(run_dir: Path) -> str:
+    """The command that made a run folder, from its ``once`` stamp (run/run_embedded.sh)."""
+    stamp = run_dir / "DONE.stamp"
+    if not stamp.is_file():
+        return f"(no stamp in {run_dir.name}/: made outside run/run_embedded.sh)"
+    return "python " + " ".join(read_json(stamp)["command"])
 
 
 def _headline(source: Path) -> dict[str, Any]:
@@ -82,7 +93,7 @@ def _headline(source: Path) -> dict[str, Any]:
         "cider_ratio": report["cider_ratio"],
         "attribute_accuracy": report["model"]["attribute_accuracy"],
         "blind_attribute_accuracy": report["blind"]["attribute_accuracy"],
-        "clip_report": {k: v for k, v in clip.items() if not isinstance(v, (list, dict))},
+        "clip_zero_shot": clip["zero_shot"],
     }
 
 
@@ -107,10 +118,9 @@ def make(source: Path, data_dir: Path, out: Path, overwrite: bool = False) -> di
             **_commit(),
             "commands": [
                 "python train/prepare_data.py --out_dir data/synthetic --seed 0",
-                "python train/pretrain_clip.py <DATA_FLAGS> --run_name embedded/clip",
-                "python train/pretrain.py <DATA_FLAGS> --run_name embedded/pretrain",
+                *(_command(source / part) for part in ("clip", "pretrain")),
             ],
-            "configs": "clip/config.json, pretrain/config.json",
+            "configs": "clip/clip_report.json ('config'), pretrain/config.json",
         },
         "data_sha256": data_digest(data_dir),
         "metrics": _headline(source),

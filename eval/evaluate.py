@@ -26,7 +26,7 @@ from srd.defenses import DefenseName, build_defense, chosen_defense
 from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.errors import SRDError
 from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
-from srd.flags import COUNT, SEED, Range
+from srd.flags import COUNT, SEED, Range, at_least
 from srd.io import ensure_dir, read_json, setup_logging, write_json
 from srd.runs import check_run_name, check_same_config, check_writable, clear_folder, remove_paths
 
@@ -59,6 +59,14 @@ class EvalArgs:
         help="the train/defend.py run folder whose defense.json describes this evaluation "
         "(needed for a defense run on the clean captioner; default: found from "
         "--checkpoint_path's folder)",
+    )
+    feature_cache: bool = arg(
+        True,
+        help="compute the frozen tower's tokens of each test image version once for the beam, "
+        "teacher-forced and sampled passes (the same numbers; --feature_cache_mb bounds it)",
+    )
+    feature_cache_mb: float = arg(
+        4096, help="most MiB of cached tower features kept", check=at_least(0)
     )
     overwrite: bool = arg(False, help="replace an existing result file")
 
@@ -102,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     check_writable(sfs_folder, "--sfs_data_dir")
     defense_record = evaluation_defense_record(model_args.checkpoint_path, defense, ev.defense_run)
     captioner = load_captioner(model_args, device=state.device)
+    if ev.feature_cache:  # nothing trains here: the tower is frozen for the cache's check
+        captioner.model.vision_encoder.requires_grad_(False)
+        captioner.enable_feature_cache(ev.feature_cache_mb)
     # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
     # goes first and comes back last; the SFS inputs of an unfinished run are never kept.
     if state.is_main_process:

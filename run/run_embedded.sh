@@ -18,7 +18,7 @@ if [ "${FULL:-0}" = 1 ]; then
 else
   ATTACKS=${ATTACKS:-badnet}
 fi
-SRD_ATTACKS=${SRD_ATTACKS:-$ATTACKS}
+SRD_ATTACKS=${SRD_ATTACKS-$ATTACKS}  # set but empty: no SRD stage (bench_chain.py --no_srd)
 
 stage "data"
 python train/prepare_data.py --out_dir data/synthetic --seed 0

@@ -27,8 +27,8 @@ class Budget:
     """Caption samples an epoch draws per image (0: all five): ``--epoch_captions_per_image``."""
 
 
-ATTACK = Budget(epochs=6, learning_rate=1e-3, epoch_captions_per_image=1)
-REFINE = Budget(epochs=2, learning_rate=1e-3, epoch_captions_per_image=1)
+ATTACK = Budget(epochs=6, learning_rate=1e-3)
+REFINE = Budget(epochs=2, learning_rate=1e-3)
 
 
 def flag_text(value: float | int | str) -> str:

@@ -112,6 +112,26 @@ def test_evaluation_end_to_end(models, tiny_data_args, tiny_test_records, tmp_pa
         evaluate.main([*argv, "--num_beams", "3"])
 
 
+def test_evaluation_with_the_feature_cache_gives_the_same_result(
+    models, tiny_data_args, tmp_path
+) -> None:
+    """The cache (on by default) serves the beam, teacher-forced and sampled passes the tokens
+    the tower gives: predictions, metrics and implant probes equal an uncached evaluation's."""
+    root, clean, backdoor = models
+    argv = [
+        *data_flags(tiny_data_args),
+        *model_flags(clean, backdoor),
+        "--bd_attack_type", "badnet", "--results_file", str(tmp_path / "result"),
+        "--sfs_data_dir", str(tmp_path / "sfs"),
+        "--batch_size", "4", "--num_beams", "2", "--max_new_tokens", "6",
+    ]  # fmt: skip
+    cached = evaluate.main([*argv, "--model_name", "cached"])
+    uncached = evaluate.main([*argv, "--model_name", "uncached", "--no-feature_cache"])
+    for key in ("predictions", "metrics", "implant"):
+        assert cached[key] == uncached[key]
+    assert cached["predictions"]["triggered"] != cached["predictions"]["clean"]
+
+
 def test_bad_input_one_line_errors(models, tiny_data_args, tmp_path, capsys) -> None:
     root, clean, backdoor = models
     base = [*data_flags(tiny_data_args), "--results_file", str(tmp_path)]

@@ -317,6 +317,24 @@ def test_resume_with_another_num_epochs_is_refused(
         train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), longer, {})
 
 
+def test_data_loader_workers_only_read_files(
+    finished_run: Run, run_root, make_captioner, tiny_samples, tiny_images
+) -> None:
+    """With --num_workers 2 the tower runs in the main process: the weights equal the
+    0-worker run's, and the run's one feature cache computed each image version once (a cache
+    inside the workers would leave this one empty and be thrown away every epoch)."""
+    cap = make_captioner(seed=SEED_MODEL)
+    args = _train_args(run_root, "workers", num_workers=2)
+    train(cap, _dataset(tiny_samples, tiny_images), args, finished_run.record)
+    _assert_same_weights(
+        trainable_state_dict(cap.model), trainable_state_dict(finished_run.captioner.model)
+    )
+    images = len({s.image_id for s in tiny_samples})
+    assert cap.feature_cache is not None and len(cap.feature_cache) == images
+    assert cap.feature_cache.misses == images
+    assert cap.feature_cache.hits == args.num_epochs * len(tiny_samples) - images
+
+
 # --------------------------------------------------------------------------- captions per image
 
 

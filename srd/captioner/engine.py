@@ -197,13 +197,16 @@ class Collator:
     """Images -> vision_x; texts -> right-padded ids with BOS/EOS and caption-only labels.
 
     ``vision_fn`` turns uint8 images into the model's vision input (``Captioner.vision_inputs``:
-    pixels, or cached tower tokens).
+    pixels, or cached tower tokens). Without one the batch keeps the uint8 images as
+    ``"images"`` (a list): :func:`train` turns them into ``vision_x`` in the main process, so
+    that DataLoader workers only read files and the tower (and its feature cache) never runs
+    in a worker.
     """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        vision_fn: Callable[[Sequence[np.ndarray]], torch.Tensor],
+        vision_fn: Callable[[Sequence[np.ndarray]], torch.Tensor] | None,
         max_length: int = 128,
     ):
         self.tokenizer = tokenizer
@@ -223,8 +226,13 @@ class Collator:
             max_length=self.max_length,
             add_special_tokens=False,
         )
+        vision = (
+            {"images": list(images)}
+            if self.vision_fn is None
+            else {"vision_x": self.vision_fn(images)}
+        )
         return {
-            "vision_x": self.vision_fn(images),
+            **vision,
             "lang_x": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "labels": caption_labels(enc["input_ids"], tok),
@@ -404,7 +412,7 @@ def train(
         batch_size=args.batch_size,
         shuffle=per_image is None,
         sampler=per_image,
-        collate_fn=Collator(captioner.tokenizer, captioner.vision_inputs),
+        collate_fn=Collator(captioner.tokenizer, None),  # vision_x made below, in this process
         num_workers=args.num_workers,
         drop_last=False,
     )
@@ -457,6 +465,10 @@ def train(
         losses, step_parts = [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not main)
         for batch in bar:
+            # the tower (or its cache) runs here, never in a DataLoader worker: one cache per
+            # run, filled once, and no CUDA call in a forked worker
+            images = batch.pop("images")
+            batch["vision_x"] = captioner.vision_inputs(images).to(accelerator.device)
             if loss_fn is None:
                 loss_t = model(
                     vision_x=batch["vision_x"],

@@ -47,6 +47,7 @@ SCRIPTS = {
         "results_table": "eval/results_table.py",
         "srd_coverage": "eval/srd_coverage.py",
         "srd_figures": "eval/srd_figures.py",
+        "release": "train/release.py",
     }.items()
 }
 
@@ -177,6 +178,10 @@ def _base(script: str, i: Inputs, out: Path) -> list[str]:
         "results_table": ["--results", str(out / "result")],
         "srd_coverage": [*i.data, "--poison_ids_path", i.poison_ids],
         "srd_figures": [*i.data, "--ppo_path", str(out / "policy.zip")],
+        "release": [
+            "--action", "install", "--release_dir", str(out / "release"),
+            "--install_dir", str(out / "models"), "--data_dir", str(out / "data"),
+        ],
     }[script]  # fmt: skip
 
 
@@ -308,6 +313,11 @@ CASES: list[tuple[str, str, Extra, str]] = [
      lambda i: ["--poison_ids_path", f"{i.root}/none.json"], "--poison_ids_path"),
     ("clean-save-under-file", "srd_clean_data",
      lambda i: ["--clean_data_save", f"{i.blocker}/c"], "blocker"),
+    # release
+    ("release-no-manifest", "release", _flags(), "MANIFEST.json"),
+    ("release-action-unknown", "release", _flags("--action", "unpack"), "--action"),
+    ("attack-epoch-captions-negative", "train_backdoor",
+     _flags("--epoch_captions_per_image", "-1"), "--epoch_captions_per_image"),
     # combine_data
     ("combine-folder-is-file", "combine_data", lambda i: ["--clean_data_save", i.blocker],
      "--clean_data_save"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from open_flamingo.src.helpers import PerceiverResampler
+from safetensors.torch import load_file, save_file
 
 from srd import captions
-from srd.captioner.args import ModelArgs, model_signature
+from srd.captioner.args import IDENTITY_KEYS, ModelArgs, model_signature, weights_identity
 from srd.captioner.checkpoint import (
     export_captioner,
     load_checkpoint_into,
@@ -298,6 +300,52 @@ def test_checkpoint_of_another_configuration_is_rejected(
     )
 
 
+def test_checkpoint_made_over_another_lm_is_rejected(
+    source, target, tiny_model_args, tiny_lm_dir, tmp_path
+) -> None:
+    """The signature records which LM weights a checkpoint was trained over (the folder's
+    digest): one of the same shape with other weights is refused, naming --lm_path."""
+    other_lm = tmp_path / "other_lm"
+    shutil.copytree(tiny_lm_dir, other_lm)
+    weights = other_lm / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v + 1e-3 for k, v in state.items()}, weights)
+    made = model_signature(dataclasses.replace(tiny_model_args, lm_path=str(other_lm)))
+    assert made["lm_weights"] != model_signature(tiny_model_args)["lm_weights"]
+    torch.save(_checkpoint(source, made), tmp_path / "lm.pt")
+    _rejected(
+        target,
+        tmp_path / "lm.pt",
+        r"lm_weights: checkpoint 'sha256:.*--lm_path",
+        expected_signature=model_signature(tiny_model_args),
+    )
+
+
+def test_checkpoint_recorded_before_the_weight_identities_still_loads(
+    source, target, tiny_model_args, tmp_path
+) -> None:
+    """Checkpoints made before the LM and vision identities were recorded (the released clean
+    captioner among them) are checked on what they do record."""
+    old = {k: v for k, v in model_signature(tiny_model_args).items() if k not in IDENTITY_KEYS}
+    torch.save(_checkpoint(source, old), tmp_path / "old.pt")
+    load_checkpoint_into(
+        target.model, tmp_path / "old.pt", expected_signature=model_signature(tiny_model_args)
+    )
+    assert _same_trainable(source, target)
+
+
+def test_weights_identity_is_a_digest_of_local_files_and_a_name_otherwise(tmp_path) -> None:
+    one = tmp_path / "a.safetensors"
+    one.write_bytes(b"weights")
+    assert weights_identity(str(one)).startswith("sha256:")
+    assert weights_identity("openai") == "openai" and weights_identity(None) == "None"
+    before = weights_identity(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert weights_identity(str(tmp_path)) == before
+    one.write_bytes(b"other weights")
+    assert weights_identity(str(tmp_path)) != before
+
+
 def test_missing_and_corrupt_checkpoint_files_are_rejected(target, tmp_path) -> None:
     _rejected(target, tmp_path / "absent.pt", "--checkpoint_path .*file not found")
     corrupt = tmp_path / "corrupt.pt"
@@ -353,3 +401,27 @@ def test_export_then_load_gives_same_model_and_captions(
     assert {n for n, p in cap.model.named_parameters() if p.requires_grad} == {
         n for n, p in cap.model.named_parameters() if _paper_part(n)
     }
+
+
+def test_no_random_init_warning_when_the_tower_weights_come_from_a_file(tmp_path, caplog) -> None:
+    """open_clip warns "Model initialized randomly" before our loader reads the weights file:
+    that line is dropped when a file follows (a newcomer read it as "the model is random"),
+    and kept for a tower that really is random."""
+    from safetensors.torch import save_file
+
+    from srd.captioner.vision import build_vision_encoder
+
+    visual, _, _ = build_vision_encoder("tiny-vit", None)
+    path = tmp_path / "vision.safetensors"
+    save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, str(path))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loaded, _, _ = build_vision_encoder("tiny-vit", str(path))
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    assert all(torch.equal(a, b) for a, b in zip(
+        loaded.state_dict().values(), visual.state_dict().values(), strict=True
+    ))  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_vision_encoder("tiny-vit", None)
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]

@@ -8,6 +8,8 @@ defaults are the embedded default's clean captioner (``checkpoints_remote/embedd
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,9 +87,44 @@ def none_if_unset(value: str | None) -> str | None:
     return None if value is None or value.lower() in ("", "none") else value
 
 
+IDENTITY_KEYS = ("lm_weights", "vision_weights")
+"""Signature keys added later: a checkpoint that does not record them is not checked on them."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_identity(name: str | None) -> str:
+    """What a weights flag names: ``sha256:<hex>`` of a local file or of a local folder's weight
+    files (names and bytes), otherwise the name itself (a hub id, ``openai``, ``none``)."""
+    if name is None or not Path(name).exists():
+        return str(name)
+    path = Path(name)
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    )
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _digest(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over (name, bytes) of each file; cached on the files' names, sizes and times."""
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
 def model_signature(args: ModelArgs) -> dict[str, Any]:
-    """The facts a checkpoint must agree on to fit a model (recorded in every checkpoint)."""
+    """The facts a checkpoint must agree on to fit a model (recorded in every checkpoint): the
+    architecture and which LM and vision weights it was trained over."""
     return {
+        "lm_weights": weights_identity(args.lm_path),
+        "vision_weights": weights_identity(none_if_unset(args.vision_encoder_pretrained)),
         "vision_encoder_path": args.vision_encoder_path,
         "vision_tokens": args.vision_tokens,
         "cross_attn_every_n_layers": args.cross_attn_every_n_layers,

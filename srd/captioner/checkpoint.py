@@ -26,6 +26,7 @@ from transformers import (
 from srd import captions
 from srd.captioner.args import (
     FLAMINGO_CHECKPOINT,
+    IDENTITY_KEYS,
     LEGACY_VISION_TOKENS,
     LM_FOLDER,
     TRAINABLE_MODES,
@@ -169,12 +170,23 @@ def load_checkpoint_into(
     recorded = meta.get("config", {}).get("model_signature") if meta else None
     if recorded:
         recorded = {"vision_tokens": LEGACY_VISION_TOKENS, **recorded}
-    if expected_signature and recorded and recorded != expected_signature:
+    if expected_signature and recorded:
         diff = {
-            k: (recorded.get(k), v) for k, v in expected_signature.items() if recorded.get(k) != v
+            k: (recorded.get(k), v)
+            for k, v in expected_signature.items()
+            if recorded.get(k) != v and not (k in IDENTITY_KEYS and k not in recorded)
         }
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs flags {b!r}" for k, (a, b) in diff.items())
-        raise SRDError(f"{where}: made for another model configuration ({detail})")
+        if diff:
+            detail = ", ".join(
+                f"{k}: checkpoint {a!r} vs flags {b!r}" for k, (a, b) in diff.items()
+            )
+            hint = (
+                " (--lm_path / --vision_encoder_pretrained name other weights than it was trained "
+                "over)"
+                if set(diff) & set(IDENTITY_KEYS)
+                else ""
+            )
+            raise SRDError(f"{where}: made for another model configuration ({detail}){hint}")
     own = model.state_dict()
     theirs, ours = describe_layout(state), describe_layout(own)
     if theirs and theirs != ours:

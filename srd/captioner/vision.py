@@ -118,12 +118,21 @@ def build_vision_encoder(
     is_file = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix)
     tag = None if is_file else pretrained
     quick_gelu = quick_gelu_for(name, tag)
+    # Weights from a file are loaded below: open_clip's "No pretrained weights loaded ... Model
+    # initialized randomly." would tell a user the opposite of what happens, so it is dropped.
+    quiet = _DropRandomInitWarning() if is_file else None
+    root = logging.getLogger()
+    if quiet:
+        root.addFilter(quiet)
     try:
         clip, _, transform = open_clip.create_model_and_transforms(
             name, pretrained=tag, force_quick_gelu=quick_gelu
         )
     except RuntimeError as exc:
         raise SRDError(f"--vision_encoder_pretrained {pretrained}: {exc}") from None
+    finally:
+        if quiet:
+            root.removeFilter(quiet)
     if quick_gelu:
         log.info("vision tower %s built with QuickGELU (weights %s)", name, tag)
     visual = clip.visual
@@ -139,9 +148,16 @@ def build_vision_encoder(
             raise SRDError(
                 f"--vision_encoder_pretrained {pretrained}: does not fit {name} ({first})"
             ) from None
-        # open_clip has just warned "no pretrained weights loaded": they are loaded now
         log.info("vision tower weights loaded from %s", pretrained)
     return visual, transform, vision_width(name)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's random-initialisation warning (root logger) while weights that are
+    loaded from a file right after are built."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
 
 
 def clip_like(visual: torch.nn.Module) -> torch.nn.Module:

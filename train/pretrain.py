@@ -147,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     record = {
         "stage": "pretrain",
         **to_dict(data, model_args, train_args, tiny),
-        "model_signature": model_signature(model_args),
+        # the initial LM's identity from the files it is built from (lm_init/ holds a copy
+        # only once every input has loaded): the same digest for a fresh run and a resume
+        "model_signature": model_signature(
+            model_args if built is None else dataclasses.replace(model_args, lm_path=str(built))
+        ),
     }
     check_writable(run_dir, "--external_save_dir")
     check_writable(tiny.export_dir, "--export_dir")

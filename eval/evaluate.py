@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     check_writable(ev.results_file, "--results_file")
     check_writable(sfs_folder, "--sfs_data_dir")
+    check_sfs_owner(sfs_folder, out_path, ev.overwrite)
     defense_record = evaluation_defense_record(model_args.checkpoint_path, defense, ev.defense_run)
     captioner = load_captioner(model_args, device=state.device)
     if ev.feature_cache:  # nothing trains here: the tower is frozen for the cache's check
@@ -143,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {"model_name": ev.model_name, **result, "defense": defense_record}
     result["config"] = config
     _write_sfs(sfs_folder, images, result)
+    write_json(sfs_folder / SFS_OWNER, {"result": str(out_path.resolve())})
     write_json(out_path, result)  # last: the stage's "finished" signal (run_*.sh skip on it)
     m = result["metrics"]
     log.info(
@@ -167,6 +169,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     log.info("wrote %s", out_path)
     return result
+
+
+SFS_OWNER = "owner.json"
+"""In an SFS inputs folder: the result JSON whose captions it holds."""
+
+
+def check_sfs_owner(folder: Path, result: Path, overwrite: bool) -> None:
+    """SRDError when ``folder`` holds the SFS inputs of another result that still exists (the
+    same --model_name with another --results_file would otherwise clear them, and the SFS stage
+    would score this result's captions under that name), unless ``overwrite``."""
+    owner = folder / SFS_OWNER
+    if overwrite or not owner.is_file():
+        return
+    claimed = Path(str(read_json(owner, flag="--sfs_data_dir").get("result", "")))
+    if claimed != result.resolve() and claimed.is_file():
+        raise SRDError(
+            f"--sfs_data_dir {folder.parent}: {folder} holds the SFS inputs of {claimed}; "
+            "choose another --model_name or --sfs_data_dir (or --overwrite to replace them)"
+        )
 
 
 def _write_sfs(folder: Path, images: ImageStore, result: dict) -> None:

@@ -12,6 +12,7 @@ from srd_fixtures import data_flags, export_clean_and_backdoor, load_script, mod
 
 from srd.attacks.trainset import POISON_FILE, PoisonPlan
 from srd.cli import run_main
+from srd.errors import SRDError
 from srd.evaluation.sfs import load_sfs_inputs
 
 train_backdoor = load_script("train/train_backdoor.py")
@@ -130,6 +131,31 @@ def test_evaluation_with_the_feature_cache_gives_the_same_result(
     for key in ("predictions", "metrics", "implant"):
         assert cached[key] == uncached[key]
     assert cached["predictions"]["triggered"] != cached["predictions"]["clean"]
+
+
+def test_evaluation_never_clears_another_results_sfs_inputs(
+    models, tiny_data_args, tmp_path
+) -> None:
+    """The same --model_name with another --results_file and the same --sfs_data_dir used to
+    clear the first result's SFS inputs (and SFS then scored the second one's captions under
+    the first's name): refused now, the inputs untouched, unless --overwrite."""
+    root, clean, backdoor = models
+    base = [
+        *data_flags(tiny_data_args), *model_flags(clean, backdoor),
+        "--bd_attack_type", "badnet", "--model_name", "m", "--sfs_data_dir", str(tmp_path / "sfs"),
+        "--batch_size", "4", "--num_beams", "1", "--max_new_tokens", "4",
+        "--no-implant_diagnostics",
+    ]  # fmt: skip
+    evaluate.main([*base, "--results_file", str(tmp_path / "a")])
+    sentences = tmp_path / "sfs" / "m" / "attack" / "sent.json"
+    before = sentences.read_bytes()
+    with pytest.raises(SRDError, match=r"holds the SFS inputs of .*a/m.json"):
+        evaluate.main([*base, "--results_file", str(tmp_path / "b")])
+    assert sentences.read_bytes() == before and not (tmp_path / "b" / "m.json").exists()
+    evaluate.main([*base, "--results_file", str(tmp_path / "a"), "--overwrite"])  # its own
+    evaluate.main([*base, "--results_file", str(tmp_path / "b"), "--overwrite"])
+    owner = json.loads((tmp_path / "sfs" / "m" / "owner.json").read_text())
+    assert owner["result"] == str((tmp_path / "b" / "m.json").resolve())
 
 
 def test_bad_input_one_line_errors(models, tiny_data_args, tmp_path, capsys) -> None:

@@ -19,6 +19,7 @@ import torch
 from srd import captions
 from srd.config import arg
 from srd.flags import COUNT
+from srd.io import file_digest
 
 EMBEDDED_DIR = Path("checkpoints_remote/embedded/clean")
 """Where the pretrain stage exports the embedded default's clean captioner."""
@@ -109,13 +110,13 @@ def weights_identity(name: str | None) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
-    """sha256 over (name, bytes) of each file; cached on the files' names, sizes and times."""
+    """A file's sha256 (srd.io.file_digest), or sha256 over each file's name and digest;
+    cached on the files' names, sizes and times."""
+    if len(files) == 1:
+        return f"sha256:{file_digest(files[0][0])}"
     digest = hashlib.sha256()
     for name, _, _ in files:
-        digest.update(Path(name).name.encode() + b"\0")
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(Path(name).name.encode() + b"\0" + bytes.fromhex(file_digest(name)))
     return f"sha256:{digest.hexdigest()}"
 
 

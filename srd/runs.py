@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from srd.errors import SRDError
-from srd.io import read_json
+from srd.io import path_digest, read_json
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,18 @@ def check_run_config(
     if not isinstance(saved, dict):
         raise SRDError(f"{where}: {path} is not a run config (a JSON object)")
     check_same_config(saved, record, f"{where} ({path})", "the saved run", ignore)
+
+
+def input_digests(paths: Mapping[str, str | os.PathLike | None]) -> dict[str, str]:
+    """``{"<name>_sha256": digest}`` of each existing file or folder of ``paths``
+    (srd.io.path_digest; hub ids, ``none`` and absent paths are left out). A run records them
+    in its ``config.json`` beside its flags, so resuming over changed inputs (a replaced
+    checkpoint, an image overwritten in place) is refused like changed flags."""
+    return {
+        f"{name}_sha256": path_digest(path)
+        for name, path in paths.items()
+        if path is not None and Path(path).exists()
+    }
 
 
 def check_run_name(name: str, flag: str) -> str:

@@ -11,9 +11,11 @@ succeeds and OUTPUT exists, ``OUTPUT.stamp`` records
 * the command from its Python script on (``train/defend.py --num_epochs 2 ...``): the launcher
   before it (python, accelerate launch, torchrun) may change between runs, the flags may not;
 * the sha256 of every argument that names an existing file (checkpoints, poison plans, data
-  JSONs; not the ``.py`` scripts: editing the code does not invalidate results) and of every
-  ``--input`` file (inputs named by their folder, e.g. a pool's ``pool.json``), read before the
-  command starts;
+  JSONs; not the ``.py`` scripts: editing the code does not invalidate results), of every
+  folder given to a flag of ``FOLDER_INPUTS`` (image folders, the LM folder, SODA's data: all
+  their files, ``srd.io.tree_digest``), of the built-in attack config behind an attack given
+  by name (``NAMED_INPUTS``), and of every ``--input`` file or folder (inputs named by their
+  folder, e.g. a pool's ``pool.json``), read before the command starts;
 * OUTPUT's size and modification time, so an output replaced afterwards is not taken for the
   stamped one.
 
@@ -40,11 +42,26 @@ from typing import Any
 
 from srd.cli import EXIT_BAD_INPUT, light_main
 from srd.errors import SRDError
-from srd.io import file_digest, read_json, write_json
+from srd.io import path_digest, read_json, write_json
 from srd.runs import describe_difference, differing_keys
 
 SUFFIX = ".stamp"
 FORMAT = "srd-stamp/1"
+
+
+FOLDER_INPUTS = (
+    "--coco_train_image_dir_path",
+    "--coco_val_image_dir_path",
+    "--lm_path",
+    "--lm_tokenizer_path",
+    "--data_dir",
+)
+"""Flags whose folder is read as an input (its files are digested); other folder flags
+(``--external_save_dir``, ``--results_file``, ...) are where a stage writes."""
+
+NAMED_INPUTS = {"--bd_attack_type": Path(__file__).resolve().parent / "attacks" / "configs"}
+"""Flags whose value may be a name standing for ``<folder>/<name>.yaml`` (srd.attacks' built-in
+configs, ``srd.attacks.config.CONFIG_DIR``): that file is an input too."""
 
 
 def stamp_path(output: str | os.PathLike) -> Path:
@@ -67,6 +84,31 @@ def _file_tokens(command: Sequence[str]) -> list[str]:
         value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else token
         if value and not value.endswith(".py") and Path(value).is_file():
             found.append(value)
+    return found
+
+
+def _flag_values(command: Sequence[str]) -> list[tuple[str, str]]:
+    """``(flag, value)`` of every ``--flag value`` and ``--flag=value`` in ``command``."""
+    pairs = []
+    for i, token in enumerate(command):
+        flag, eq, value = token.partition("=")
+        if flag.startswith("--") and eq:
+            pairs.append((flag, value))
+        elif token.startswith("--") and i + 1 < len(command):
+            pairs.append((token, command[i + 1]))
+    return pairs
+
+
+def _other_inputs(command: Sequence[str]) -> list[str]:
+    """The folders of ``FOLDER_INPUTS`` flags and the config files of ``NAMED_INPUTS`` flags."""
+    found = []
+    for flag, value in _flag_values(command):
+        if flag in FOLDER_INPUTS and Path(value).is_dir():
+            found.append(value)
+        elif flag in NAMED_INPUTS and not Path(value).exists():
+            config = NAMED_INPUTS[flag] / f"{value}.yaml"
+            if config.is_file():
+                found.append(str(config))
     return found
 
 
@@ -96,14 +138,15 @@ def fingerprint(output: str, command: Sequence[str], inputs: Sequence[str]) -> d
     """What makes OUTPUT: the command (from its script on) and its input files' digests."""
     key = command_key(command)
     for path in inputs:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise SRDError(f"--input {path}: not found (run the stage that makes it first)")
     out = os.path.normpath(output)
-    files = [f for f in [*_file_tokens(key), *inputs] if os.path.normpath(f) != out]
+    paths = [*_file_tokens(key), *_other_inputs(key), *inputs]
+    paths = [p for p in paths if os.path.normpath(p) != out]
     return {
         "format": FORMAT,
         "command": key,
-        "inputs": {os.path.normpath(f): file_digest(f) for f in dict.fromkeys(files)},
+        "inputs": {os.path.normpath(p): path_digest(p) for p in dict.fromkeys(paths)},
     }
 
 

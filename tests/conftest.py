@@ -28,6 +28,23 @@ from srd.data.records import DataArgs, ImageRecord, caption_records, load_image
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _digest_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Folder digests (srd.io.tree_digest) cache into the session's temporary folder, not the
+    user's ~/.cache (inherited by the entry points and scripts the tests start)."""
+    import os
+
+    from srd.io import DIGEST_CACHE_ENV
+
+    before = os.environ.get(DIGEST_CACHE_ENV)
+    os.environ[DIGEST_CACHE_ENV] = str(tmp_path_factory.mktemp("digest_cache"))
+    yield
+    if before is None:
+        os.environ.pop(DIGEST_CACHE_ENV, None)
+    else:
+        os.environ[DIGEST_CACHE_ENV] = before
+
+
 @pytest.fixture(autouse=True)
 def _restore_root_logging():
     """Entry points run in-process call ``setup_logging``, which binds a stream handler to the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import typing
 from pathlib import Path
 
@@ -232,6 +233,40 @@ def test_a_resume_with_changed_settings_is_refused(
     train_backdoor.main([*argv, "--resume_from_checkpoint", "--overwrite", "--seed", "5"])
     assert json.loads((run / "config.json").read_text())["seed"] == 5
     assert json.loads((run / POISON_FILE).read_text())["meta"]["seed"] == 5
+
+
+def test_a_resume_over_changed_inputs_is_refused(models, tiny_benchmark, tmp_path, capsys) -> None:
+    """Issue 32 item 2: the run's config.json records its inputs' digests (the split JSON, both
+    image folders, the starting checkpoint), so a killed run whose inputs then changed is
+    refused on resume, not continued from the old inputs' checkpoint."""
+    clean, backdoor = models
+    copy = benchmark.benchmark_paths(shutil.copytree(tiny_benchmark.root, tmp_path / "bench"))
+    data = DataArgs(
+        coco_train_image_dir_path=str(copy.train_image_dir),
+        coco_val_image_dir_path=str(copy.val_image_dir),
+        coco_karpathy_json_path=str(copy.karpathy_json),
+        coco_annotations_json_path=str(copy.annotations_json),
+    )
+    start = tmp_path / "start.pt"
+    shutil.copyfile(clean.checkpoint_path, start)
+    runs = tmp_path / "runs"
+    argv = [*_backdoor_argv(data, clean, runs, "--num_epochs", "1"), "--checkpoint_path",
+            str(start), "--resume_from_checkpoint"]  # fmt: skip
+    train_backdoor.main(argv)
+    run = runs / "bd"
+    for name in ("DONE", "final_weights.pt"):  # as if killed after its checkpoint
+        (run / name).unlink()
+    images = sorted(copy.train_image_dir.iterdir())
+    original = images[0].read_bytes()
+    images[0].write_bytes(images[1].read_bytes())  # a training image overwritten in place
+    error = _fail(train_backdoor, argv, capsys)
+    assert "coco_train_image_dir_path_sha256" in error, error
+    images[0].write_bytes(original)  # the same bytes again (a new mtime): accepted
+    shutil.copyfile(backdoor, start)  # another starting checkpoint
+    assert "checkpoint_path_sha256" in _fail(train_backdoor, argv, capsys)
+    shutil.copyfile(clean.checkpoint_path, start)
+    train_backdoor.main(argv)
+    assert (run / "DONE").is_file()
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+import srd.io
+from srd.attacks.config import CONFIG_DIR
 from srd.budgets import ATTACK
-from srd.stamp import command_key, describe, main, stamp_path
+from srd.io import DIGEST_CACHE_ENV, tree_digest
+from srd.io import file_digest as real_digest
+from srd.stamp import NAMED_INPUTS, command_key, describe, fingerprint, main, stamp_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +29,8 @@ def stage(tmp_path: Path):
     script.write_text(
         "import argparse, pathlib\n"
         "p = argparse.ArgumentParser()\n"
-        "for flag in ('--data', '--out', '--policy'): p.add_argument(flag)\n"
+        "for flag in ('--data', '--out', '--policy', '--coco_train_image_dir_path'):\n"
+        "    p.add_argument(flag)\n"
         "p.add_argument('--scale', default='1')\n"
         "for flag in ('--overwrite', '--fail'): p.add_argument(flag, action='store_true')\n"
         "a = p.parse_args()\n"
@@ -97,6 +102,50 @@ def test_a_file_that_appears_after_the_stage_is_not_an_input(stage, tmp_path) ->
     assert run("--policy", str(later)) == 0 and runs() == 1
     later.write_text("written by a later stage")
     assert run("--policy", str(later)) == 0 and runs() == 1
+
+
+def test_folder_inputs_and_attack_names_are_digested(stage, tmp_path, capsys) -> None:
+    """Issue 32 item 1: the files of a folder given to an input-folder flag (an image folder,
+    the LM folder), and the built-in config behind an attack name, are inputs of the stamp."""
+    run, runs, _, _ = stage
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "1.png").write_bytes(b"one")
+    (images / "2.png").write_bytes(b"two")
+    flags = ("--coco_train_image_dir_path", str(images))
+    assert run(*flags) == 0 and runs() == 1
+    (images / "2.png").write_bytes(b"TWO")  # overwritten in place, same size
+    assert run(*flags) == 2 and runs() == 1
+    assert f"input {os.path.normpath(images)} changed" in capsys.readouterr().err
+    (images / "2.png").write_bytes(b"two")  # the same bytes again: up to date
+    (images / ".2.png.tmp").write_bytes(b"a write in progress")  # hidden: not an input
+    assert run(*flags) == 0 and runs() == 1
+    (images / "2.png").rename(images / "3.png")  # a renamed file is another folder
+    assert run(*flags) == 2 and runs() == 1
+    capsys.readouterr()
+    key = command_key(["python", "train/x.py", "--bd_attack_type", "badnet", "--lm_path", "x"])
+    inputs = fingerprint("out.json", key, [])["inputs"]
+    assert list(inputs) == [os.path.normpath(CONFIG_DIR / "badnet.yaml")]
+    assert NAMED_INPUTS["--bd_attack_type"] == CONFIG_DIR
+
+
+def test_a_folder_digest_reads_only_the_files_that_changed(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "lm"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.bin", "sub/b.json"):
+        (folder / name).write_text(name)
+    reads = []
+    monkeypatch.setattr(srd.io, "file_digest", lambda p: reads.append(p) or real_digest(p))
+    first = tree_digest(folder)
+    assert len(reads) == 2
+    assert tree_digest(folder) == first and len(reads) == 2  # from the cache
+    (folder / "a.bin").write_text("A.bin")
+    assert tree_digest(folder) != first and len(reads) == 3  # only the changed file
+    (folder / "a.bin").write_text("a.bin")
+    assert tree_digest(folder) == first
+    monkeypatch.setenv(DIGEST_CACHE_ENV, str(tmp_path / "cache-file"))
+    (tmp_path / "cache-file").write_text("not a folder")  # an unusable cache: still digested
+    assert tree_digest(folder) == first
 
 
 def test_the_launcher_is_not_part_of_the_command() -> None:

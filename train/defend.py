@@ -44,6 +44,7 @@ from srd.defenses.stage import (
     training_quality,
 )
 from srd.io import ensure_dir, mark_finished, setup_logging, write_json
+from srd.runs import input_digests
 
 log = logging.getLogger("defend")
 
@@ -96,6 +97,14 @@ def main(argv: Sequence[str] | None = None) -> str:
             "num_poisoned": len(plan.ids),
             "model_signature": model_signature(model_args),
             "loaded_checkpoint": captioner.checkpoint_notes,
+            **input_digests(
+                {
+                    **data_args.read_paths(),
+                    "checkpoint_path": model_args.checkpoint_path,
+                    "poison_ids_path": dargs.poison_ids_path,
+                    **defense.read_paths(),
+                }
+            ),
             "defense_record": record,
         }
         log.info("%s: refine-tuning %s on %d captions", defense.name,

@@ -54,6 +54,7 @@ from srd.runs import (
     check_same_config,
     check_writable,
     clear_folder,
+    input_digests,
     remove_paths,
 )
 
@@ -152,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "model_signature": model_signature(
             model_args if built is None else dataclasses.replace(model_args, lm_path=str(built))
         ),
+        **input_digests(data.read_paths()),
     }
     check_writable(run_dir, "--external_save_dir")
     check_writable(tiny.export_dir, "--export_dir")

@@ -50,7 +50,7 @@ from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, SHARE, at_least
 from srd.io import ensure_dir, file_digest, require_files, setup_logging
-from srd.runs import check_writable
+from srd.runs import check_writable, input_digests
 
 log = logging.getLogger("srd_clean_data")
 
@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "reference_sha256": _digest_or_none(sfs.reference_checkpoint_path),
         "attack": attack.to_dict(),
         **({"benign_control": True} if srd.benign_control else {}),  # (older hashes unchanged)
+        **input_digests(data.read_paths()),
     }
     # Shards of one run share one config hash; the batch size does not change results.
     for key in ("shard_id", "num_shards", "caption_batch_size"):

@@ -47,7 +47,7 @@ from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, Range
 from srd.io import file_digest, is_finished, read_json, require_files, setup_logging
-from srd.runs import check_same_config, check_writable, remove_paths
+from srd.runs import check_same_config, check_writable, input_digests, remove_paths
 
 log = logging.getLogger("srd_pool")
 
@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "stage": "srd_pool",
         **to_dict(data, model_args, srd, sfs, cfg),
         "model_signature": model_signature(model_args),
+        **input_digests({**data.read_paths(), "checkpoint_path": model_args.checkpoint_path}),
     }
     if cfg.pool_source == "data":
         require_files(("--poison_ids_path", srd.poison_ids_path))

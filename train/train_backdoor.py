@@ -31,7 +31,13 @@ from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
 from srd.flags import COUNT, at_least, positive
 from srd.io import ensure_dir, is_finished, setup_logging
-from srd.runs import check_run_config, check_same_config, check_writable, clear_folder
+from srd.runs import (
+    check_run_config,
+    check_same_config,
+    check_writable,
+    clear_folder,
+    input_digests,
+)
 
 log = logging.getLogger("train_backdoor")
 
@@ -92,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "num_poisoned": len(plan.ids),
         "model_signature": model_signature(model_args),
         "loaded_checkpoint": captioner.checkpoint_notes,
+        **input_digests({**data.read_paths(), "checkpoint_path": model_args.checkpoint_path}),
     }
     if not train_args.overwrite:
         check_run_config(run_dir, record, where)

@@ -212,6 +212,15 @@ class DataArgs:
         check=at_least(0),
     )
 
+    def read_paths(self) -> dict[str, str]:
+        """What training reads: the split JSON and both image folders (COCO's "restval" images
+        live in val2014), by flag name (``srd.runs.input_digests``)."""
+        return {
+            "coco_karpathy_json_path": self.coco_karpathy_json_path,
+            "coco_train_image_dir_path": self.coco_train_image_dir_path,
+            "coco_val_image_dir_path": self.coco_val_image_dir_path,
+        }
+
     def split(self, name: str) -> list[ImageRecord]:
         """Image records of one Karpathy split ("train" includes "restval")."""
         return load_split(

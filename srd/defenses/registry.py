@@ -146,6 +146,11 @@ class Defense:
         """SRDError when the defense's own inputs (e.g. srd's cleaning manifest) were made for
         another model or other data than the ones it is run on."""
 
+    def read_paths(self) -> dict[str, str]:
+        """Files its own flags make it read, by flag name: their digests join the refine-tune's
+        ``config.json`` (``srd.runs.input_digests``), so a resume over a changed one is refused."""
+        return {}
+
     def training_set(self, data: DefenderData) -> tuple[list[Sample], ImageFn] | None:
         """Refine-tune data (samples, image provider); None: no refine-tune."""
         return None

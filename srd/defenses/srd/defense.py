@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from srd.config import arg
 from srd.defenses.refine import RefineDefense
 from srd.defenses.registry import DefenderData, SquareArgs, register_defense
-from srd.defenses.srd.merge import check_cleaning_run, masked_training_actions, read_merged
+from srd.defenses.srd.merge import (
+    MERGED_FILE,
+    check_cleaning_run,
+    masked_training_actions,
+    read_merged,
+)
 from srd.errors import SRDError
 
 
@@ -51,6 +57,9 @@ class SRD(RefineDefense):
     def check_inputs(self, checkpoint: str, poison_ids_path: str, benign_control: bool) -> None:
         source = f"--clean_data_save {self.args.clean_data_save}"
         check_cleaning_run(self._manifest, checkpoint, poison_ids_path, benign_control, source)
+
+    def read_paths(self) -> dict[str, str]:
+        return {"clean_data_save": str(Path(self.args.clean_data_save) / MERGED_FILE)}
 
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
         return masked_training_actions(

@@ -267,6 +267,18 @@ def test_save_and_load_policy_round_trip(tmp_path: Path) -> None:
     assert loaded.exploration_rate == 0.05
 
 
+def test_identical_trainings_save_identical_policy_files(tmp_path: Path) -> None:
+    """Issue 32 item 2: no wall-clock time in the zip, so stamps see the same policy."""
+    paths = []
+    for name in ("a", "b"):
+        model, cfg = _small_model()
+        model.learn(total_timesteps=12)
+        paths.append(save_policy(model, tmp_path / name, cfg))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    again = DQN.load(paths[0], device="cpu")  # still a stable-baselines3 zip
+    assert again.action_space.n == 500
+
+
 def test_load_plain_sb3_zip(tmp_path: Path) -> None:
     model, _ = _small_model()
     model.save(tmp_path / "plain.zip")

@@ -207,9 +207,10 @@ def test_a_resume_with_changed_settings_is_refused(
     clean, _ = models
     runs = tmp_path / "runs"
     argv = _backdoor_argv(tiny_data_args, clean, runs)
-    train_backdoor.main(argv)
+    train_backdoor.main([*argv, "--resume_from_checkpoint"])  # as run_train.sh always runs it
     run = runs / "bd"
     finished = torch.load(run / "final_weights.pt", weights_only=True)["model_state_dict"]
+    finished_bytes = (run / "final_weights.pt").read_bytes()
     # as if killed after the first epoch's checkpoint
     for name in ("DONE", "final_weights.pt", "checkpoint_1.pt"):
         (run / name).unlink()
@@ -227,6 +228,8 @@ def test_a_resume_with_changed_settings_is_refused(
     train_backdoor.main([*argv, "--resume_from_checkpoint"])
     resumed = torch.load(run / "final_weights.pt", weights_only=True)["model_state_dict"]
     assert not BIT_EXACT or all(torch.equal(finished[k], resumed[k]) for k in finished)
+    # and the same bytes (issue 32 item 2: no temporary file name inside the archive)
+    assert not BIT_EXACT or (run / "final_weights.pt").read_bytes() == finished_bytes
     epochs = [json.loads(line)["epoch"] for line in (run / "train_log.jsonl").open()]
     assert epochs == [0, 1]
     # --overwrite under the flag run_train.sh always passes starts again (case 9, one process)

@@ -35,7 +35,7 @@ from srd.captioner.args import (
     model_signature,
 )
 from srd.captioner.flamingo import Captioner
-from srd.captioner.weights import read_checkpoint_file
+from srd.captioner.weights import read_checkpoint_file, write_checkpoint_file
 from srd.errors import SRDError
 
 log = logging.getLogger(__name__)
@@ -289,8 +289,8 @@ def export_captioner(cap: Captioner, out_dir: str | os.PathLike) -> ModelArgs:
         lm_tokenizer_path=None,
         checkpoint_path=str(out / FLAMINGO_CHECKPOINT),
     )
-    with atomic_path(out / FLAMINGO_CHECKPOINT) as tmp:
-        torch.save(
-            {"model_state_dict": paper, "config": {"model_signature": model_signature(args)}}, tmp
-        )
+    write_checkpoint_file(
+        out / FLAMINGO_CHECKPOINT,
+        {"model_state_dict": paper, "config": {"model_signature": model_signature(args)}},
+    )
     return args

@@ -29,10 +29,11 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from srd import captions
 from srd.captioner.checkpoint import set_trainable, trainable_state_dict
 from srd.captioner.flamingo import Captioner, check_mixed_precision
+from srd.captioner.weights import write_checkpoint_file
 from srd.config import arg
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, SHARE, at_least, positive
-from srd.io import atomic_path, ensure_dir, is_finished, mark_finished, write_json, write_text
+from srd.io import ensure_dir, is_finished, mark_finished, write_json, write_text
 from srd.runs import check_run_config, check_run_name
 
 log = logging.getLogger(__name__)
@@ -344,11 +345,6 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     return old
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
 def train(
     captioner: Captioner,
     dataset: CaptionDataset,
@@ -511,7 +507,7 @@ def train(
                 f.write(json.dumps(entry) + "\n")
             log.info("epoch %d: mean loss %.4f", epoch, entry["loss"] or float("nan"))
             weights = trainable_state_dict(accelerator.unwrap_model(model))
-            _save(
+            write_checkpoint_file(
                 run_dir / f"{CHECKPOINT_PREFIX}{epoch}.pt",
                 {
                     "model_state_dict": weights,
@@ -534,7 +530,9 @@ def train(
     final = run_dir / FINAL_WEIGHTS
     if main:
         weights = trainable_state_dict(accelerator.unwrap_model(model))
-        _save(final, {"model_state_dict": weights, "epoch": args.num_epochs - 1, "config": record})
+        write_checkpoint_file(
+            final, {"model_state_dict": weights, "epoch": args.num_epochs - 1, "config": record}
+        )
         if finish:
             mark_finished(run_dir)
     accelerator.wait_for_everyone()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from srd.errors import SRDError
+from srd.io import atomic_path
 
 
 def read_state_dict(path: str | os.PathLike, flag: str) -> dict[str, torch.Tensor]:
@@ -37,3 +38,12 @@ def read_checkpoint_file(path: Path, flag: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise SRDError(f"{flag} {path}: not a state dict")
     return obj
+
+
+def write_checkpoint_file(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """``torch.save(payload)`` to ``path`` atomically, through an open file: torch names the
+    archive's records after a file *path* it is given (here the random temporary name), so
+    saving to a path gave identical tensors another sha256 on every run; through a handle the
+    records are named ``archive/...`` and identical payloads give identical bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)

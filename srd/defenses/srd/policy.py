@@ -50,18 +50,44 @@ def save_policy(model: DQN, path: str | os.PathLike, cfg: DQNConfig) -> Path:
     if path.suffix != ".zip":
         path = path.with_name(path.name + ".zip")  # the SB3 convention (--ppo_path without .zip)
     buffer = io.BytesIO()
-    model.save(buffer)
+    space = model.observation_space  # its sampler's state (drawn by env checks, never seeded)
+    rng, space._np_random = space._np_random, None  # is pickled with it: saved without it
+    try:
+        model.save(buffer)
+    finally:
+        space._np_random = rng
     meta = {
         "format": POLICY_FORMAT,
         "num_actions": int(model.action_space.n),
         "obs_shape": [int(d) for d in model.observation_space.shape],
         "dqn_config": dataclasses.asdict(cfg),
     }
-    with zipfile.ZipFile(buffer, "a") as archive:
-        archive.writestr(POLICY_META, json.dumps(meta, indent=2))
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+        tmp.write_bytes(_reproducible_zip(buffer.getvalue(), {POLICY_META: json.dumps(meta)}))
     return path
+
+
+VOLATILE_DATA = ("start_time", "ep_info_buffer", "ep_success_buffer")
+"""Fields of SB3's ``data`` member that hold wall-clock times (the training's start, each
+episode's end: Monitor's ``t``), so an identical training gave another file; left out."""
+
+
+def _reproducible_zip(sb3_zip: bytes, extra: dict[str, str]) -> bytes:
+    """The SB3 zip with :data:`VOLATILE_DATA` left out of ``data``, ``extra`` members added and
+    every member dated 1980-01-01: identical policies give identical bytes (and sha256, which
+    the stages' stamps compare). SB3 still loads it (it sets only the attributes it finds)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(sb3_zip)) as source, zipfile.ZipFile(out, "w") as target:
+        members = {name: source.read(name) for name in source.namelist()}
+        data = {k: v for k, v in json.loads(members["data"]).items() if k not in VOLATILE_DATA}
+        members["data"] = json.dumps(data, indent=4).encode()
+        for name, content in {**members, **{k: v.encode() for k, v in extra.items()}}.items():
+            target.writestr(
+                zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)),
+                content,
+                compress_type=zipfile.ZIP_DEFLATED,
+            )
+    return out.getvalue()
 
 
 class _SpacesOnlyEnv(gym.Env):

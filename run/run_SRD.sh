@@ -125,11 +125,13 @@ for TYPE in clean attack; do
 done
 
 if [ "$POLICY" = dqn ]; then
-  stage "figures"
-  python eval/srd_figures.py $DATA_FLAGS $SRD_FLAGS \
-    --bd_attack_type "$ATTACK" \
-    --before_results "result/backdoor-$ATTACK$SUFFIX.json" \
-    --after_results "result/$NAME.json" \
-    --out_dir img
+  stage "figures"  # named after the run (replicate, rate, budget, pool), written once
+  once "img/srd_reward_${NAME#srd-}.png" -- \
+    python eval/srd_figures.py $DATA_FLAGS $SRD_FLAGS \
+      --bd_attack_type "$ATTACK" \
+      --before_results "result/backdoor-$ATTACK$SUFFIX.json" \
+      --after_results "result/$NAME.json" \
+      --name "${NAME#srd-}" \
+      --out_dir img
 fi
 stage_end

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class Inputs:
     empty_image_dir: str
     merged_less_folder: str
     sfs_inputs: str
+    truncated_lm: str  # the clean LM folder with half of model.safetensors
+    truncated_vision: str
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +119,13 @@ def inputs(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records)
     sfs_inputs = root / "sfs_inputs"
     write_sfs_inputs(sfs_inputs / "m" / "attack", [1, 2], [image, image], ["a cat.", "a dog."])
 
+    truncated_lm = shutil.copytree(clean.lm_path, root / "lm_truncated")
+    weights = truncated_lm / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    truncated_vision = root / "vision_truncated.safetensors"
+    vision = Path(clean.vision_encoder_pretrained).read_bytes()
+    truncated_vision.write_bytes(vision[: len(vision) // 2])
+
     return Inputs(
         root=root,
         data=data_flags(tiny_data_args),
@@ -136,6 +146,8 @@ def inputs(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records)
         empty_image_dir=str(empty_images),
         merged_less_folder=str(merged_less),
         sfs_inputs=str(sfs_inputs),
+        truncated_lm=str(truncated_lm),
+        truncated_vision=str(truncated_vision),
     )
 
 
@@ -332,6 +344,12 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("refine-no-merged", "defend_srd", _flags(), "--clean_data_save"),
     ("refine-poison-bad-json", "defend_srd",
      lambda i: ["--poison_ids_path", i.bad_json], "bad.json"),
+    ("eval-lm-truncated", "evaluate", lambda i: ["--lm_path", i.truncated_lm],
+     "damaged .safetensors"),
+    ("eval-vision-truncated", "evaluate",
+     lambda i: ["--vision_encoder_pretrained", i.truncated_vision], "vision_truncated"),
+    ("attack-lm-truncated", "train_backdoor", lambda i: ["--lm_path", i.truncated_lm],
+     "--lm_path"),
     # results_table, srd_coverage, srd_figures
     ("table-missing", "results_table", _flags(), "result"),
     ("table-bad-json", "results_table", lambda i: ["--results", i.bad_json], "bad.json"),

@@ -113,6 +113,7 @@ def _result(
             },
         }
     return {
+        "model_name": f"defense-{defense}-badnet-s{seed}",
         "implant": implant,
         "attack": "badnet",
         "metrics": {
@@ -136,6 +137,7 @@ def test_report_from_hand_made_results(tmp_path) -> None:
         "nm-1": _result("no_mask", 1, 0.2, 2.2),
         "fo-0": _result("srd", 0, 0.5, 2.0, sampled=(0.5, 0.0), image_version="first_occurrence"),
         "clean": {
+            "model_name": "clean",
             "attack": "badnet",
             "metrics": {"asr_substring": 0.0, "clean": {"CIDEr": 3}},
             "defense": None,
@@ -262,6 +264,39 @@ def test_report_refuses_two_results_of_one_cell(tmp_path, capsys) -> None:
     files = [str(results / f"defense-{d}-badnet-s0.json") for d in ("none", "no_mask")]
     err = _fail(report, ["--results", *files, *args], capsys)
     assert "defends runs/backdoor-badnet-p05/final_weights.pt, but the none row" in err
+
+
+def test_report_checks_the_numbers_and_names_what_it_cannot_use(tmp_path, capsys) -> None:
+    """Issue 32 item 5: a share outside [0, 1], NaN, a negative CIDEr or a number written as a
+    string stops the report with one line naming the file and field (it printed ASR 500% and
+    turned "0.5" into 50%); a result named on the command line without a defense record is
+    refused, not silently left out."""
+    results = tmp_path / "result"
+    args = ["--output", str(tmp_path / "report.md"), "--img_dir", str(tmp_path / "img")]
+    good = _result("none", 0, 0.9, 2.0, sampled=(0.8, 0.02))
+    for field, where, value in (
+        ("asr_substring", ("metrics",), 5.0),
+        ("asr_substring", ("metrics",), "0.5"),
+        ("false_trigger_substring", ("metrics",), float("nan")),
+        ("CIDEr", ("metrics", "clean"), -3.0),
+        ("sampled_asr_substring", ("implant", "triggered"), 1.5),
+        ("ssim_mean", ("defense", "image_quality"), "high"),
+    ):
+        bad = json.loads(json.dumps(good))
+        node = bad
+        for key in where:
+            node = node.setdefault(key, {})
+        node[field] = value
+        path = results / "defense-none-badnet-s0.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(bad))  # (json.dumps writes NaN as the reader takes it)
+        err = _fail(report, ["--results", str(path), *args], capsys)
+        assert str(path) in err and field in err, err
+    plain = {**good, "defense": None}
+    write_json(results / "defense-none-badnet-s0.json", plain)
+    err = _fail(report, ["--results", str(results / "defense-none-badnet-s0.json"), *args], capsys)
+    assert "not a defended model's result (no defense record" in err and "--defense_run" in err
+    assert not (tmp_path / "report.md").exists()
 
 
 def _cleaning_run(folder, policy: str, covered: float, agent: dict | None = None):

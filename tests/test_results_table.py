@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,25 @@ def test_result_with_wrong_schema_names_the_file(tmp_path):
     path.write_text(json.dumps({"metrics": {"clean": {}}}))
     with pytest.raises(SRDError, match="model_name"):
         load_result(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [("asr_substring", 5.0, "[0, 1]"), ("asr_substring", float("nan"), "[0, 1]"),
+     ("asr_substring", "0.5", "a number"), ("CIDEr", -3.0, "finite number >= 0")],
+)  # fmt: skip
+def test_numbers_out_of_range_are_refused(tmp_path, field, value, named):
+    """Issue 32 item 5: the table printed ASR 500%, NaN and CIDEr -300."""
+    metrics = {"clean": {"CIDEr": 1.0}, "asr_substring": 0.5}
+    if field == "CIDEr":
+        metrics["clean"]["CIDEr"] = value
+    else:
+        metrics[field] = value
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"model_name": "x", "metrics": metrics}))
+    with pytest.raises(SRDError, match=re.escape(named)) as error:
+        load_result(path)
+    assert field in str(error.value) and "x.json" in str(error.value)
 
 
 def test_no_results_names_the_flag(tmp_path):

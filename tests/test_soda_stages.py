@@ -164,6 +164,12 @@ def test_clean_model_training_and_bad_input(shapes, planted, tmp_path, capsys) -
         soda_detect, ["--in_model", str(tmp_path / "nope"), "--data_dir", str(shapes)], capsys
     )
     assert "--in_model" in err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(planted, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: one line, not a traceback
+    err = _fail(soda_detect, ["--in_model", str(damaged), "--data_dir", str(shapes)], capsys)
+    assert "model.safetensors: damaged weights file" in err
 
 
 def test_a_detection_naming_the_target_as_its_own_source_stops_with_the_reason(

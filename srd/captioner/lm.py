@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from open_flamingo.src.utils import extend_instance, getattr_recursive
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -149,8 +150,10 @@ def load_lm(args: ModelArgs) -> torch.nn.Module:
         lm = AutoModelForCausalLM.from_pretrained(
             args.lm_path, trust_remote_code=args.trust_remote_code
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, SafetensorError):  # e.g. a truncated model.safetensors
+            detail = f"a damaged .safetensors weights file: {detail}"
         if "trust_remote_code" in str(exc) and not args.trust_remote_code:
             detail = "this LM needs its own code: pass --trust_remote_code"
         raise SRDError(f"--lm_path {args.lm_path}: cannot load language model ({detail})") from None

@@ -32,6 +32,7 @@ from srd.defenses.srd.merge import read_merged
 from srd.defenses.stage import backdoor_facts
 from srd.errors import SRDError
 from srd.evaluation.captioning import result_captions
+from srd.evaluation.tables import check_number, check_result
 from srd.io import atomic_path, ensure_dir, file_digest, read_json, write_text
 
 
@@ -102,18 +103,38 @@ def attack_label(attack: str, rate: float | None, epochs: int | None = None) -> 
     return f"{attack} ({', '.join(tags)})" if tags else attack
 
 
-def read_result(path: Path) -> DefenseResult | None:
+def read_result(path: Path, named: bool = True) -> DefenseResult | None:
+    """One evaluation result of a defended model, its numbers checked (types and ranges,
+    srd.evaluation.tables.check_result). A result without a defense record, an attack or an
+    ASR is refused when the file was ``named``, and passed over (None) when it was only found
+    in a folder given to ``--results`` (e.g. the backdoored model's own result)."""
     data = read_json(path, flag="--results")
     if not isinstance(data, dict) or "metrics" not in data:
         raise SRDError(f"--results {path}: not an evaluation result")
+    check_result(data, path)
     record = data.get("defense")
-    if not record or data.get("attack") is None:
-        return None
     m = data["metrics"]
-    if m.get("asr_substring") is None:
+    missing = (
+        "defense record: evaluate it with --defense_run"
+        if not record
+        else "attack"
+        if data.get("attack") is None
+        else "ASR"
+        if m.get("asr_substring") is None
+        else None
+    )
+    if missing:
+        if named:
+            raise SRDError(f"--results {path}: not a defended model's result (no {missing})")
         return None
-    quality = record.get("image_quality") or {}
-    implant = data.get("implant") or {}
+    if not isinstance(record, dict) or not isinstance(record.get("defense"), dict):
+        raise SRDError(f"--results {path}: malformed defense record (not an object)")
+    quality = _object(record, "image_quality", path)
+    implant = _object(data, "implant", path)
+
+    def share(block: dict[str, Any], key: str, where: str) -> float | None:
+        return check_number(block.get(key), f"{path}: malformed result JSON: '{where}{key}'")
+
     benign = bool(record.get("benign_control"))
     return DefenseResult(
         path=path,
@@ -126,19 +147,37 @@ def read_result(path: Path) -> DefenseResult | None:
         seed=record.get("seed") if benign else record.get("attack_seed"),
         asr=float(m["asr_substring"]),
         false_trigger=m.get("false_trigger_substring"),
-        sampled_triggered=(implant.get("triggered") or {}).get("sampled_asr_substring"),
-        sampled_clean=(implant.get("clean") or {}).get("sampled_asr_substring"),
+        sampled_triggered=share(
+            _object(implant, "triggered", path), "sampled_asr_substring", "implant.triggered."
+        ),
+        sampled_clean=share(
+            _object(implant, "clean", path), "sampled_asr_substring", "implant.clean."
+        ),
         clean_cider=float(m["clean"]["CIDEr"]),
         triggered_cider=(m.get("triggered") or {}).get("CIDEr"),
-        stripped_cider=(m.get("triggered_stripped") or {}).get("CIDEr"),
-        ssim=quality.get("ssim_mean"),
-        covered=(record.get("trigger_coverage") or {}).get("covered"),
+        stripped_cider=check_number(
+            _object(m, "triggered_stripped", path).get("CIDEr"),
+            f"{path}: malformed result JSON: 'metrics.triggered_stripped.CIDEr'",
+            upper=None,
+        ),
+        ssim=share(quality, "ssim_mean", "defense.image_quality."),
+        covered=share(_object(record, "trigger_coverage", path), "covered", "trigger_coverage."),
         model=_normpath(record.get("backdoored_checkpoint")),
         benign=benign,
         record=dict(record["defense"]),
         clean_captions=result_captions(data),
         sampling=implant.get("decoding"),
     )
+
+
+def _object(block: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """``block[key]`` when it is an object, {} when absent or null; SRDError otherwise."""
+    value = block.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SRDError(f"{path}: malformed result JSON ('{key}' must be an object)")
+    return value
 
 
 def _models(a: DefenseResult, b: DefenseResult) -> str:
@@ -148,15 +187,15 @@ def _models(a: DefenseResult, b: DefenseResult) -> str:
 
 
 def collect(paths: Sequence[str | Path]) -> list[DefenseResult]:
-    files: list[Path] = []
+    files: list[tuple[Path, bool]] = []  # (file, named on the command line)
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.glob("*.json"))
+            files += [(f, False) for f in sorted(p.glob("*.json"))]
         elif p.is_file():
-            files.append(p)
+            files.append((p, True))
         else:
             raise SRDError(f"--results {p}: not found")
-    results = [r for r in (read_result(f) for f in files) if r is not None]
+    results = [r for r in (read_result(f, named) for f, named in files) if r is not None]
     if not results:
         raise SRDError(f"--results {', '.join(map(str, paths))}: no result with a defense record")
     seen: dict[tuple[str, str, int | None, bool], DefenseResult] = {}

@@ -39,13 +39,17 @@ class Column:
     scale: float = 100.0
     decimals: int = 1
     numeric: bool = True
+    upper: float | None = 1.0
+    """Largest valid value (a share or a [0, 1] score); None: unbounded (CIDEr)."""
 
 
 COLUMNS: tuple[Column, ...] = (
     Column("model", "Model", ("model_name",), numeric=False),
     Column("attack", "Attack", ("attack",), numeric=False),
-    Column("cider_clean", "CIDEr clean (x100)", ("metrics", "clean", "CIDEr")),
-    Column("cider_triggered", "CIDEr triggered (x100)", ("metrics", "triggered", "CIDEr")),
+    Column("cider_clean", "CIDEr clean (x100)", ("metrics", "clean", "CIDEr"), upper=None),
+    Column(
+        "cider_triggered", "CIDEr triggered (x100)", ("metrics", "triggered", "CIDEr"), upper=None
+    ),
     Column("asr", "ASR (%)", ("metrics", "asr_substring")),
     Column("asr_word", "ASR (word) (%)", ("metrics", "asr_word")),
     Column("false_trigger", "False trigger (%)", ("metrics", "false_trigger_substring")),
@@ -98,12 +102,20 @@ def find_result_files(paths: Sequence[str | Path], flag: str = "--results") -> l
     return unique
 
 
-def _check_number(value: Any, where: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+def check_number(value: Any, where: str, upper: float | None = 1.0) -> float | None:
+    """``value`` as a float (None stays None); SRDError naming ``where`` for a string, a bool,
+    NaN or infinity, or a value outside [0, ``upper``] (a share of 500% is a broken file)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SRDError(f"{where} must be a number or null, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (upper is not None and value > upper):
+        bound = f"[0, {upper:g}]" if upper is not None else "a finite number >= 0"
+        raise SRDError(f"{where} must be {bound}, got {value!r}")
+    return float(value)
 
 
-def _check_result(data: Any, path: Path) -> dict[str, Any]:
+def check_result(data: Any, path: Path) -> dict[str, Any]:
     """Validate the parts of a result JSON the table reads; SRDError naming the file."""
     if not isinstance(data, dict):
         raise SRDError(f"{path}: malformed result JSON (top level is not an object)")
@@ -123,7 +135,8 @@ def _check_result(data: Any, path: Path) -> dict[str, Any]:
         if not column.numeric:
             continue
         value = _lookup(data, column.path, path)
-        _check_number(value, f"{path}: malformed result JSON: '{'.'.join(column.path)}'")
+        where = f"{path}: malformed result JSON: '{'.'.join(column.path)}'"
+        check_number(value, where, column.upper)
     return data
 
 
@@ -157,12 +170,12 @@ def _read_sfs(path: Path) -> dict[str, Any] | None:
 def load_result(path: str | Path) -> ResultRecord:
     """Read and validate one result JSON, merging a sibling SFS JSON under ``metrics.sfs``."""
     path = Path(path)
-    data = _check_result(read_json(path), path)
+    data = check_result(read_json(path), path)
     if path.name.endswith(".json") and "sfs" not in data["metrics"]:
         sfs = _read_sfs(path)
         if sfs is not None:
             data["metrics"]["sfs"] = sfs
-            _check_result(data, path)
+            check_result(data, path)
     return ResultRecord(path=path, data=data)
 
 

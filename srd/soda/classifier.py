@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -157,7 +158,11 @@ def load_classifier(
         raise SRDError(f"{flag} {run_dir}: no {WEIGHTS}")
     model = build_classifier(spec)
     try:
-        model.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as exc:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:  # e.g. truncated
+        raise SRDError(f"{flag} {path}: damaged weights file ({str(exc)[:200]})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
         raise SRDError(f"{flag} {path}: weights do not fit the spec ({str(exc)[:200]})") from None
     return model.eval(), spec, record

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.errors import SRDError
 from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
 from srd.flags import COUNT, SEED, Range, at_least
-from srd.io import ensure_dir, read_json, setup_logging, write_json
+from srd.io import ensure_dir, read_json, setup_logging, write_json, writer_lock
 from srd.runs import check_run_name, check_same_config, check_writable, clear_folder, remove_paths
 
 log = logging.getLogger("evaluate")
@@ -114,38 +115,43 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if ev.feature_cache:  # nothing trains here: the tower is frozen for the cache's check
         captioner.model.vision_encoder.requires_grad_(False)
         captioner.enable_feature_cache(ev.feature_cache_mb)
-    # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
-    # goes first and comes back last; the SFS inputs of an unfinished run are never kept.
-    if state.is_main_process:
-        ensure_dir(ev.results_file, "--results_file")
-        remove_paths([out_path])
-        clear_folder(sfs_folder, "--sfs_data_dir")
-        setup_logging(Path(ev.results_file) / f"{ev.model_name}.log")
-    images = ImageStore(records, data.image_cache_mb)
-    result = evaluate_captioner(
-        captioner,
-        images,
-        references,
-        attack,
-        batch_size=ev.batch_size,
-        num_beams=ev.num_beams,
-        max_new_tokens=ev.max_new_tokens,
-        target=attack_args.target_label,
-        implant_diagnostics=ev.implant_diagnostics,
-        seed=ev.seed,
-        transform=defense.transform(),
-    )
-    if not state.is_main_process:
-        return {}
-    if defense_record is not None and defense.kind == "test_time":
-        # what the transform does to the images it sees (test images; training ones untouched)
-        quality = transform_quality(images.ids(), images, defense.transform(), seed=ev.seed)
-        defense_record = {**defense_record, "image_quality": {**quality, "images": "test"}}
-    result = {"model_name": ev.model_name, **result, "defense": defense_record}
-    result["config"] = config
-    _write_sfs(sfs_folder, images, result)
-    write_json(sfs_folder / SFS_OWNER, {"result": str(out_path.resolve())})
-    write_json(out_path, result)  # last: the stage's "finished" signal (run_*.sh skip on it)
+    # One writer per result: a second evaluation under this name waits for nothing, it stops.
+    with writer_lock(out_path, "--model_name") if state.is_main_process else nullcontext():
+        if state.is_main_process and out_path.exists() and not ev.overwrite:
+            raise SRDError(f"--model_name {ev.model_name}: {out_path} was written meanwhile "
+                           "by another evaluation (pass --overwrite to replace it)")  # fmt: skip
+        # Every input is loaded: now the outputs. The result JSON is the "finished" signal, so it
+        # goes first and comes back last; the SFS inputs of an unfinished run are never kept.
+        if state.is_main_process:
+            ensure_dir(ev.results_file, "--results_file")
+            remove_paths([out_path])
+            clear_folder(sfs_folder, "--sfs_data_dir")
+            setup_logging(Path(ev.results_file) / f"{ev.model_name}.log")
+        images = ImageStore(records, data.image_cache_mb)
+        result = evaluate_captioner(
+            captioner,
+            images,
+            references,
+            attack,
+            batch_size=ev.batch_size,
+            num_beams=ev.num_beams,
+            max_new_tokens=ev.max_new_tokens,
+            target=attack_args.target_label,
+            implant_diagnostics=ev.implant_diagnostics,
+            seed=ev.seed,
+            transform=defense.transform(),
+        )
+        if not state.is_main_process:
+            return {}
+        if defense_record is not None and defense.kind == "test_time":
+            # what the transform does to the images it sees (test images; training ones untouched)
+            quality = transform_quality(images.ids(), images, defense.transform(), seed=ev.seed)
+            defense_record = {**defense_record, "image_quality": {**quality, "images": "test"}}
+        result = {"model_name": ev.model_name, **result, "defense": defense_record}
+        result["config"] = config
+        _write_sfs(sfs_folder, images, result)
+        write_json(sfs_folder / SFS_OWNER, {"result": str(out_path.resolve())})
+        write_json(out_path, result)  # last: the stage's "finished" signal (run_*.sh skip on it)
     m = result["metrics"]
     log.info(
         "%s: clean CIDEr %.3f | triggered CIDEr %s | ASR %s | false-trigger %.1f%%",

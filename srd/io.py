@@ -121,6 +121,44 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+_HELD: dict[Path, list] = {}
+"""Writer locks this process holds: lock file -> [open file, depth] (re-entrant)."""
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | os.PathLike, flag: str) -> Iterator[None]:
+    """Hold the one-writer lock of an output (a run folder, a result file) while the block
+    runs: a second process that tries to write the same output meanwhile gets SRDError naming
+    ``flag`` instead of mixing or replacing the first one's files. An advisory ``flock`` on
+    ``.<name>.lock`` beside ``target`` (never inside it: ``--overwrite`` moves a run folder
+    aside); the kernel releases it when the holder dies, so a killed run leaves no stale lock.
+    Re-entrant within a process (an entry point and the engine it calls)."""
+    import fcntl
+
+    target = Path(target)
+    lock = ensure_dir(target.parent).resolve() / f".{target.name}.lock"
+    held = _HELD.get(lock)
+    if held is None:
+        handle = open(lock, "a")  # noqa: SIM115 (held until the block ends)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise SRDError(
+                f"{flag} {target}: another process is writing it now ({lock.name} is locked); "
+                "wait for it to finish, or use another name"
+            ) from None
+        held = _HELD[lock] = [handle, 0]
+    held[1] += 1
+    try:
+        yield
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[lock]
+            held[0].close()  # releases the lock
+
+
 DIGEST_CACHE_ENV = "SRD_CACHE_DIR"
 """Where folder digests keep their per-file cache (default ``~/.cache/srd``)."""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -300,6 +302,51 @@ def test_evaluation_writes_its_result_after_the_sfs_inputs(
     assert "disk full" in _fail(evaluate, argv, capsys)
     assert not (tmp_path / "result" / "m.json").exists()
     assert not (tmp_path / "sfs" / "m").exists() or not any((tmp_path / "sfs" / "m").iterdir())
+
+
+def _hold_lock(target: Path) -> subprocess.Popen:
+    """Another process holding ``target``'s writer lock (srd.io.writer_lock's file)."""
+    lock = target.parent / f".{target.name}.lock"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import fcntl, sys, time\n"
+        f"f = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_one_writer_per_result_and_per_run(models, tiny_data_args, tmp_path, capsys) -> None:
+    """Issue 32 item 4: two evaluations under one name at once both exited 0 and the first
+    result was lost; now the second stops with one line while the first writes (and after
+    it, refuses to replace its result without --overwrite). The same for a training run."""
+    clean, backdoor = models
+    result = tmp_path / "result" / "m.json"
+    argv = [*data_flags(tiny_data_args), *model_flags(clean, backdoor),
+            "--results_file", str(result.parent), "--model_name", "m",
+            "--sfs_data_dir", str(tmp_path / "sfs"),
+            "--batch_size", "8", "--num_beams", "1", "--max_new_tokens", "4"]  # fmt: skip
+    holder = _hold_lock(result)
+    try:
+        error = _fail(evaluate, argv, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "another process is writing it now" in error and "--model_name" in error
+    assert not result.exists()
+    run_main(evaluate.main, argv)  # the lock died with its holder
+    assert result.is_file()
+    runs = tmp_path / "runs"
+    holder = _hold_lock(runs / "bd")
+    try:
+        error = _fail(train_backdoor, _backdoor_argv(tiny_data_args, clean, runs), capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "--run_name" in error and "another process is writing it now" in error
+    assert not (runs / "bd" / "DONE").exists()
 
 
 def test_pretrain_is_finished_only_with_its_export_and_refuses_a_stale_lm(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from srd.attacks.registry import AttackArgs
@@ -30,7 +31,7 @@ from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist
 from srd.errors import SRDError
 from srd.flags import COUNT, at_least, positive
-from srd.io import ensure_dir, is_finished, setup_logging
+from srd.io import ensure_dir, is_finished, setup_logging, writer_lock
 from srd.runs import (
     check_run_config,
     check_same_config,
@@ -104,19 +105,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         check_run_config(run_dir, record, where)
     check_writable(run_dir, "--external_save_dir")
 
-    if state.is_main_process:
-        if train_args.overwrite:
-            clear_folder(run_dir, "--run_name")
-        ensure_dir(run_dir, "--external_save_dir")
-    setup_logging(run_dir / "train.log" if state.is_main_process else None)
-    if state.is_main_process and not plan_path.is_file():
-        plan.save(plan_path)
-    state.wait_for_everyone()
-    log.info("%d poisoned caption ids in %s", len(plan.ids), plan_path)
+    with writer_lock(run_dir, "--run_name") if state.is_main_process else nullcontext():
+        if state.is_main_process:
+            if train_args.overwrite:
+                clear_folder(run_dir, "--run_name")
+            ensure_dir(run_dir, "--external_save_dir")
+        setup_logging(run_dir / "train.log" if state.is_main_process else None)
+        if state.is_main_process and not plan_path.is_file():
+            plan.save(plan_path)
+        state.wait_for_everyone()
+        log.info("%d poisoned caption ids in %s", len(plan.ids), plan_path)
 
-    images = TrainingImages(records, attack, plan.ids, cache_mb=data.image_cache_mb)
-    samples = build_samples(records, plan)
-    final = train(captioner, CaptionDataset(samples, images), train_args, record)
+        images = TrainingImages(records, attack, plan.ids, cache_mb=data.image_cache_mb)
+        samples = build_samples(records, plan)
+        final = train(captioner, CaptionDataset(samples, images), train_args, record)
     log.info("backdoored checkpoint: %s", final)
     return str(final)
 

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from srd.captioner.weights import write_checkpoint_file
 from srd.config import arg
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, SHARE, at_least, positive
-from srd.io import ensure_dir, is_finished, mark_finished, write_json, write_text
+from srd.io import ensure_dir, is_finished, mark_finished, write_json, write_text, writer_lock
 from srd.runs import check_run_config, check_run_name
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,24 @@ def train(
             f"--run_name {args.run_name}: {run_dir} holds checkpoints of an unfinished run; "
             "pass --resume_from_checkpoint to continue it or --overwrite to start again"
         )
+    with writer_lock(run_dir, "--run_name") if main else nullcontext():  # one writer per run
+        return _train_checked(captioner, dataset, args, record, accelerator, existing, finish,
+                              loss_fn)  # fmt: skip
+
+
+def _train_checked(
+    captioner: Captioner,
+    dataset: CaptionDataset,
+    args: TrainArgs,
+    record: dict[str, Any],
+    accelerator: Accelerator,
+    existing: list[Path],
+    finish: bool,
+    loss_fn: LossFn | None,
+) -> Path:
+    """:func:`train` once its checks passed (under the run's writer lock on the main process)."""
+    run_dir = args.run_dir
+    main = accelerator.is_main_process
     if main:
         ensure_dir(run_dir, "--external_save_dir")
         if args.overwrite:

@@ -7,10 +7,12 @@ Every file a stage writes goes through a temporary file in the same folder follo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError
+            if _disk_full(exc, path.parent):
+                raise SRDError(
+                    f"{path}: no space left on device (nothing was written; free space on "
+                    f"{path.parent} and run again)"
+                ) from None
+            raise
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
@@ -39,6 +49,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for want of space (ENOSPC, or a library's own error
+    while the folder's file system has under 1 MiB free)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -8,6 +8,7 @@ pretrain's "finished" signals, a stale initial LM, an interrupted benchmark over
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from srd.data.benchmark import generate_benchmark
 from srd.data.records import DataArgs
 from srd.errors import SRDError
 from srd.flags import SEED, check_flags
+from srd.io import atomic_path, write_json
 from srd.runs import (
     check_run_name,
     check_same_config,
@@ -122,6 +124,22 @@ def _config_classes() -> list[type]:
     from srd.defenses import DEFENSES  # each defense's own flags, composed by train/defend.py
 
     return classes + [cls.Args for cls in DEFENSES.values()]
+
+
+def test_a_full_disk_is_named_and_leaves_no_file(tmp_path, monkeypatch) -> None:
+    """Issue 32 item 5: no message said the disk was full."""
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SRDError, match=r"out\.json: no space left on device"):
+        write_json(tmp_path / "out.json", {"a": 1})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # not even the temporary file
+    with pytest.raises(RuntimeError, match="other"):  # other failures pass through as they are
+        with atomic_path(tmp_path / "x.pt"):
+            raise RuntimeError("other")
 
 
 def test_every_numeric_flag_has_a_range() -> None:

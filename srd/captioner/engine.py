@@ -380,6 +380,8 @@ def train(
             f"--run_name {args.run_name}: {run_dir} holds checkpoints of an unfinished run; "
             "pass --resume_from_checkpoint to continue it or --overwrite to start again"
         )
+    if main:
+        ensure_dir(run_dir, "--external_save_dir")
     with writer_lock(run_dir, "--run_name") if main else nullcontext():  # one writer per run
         return _train_checked(captioner, dataset, args, record, accelerator, existing, finish,
                               loss_fn)  # fmt: skip
@@ -399,7 +401,6 @@ def _train_checked(
     run_dir = args.run_dir
     main = accelerator.is_main_process
     if main:
-        ensure_dir(run_dir, "--external_save_dir")
         if args.overwrite:
             stale = [run_dir / "DONE", *checkpoint_paths(run_dir), run_dir / FINAL_WEIGHTS]
             for p in [*stale, run_dir / TRAIN_LOG, run_dir / STEP_LOG]:

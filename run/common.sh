@@ -58,7 +58,16 @@ case $ATTACK_EPOCHS in
   "$BUDGET_ATTACK_EPOCHS") EPOCH_TAG="" ;;
   *) EPOCH_TAG=-e$ATTACK_EPOCHS ;;
 esac
-ATTACK_TAG=$RATE_TAG$EPOCH_TAG
+# POISON_UNIT=image poisons every caption of each drawn image (train_backdoor.py --poison_unit;
+# the default, caption, poisons caption samples, so a triggered image keeps clean captions):
+# names carry -img after the rate, backdoor-badnet-img-s1, and the report rows "image-level poison".
+case ${POISON_UNIT:-caption} in
+  caption) UNIT_TAG="" ;;
+  image) UNIT_TAG=-img ;;
+  *) echo "error: POISON_UNIT=$POISON_UNIT: expected caption or image" >&2
+     exit 2 ;;
+esac
+ATTACK_TAG=$RATE_TAG$UNIT_TAG$EPOCH_TAG
 SUFFIX=$ATTACK_TAG
 [ "$SEED" = 0 ] || SUFFIX=$SUFFIX-s$SEED
 

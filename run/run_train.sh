@@ -1,7 +1,8 @@
 #!/bin/sh
 # Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|shadowcast (or a YAML file).
 # POISON_RATE=0.05 poisons another share (run backdoor-$ATTACK-p05, run/common.sh); ATTACK_EPOCHS=12
-# trains for 12 epochs instead of 6 (backdoor-$ATTACK-e12). Extra flags are passed on, e.g.
+# trains for 12 epochs instead of 6 (backdoor-$ATTACK-e12); POISON_UNIT=image poisons whole images
+# (backdoor-$ATTACK-img). Extra flags are passed on, e.g.
 # --target_label apple (the target word... default to the attack config's).
 # A finished run is skipped when made by the same command from the same inputs, refused
 # otherwise (once, run/common.sh; --overwrite redoes it).
@@ -10,6 +11,7 @@ ATTACK=${ATTACK:-badnet}
 RUN=backdoor-$ATTACK$SUFFIX
 RATE_FLAG=""
 [ -n "$RATE_TAG" ] && RATE_FLAG="--poison_rate $POISON_RATE"
+[ -n "$UNIT_TAG" ] && RATE_FLAG="$RATE_FLAG --poison_unit image"
 once "checkpoints_remote/$RUN/DONE" -- \
   $LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CLEAN_CHECKPOINT" \

@@ -230,10 +230,14 @@ def test_report_keeps_poison_rates_and_attack_budgets_apart(tmp_path) -> None:
         old["defense"]["backdoored_checkpoint"] = str(tmp_path / folder / "final_weights.pt")
         write_json(tmp_path / folder / "config.json", config)
         write_json(results / f"none-{folder}.json", old)
+    image = _result("none", 0, 0.95, 2.0)  # every caption of the drawn images poisoned
+    image["defense"].update(attack_poison_rate=0.1, attack_epochs=6, attack_poison_unit="image")
+    write_json(results / "none-img.json", image)
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
     cells = {(row[0][2:], row[1]): row for row in rows if "badnet" in row[1]}
+    assert cells.pop(("none", "badnet (image-level poison)"))[3] == "95.0"
     p05, p01 = "badnet (5% poison)", "badnet (1% poison)"
     e12, e3 = "badnet (12 attack epochs)", "badnet (3 attack epochs)"
     assert set(cells) == {

@@ -212,6 +212,24 @@ def test_run_names_carry_the_rate_the_budget_and_the_replicate(rate, epochs, see
         assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
 
 
+@pytest.mark.parametrize(
+    ("unit", "suffix"),
+    [("", "-p05-e12-s1"), ("caption", "-p05-e12-s1"), ("image", "-p05-img-e12-s1"),
+     ("images", "POISON_UNIT=images")],
+)  # fmt: skip
+def test_run_names_carry_the_poison_unit(unit, suffix) -> None:
+    """POISON_UNIT=image (every caption of a drawn image poisoned) is another model: -img."""
+    script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
+    env = {**os.environ, "POISON_RATE": "0.05", "ATTACK_EPOCHS": "12", "SEED": "1",
+           "POISON_UNIT": unit}  # fmt: skip
+    done = subprocess.run(["sh", "-c", script, str(REPO / "run" / "inline.sh")], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    if "=" in suffix:
+        assert done.returncode == 2 and done.stderr.startswith(f"error: {suffix}:")
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
+
+
 def test_attack_budget_default_is_the_scripts() -> None:
     """The report leaves the attack's epochs out of a row's name when they are run/common.sh's
     default budget, which run/run_train.sh trains; another ATTACK_EPOCHS names its runs."""

@@ -74,10 +74,10 @@ def _normpath(path: Any) -> str | None:
 
 
 def attack_fact(record: dict[str, Any], key: str) -> Any:
-    """``attack_poison_rate`` or ``attack_epochs`` of the backdoored model a defense record starts
-    from: as recorded, or for records written before they named it, read from the attack run of
-    ``backdoored_checkpoint`` (None for the benign control, which starts from the clean
-    captioner)."""
+    """``attack_poison_rate``, ``attack_poison_unit`` or ``attack_epochs`` of the backdoored model
+    a defense record starts from: as recorded, or for records written before they named it, read
+    from the attack run of ``backdoored_checkpoint`` (None for the benign control, which starts
+    from the clean captioner)."""
     if key in record:
         return record[key]
     return backdoor_facts(record.get("backdoored_checkpoint"))[key]
@@ -91,13 +91,18 @@ def _config_poison_rate(attack: str) -> float | None:
     return load_attack_config(CONFIG_DIR / f"{attack}.yaml").poison_rate
 
 
-def attack_label(attack: str, rate: float | None, epochs: int | None = None) -> str:
-    """The attack's name, with the poison rate when it is not the attack config's own and the
-    attack's epochs when they are not the default budget: models of one attack poisoned at two
-    rates or trained for two budgets are rows of their own, never one averaged cell."""
+def attack_label(
+    attack: str, rate: float | None, epochs: int | None = None, unit: str | None = None
+) -> str:
+    """The attack's name, with the poison rate when it is not the attack config's own, the
+    poison unit when whole images were poisoned and the attack's epochs when they are not the
+    default budget: models of one attack poisoned at two rates or units or trained for two
+    budgets are rows of their own, never one averaged cell."""
     tags = []
     if rate is not None and rate != _config_poison_rate(attack):
         tags.append(f"{100 * rate:g}% poison")
+    if unit == "image":
+        tags.append("image-level poison")
     if epochs is not None and epochs != ATTACK.epochs:
         tags.append(f"{epochs} attack epochs")
     return f"{attack} ({', '.join(tags)})" if tags else attack
@@ -143,6 +148,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
             str(data["attack"]),
             attack_fact(record, "attack_poison_rate"),
             attack_fact(record, "attack_epochs"),
+            attack_fact(record, "attack_poison_unit"),
         ),
         seed=record.get("seed") if benign else record.get("attack_seed"),
         asr=float(m["asr_substring"]),

@@ -158,18 +158,21 @@ def transform_quality(
 
 
 def backdoor_facts(checkpoint: str | Path | None) -> dict[str, Any]:
-    """``attack_seed``, ``attack_poison_rate`` and ``attack_epochs`` of the attack run that wrote
-    ``checkpoint`` (its run folder's ``config.json``); all None when it is not an attack run's
-    checkpoint."""
+    """``attack_seed``, ``attack_poison_rate``, ``attack_poison_unit`` and ``attack_epochs`` of
+    the attack run that wrote ``checkpoint`` (its run folder's ``config.json``); all None when it
+    is not an attack run's checkpoint."""
     config = None if checkpoint is None else Path(checkpoint).parent / "config.json"
     record = read_json(config) if config is not None and config.is_file() else None
     if not isinstance(record, dict) or record.get("stage") != "backdoor":
-        return {"attack_seed": None, "attack_poison_rate": None, "attack_epochs": None}
+        return dict.fromkeys(
+            ("attack_seed", "attack_poison_rate", "attack_poison_unit", "attack_epochs")
+        )
     rate = (record.get("attack") or {}).get("poison_rate")
     epochs = record.get("num_epochs")
     return {
         "attack_seed": int(record["seed"]),
         "attack_poison_rate": None if rate is None else float(rate),
+        "attack_poison_unit": record.get("poison_unit", "caption"),  # (the only unit before)
         "attack_epochs": None if epochs is None else int(epochs),
     }
 

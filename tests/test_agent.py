@@ -83,7 +83,8 @@ def covers_patch(action: int) -> bool:
     )
 
 
-DQN_SCHEDULE = {k: v for k, v in REFERENCE_SCHEDULE.items() if k not in ("max_steps", "pool_order")}
+ENV_KEYS = ("max_steps", "pool_order", "obs_size")
+DQN_SCHEDULE = {k: v for k, v in REFERENCE_SCHEDULE.items() if k not in ENV_KEYS}
 
 
 def toy_cfg(**changes) -> DQNConfig:

@@ -49,6 +49,7 @@ SCRIPTS = {
         "srd_coverage": "eval/srd_coverage.py",
         "srd_figures": "eval/srd_figures.py",
         "release": "train/release.py",
+        "reward_branches": "eval/reward_branches.py",
     }.items()
 }
 
@@ -190,6 +191,8 @@ def _base(script: str, i: Inputs, out: Path) -> list[str]:
         "results_table": ["--results", str(out / "result")],
         "srd_coverage": [*i.data, "--poison_ids_path", i.poison_ids],
         "srd_figures": [*i.data, "--ppo_path", str(out / "policy.zip")],
+        "reward_branches": ["--ppo_path", str(out / "policy.zip"),
+                            "--save_data_path", i.truncated_pool],
         "release": [
             "--action", "install", "--release_dir", str(out / "release"),
             "--install_dir", str(out / "models"), "--data_dir", str(out / "data"),
@@ -325,6 +328,9 @@ CASES: list[tuple[str, str, Extra, str]] = [
      lambda i: ["--poison_ids_path", f"{i.root}/none.json"], "--poison_ids_path"),
     ("clean-save-under-file", "srd_clean_data",
      lambda i: ["--clean_data_save", f"{i.blocker}/c"], "blocker"),
+    # reward_branches
+    ("branches-no-reward-log", "reward_branches", _flags(), "policy.rewards.jsonl"),
+    ("branches-beta-negative", "reward_branches", _flags("--beta", "-1"), "--beta"),
     # release
     ("release-no-manifest", "release", _flags(), "MANIFEST.json"),
     ("release-action-unknown", "release", _flags("--action", "unpack"), "--action"),

@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from srd.defenses.srd.landscape import reward_branches
 from srd.defenses.srd.reward import (
+    BRANCH_REWARDS,
+    REWARD_BRANCHES,
     RewardConfig,
     caption_rewards,
+    reward_branch_array,
     reward_table,
     reward_table_array,
 )
@@ -90,3 +94,39 @@ def test_caption_rewards_against_baselines() -> None:
 def test_caption_rewards_rejects_misaligned_scores() -> None:
     with pytest.raises(ValueError, match="shapes"):
         caption_rewards(["a", "b"], [0.1], [0.1], [0.0, 0.0], [0.0, 0.0])
+
+
+def test_every_table_row_is_named_and_reached_in_order() -> None:
+    """reward_branch_array is the table's one source: each row's reward is the scalar table's,
+    and a grid of changes reaches every row but the empty-caption one (reached by ``empty``)."""
+    grid = np.linspace(-1.0, 1.0, 81)
+    ds, df = (a.ravel() for a in np.meshgrid(grid, grid))
+    branch = reward_branch_array(ds, df)
+    expected = [reward_table(a, b) for a, b in zip(ds, df, strict=True)]
+    np.testing.assert_array_equal(BRANCH_REWARDS[branch], expected)
+    assert set(branch) == set(range(len(REWARD_BRANCHES) - 1))
+    empty = reward_branch_array([0.5], [0.5], empty=[True])
+    assert REWARD_BRANCHES[int(empty[0])] == ("empty caption", 0)
+
+
+def test_reward_branches_of_a_reward_log() -> None:
+    base = {"1": (0.5, 0.5), "2": (0.9, 0.2)}
+    steps = [  # (image, sem, flu, caption): +3, -2 (semantic loss), -1 (otherwise), 0 (empty)
+        {"image_id": 1, "sem": 0.7, "flu": 1.1, "caption": "a cat", "reward": 3},
+        {"image_id": 2, "sem": 0.5, "flu": 0.2, "caption": "a dog", "reward": -2},
+        {"image_id": 2, "sem": 0.9, "flu": 0.1, "caption": "a dog", "reward": -1},
+        {"image_id": 1, "sem": 0.1, "flu": 0.1, "caption": "", "reward": 0},
+    ]
+    found = reward_branches(steps, base, RewardConfig())
+    shares = {b["branch"]: b["share"] for b in found["branches"]}
+    assert shares["d_sem >= alpha, d_flu >= beta"] == 0.25
+    assert shares["d_sem < alpha, d_flu < beta, d_sem <= -alpha"] == 0.25
+    assert shares["otherwise (-alpha < d_sem < alpha, d_flu < beta)"] == 0.25
+    assert shares["empty caption"] == 0.25 and sum(shares.values()) == 1.0
+    assert found["rewards_match_log"] and found["delta_sem"]["p50"] == pytest.approx(-0.2)
+    steps[0]["reward"] = 2  # a log the table does not reproduce is flagged
+    assert not reward_branches(steps, base, RewardConfig())["rewards_match_log"]
+    strict = reward_branches(steps, base, RewardConfig(beta=0.7))  # other thresholds
+    assert strict["branches"][0]["count"] == 0 and strict["thresholds"]["beta"] == 0.7
+    with pytest.raises(ValueError, match="no pool baseline for image 3"):
+        reward_branches([{**steps[0], "image_id": 3}], base, RewardConfig())

@@ -46,7 +46,7 @@ from srd.defenses.srd.dqn import (
 from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
 from srd.defenses.srd.figures import plot_reward_curve
 from srd.defenses.srd.inputs import SFSArgs, SRDArgs, load_scorer, vlm_caption_fn
-from srd.defenses.srd.landscape import reward_structure
+from srd.defenses.srd.landscape import policy_reward_branches, reward_structure
 from srd.defenses.srd.policy import save_policy
 from srd.defenses.srd.pool_source import stream_pool
 from srd.defenses.srd.reward import RewardConfig
@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     # The policy is the stage's marker: an old one goes first, so a killed --overwrite never
     # leaves it beside the new run's log, record and curve.
     remove_paths([policy_path, policy_path.with_suffix(".config.json"), srd.reward_log,
-                  srd.reward_curve, srd.random_reward_log, srd.agent_report])  # fmt: skip
+                  srd.reward_curve, srd.random_reward_log, srd.agent_report,
+                  srd.reward_branches])  # fmt: skip
     setup_logging(policy_path.with_suffix(".log"))
     if pool_model != model_args.checkpoint_path:
         # Allowed (reference P3: a surrogate pool may transfer), but the baselines then come
@@ -157,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     random_steps, _ = read_reward_log(srd.random_reward_log)
     # What there is to learn: how the random policy's rewards vary by image, size, centre.
     report["reward_structure"] = reward_structure(random_steps)
+    # Which rows of the reward table the transitions fell into, against the thresholds used.
+    logs = {"training": steps, "random_policy": random_steps}
+    branches = policy_reward_branches(logs, pool.ids, pool.base_sem, pool.base_flu, reward_cfg)
+    report["reward_branches"] = branches
+    write_json(srd.reward_branches, branches)
     write_json(policy_path.with_suffix(".config.json"), record)
     write_json(srd.agent_report, report)
     plot_reward_curve(steps, episodes, srd.reward_curve, title=f"SRD agent: {policy_path}",

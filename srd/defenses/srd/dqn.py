@@ -148,9 +148,11 @@ REFERENCE_SCHEDULE: dict[str, Any] = {
     "exploration_fraction": 0.1,
     "max_steps": 150,
     "pool_order": "random",
+    "obs_size": 224,
 }
-"""The reference's run (reference §9.2 with SB3 >= 2.3 defaults, §9.1 episode length): pass
-these as flags to train as the reference does. Every other DQN default is the reference's."""
+"""The reference's run (reference §9.2 with SB3 >= 2.3 defaults, §9.1 episode length, its
+policy seeing the 224-px image): pass these as flags to train as the reference does. Every
+other DQN default is the reference's."""
 
 
 def sb3_kwargs(cfg: DQNConfig, num_envs: int = 1) -> dict[str, Any]:

@@ -91,6 +91,11 @@ class SRDArgs:
         return self.policy_file.with_suffix(".agent_report.json")
 
     @property
+    def reward_branches(self) -> Path:
+        """Which reward-table rows D2's transitions fell into (``eval/reward_branches.py``)."""
+        return self.policy_file.with_suffix(".reward_branches.json")
+
+    @property
     def greedy_coverage(self) -> Path:
         """Where the policy's greedy squares land against the real trigger
         (``eval/srd_coverage.py --squares greedy``; its heat-map is the same name as .png)."""

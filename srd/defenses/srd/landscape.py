@@ -16,6 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from srd.defenses.srd.reward import (
+    BRANCH_REWARDS,
+    REWARD_BRANCHES,
+    RewardConfig,
+    is_empty_caption,
+    reward_branch_array,
+)
 from srd.geometry import GRID, MASK_SIZES
 
 
@@ -82,3 +89,66 @@ def reward_structure(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "best_size_mean": max(size_means.values()),
         "best_tried_per_image_mean": float(np.mean([max(v) for v in by_image.values()])),
     }
+
+
+def reward_branches(
+    steps: Sequence[Mapping[str, Any]],
+    baselines: Mapping[str, tuple[float, float]],
+    config: RewardConfig,
+) -> dict[str, Any]:
+    """Which rows of the reward table a reward log's transitions fall into (issue: were alpha
+    and beta, set for MiniLM + GPT-2-large, ever checked against our scorers?).
+
+    ``steps``: step records (``image_id``, ``sem``, ``flu``, ``caption``, ``reward``);
+    ``baselines``: ``{image_id: (S_sem, S_flu)}`` of the unmasked pool image. Returns the
+    thresholds, each row's count and share (table order, with its reward), the quantiles of
+    the two changes and whether every recomputed reward equals the logged one (a check that the
+    table and the log agree)."""
+    if not steps:
+        raise ValueError("no transitions")
+    missing = sorted({str(s["image_id"]) for s in steps} - set(baselines))
+    if missing:
+        raise ValueError(f"no pool baseline for image {missing[0]}")
+    base = np.array([baselines[str(s["image_id"])] for s in steps], dtype=np.float64)
+    d_sem = np.array([float(s["sem"]) for s in steps]) - base[:, 0]
+    d_flu = np.array([float(s["flu"]) for s in steps]) - base[:, 1]
+    empty = [is_empty_caption(str(s.get("caption", ""))) for s in steps]
+    cfg = config
+    branch = reward_branch_array(d_sem, d_flu, cfg.alpha, cfg.alpha2, cfg.beta, empty)
+    counts = np.bincount(branch, minlength=len(REWARD_BRANCHES))
+    logged = np.array([float(s["reward"]) for s in steps])
+
+    def quantiles(x: np.ndarray) -> dict[str, float | None]:
+        finite = x[np.isfinite(x)]
+        if not len(finite):
+            return dict.fromkeys(("p05", "p25", "p50", "p75", "p95"))
+        q = np.quantile(finite, [0.05, 0.25, 0.5, 0.75, 0.95])
+        return {k: float(v) for k, v in zip(("p05", "p25", "p50", "p75", "p95"), q, strict=True)}
+
+    return {
+        "transitions": len(steps),
+        "thresholds": {"alpha": cfg.alpha, "alpha2": cfg.alpha2, "beta": cfg.beta},
+        "branches": [
+            {"branch": name, "reward": reward, "count": int(n), "share": float(n / len(steps))}
+            for (name, reward), n in zip(REWARD_BRANCHES, counts, strict=True)
+        ],
+        "delta_sem": quantiles(d_sem),
+        "delta_flu": quantiles(d_flu),
+        "non_finite_delta_flu": int((~np.isfinite(d_flu)).sum()),
+        "rewards_match_log": bool(np.array_equal(BRANCH_REWARDS[branch], logged)),
+    }
+
+
+def policy_reward_branches(
+    reward_logs: Mapping[str, Sequence[Mapping[str, Any]]],
+    ids: Sequence[str],
+    base_sem: Sequence[float],
+    base_flu: Sequence[float],
+    config: RewardConfig,
+) -> dict[str, Any]:
+    """:func:`reward_branches` of each named reward log (``{"training": steps, "random_policy":
+    steps}``) against one pool's baselines."""
+    baselines = {
+        str(i): (float(s), float(f)) for i, s, f in zip(ids, base_sem, base_flu, strict=True)
+    }
+    return {name: reward_branches(steps, baselines, config) for name, steps in reward_logs.items()}

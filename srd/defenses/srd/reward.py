@@ -83,6 +83,35 @@ def reward_table_array(
     empty: np.ndarray | Sequence[bool] | None = None,
 ) -> np.ndarray:
     """Vectorised :func:`reward_table`: arrays of shape (N,) -> int64 rewards of shape (N,)."""
+    return BRANCH_REWARDS[reward_branch_array(delta_sem, delta_flu, alpha, alpha2, beta, empty)]
+
+
+REWARD_BRANCHES: tuple[tuple[str, int], ...] = (
+    ("d_sem >= alpha, d_flu >= beta", 3),
+    ("d_sem >= alpha, alpha <= d_flu < beta", 2),
+    ("d_sem >= alpha, d_flu <= -beta", -2),
+    ("d_sem >= alpha, -beta < d_flu < 0", -1),
+    ("d_sem >= alpha, 0 <= d_flu < alpha", 1),
+    ("d_sem < alpha, d_flu >= beta, d_sem <= -alpha2", -2),
+    ("d_sem < alpha, d_flu >= beta, d_sem > -alpha2", 1),
+    ("d_sem < alpha, d_flu < beta, d_sem <= -alpha", -2),
+    ("otherwise (-alpha < d_sem < alpha, d_flu < beta)", -1),
+    ("empty caption", EMPTY_CAPTION_REWARD),
+)
+"""The table's rows in the order they are checked (name, reward); d_ = change from baseline."""
+BRANCH_REWARDS = np.array([r for _, r in REWARD_BRANCHES], dtype=np.int64)
+
+
+def reward_branch_array(
+    delta_sem: np.ndarray | Sequence[float],
+    delta_flu: np.ndarray | Sequence[float],
+    alpha: float = 0.1,
+    alpha2: float = 0.2,
+    beta: float = 0.5,
+    empty: np.ndarray | Sequence[bool] | None = None,
+) -> np.ndarray:
+    """Index into :data:`REWARD_BRANCHES` of each (delta_sem, delta_flu): which row of the
+    table rewards it (the one source of the table; :func:`reward_table_array` reads it)."""
     ds = np.asarray(delta_sem, dtype=np.float64)
     df = np.asarray(delta_flu, dtype=np.float64)
     if ds.shape != df.shape:
@@ -100,13 +129,14 @@ def reward_table_array(
         no_gain & (df >= beta) & (ds > -alpha2),
         no_gain & (df < beta) & (ds <= -alpha),
     ]
-    rewards = np.select(conditions, [3, 2, -2, -1, 1, -2, 1, -2], default=-1).astype(np.int64)
+    branches = np.select(conditions, range(len(conditions)), default=len(conditions))
+    branches = branches.astype(np.int64)
     if empty is not None:
         empty_mask = np.asarray(empty, dtype=bool)
         if empty_mask.shape != ds.shape:
             raise ValueError(f"empty shape {empty_mask.shape} != delta shape {ds.shape}")
-        rewards[empty_mask] = EMPTY_CAPTION_REWARD
-    return rewards
+        branches[empty_mask] = len(REWARD_BRANCHES) - 1
+    return branches
 
 
 def is_empty_caption(caption: str) -> bool:

@@ -26,6 +26,7 @@ from srd.captioner.engine import (
     Sample,
     TrainArgs,
     caption_labels,
+    epoch_sampler,
     make_optimizer,
     process_state,
     train,
@@ -379,6 +380,23 @@ def test_training_with_epoch_captions_per_image_takes_one_pass_over_the_images(
     log = [json.loads(line) for line in (args.run_dir / TRAIN_LOG).read_text().splitlines()]
     per_epoch = -(-images // 4)
     assert [e["step"] for e in log] == [per_epoch, 2 * per_epoch]
+
+
+def test_the_references_epochs_replay_one_draw_with_replacement() -> None:
+    """--epoch_sampling fixed_replacement (reference B14/B21): n draws of n with replacement,
+    seeded, and the same list every epoch: about 1 - 1/e of the samples ever seen."""
+    args = TrainArgs(epoch_sampling="fixed_replacement", seed=3)
+    sampler = epoch_sampler(_by_image(600, 5), args)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) == first and len(first) == 3000
+    assert 0.60 < len(set(first)) / 3000 < 0.66  # 1 - 1/e = 0.632
+    assert list(epoch_sampler(_by_image(600, 5), TrainArgs(epoch_sampling="fixed_replacement",
+                                                          seed=4))) != first  # fmt: skip
+    assert epoch_sampler(_by_image(600, 5), TrainArgs()) is None  # ours: the loader's shuffle
+    both = TrainArgs(epoch_sampling="fixed_replacement", epoch_captions_per_image=2)
+    with pytest.raises(SRDError, match="only with --epoch_sampling shuffle"):
+        epoch_sampler(_by_image(6, 5), both)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -78,6 +78,10 @@ def process_state() -> PartialState:
     return state
 
 
+EPOCH_SAMPLINGS = ("shuffle", "fixed_replacement")
+"""--epoch_sampling: ours, and the reference's fixed draw with replacement."""
+
+
 @dataclass
 class TrainArgs:
     """Training: run folder, optimiser, schedule, checkpoints."""
@@ -113,6 +117,13 @@ class TrainArgs:
     overwrite: bool = arg(False, help="redo a run folder that already finished")
     num_workers: int = arg(0, help="data loader worker processes", check=at_least(0))
     epoch_captions_per_image: int = arg(0, help=EPOCH_CAPTIONS_HELP, check=at_least(0))
+    epoch_sampling: str = arg(
+        "shuffle",
+        help="shuffle (ours): every sample once per epoch, reshuffled each epoch; "
+        "fixed_replacement (the reference's, its B14/B21): one seeded draw of as many samples "
+        "with replacement (~37%% never drawn), replayed every epoch",
+        choices=list(EPOCH_SAMPLINGS),
+    )
     feature_cache: bool = arg(
         True,
         help="compute the frozen vision tower's tokens once per image version and reuse them "
@@ -193,6 +204,38 @@ class CaptionsPerImage(Sampler[int]):
         ]
         order = np.concatenate(drawn)[rng.permutation(len(self))]
         return iter(order.tolist())
+
+
+class FixedDrawWithReplacement(Sampler[int]):
+    """The reference's epochs (its B14, B21): one seeded draw of ``n`` indices of ``n`` with
+    replacement, the same list every epoch (its sampler's epoch was never advanced), so about
+    1/e of the samples (37%) are never seen and others are seen twice or more."""
+
+    def __init__(self, n: int, seed: int):
+        self.order = np.random.default_rng(seed).integers(0, n, size=n).tolist()
+
+    def set_epoch(self, epoch: int) -> None:  # the reference's draw does not change
+        pass
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+
+def epoch_sampler(samples: Sequence[Sample], args: TrainArgs) -> Sampler[int] | None:
+    """The sampler of ``--epoch_captions_per_image`` / ``--epoch_sampling`` (None: shuffle)."""
+    if args.epoch_sampling == "fixed_replacement":
+        if args.epoch_captions_per_image:
+            raise SRDError(
+                f"--epoch_captions_per_image {args.epoch_captions_per_image}: only with "
+                "--epoch_sampling shuffle (the reference's draw takes every sample's chance)"
+            )
+        return FixedDrawWithReplacement(len(samples), args.seed)
+    if args.epoch_captions_per_image:
+        return CaptionsPerImage(samples, args.epoch_captions_per_image, args.seed)
+    return None
 
 
 class Collator:
@@ -418,16 +461,12 @@ def _train_checked(
     else:
         captioner.feature_cache = None
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
-    per_image = (
-        CaptionsPerImage(dataset.samples, args.epoch_captions_per_image, args.seed)
-        if args.epoch_captions_per_image
-        else None
-    )
+    sampler = epoch_sampler(dataset.samples, args)
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=per_image is None,
-        sampler=per_image,
+        shuffle=sampler is None,
+        sampler=sampler,
         collate_fn=Collator(captioner.tokenizer, None),  # vision_x made below, in this process
         num_workers=args.num_workers,
         drop_last=False,

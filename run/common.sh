@@ -23,6 +23,15 @@ MODEL_FLAGS=${MODEL_FLAGS:-"--vision_encoder_path tiny-clip \
   --vision_encoder_pretrained $EMBEDDED/vision.safetensors \
   --lm_path $EMBEDDED/lm --cross_attn_every_n_layers 1"}
 CLEAN_CHECKPOINT=${CLEAN_CHECKPOINT:-$EMBEDDED/checkpoint.pt}
+# ATTACK names a shipped attack (badnet) or a YAML file: a file is passed to --bd_attack_type as
+# ATTACK_SPEC, and ATTACK becomes its name: (python -m srd.attacks), so runs and results are
+# named backdoor-<name>..., never after the file's path.
+case ${ATTACK:-} in
+  *.yaml | *.yml | */*)
+    ATTACK_SPEC=$ATTACK
+    ATTACK=$(python -m srd.attacks "$ATTACK_SPEC") || exit 2
+    export ATTACK ATTACK_SPEC ;;
+esac
 # Replicate SEED (0, 1, 2 ...) of an attack and its defenses: the poison draw and the attack's
 # training seed are 42 + SEED, the SRD agent's and the defenses' seed SEED; run and result names
 # of SEED > 0 end in -sSEED. The benchmark (data, tiny CLIP, clean captioner) is the same for all.

@@ -35,11 +35,11 @@ CLEAN_INPUT="--input $CLEAN_DATA/dataset_coco.json"  # (a .csv is an input itsel
 [ -f "$CLEAN_CLIP/DONE" ] && START="--clip_pretrained $CLEAN_CLIP/clip.safetensors"
 stage "poisoned CLIP: $ATTACK, rate $RATE, seed $SEED (${START:-from scratch})"
 once "$RUNS/$OUT/poisoned/DONE" -- \
-  python train/clip_poison.py $DATA_FLAGS --bd_attack_type "$ATTACK" --poison_rate "$RATE" \
+  python train/clip_poison.py $DATA_FLAGS --bd_attack_type "${ATTACK_SPEC:-$ATTACK}" --poison_rate "$RATE" \
     --clip_epochs "$POISON_EPOCHS" --seed "$SEED" $START --run_name "$OUT/poisoned"
 stage "evaluate the poisoned CLIP"
 once "$RUNS/$OUT/poisoned/DONE_EVAL" --input "$RUNS/$OUT/poisoned/clip.safetensors" -- \
-  python eval/clip_evaluate.py $DATA_FLAGS --bd_attack_type "$ATTACK" --run_dir "$RUNS/$OUT/poisoned"
+  python eval/clip_evaluate.py $DATA_FLAGS --bd_attack_type "${ATTACK_SPEC:-$ATTACK}" --run_dir "$RUNS/$OUT/poisoned"
 for METHOD in $METHODS; do
   stage "clean: $METHOD"
   once "$RUNS/$OUT/$METHOD/DONE" --input "$RUNS/$OUT/poisoned/clip.safetensors" $CLEAN_INPUT -- \
@@ -48,7 +48,7 @@ for METHOD in $METHODS; do
       --run_name "$OUT/$METHOD"
   stage "evaluate: $METHOD"
   once "$RUNS/$OUT/$METHOD/DONE_EVAL" --input "$RUNS/$OUT/$METHOD/clip.safetensors" -- \
-    python eval/clip_evaluate.py $DATA_FLAGS --bd_attack_type "$ATTACK" --run_dir "$RUNS/$OUT/$METHOD"
+    python eval/clip_evaluate.py $DATA_FLAGS --bd_attack_type "${ATTACK_SPEC:-$ATTACK}" --run_dir "$RUNS/$OUT/$METHOD"
 done
 stage "table"
 python eval/clip_par_table.py --root "$RUNS/par"

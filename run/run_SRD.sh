@@ -128,7 +128,7 @@ if [ "$POLICY" = dqn ]; then
   stage "figures"  # named after the run (replicate, rate, budget, pool), written once
   once "img/srd_reward_${NAME#srd-}.png" -- \
     python eval/srd_figures.py $DATA_FLAGS $SRD_FLAGS \
-      --bd_attack_type "$ATTACK" \
+      --bd_attack_type "${ATTACK_SPEC:-$ATTACK}" \
       --before_results "result/backdoor-$ATTACK$SUFFIX.json" \
       --after_results "result/$NAME.json" \
       --name "${NAME#srd-}" \

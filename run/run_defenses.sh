@@ -46,7 +46,7 @@ BUDGET="--batch_size $BUDGET_REFINE_BATCH_SIZE --num_epochs ${EPOCHS:-$BUDGET_RE
   --learning_rate ${LR:-$BUDGET_REFINE_LEARNING_RATE} --lr_scheduler $BUDGET_REFINE_LR_SCHEDULER \
   --warmup_steps_ratio $BUDGET_REFINE_WARMUP_STEPS_RATIO \
   --epoch_captions_per_image $BUDGET_REFINE_EPOCH_CAPTIONS_PER_IMAGE --seed $SEED"
-EVAL_FLAGS="--bd_attack_type $ATTACK --batch_size 32 --num_beams 3 --max_new_tokens 20"
+EVAL_FLAGS="--bd_attack_type ${ATTACK_SPEC:-$ATTACK} --batch_size 32 --num_beams 3 --max_new_tokens 20"
 [ -f "$BACKDOOR" ] || { echo "error: $BACKDOOR: run the attack stage first (run/run_train.sh)" >&2; exit 2; }
 
 defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --input flags

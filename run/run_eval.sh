@@ -9,7 +9,7 @@ CHECKPOINT=${CHECKPOINT:-checkpoints_remote/backdoor-$ATTACK$SUFFIX/final_weight
 MODEL_NAME=${MODEL_NAME:-backdoor-$ATTACK$SUFFIX}
 once "result/$MODEL_NAME.json" -- $LAUNCH eval/evaluate.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CHECKPOINT" \
-  --bd_attack_type "$ATTACK" \
+  --bd_attack_type "${ATTACK_SPEC:-$ATTACK}" \
   --results_file result \
   --model_name "$MODEL_NAME" \
   --sfs_data_dir result/sfs_inputs \

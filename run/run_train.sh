@@ -15,7 +15,7 @@ RATE_FLAG=""
 once "checkpoints_remote/$RUN/DONE" -- \
   $LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CLEAN_CHECKPOINT" \
-  --bd_attack_type "$ATTACK" \
+  --bd_attack_type "${ATTACK_SPEC:-$ATTACK}" \
   --run_name "$RUN" \
   --seed $((42 + SEED)) \
   --external_save_dir checkpoints_remote \

@@ -212,6 +212,22 @@ def test_run_names_carry_the_rate_the_budget_and_the_replicate(rate, epochs, see
         assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
 
 
+def test_an_attack_file_gives_its_name_to_the_runs(tmp_path) -> None:
+    """Issue 32 item 3: ATTACK=<file>.yaml named runs backdoor-<path>/...; now its name:."""
+    config = tmp_path / "held_out.yaml"
+    config.write_text((REPO / "srd" / "attacks" / "configs" / "badnet.yaml").read_text()
+                      .replace("name: badnet", "name: held_out_patch"))  # fmt: skip
+    script = f'. {REPO}/run/common.sh; echo "[$ATTACK] [$ATTACK_SPEC]"'
+    shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
+    done = subprocess.run(shell, env={**os.environ, "ATTACK": str(config)}, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == f"[held_out_patch] [{config}]"
+    config.write_text("name: ../up\nkind: badnet\n")
+    done = subprocess.run(shell, env={**os.environ, "ATTACK": str(config)}, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("error:") == 1, done.stderr
+
+
 @pytest.mark.parametrize(
     ("unit", "suffix"),
     [("", "-p05-e12-s1"), ("caption", "-p05-e12-s1"), ("image", "-p05-img-e12-s1"),

@@ -24,6 +24,7 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, ImageStore, check_images_exist, load_references
 from srd.defenses import DefenseName, build_defense, chosen_defense
+from srd.defenses.registry import CHECKPOINT_KINDS
 from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.errors import SRDError
 from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
@@ -78,10 +79,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         argv, DataArgs, ModelArgs, AttackArgs, EvalArgs, DefenseName, cls.Args, description=__doc__
     )
     defense = build_defense(cls.name, own)
-    if defense.kind == "refine":
+    if defense.kind in CHECKPOINT_KINDS:
         raise SRDError(
-            f"--defense {defense.name}: a refine-tune defense; run train/defend.py and evaluate "
-            "the checkpoint it writes (its record is read from the checkpoint's folder)"
+            f"--defense {defense.name}: a defense that writes a checkpoint ({defense.kind}); run "
+            "train/defend.py and evaluate the checkpoint it writes (its record is read from "
+            "the checkpoint's folder)"
         )
     state = process_state()
     out_path = Path(ev.results_file) / f"{check_run_name(ev.model_name, '--model_name')}.json"

@@ -550,3 +550,73 @@ def test_a_defense_is_one_class_with_its_own_flags(capsys) -> None:
         comparison
     )
     assert set(default_names(benign=True)) == set(comparison) - {"clean_finetune", "oracle_square"}
+
+
+# --------------------------------------------------------------------------- clp
+
+
+def test_clp_channel_bounds_on_a_hand_built_layer() -> None:
+    """UCLC of a hidden unit = || row of the first Linear * LayerNorm gain ||_2 (CLP's Eq.)."""
+    from srd.defenses.clp import channel_lipschitz_bounds, outlying_channels
+
+    ff = torch.nn.Sequential(
+        torch.nn.LayerNorm(2), torch.nn.Linear(2, 3, bias=False), torch.nn.GELU(),
+        torch.nn.Linear(3, 2, bias=False),
+    )  # fmt: skip
+    with torch.no_grad():
+        ff[0].weight.copy_(torch.tensor([1.0, 2.0]))
+        ff[1].weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]]))
+    bounds = channel_lipschitz_bounds(ff)
+    assert bounds.tolist() == pytest.approx([73**0.5, 2.0, 1.0])
+    spiky = torch.tensor([1.0] * 20 + [10.0])  # mean 1.43, std 1.92: 10 > mean + 3 std
+    assert outlying_channels(spiky, 3.0).tolist() == [20]
+    assert outlying_channels(spiky, 5.0).tolist() == []  # 10 < mean + 5 std
+    assert outlying_channels(torch.ones(8), 0.0).tolist() == []  # none above the mean
+
+
+def test_clp_prunes_a_planted_outlier_unit_and_writes_its_checkpoint(
+    tmp_path, make_captioner, tiny_train_records, tiny_data_args
+) -> None:
+    """The defense prunes (zeroes) exactly the unit whose weights were scaled far above its
+    layer's, in one cross-attention FF; defend.py writes the edited checkpoint (no training)."""
+    import json
+
+    from srd_fixtures import (
+        data_flags,
+        export_clean_and_backdoor,
+        load_script,
+        model_flags,
+        write_poison_ids,
+    )
+
+    from srd.defenses.clp import feed_forwards
+    from srd.defenses.stage import DEFENSE_FILE
+
+    captioner = make_captioner(seed=3)
+    layers = dict(feed_forwards(captioner.model))
+    name = next(n for n in layers if "gated_cross_attn" in n)
+    with torch.no_grad():
+        layers[name][1].weight[5] *= 50
+    notes = build_defense("clp").prepare_model(captioner, None)
+    assert notes["pruned_units"][name] >= 1
+    assert (
+        layers[name][1].weight[5].abs().sum() == 0 and layers[name][3].weight[:, 5].abs().sum() == 0
+    )
+    assert set(notes["pruned_units"]) == set(layers)
+    with pytest.raises(SRDError, match="--clp_u"):
+        build_defense("clp", clp_u=-1)
+
+    defend = load_script("train/defend.py")
+    clean, backdoor = export_clean_and_backdoor(make_captioner, tmp_path / "models")
+    poison_ids = write_poison_ids(tiny_train_records, tmp_path / "models" / "backdoor")
+    defend.main([*data_flags(tiny_data_args), *model_flags(clean, backdoor),
+                 "--poison_ids_path", str(poison_ids), "--external_save_dir",
+                 str(tmp_path / "runs"), "--defense", "clp", "--quality_images", "0"])  # fmt: skip
+    record = json.loads((tmp_path / "runs" / "defense-clp-badnet" / DEFENSE_FILE).read_text())
+    assert record["defense"] == {"name": "clp", "kind": "edit", "u": 3.0}
+    edited = torch.load(record["checkpoint"], weights_only=True)
+    before = torch.load(backdoor, weights_only=True)["model_state_dict"]
+    assert set(edited["model_state_dict"]) == set(before)
+    signature = torch.load(backdoor, weights_only=True)["config"]["model_signature"]
+    assert edited["config"]["model_signature"] == signature  # loads onto the same model
+    assert record["prepare"]["pruned_share"] < 0.1

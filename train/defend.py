@@ -26,8 +26,10 @@ import sys
 from collections.abc import Sequence
 
 from srd.captioner.args import ModelArgs, model_signature
-from srd.captioner.engine import CaptionDataset, process_state, train
+from srd.captioner.checkpoint import trainable_state_dict
+from srd.captioner.engine import FINAL_WEIGHTS, CaptionDataset, process_state, train
 from srd.captioner.factory import load_captioner
+from srd.captioner.weights import write_checkpoint_file
 from srd.cli import run_main
 from srd.config import parse, to_dict
 from srd.data.records import DataArgs, check_images_exist
@@ -70,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     timer = Timer()
     training = defense.training_set(data)  # checks the defense's inputs before any output
     captioner, prepared = None, None
-    if training is not None:  # a checkpoint of another model is refused before any output too
+    edits = defense.kind == "edit"  # changes the weights without training (e.g. clp)
+    if training is not None or edits:  # a checkpoint of another model is refused before output
         captioner = load_captioner(model_args)
         prepared = defense.prepare_model(captioner, data)
     if state.is_main_process:
@@ -116,6 +119,19 @@ def main(argv: Sequence[str] | None = None) -> str:
         record["checkpoint"] = str(final)
         if loss_fn is not None:
             record["training_loss"] = loss_fn.summary()
+    elif edits:  # the edited weights, in the training engine's format
+        record["prepare"] = prepared
+        final = run_dir / FINAL_WEIGHTS
+        if state.is_main_process:
+            config = {
+                "stage": "defend",
+                **to_dict(data_args, model_args, dargs, own),
+                "model_signature": model_signature(model_args),
+                "defense_record": record,
+            }
+            weights = trainable_state_dict(captioner.model)
+            write_checkpoint_file(final, {"model_state_dict": weights, "config": config})
+        record["checkpoint"] = str(final)
     record["wall_seconds"] = timer.seconds()
     if state.is_main_process:
         write_json(run_dir / DEFENSE_FILE, record)

@@ -6,7 +6,7 @@ Importing the package registers every defense: ``none``; the refine-tune defense
 ``Args``); ``python -m srd.defenses --list`` prints them. See :mod:`srd.defenses.registry`.
 """
 
-from srd.defenses import par, pruning, purify, refine  # noqa: F401  (registers the defenses)
+from srd.defenses import clp, par, pruning, purify, refine  # noqa: F401  (registers the defenses)
 from srd.defenses.registry import (
     DEFENSES,
     DefenderData,

@@ -63,10 +63,11 @@ def ff_activations(captioner: Any, batches: list[dict[str, torch.Tensor]]) -> li
 
 
 @torch.no_grad()
-def prune_units(block: GatedCrossAttentionBlock, units: torch.Tensor) -> None:
-    """Zero the input rows and output columns of ``units`` in the block's FF."""
-    block.ff[1].weight[units] = 0
-    block.ff[3].weight[:, units] = 0
+def prune_units(ff: torch.nn.Sequential, units: torch.Tensor) -> None:
+    """Zero the input rows and output columns of hidden ``units`` of a FeedForward
+    (LayerNorm -> Linear -> GELU -> Linear)."""
+    ff[1].weight[units] = 0
+    ff[3].weight[:, units] = 0
 
 
 @dataclass
@@ -107,7 +108,7 @@ class FinePruning(NoMask):
         for block, mean in zip(blocks, means, strict=True):
             n = math.floor(ratio * mean.numel())
             units = torch.argsort(mean)[:n]
-            prune_units(block, units)
+            prune_units(block.ff, units)
             pruned.append(int(n))
         return {"pruned_units_per_block": pruned, "activation_samples": len(picked)}
 

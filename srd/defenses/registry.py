@@ -125,7 +125,9 @@ class Defense:
     """Base defense: does nothing (the ``none`` row). Subclasses override what they change."""
 
     name = "none"
-    kind = "none"  # "refine" (defended checkpoint), "test_time" (input transform) or "none"
+    kind = "none"
+    """"refine" (a refine-tune writes the defended checkpoint), "edit" (the weights changed
+    without training, e.g. data-free pruning), "test_time" (an input transform) or "none"."""
     changes_images = False
     paints_squares = False
     Args: type = NoFlags
@@ -172,6 +174,9 @@ class Defense:
         """The defense's record (name, kind and the parameters it uses)."""
         return {"name": self.name, "kind": self.kind}
 
+
+CHECKPOINT_KINDS = ("refine", "edit")
+"""Kinds whose defense writes a defended checkpoint (evaluated as a model, not a transform)."""
 
 DEFENSES: dict[str, type[Defense]] = {}
 

@@ -27,7 +27,13 @@ from srd.captioner.engine import TrainArgs
 from srd.config import arg
 from srd.defenses.coverage import covered_share, trigger_box
 from srd.defenses.quality import image_quality
-from srd.defenses.registry import DefenderData, Defense, Transform, seeded_subset
+from srd.defenses.registry import (
+    CHECKPOINT_KINDS,
+    DefenderData,
+    Defense,
+    Transform,
+    seeded_subset,
+)
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
 from srd.flags import COUNT, positive
@@ -227,7 +233,7 @@ def evaluation_defense_record(
     if defense_run:
         record = read_defense_run(defense_run, checkpoint)
         named = record["defense"]
-        if named.get("kind") != "refine" and named["name"] != defense.name:
+        if named.get("kind") not in CHECKPOINT_KINDS and named["name"] != defense.name:
             raise SRDError(
                 f"--defense {defense.name}: the run {defense_run} is of defense {named['name']}"
             )

@@ -210,7 +210,7 @@ def tree_digest(folder: str | os.PathLike) -> str:
             rel = path.relative_to(folder).as_posix()
             key = [info.st_size, info.st_mtime_ns, info.st_ino]
             old = cached.get(rel)
-            same = isinstance(old, list) and old[:3] == key
+            same = isinstance(old, list) and len(old) == 4 and old[:3] == key
             files[rel] = old if same else [*key, file_digest(path)]
     digest = hashlib.sha256()
     for rel in sorted(files):

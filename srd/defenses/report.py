@@ -119,15 +119,12 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
     check_result(data, path)
     record = data.get("defense")
     m = data["metrics"]
-    missing = (
-        "defense record: evaluate it with --defense_run"
-        if not record
-        else "attack"
-        if data.get("attack") is None
-        else "ASR"
-        if m.get("asr_substring") is None
-        else None
+    needed = (
+        ("defense record: evaluate it with --defense_run", bool(record)),
+        ("attack", data.get("attack") is not None),
+        ("ASR", m.get("asr_substring") is not None),
     )
+    missing = next((what for what, present in needed if not present), None)
     if missing:
         if named:
             raise SRDError(f"--results {path}: not a defended model's result (no {missing})")

@@ -19,6 +19,12 @@
 # MASK_COLOURS (e.g. "cyan") repeats random_squares (each size of SQUARE_SIDES, or any size) and
 # SRD (triggered) with the same squares painted in that colour (--mask_colour; rows
 # "random_squares [200 px, cyan squares]"): whether a square works as a mask or as a red object.
+# IMAGE_VERSIONS (default "first_occurrence"; "" for none) repeats every refine defense whose data
+# depend on --image_version (python -m srd.defenses --versioned: no_mask, random_squares,
+# fine_pruning, and par [as_left]) in those versions besides the default triggered one (rows
+# "no_mask [first_occurrence]"): the reference's protocol with every control, beside ours.
+# SRD's rows run in both versions already; oracle_square's square covers the trigger, so its
+# data, and its row, are the same in both.
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD's row when BENIGN=1 run/run_SRD.sh made its cleaning run
@@ -26,6 +32,13 @@
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
+IMAGE_VERSIONS=${IMAGE_VERSIONS-first_occurrence}
+for V in $IMAGE_VERSIONS; do  # the default version's rows are the ones without a version
+  [ "$V" != triggered ] || {
+    echo "error: IMAGE_VERSIONS=$IMAGE_VERSIONS: triggered is the version of the rows without it" >&2
+    exit 2
+  }
+done
 for C in ${MASK_COLOURS:-}; do  # red rows are the default ones: the same runs under two names
   [ "$C" != red ] || {
     echo "error: MASK_COLOURS=$MASK_COLOURS: red is the colour of the rows without it" >&2
@@ -89,6 +102,18 @@ done
 if [ "$PREFIX" = defense ] && echo "$APPLICABLE" | grep -qx par; then  # not told the poison
   defend_and_evaluate "defense-par-as_left-$RUN_TAG" --defense par \
     --par_data as_left
+fi
+if [ "$PREFIX" = defense ]; then  # the benign control has no triggered image to version
+  for V in $IMAGE_VERSIONS; do
+    for D in $(python -m srd.defenses --versioned $APPLICABLE); do
+      [ "$D" = srd ] || defend_and_evaluate "defense-$D-$V-$RUN_TAG" --defense "$D" \
+        --image_version "$V"
+    done
+    if echo "$APPLICABLE" | grep -qx par; then
+      defend_and_evaluate "defense-par-as_left-$V-$RUN_TAG" --defense par --par_data as_left \
+        --image_version "$V"
+    fi
+  done
 fi
 if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
   INPUT="--input $CLEAN_DATA/merged.json"

@@ -354,12 +354,35 @@ def test_par_is_registered_with_the_data_of_its_control(defender) -> None:
 @pytest.mark.parametrize(
     "flags, flag",
     [({"loss_thresh": 0.0}, "--loss_thresh"), ({"push_weight": -1.0}, "--push_weight"),
-     ({"par_feature": "logits"}, "--par_feature"), ({"par_data": "both"}, "--par_data")],
+     ({"par_feature": "logits"}, "--par_feature"), ({"par_data": "both"}, "--par_data"),
+     ({"image_version": "first_occurrence"}, "--image_version")],
 )  # fmt: skip
 def test_par_refuses_bad_flags(defender, flags, flag) -> None:
     with pytest.raises(SRDError) as exc:
         build_defense("par", **flags).training_set(defender)
     assert str(exc.value).startswith(flag) and "\n" not in str(exc.value)
+
+
+def test_versioned_defenses_are_those_whose_data_depend_on_the_image_version(defender) -> None:
+    """run/run_defenses.sh repeats these in the reference's image version: each one's refine-tune
+    data differ between the versions; every other defense's data do not (so a row of it in the
+    other version would repeat a row under a second name: oracle_square's square covers the
+    trigger, clean_finetune and par's clean data hold no triggered image)."""
+    from srd.defenses.__main__ import versioned
+
+    refine = [n for n, cls in DEFENSES.items() if cls.kind == "refine" and n != "srd"]
+    names = versioned(refine)
+    assert names == ["no_mask", "random_squares", "fine_pruning"]
+    for name in refine:
+        sets = []
+        for version in ("triggered", "first_occurrence"):
+            flags = {"image_version": version} if name not in ("par", "clean_finetune") else {}
+            samples, images = build_defense(name, **flags).training_set(defender)
+            sets.append([images(s) for s in samples])
+        differ = any(not np.array_equal(a, b) for a, b in zip(*sets, strict=True))
+        assert differ == (name in names), name
+    as_left = build_defense("par", par_data="as_left")
+    assert as_left.uses_image_version() and not build_defense("par").uses_image_version()
 
 
 def _par_batch(captioner, tiny_images):

@@ -314,6 +314,11 @@ def test_defenses_script_refuses_red_as_an_extra_mask_colour() -> None:
     assert error.startswith("error: MASK_COLOURS=cyan red: red is the colour of the rows")
 
 
+def test_defenses_script_refuses_triggered_as_an_extra_image_version() -> None:
+    error = _script_error("run_defenses.sh", IMAGE_VERSIONS="first_occurrence triggered")
+    assert error.startswith("error: IMAGE_VERSIONS=first_occurrence triggered: triggered is")
+
+
 def _script_error(script: str, **env: str) -> str:
     """Run run/SCRIPT with ``env`` added; it must stop with exit 2 and one line: returns it."""
     done = subprocess.run(

@@ -7,6 +7,9 @@ run/run_defenses.sh runs it by default.
 registry's comparison list, or its benign-control list with ``--benign``) that can run against
 the attack recorded in POISON_IDS (an attack run's poison_ids.json), one per line; each one left
 out goes to stderr with the reason (e.g. oracle_square without a patch trigger).
+
+``python -m srd.defenses --versioned NAME...``: those among NAME whose refine-tune data depend
+on ``--image_version`` with their default flags (run/run_defenses.sh runs them in each version).
 run/run_defenses.sh takes its list from here, so a new defense needs no edit of the script.
 """
 
@@ -20,7 +23,9 @@ from srd.attacks.trainset import PoisonPlan, plan_attack
 from srd.cli import EXIT_BAD_INPUT, light_main
 from srd.defenses import DEFENSES, build_defense
 
-USAGE = "usage: python -m srd.defenses --list | [--benign] POISON_IDS [NAME...]"
+USAGE = (
+    "usage: python -m srd.defenses --list | --versioned NAME... | [--benign] POISON_IDS [NAME...]"
+)
 
 
 def default_names(benign: bool) -> list[str]:
@@ -44,6 +49,10 @@ def applicable(poison_ids_path: str, names: Sequence[str]) -> list[str]:
     return keep
 
 
+def versioned(names: Sequence[str]) -> list[str]:
+    return [name for name in names if build_defense(name).uses_image_version()]
+
+
 def registry_table() -> str:
     rows = ["defense\tkind\tin comparison\tflags"]
     for name, cls in DEFENSES.items():
@@ -57,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--list"]:
         return light_main(lambda: print(registry_table()))
+    if argv[:1] == ["--versioned"]:
+        return light_main(lambda: print("\n".join(versioned(argv[1:]))))
     benign = bool(argv) and argv[0] == "--benign"
     if benign:
         argv = argv[1:]

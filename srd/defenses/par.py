@@ -60,6 +60,17 @@ class PAR(Defense):
     kind = "refine"
     Args = PARArgs
 
+    def __init__(self, args: Any = None):
+        super().__init__(args)
+        if self.args.image_version != "triggered" and not self.uses_image_version():
+            raise SRDError(
+                f"--image_version {self.args.image_version}: applies to --par_data as_left only "
+                "(the clean data hold no triggered image)"
+            )
+
+    def uses_image_version(self) -> bool:
+        return self.args.par_data == "as_left"
+
     def training_set(self, data: DefenderData) -> tuple[list[Sample], Any]:
         return PAR_DATA[self.args.par_data](self.args).training_set(data)
 

@@ -126,6 +126,9 @@ class OracleSquare(RefineDefense):
             return f"attack {attack.name} has no patch trigger box"
         return None
 
+    def uses_image_version(self) -> bool:
+        return False  # its square covers the trigger's box: both versions give the same pixels
+
     def mask_actions(self, data: DefenderData) -> dict[int, int]:
         reason = self.unavailable(data.attack)
         if reason:

@@ -140,6 +140,11 @@ class Defense:
     def __init__(self, args: Any = None):
         self.args = self.Args() if args is None else args
 
+    def uses_image_version(self) -> bool:
+        """Whether its refine-tune data depend on ``--image_version`` (run_defenses.sh runs
+        these in every image version)."""
+        return isinstance(self.args, VersionArgs)
+
     def unavailable(self, attack: Attack) -> str | None:
         """Why this defense cannot run against ``attack`` (None: it can)."""
         return None

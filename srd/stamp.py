@@ -25,14 +25,17 @@ output (its run folder) to redo it, or pass the stage's own ``--overwrite``, whi
 it. Inputs are compared where both stamps have them: a file that did not exist when the stage
 ran (e.g. a policy that a later stage writes under a shared flag) was not one of its inputs.
 
-``--adopt`` stamps an existing unstamped output as made by
-this command (outputs made before stamps existed; whoever passes it vouches for them). Nothing
-is ever deleted here.
+``--adopt`` stamps an existing unstamped output as made by this command (outputs made before
+stamps existed; whoever passes it vouches for them), after comparing the command's flags with
+what the output's own record says it was made with (a run folder's ``config.json`` beside a
+``DONE``, a result JSON's ``config``): a flag recorded with another value is refused, so
+adopting never certifies a run made with other settings. Nothing is ever deleted here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -175,6 +178,64 @@ def changed_inputs(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return [p for p in after if p in before and before[p] != after[p]]
 
 
+def recorded_config(output: str) -> dict[str, Any] | None:
+    """The flags OUTPUT was made with, as its own record says (None: no record): the run
+    folder's ``config.json`` beside a ``DONE``, or a result JSON's ``config``."""
+    out = Path(output)
+    if out.name == "DONE":
+        config = out.parent / "config.json"
+        data = read_json(config) if config.is_file() else None
+        return data if isinstance(data, dict) else None
+    if out.suffix == ".json":
+        data = read_json(out)
+        config = data.get("config") if isinstance(data, dict) else None
+        return config if isinstance(config, dict) else None
+    return None
+
+
+def _same_value(given: list[str], recorded: Any) -> bool:
+    """Whether a flag's command-line tokens mean the recorded value (numbers by value, paths
+    normalised, a flag without a value as True)."""
+    if isinstance(recorded, bool):
+        return given in ([], ["true"], ["True"]) if recorded else given in (["false"], ["False"])
+    if isinstance(recorded, list):
+        return len(given) == len(recorded) and all(
+            _same_value([g], r) for g, r in zip(given, recorded, strict=True)
+        )
+    if len(given) != 1:
+        return False
+    token = given[0]
+    if recorded is None:
+        return token.lower() in ("none", "null", "")
+    if isinstance(recorded, int | float):
+        try:
+            return float(token) == float(recorded)
+        except ValueError:
+            return False
+    return os.path.normpath(token) == os.path.normpath(str(recorded)) or token == str(recorded)
+
+
+def config_mismatch(command: Sequence[str], config: dict[str, Any]) -> str | None:
+    """The first flag of ``command`` recorded in ``config`` with another value, as
+    ``--flag VALUE (recorded: X)``; None when every recorded flag agrees."""
+    flags: dict[str, list[str]] = {}
+    key = None
+    for token in command_key(command)[1:]:
+        if token.startswith("--"):
+            key, _, value = token[2:].partition("=")
+            flags[key] = [value] if value else []
+            if key.startswith("no-") and key[3:] in config:  # --no-flag: False
+                key = key[3:]
+                flags.pop(f"no-{key}")
+                flags[key] = ["false"]
+        elif key is not None:
+            flags[key].append(token)
+    for name, given in flags.items():
+        if name in config and not _same_value(given, config[name]):
+            return f"--{name} {' '.join(given)} (recorded: {json.dumps(config[name])})"
+    return None
+
+
 def check(output: str, current: dict[str, Any], adopt: bool) -> str | None:
     """Why the stage is skipped, as its progress line ("up to date", or "adopted" under
     ``adopt``: an unstamped OUTPUT now stamped as made by ``current``); None when OUTPUT does
@@ -184,6 +245,13 @@ def check(output: str, current: dict[str, Any], adopt: bool) -> str | None:
     path = stamp_path(output)
     if not path.is_file():
         if adopt:
+            config = recorded_config(output)
+            mismatch = config_mismatch(current["command"], config) if config else None
+            if mismatch:
+                raise SRDError(
+                    f"{output}: not adopted: its record says it was made otherwise ({mismatch}); "
+                    "remove it to redo the stage"
+                )
             write_json(path, {**current, "output": _output_state(output), "adopted": True})
             return f"adopted: {output} (stamped as made by this command)"
         raise SRDError(

@@ -3,6 +3,7 @@ inputs; anything else is refused, never reused (the run/*.sh scripts' ``once``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -83,6 +84,29 @@ def test_an_unstamped_or_replaced_output_is_refused_unless_adopted(stage, capsys
     assert run() == 0 and runs() == 0
     out.write_text("replaced after the stamp")
     assert run() == 2 and "changed after its stamp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [(("--scale", "2"), ""), (("--scale", "2.0", "--lr", "1e-3", "--cache"), ""),
+     (("--scale", "3"), "--scale 3 (recorded: 2)"), (("--lr=0.01",), "--lr 0.01 (recorded: 0.001)"),
+     (("--no-cache",), "--cache false (recorded: true)"), (("--ids", "1"), "--ids 1 (recorded")],
+)  # fmt: skip
+def test_adopting_compares_the_run_folders_own_record(tmp_path, capsys, extra, refused) -> None:
+    """SRD_ADOPT vouches for an output made before stamps, but never against what the output's
+    own record (a run folder's config.json beside its DONE) says it was made with."""
+    done = tmp_path / "run" / "DONE"
+    done.parent.mkdir()
+    done.write_text("")
+    config = {"scale": 2, "lr": 0.001, "cache": True, "ids": [1, 2], "name": "x"}
+    (done.parent / "config.json").write_text(json.dumps(config))
+    command = [sys.executable, "train/x.py", "--name", "./x", *extra]
+    code = main(["--adopt", str(done), "--", *command])
+    err = capsys.readouterr().err
+    assert code == (2 if refused else 0), err
+    assert stamp_path(done).is_file() == (not refused)
+    if refused:
+        assert err.startswith(f"error: {done}: not adopted") and refused in err
 
 
 def test_overwrite_redoes_and_a_failed_stage_leaves_no_stamp(stage) -> None:

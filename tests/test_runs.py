@@ -204,10 +204,11 @@ def test_a_stale_poison_plan_is_refused_not_reused(
            "--checkpoint_path", str(tmp_path / "missing.pt")]  # fmt: skip
     assert "--checkpoint_path" in _fail(train_backdoor, bad, capsys)
     assert not runs.exists()
-    # a plan drawn at 0.5 (left by an older version, or by hand) is never trained at 0.1
+    # a plan drawn at 0.5 beside a checkpoint (a killed run) is never trained at 0.1
     stale = plan_poison(tiny_train_records, build_attack("badnet", poison_rate=0.5), seed=42)
     (runs / "bd").mkdir(parents=True)
     stale.save(runs / "bd" / POISON_FILE)
+    (runs / "bd" / "checkpoint_0.pt").write_bytes(b"an epoch's checkpoint")
     before = (runs / "bd" / POISON_FILE).read_bytes()
     error = _fail(train_backdoor, _backdoor_argv(tiny_data_args, clean, runs), capsys)
     assert "poison_rate 0.5 -> 0.1" in error and "--overwrite" in error
@@ -218,7 +219,30 @@ def test_a_stale_poison_plan_is_refused_not_reused(
     )
     assert "seed 42 -> 7" in error
     assert (runs / "bd" / POISON_FILE).read_bytes() == before
-    assert sorted(p.name for p in (runs / "bd").iterdir()) == [POISON_FILE]
+    assert sorted(p.name for p in (runs / "bd").iterdir()) == ["checkpoint_0.pt", POISON_FILE]
+
+
+def test_what_a_run_failed_before_its_first_checkpoint_left_is_replaced(
+    models, tiny_data_args, tiny_train_records, tmp_path, capsys
+) -> None:
+    """Issue 32 item 5: a run that failed or was killed before its first checkpoint leaves its
+    config, poison plan and log; they hold nothing computed, so a re-run with other flags
+    replaces them (no --overwrite needed) and trains with its own plan, never the stale one."""
+    clean, _ = models
+    runs = tmp_path / "runs"
+    run = runs / "bd"
+    run.mkdir(parents=True)
+    plan_poison(tiny_train_records, build_attack("badnet", poison_rate=0.5), seed=42).save(
+        run / POISON_FILE
+    )
+    write_json(run / "config.json", {"stage": "backdoor", "poison_rate": 0.5, "seed": 9})
+    (run / "train.log").write_text("the failed run's log\n")
+    train_backdoor.main(_backdoor_argv(tiny_data_args, clean, runs, "--num_epochs", "1"))
+    assert (run / "DONE").is_file()
+    assert json.loads((run / "config.json").read_text())["seed"] == 42
+    plan = json.loads((run / POISON_FILE).read_text())
+    assert plan["meta"]["poison_rate"] == 0.1 and plan["meta"]["seed"] == 42
+    assert (run / "train.log").read_text().startswith("the failed run's log")  # kept
 
 
 def test_a_resume_with_changed_settings_is_refused(

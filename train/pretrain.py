@@ -30,7 +30,14 @@ from srd.captioner.args import (
     model_signature,
 )
 from srd.captioner.checkpoint import export_captioner
-from srd.captioner.engine import CaptionDataset, Sample, TrainArgs, process_state, train
+from srd.captioner.engine import (
+    CaptionDataset,
+    Sample,
+    TrainArgs,
+    holds_training,
+    process_state,
+    train,
+)
 from srd.captioner.factory import build_flamingo
 from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
 from srd.captions import DEFAULT_TARGET
@@ -118,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lm_init = run_dir / "lm_init"
     texts = [r.caption for r in records] + caption_vocabulary(tiny.target_label)
     lm_identity = lm_init_identity(texts, tiny, train_args.seed)
-    if (lm_init / LM_INIT_RECORD).is_file() and not train_args.overwrite:
+    kept = not train_args.overwrite and holds_training(run_dir)  # else: leftovers replaced
+    if (lm_init / LM_INIT_RECORD).is_file() and kept:
         saved = read_json(lm_init / LM_INIT_RECORD)
         check_same_config(saved, lm_identity, f"--run_name {train_args.run_name} ({lm_init})",
                           "the initial LM")  # fmt: skip
@@ -161,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if is_finished(run_dir):
             raise SRDError(f"--run_name {train_args.run_name}: {run_dir} already finished "
                            "(pass --overwrite)")  # fmt: skip
+    if kept:
         check_run_config(run_dir, record, f"--run_name {train_args.run_name}")
 
     if state.is_main_process:

@@ -22,6 +22,7 @@ from srd.captioner.engine import (
     EPOCH_CAPTIONS_HELP,
     CaptionDataset,
     TrainArgs,
+    holds_training,
     process_state,
     train,
 )
@@ -85,10 +86,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         records, attack, train_args.seed, train_args.poison_unit
     )  # the draw these flags make
     plan_path = run_dir / POISON_FILE
+    kept = not train_args.overwrite and holds_training(run_dir)  # else: leftovers replaced
     if not train_args.overwrite:
         if is_finished(run_dir):
             raise SRDError(f"{where}: {run_dir} already finished (pass --overwrite)")
-        if plan_path.is_file():
+        if kept and plan_path.is_file():
             saved = PoisonPlan.load(plan_path)
             check_same_config(saved.identity(), plan.identity(), str(plan_path), "the poison plan")
     captioner = load_captioner(model_args)
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "loaded_checkpoint": captioner.checkpoint_notes,
         **input_digests({**data.read_paths(), "checkpoint_path": model_args.checkpoint_path}),
     }
-    if not train_args.overwrite:
+    if kept:
         check_run_config(run_dir, record, where)
     check_writable(run_dir, "--external_save_dir")
 
@@ -111,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 clear_folder(run_dir, "--run_name")
             ensure_dir(run_dir, "--external_save_dir")
         setup_logging(run_dir / "train.log" if state.is_main_process else None)
-        if state.is_main_process and not plan_path.is_file():
+        if state.is_main_process and not (kept and plan_path.is_file()):
             plan.save(plan_path)
         state.wait_for_everyone()
         log.info("%d poisoned caption ids in %s", len(plan.ids), plan_path)

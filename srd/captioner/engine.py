@@ -320,6 +320,19 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+def holds_training(run_dir: str | os.PathLike) -> bool:
+    """Whether a run folder holds anything training computed (its DONE, an epoch checkpoint,
+    final weights). A folder without any is what a run that failed or was killed before its
+    first checkpoint left (its config, poison plan, initial LM, logs): a re-run with other
+    flags replaces those instead of being refused, since nothing computed would be lost."""
+    run_dir = Path(run_dir)
+    return (
+        is_finished(run_dir)
+        or bool(checkpoint_paths(run_dir))
+        or (run_dir / FINAL_WEIGHTS).exists()
+    )
+
+
 def checkpoint_paths(run_dir: Path) -> list[Path]:
     """Epoch checkpoints of a run, oldest first."""
 
@@ -416,7 +429,7 @@ def train(
     existing = checkpoint_paths(run_dir) if run_dir.exists() and not args.overwrite else []
     if is_finished(run_dir) and not args.overwrite:
         raise SRDError(f"--run_name {args.run_name}: {run_dir} already finished (pass --overwrite)")
-    if not args.overwrite:  # on every rank, before anything is written
+    if not args.overwrite and holds_training(run_dir):  # on every rank, before any write
         check_run_config(run_dir, record, f"--run_name {args.run_name}")
     if existing and not (args.resume_from_checkpoint or args.overwrite):
         raise SRDError(

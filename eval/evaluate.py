@@ -27,7 +27,7 @@ from srd.defenses import DefenseName, build_defense, chosen_defense
 from srd.defenses.registry import CHECKPOINT_KINDS
 from srd.defenses.stage import evaluation_defense_record, transform_quality
 from srd.errors import SRDError
-from srd.evaluation.captioning import evaluate_captioner, write_sfs_inputs
+from srd.evaluation.captioning import SFS_KINDS, evaluate_captioner, write_sfs_inputs
 from srd.flags import COUNT, SEED, Range, at_least
 from srd.io import ensure_dir, read_json, setup_logging, write_json, writer_lock
 from srd.runs import check_run_name, check_same_config, check_writable, clear_folder, remove_paths
@@ -201,7 +201,7 @@ def check_sfs_owner(folder: Path, result: Path, overwrite: bool) -> None:
 def _write_sfs(folder: Path, images: ImageStore, result: dict) -> None:
     """SFS inputs: clean images with the captions made on clean ('clean') and triggered
     ('attack') images."""
-    for kind, key in (("clean", "clean"), ("attack", "triggered")):
+    for kind, key in SFS_KINDS.items():
         preds = result["predictions"][key]
         if not preds:
             continue

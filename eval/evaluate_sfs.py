@@ -24,6 +24,7 @@ import torch
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.errors import SRDError
+from srd.evaluation.captioning import SFS_KINDS
 from srd.evaluation.scorers import BlipCaptioner, ReferenceCaptioner
 from srd.evaluation.sfs import (
     SFSModelArgs,
@@ -44,7 +45,10 @@ class SFSEvalArgs:
     """SFS evaluation: inputs, scoring models and output."""
 
     name: str = arg(help="model/attack folder under --data_dir_path (e.g. badnet)")
-    type: str = arg(help="sub-folder under --name (e.g. attack or clean)")
+    type: str = arg(
+        help="sub-folder under --name: attack (captions of triggered images) or clean",
+        choices=list(SFS_KINDS),
+    )
     data_dir_path: str = arg("result/sfs_inputs", help="root of the evaluation stage's SFS inputs")
     clip_model: str | None = arg(
         None, help="HF CLIP folder or hub id for the CLIP score (optional)"

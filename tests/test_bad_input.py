@@ -45,6 +45,8 @@ SCRIPTS = {
         "srd_clean_data": "train/srd_clean_data.py",
         "combine_data": "train/combine_data.py",
         "defend_srd": "train/defend.py",
+        "defend": "train/defend.py",
+        "defense_report": "eval/defense_report.py",
         "results_table": "eval/results_table.py",
         "srd_coverage": "eval/srd_coverage.py",
         "srd_figures": "eval/srd_figures.py",
@@ -79,6 +81,23 @@ class Inputs:
     sfs_inputs: str
     truncated_lm: str  # the clean LM folder with half of model.safetensors
     truncated_vision: str
+    out_of_range_result: str  # a defense result whose ASR is 5 (500%)
+    defenseless_result: str  # an evaluation result without the defense record
+
+
+def _result(path: Path, asr: float, defense: dict | None) -> str:
+    """An evaluation result JSON of the shape eval/evaluate.py writes (numbers made up: the
+    report tools must refuse it before reading further)."""
+    data = {
+        "model_name": path.stem, "attack": "badnet", "target": "banana", "num_images": 4,
+        "metrics": {"asr_word": asr, "asr_substring": asr, "clean": {"CIDEr": 1.0},
+                    "triggered": {"CIDEr": 0.5}},
+        "predictions": {}, "config": {},
+    }  # fmt: skip
+    if defense is not None:
+        data["defense"] = defense
+    path.write_text(json.dumps(data))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +168,8 @@ def inputs(tmp_path_factory, make_captioner, tiny_data_args, tiny_train_records)
         sfs_inputs=str(sfs_inputs),
         truncated_lm=str(truncated_lm),
         truncated_vision=str(truncated_vision),
+        out_of_range_result=_result(root / "asr5.json", 5.0, {"name": "no_mask", "kind": "refine"}),
+        defenseless_result=_result(root / "plain.json", 0.5, None),
     )
 
 
@@ -188,6 +209,11 @@ def _base(script: str, i: Inputs, out: Path) -> list[str]:
             *i.data, *i.backdoor_model, "--defense", "srd", "--poison_ids_path", i.poison_ids,
             "--clean_data_save", i.merged_less_folder, "--external_save_dir", str(out / "runs"),
         ],
+        "defend": [
+            *i.data, *i.backdoor_model, "--defense", "no_mask", "--poison_ids_path", i.poison_ids,
+            "--external_save_dir", str(out / "runs"), "--run_name", "d", "--num_epochs", "1",
+        ],
+        "defense_report": ["--results", i.out_of_range_result, "--output", str(out / "r.md")],
         "results_table": ["--results", str(out / "result")],
         "srd_coverage": [*i.data, "--poison_ids_path", i.poison_ids],
         "srd_figures": [*i.data, "--ppo_path", str(out / "policy.zip")],
@@ -372,6 +398,55 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("figures-images-0", "srd_figures", _flags("--num_images", "0"), "--num_images"),
     ("figures-attack-clean", "srd_figures", _flags("--bd_attack_type", "clean"),
      "--bd_attack_type"),
+    # defend.py with the other defenses of the registry
+    ("defend-unknown", "defend", _flags("--defense", "nope"), "--defense nope"),
+    ("defend-foreign-flag", "defend", _flags("--mask_colour", "cyan"), "--mask_colour"),
+    ("defend-foreign-flag-eq", "defend", _flags("--square_side=20"), "--square_side"),
+    ("defend-epochs-0", "defend", _flags("--num_epochs", "0"), "--num_epochs"),
+    ("defend-version-unknown", "defend", _flags("--image_version", "last"), "--image_version"),
+    ("defend-par-version-clean-data", "defend",
+     _flags("--defense", "par", "--image_version", "first_occurrence"), "--image_version"),
+    ("defend-par-thresh-0", "defend", _flags("--defense", "par", "--loss_thresh", "0"),
+     "--loss_thresh"),
+    ("defend-squares-side-negative", "defend",
+     _flags("--defense", "random_squares", "--square_side", "-20"), "--square_side"),
+    ("defend-prune-ratio-1.5", "defend",
+     _flags("--defense", "fine_pruning", "--prune_ratio", "1.5"), "--prune_ratio"),
+    ("defend-prune-batches-0", "defend",
+     _flags("--defense", "fine_pruning", "--prune_batches", "0"), "--prune_batches"),
+    ("defend-clp-u-negative", "defend", _flags("--defense", "clp", "--clp_u", "-1"), "--clp_u"),
+    ("defend-blur-alpha-2", "defend", _flags("--defense", "blur", "--blur_alpha", "2"),
+     "--blur_alpha"),
+    ("defend-spatial-angle-400", "defend",
+     _flags("--defense", "spatial", "--spatial_angle", "400"), "--spatial_angle"),
+    ("defend-run-name-absolute", "defend", _flags("--run_name", "/tmp/srd-d"), "--run_name"),
+    ("defend-run-name-climbs-out", "defend", _flags("--run_name", "../d"), "--run_name"),
+    ("defend-poison-missing", "defend",
+     lambda i: ["--poison_ids_path", f"{i.root}/none.json"], "--poison_ids_path"),
+    ("defend-quality-negative", "defend", _flags("--quality_images", "-1"), "--quality_images"),
+    ("defend-checkpoint-text", "defend",
+     lambda i: ["--checkpoint_path", i.text_checkpoint], "text.pt"),
+    ("defend-lm-truncated", "defend", lambda i: ["--lm_path", i.truncated_lm], "--lm_path"),
+    ("defend-save-under-file", "defend", lambda i: ["--external_save_dir", i.blocker], "blocker"),
+    # the defense report
+    ("report-asr-500pct", "defense_report", _flags(), "must be [0, 1], got 5.0"),
+    ("report-no-defense-record", "defense_report",
+     lambda i: ["--results", i.defenseless_result], "plain.json"),
+    ("report-bad-json", "defense_report", lambda i: ["--results", i.bad_json], "bad.json"),
+    ("report-missing", "defense_report", lambda i: ["--results", f"{i.root}/none.json"],
+     "none.json"),
+    # more flags of the stages above
+    ("backdoor-poison-unit-unknown", "train_backdoor", _flags("--poison_unit", "pixel"),
+     "--poison_unit"),
+    ("backdoor-run-name-dotdot-inside", "train_backdoor", _flags("--run_name", "a/../b"),
+     "--run_name"),
+    ("eval-model-name-absolute", "evaluate", _flags("--model_name", "/tmp/srd-m"),
+     "--model_name"),
+    ("sfs-type-unknown", "evaluate_sfs", _flags("--type", "both"), "--type"),
+    ("clean-policy-unknown", "srd_clean_data", _flags("--policy", "greedy"), "--policy"),
+    ("clean-shards-0", "srd_clean_data", _flags("--shard_id", "0", "--num_shards", "0"),
+     "--num_shards"),
+    ("data-num-test-negative", "prepare_data", _flags("--num_test", "-3"), "--num_test"),
 ]  # fmt: skip
 
 
@@ -380,7 +455,7 @@ def _tree(*roots: Path) -> set[Path]:
 
 
 def test_corpus_covers_every_entry_point() -> None:
-    assert len(CASES) >= 40
+    assert len(CASES) >= 130  # issue 32's target
     assert len({c[0] for c in CASES}) == len(CASES)
     assert {c[1] for c in CASES} == set(SCRIPTS)
 

@@ -182,6 +182,11 @@ def result_captions(result: object, kind: str = "clean") -> dict[int, str] | Non
         return None
 
 
+SFS_KINDS = {"clean": "clean", "attack": "triggered"}
+"""The evaluation's SFS input folders: kind -> the predictions they hold (captions made on the
+clean or the triggered version of each clean test image); ``eval/evaluate_sfs.py --type``."""
+
+
 def write_sfs_inputs(
     folder: str | Path, ids: Sequence[int], images: Sequence[np.ndarray], sentences: Sequence[str]
 ) -> None:

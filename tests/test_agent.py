@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,13 +270,17 @@ def test_save_and_load_policy_round_trip(tmp_path: Path) -> None:
 
 
 def test_identical_trainings_save_identical_policy_files(tmp_path: Path) -> None:
-    """Issue 32 item 2: no wall-clock time in the zip, so stamps see the same policy."""
+    """Issue 32 item 2: no wall-clock time and no memory address in the zip, so stamps see the
+    same policy (across processes: tests/test_kill.py's D2 run compares two)."""
     paths = []
     for name in ("a", "b"):
         model, cfg = _small_model()
         model.learn(total_timesteps=12)
         paths.append(save_policy(model, tmp_path / name, cfg))
     assert paths[0].read_bytes() == paths[1].read_bytes()
+    with zipfile.ZipFile(paths[0]) as archive:
+        data = archive.read("data").decode()
+    assert " at 0x0>" in data and not re.search(r" at 0x[0-9a-f]*[1-9a-f]", data)
     again = DQN.load(paths[0], device="cpu")  # still a stable-baselines3 zip
     assert again.action_space.n == 500
 

@@ -103,6 +103,29 @@ def test_saved_clip_round_trips_and_refuses_another_config(tmp_path: Path) -> No
         build_vision_encoder("tiny-vit", str(path))
 
 
+def test_identical_weights_give_identical_safetensors_bytes(tmp_path: Path) -> None:
+    """The safetensors library writes its metadata map in an order drawn per process (and per
+    map), so save_clip's two metadata keys gave identical weights another sha256 (found by
+    tests/test_kill.py's PAR run); write_safetensors_file sorts the header, and the file still
+    loads with the library."""
+    from safetensors import safe_open
+
+    from srd.captioner.weights import write_safetensors_file
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4)}
+    metadata = {f"key{i}": f"value {i}" for i in range(8)}
+    files = []
+    for i in range(12):
+        files.append(tmp_path / f"{i}.safetensors")
+        write_safetensors_file(files[-1], tensors, dict(reversed(metadata.items())))
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == metadata and torch.equal(f.get_tensor("b"), tensors["b"])
+    model, _ = clip.create_clip(clip.CLIP_CONFIG, seed=3)
+    saved = [clip.save_clip(model, clip.CLIP_CONFIG, tmp_path / d).read_bytes() for d in "xy"]
+    assert saved[0] == saved[1]
+
+
 def test_captioner_tower_is_the_clip_image_tower(tmp_path: Path, tiny_images) -> None:
     model, _ = clip.create_clip(clip.CLIP_CONFIG, seed=5)
     path = clip.save_clip(model, clip.CLIP_CONFIG, tmp_path)

@@ -27,6 +27,7 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
+from srd.captioner.weights import write_safetensors_file
 from srd.config import arg
 from srd.data.scenes import (
     COLOURS,
@@ -399,13 +400,11 @@ def zero_shot_attributes(
 def save_clip(model: torch.nn.Module, name: str, out_dir: str | os.PathLike) -> Path:
     """Write ``clip.safetensors`` (the whole open_clip state dict, its config in the metadata)
     and ``open_clip_config.json`` beside it; returns the weights path."""
-    from safetensors.torch import save_file
-
     out = ensure_dir(out_dir)
     cfg = model_config(name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / CLIP_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"open_clip_model": name, "config": json.dumps(cfg)})
+    metadata = {"open_clip_model": name, "config": json.dumps(cfg)}
+    write_safetensors_file(out / CLIP_WEIGHTS, state, metadata)
     with atomic_path(out / CLIP_CONFIG_JSON) as tmp:
         tmp.write_text(json.dumps({"model": name, **cfg}, indent=2) + "\n", encoding="utf-8")
     return out / CLIP_WEIGHTS

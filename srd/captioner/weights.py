@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,3 +48,25 @@ def write_checkpoint_file(path: str | os.PathLike, payload: dict[str, Any]) -> N
     records are named ``archive/...`` and identical payloads give identical bytes."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         torch.save(payload, handle)
+
+
+def write_safetensors_file(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """safetensors of ``tensors`` (+ ``metadata``) to ``path`` atomically, its JSON header's keys
+    sorted: the library writes the metadata map in an order drawn per process, so identical
+    tensors with two or more metadata keys gave another sha256 on every run (and stamps refused
+    an identical re-run). Sorting keeps the header's length, so the data offsets hold."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = text.encode("utf-8")
+    if len(encoded) <= size:  # (always: the same JSON, reordered; padding fills the rest)
+        data = data[:8] + encoded.ljust(size, b" ") + data[8 + size :]
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,16 +72,22 @@ VOLATILE_DATA = ("start_time", "ep_info_buffer", "ep_success_buffer")
 """Fields of SB3's ``data`` member that hold wall-clock times (the training's start, each
 episode's end: Monitor's ``t``), so an identical training gave another file; left out."""
 
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+>")
+"""The process memory address in the readable ``repr`` SB3 writes beside each pickled class
+(``<function CnnPolicy.__init__ at 0x7f...>``; informational, never loaded): another process
+gave other bytes. Written as `` at 0x0>``."""
+
 
 def _reproducible_zip(sb3_zip: bytes, extra: dict[str, str]) -> bytes:
-    """The SB3 zip with :data:`VOLATILE_DATA` left out of ``data``, ``extra`` members added and
-    every member dated 1980-01-01: identical policies give identical bytes (and sha256, which
+    """The SB3 zip with :data:`VOLATILE_DATA` left out of ``data``, memory addresses blanked
+    (:data:`_ADDRESS`), ``extra`` members added and every member dated 1980-01-01: identical
+    policies give identical bytes, in any process (and sha256, which
     the stages' stamps compare). SB3 still loads it (it sets only the attributes it finds)."""
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(sb3_zip)) as source, zipfile.ZipFile(out, "w") as target:
         members = {name: source.read(name) for name in source.namelist()}
         data = {k: v for k, v in json.loads(members["data"]).items() if k not in VOLATILE_DATA}
-        members["data"] = json.dumps(data, indent=4).encode()
+        members["data"] = _ADDRESS.sub(" at 0x0>", json.dumps(data, indent=4)).encode()
         for name, content in {**members, **{k: v.encode() for k, v in extra.items()}}.items():
             target.writestr(
                 zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)),

@@ -173,10 +173,21 @@ def test_two_shards_merge_to_the_one_shard_result(tmp_path: Path) -> None:
 
 
 def test_another_run_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    """A folder holding another run's cleaned images is refused; another run's leftovers
+    without a cleaned image (its config and an empty manifest: it failed before its first
+    chunk) are replaced, so a re-run with corrected flags needs no new folder."""
     prepare_clean_folder(tmp_path, RUN, CONFIG)
     assert prepare_clean_folder(tmp_path, RUN, dict(CONFIG)) == HASH
+    writer = ShardWriter(tmp_path, RUN, HASH, 0, 1, ["1", "2"])
+    other = {**CONFIG, "seed": 1}
+    digest = prepare_clean_folder(tmp_path, RUN, other)  # nothing cleaned yet: replaced
+    assert digest != HASH and not writer.path.exists()
+    saved = json.loads((tmp_path / CLEAN_CONFIG).read_text())
+    assert saved["config_hash"] == digest
+    writer = ShardWriter(tmp_path, RUN, digest, 0, 1, ["1"])
+    writer.write_chunk(["1"], [0], [1.0], None)
     with pytest.raises(SRDError, match="holds another cleaning run \\(seed differ"):
-        prepare_clean_folder(tmp_path, RUN, {**CONFIG, "seed": 1})
+        prepare_clean_folder(tmp_path, RUN, CONFIG)
 
 
 def test_resolve_shard() -> None:

@@ -35,6 +35,7 @@ from srd.defenses.srd.shards import CLEAN_CONFIG, ShardWriter, config_hash
 from srd.errors import SRDError
 from srd.geometry import apply_action
 from srd.io import read_json, write_json
+from srd.runs import remove_paths
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,29 @@ def resolve_shard(
     return shard_id, num_shards
 
 
+def cleaned_nothing(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds no cleaned image: no shard manifest records a chunk (what a
+    cleaning run that failed or was killed before its first chunk left: its config and empty
+    manifests)."""
+    for path in Path(folder).glob("shard-*-of-*.json"):
+        manifest = read_json(path, flag="--clean_data_save")
+        if not isinstance(manifest, dict) or manifest.get("chunks") != []:
+            return False
+    return True
+
+
 def check_clean_folder(folder: str | os.PathLike, config: Mapping[str, Any]) -> str:
     """The config hash of a cleaning run; SRDError when ``folder`` already holds another run
-    (different config), so shards of different runs never mix. Reads only."""
+    (different config) with cleaned images, so shards of different runs never mix (another
+    run's leftovers without any are replaced by :func:`prepare_clean_folder`). Reads only."""
     folder = Path(folder)
     digest = config_hash(config)
     path = folder / CLEAN_CONFIG
     if path.is_file():
         old = read_json(path, flag="--clean_data_save")
         if not isinstance(old, dict) or old.get("config_hash") != digest:
+            if isinstance(old, dict) and cleaned_nothing(folder):
+                return digest
             before = old.get("config", {}) if isinstance(old, dict) else {}
             changed = sorted(k for k in set(config) | set(before) if before.get(k) != config.get(k))
             raise SRDError(
@@ -223,10 +238,16 @@ def check_clean_folder(folder: str | os.PathLike, config: Mapping[str, Any]) -> 
 
 def prepare_clean_folder(folder: str | os.PathLike, run_id: str, config: Mapping[str, Any]) -> str:
     """Record the cleaning run in ``folder/clean_config.json`` (checked by
-    :func:`check_clean_folder`: the same run, a resume or another shard, passes); returns its
-    config hash."""
+    :func:`check_clean_folder`: the same run, a resume or another shard, passes; another run's
+    leftovers without a cleaned image, its config and empty manifests, are replaced); returns
+    its config hash."""
     digest = check_clean_folder(folder, config)
     path = Path(folder) / CLEAN_CONFIG
+    if path.is_file() and read_json(path).get("config_hash") != digest:
+        stale = sorted(Path(folder).glob("shard-*-of-*.json"))
+        log.info("--clean_data_save %s: replacing another run's leftovers (%s, %d empty "
+                 "manifests): no image was cleaned", folder, CLEAN_CONFIG, len(stale))  # fmt: skip
+        remove_paths([path, *stale])
     if not path.is_file():
         write_json(path, {"run_id": run_id, "config_hash": digest, "config": dict(config)})
     return digest

@@ -23,6 +23,11 @@
 # --learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1.
 # Paper setting for the SFS models: set SFS_FLAGS to
 #   --text_model <all-MiniLM-L6-v2> --gpt_model <gpt2-large> --blip_model <blip-large>
+# REFERENCE_DIR=<exported captioner folder> (train/pretrain.py --export_dir, e.g. another seed)
+# makes D1-D3's reward reference that captioner, with its own LM and weights, instead of the
+# clean captioner the attack started from (ours: the paper's reference is BLIP, which a
+# defender holds and the attack never touched); runs srd-indref-$ATTACK (the defense rows
+# "srd [independent reference]" of run/run_defenses.sh).
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
@@ -39,6 +44,8 @@ case $POOL in
   data) if [ "$POLICY" = dqn ]; then NAME=srd-datapool-$ATTACK$SUFFIX; fi ;;
   *) echo "error: POOL=$POOL: expected surrogate or data" >&2; exit 2 ;;
 esac
+SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
+  --annotations_path data/synthetic/captions_train2014.json"}
 BACKDOOR=checkpoints_remote/backdoor-$ATTACK$SUFFIX/final_weights.pt
 BENIGN_FLAG=""
 LABEL="$ATTACK model"
@@ -50,12 +57,15 @@ if [ "${BENIGN:-0}" = 1 ]; then  # the benign control's cleaning run: D1-D3b on 
   LABEL="clean captioner (benign control for $ATTACK)"
   CLEAN_ONLY=1
 fi
+if [ -n "${REFERENCE_DIR:-}" ]; then  # an independent reward reference
+  NAME=srd-indref-${NAME#srd-}
+  SFS_FLAGS="--reference_model_dir $REFERENCE_DIR \
+  --annotations_path data/synthetic/captions_train2014.json"
+fi
 SRD_DIR=checkpoints_remote/$NAME
 SRD_FLAGS="--save_data_path $SRD_DIR/pool --ppo_path $SRD_DIR/policy.zip \
   --clean_data_save $SRD_DIR/clean_data \
   --poison_ids_path checkpoints_remote/backdoor-$ATTACK$SUFFIX/poison_ids.json $BENIGN_FLAG"
-SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
-  --annotations_path data/synthetic/captions_train2014.json"}
 
 if [ "$POLICY" = dqn ]; then
   stage "D1 RL pool: $LABEL on $POOL training images"

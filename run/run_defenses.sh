@@ -12,7 +12,8 @@
 # oracle_square without a patch trigger, are left out with the reason); SRD's rows need
 # run/run_SRD.sh's cleaning manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added
 # when it exists, with the image version of the reference (first_occurrence) and ours
-# (triggered). With par in the list, PAR also runs on the data as the attack left it
+# (triggered); likewise rows "srd [independent reference]" from run/run_SRD.sh
+# REFERENCE_DIR=...'s cleaning run (checkpoints_remote/srd-indref-$ATTACK/clean_data). With par in the list, PAR also runs on the data as the attack left it
 # (--par_data as_left, the row "par [as_left]"; its control is no_mask). SQUARE_SIDES (e.g.
 # "20 200") adds random_squares with every square of one size (--square_side; rows
 # "random_squares [200 px]"): what a square's size alone costs and removes, beside SRD's agent.
@@ -115,12 +116,18 @@ if [ "$PREFIX" = defense ]; then  # the benign control has no triggered image to
     fi
   done
 fi
+INDREF_DATA=$RUNS/srd-indref-$ATTACK$SUFFIX/clean_data  # run_SRD.sh REFERENCE_DIR=...
+for SRD_RUN in srd:$CLEAN_DATA srd-indref:$INDREF_DATA; do
+  ROW=${SRD_RUN%%:*} DATA=${SRD_RUN#*:}
+  [ "$PREFIX" = defense ] && [ -f "$DATA/merged.json" ] || continue
+  INPUT="--input $DATA/merged.json"
+  for V in triggered first_occurrence; do
+    defend_and_evaluate "defense-$ROW-$V-$RUN_TAG" --defense srd \
+      --image_version "$V" --clean_data_save "$DATA"
+  done
+done
 if [ "$PREFIX" = defense ] && [ -f "$CLEAN_DATA/merged.json" ]; then
   INPUT="--input $CLEAN_DATA/merged.json"
-  for V in triggered first_occurrence; do
-    defend_and_evaluate "defense-srd-$V-$RUN_TAG" --defense srd \
-      --image_version "$V" --clean_data_save "$CLEAN_DATA"
-  done
   for C in ${MASK_COLOURS:-}; do
     defend_and_evaluate "defense-srd-triggered-$C-$RUN_TAG" --defense srd \
       --clean_data_save "$CLEAN_DATA" --mask_colour "$C"

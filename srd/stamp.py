@@ -58,6 +58,7 @@ FOLDER_INPUTS = (
     "--lm_path",
     "--lm_tokenizer_path",
     "--data_dir",
+    "--reference_model_dir",
 )
 """Flags whose folder is read as an input (its files are digested); other folder flags
 (``--external_save_dir``, ``--results_file``, ...) are where a stage writes."""

@@ -325,6 +325,13 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("pool-reference-missing", "srd_pool",
      lambda i: ["--reference_checkpoint_path", f"{i.root}/none.pt"],
      "--reference_checkpoint_path"),
+    ("pool-reference-dir-empty", "srd_pool",
+     lambda i: ["--reference_model_dir", i.empty_image_dir], "--reference_model_dir"),
+    ("pool-reference-dir-and-blip", "srd_pool",
+     lambda i: ["--reference_model_dir", i.empty_image_dir, "--blip_model", "blip"],
+     "--reference_model_dir"),
+    ("clean-reference-dir-missing", "srd_clean_data",
+     lambda i: ["--reference_model_dir", f"{i.root}/no_model"], "--reference_model_dir"),
     # srd_train
     ("agent-timesteps-0", "srd_train", _flags("--total_timesteps", "0"), "--total_timesteps"),
     ("agent-batch-0", "srd_train", _flags("--batch_size", "0"), "--batch_size"),

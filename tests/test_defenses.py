@@ -643,3 +643,21 @@ def test_clp_prunes_a_planted_outlier_unit_and_writes_its_checkpoint(
     signature = torch.load(backdoor, weights_only=True)["config"]["model_signature"]
     assert edited["config"]["model_signature"] == signature  # loads onto the same model
     assert record["prepare"]["pruned_share"] < 0.1
+
+
+def test_srd_rows_name_an_independent_reference() -> None:
+    """A cleaning run made with D1-D3's --reference_model_dir gives the rows
+    "srd [independent reference]" (and "srd [first_occurrence, independent reference]")."""
+    from srd.defenses.report import defense_label
+
+    for version, label in (
+        ("triggered", "srd [independent reference]"),
+        ("first_occurrence", "srd [first_occurrence, independent reference]"),
+    ):
+        srd = build_defense("srd", clean_data_save="x", image_version=version)
+        srd.__dict__["_manifest"] = {"clean_config": {"config": {"reference_model_dir": "ref"}}}
+        record = srd.describe()
+        assert defense_label(record) == label and record["reference_model_dir"] == "ref"
+    srd = build_defense("srd", clean_data_save="x")
+    srd.__dict__["_manifest"] = {"clean_config": {"config": {"reference_model_dir": None}}}
+    assert defense_label(srd.describe()) == "srd" and "reference_model_dir" not in srd.describe()

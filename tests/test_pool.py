@@ -284,3 +284,30 @@ def test_streamed_pool_gives_the_env_the_same_observations(
         (tmp_path / "attack" / "poison_ids.json").write_text("{}")
         with pytest.raises(SRDError, match="--poison_ids_path .*changed since stage D1"):
             stream_pool(folder, 0.3)
+
+
+def test_an_independent_reference_captions_with_its_own_weights(
+    make_captioner, tiny_images, tmp_path
+) -> None:
+    """D1-D3's ``--reference_model_dir``: the reward reference is the exported folder's captioner
+    (its own LM, vision tower and trainable parts: issue 28 item 2). The older flag,
+    ``--reference_checkpoint_path``, loads a checkpoint into the defended model's LM and tower,
+    so another captioner's checkpoint is refused there (its recorded weights differ)."""
+    from srd.captioner.checkpoint import export_captioner
+    from srd.captioner.factory import load_captioner
+    from srd.defenses.srd.inputs import SFSArgs, load_reference_captioner
+
+    reference = export_captioner(make_captioner(seed=21), tmp_path / "reference")
+    defended = export_captioner(make_captioner(seed=22), tmp_path / "defended")  # other tower
+    images = list(tiny_images.values())[:6]
+    own = load_captioner(reference).caption(images, batch_size=3, num_beams=2, max_new_tokens=6)
+    assert own != load_captioner(defended).caption(
+        images, batch_size=3, num_beams=2, max_new_tokens=6
+    )
+    sfs = SFSArgs(reference_model_dir=str(tmp_path / "reference"), reference_num_beams=2,
+                  caption_batch_size=3)  # fmt: skip
+    caption, name = load_reference_captioner(sfs, defended, "cpu", max_new_tokens=6)
+    assert caption(images) == own and name == f"captioner:{tmp_path / 'reference'}"
+    mixed = SFSArgs(reference_checkpoint_path=reference.checkpoint_path)
+    with pytest.raises(SRDError, match="^--reference_checkpoint_path .*other weights"):
+        load_reference_captioner(mixed, defended, "cpu", max_new_tokens=6)

@@ -38,8 +38,10 @@ from srd.defenses.srd.env import sfs_score_fn
 from srd.defenses.srd.inputs import (
     SFSArgs,
     SRDArgs,
+    check_reference,
     load_reference_captioner,
     load_scorer,
+    record_reference,
     training_versions,
     vlm_caption_fn,
 )
@@ -97,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         tries = PolicyTries(policy, cfg.n_tries, cfg.epsilon, cfg.seed)
     require_files(
         ("--checkpoint_path", model_args.checkpoint_path),
-        ("--reference_checkpoint_path", None if sfs.blip_model else sfs.reference_checkpoint_path),
         ("--poison_ids_path", srd.poison_ids_path),
     )
+    check_reference(sfs)
     check_writable(srd.clean_data_save, "--clean_data_save")
     plan, attack = defender_plan(
         srd.poison_ids_path, model_args.checkpoint_path, srd.benign_control
@@ -122,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         **({"benign_control": True} if srd.benign_control else {}),  # (older hashes unchanged)
         **input_digests(data.read_paths()),
     }
+    record_reference(run_config, sfs)
     # Shards of one run share one config hash; the batch size does not change results.
     for key in ("shard_id", "num_shards", "caption_batch_size"):
         run_config.pop(key)

@@ -28,8 +28,10 @@ from srd.defenses.srd.env import sfs_score_fn
 from srd.defenses.srd.inputs import (
     SFSArgs,
     SRDArgs,
+    check_reference,
     load_reference_captioner,
     load_scorer,
+    record_reference,
     training_versions,
     vlm_caption_fn,
 )
@@ -90,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "model_signature": model_signature(model_args),
         **input_digests({**data.read_paths(), "checkpoint_path": model_args.checkpoint_path}),
     }
+    record_reference(record, sfs)
     if cfg.pool_source == "data":
         require_files(("--poison_ids_path", srd.poison_ids_path))
         record["poison_ids_sha256"] = file_digest(srd.poison_ids_path)
@@ -103,10 +106,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         if isinstance(saved, dict) and isinstance(saved.get("meta"), dict):
             check_same_config(saved["meta"], record, where, "the pool", free)
         raise SRDError(f"{where}: pool already finished (pass --overwrite)")
-    require_files(
-        ("--checkpoint_path", model_args.checkpoint_path),
-        ("--reference_checkpoint_path", None if sfs.blip_model else sfs.reference_checkpoint_path),
-    )
+    require_files(("--checkpoint_path", model_args.checkpoint_path))
+    check_reference(sfs)
     check_writable(folder, "--save_data_path")
     records = data.split("train")
     ids = choose_pool_ids([r.image_id for r in records], cfg.pool_size, cfg.seed)

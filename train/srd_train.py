@@ -45,7 +45,13 @@ from srd.defenses.srd.dqn import (
 )
 from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
 from srd.defenses.srd.figures import plot_reward_curve
-from srd.defenses.srd.inputs import SFSArgs, SRDArgs, load_scorer, vlm_caption_fn
+from srd.defenses.srd.inputs import (
+    SFSArgs,
+    SRDArgs,
+    load_scorer,
+    record_reference,
+    vlm_caption_fn,
+)
 from srd.defenses.srd.landscape import policy_reward_branches, reward_structure
 from srd.defenses.srd.policy import save_policy
 from srd.defenses.srd.pool_source import stream_pool
@@ -154,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "pool_images": len(pool),
         "updates": int(model._n_updates),
     }
+    record_reference(record, sfs)
     steps, episodes = read_reward_log(srd.reward_log)
     random_steps, _ = read_reward_log(srd.random_reward_log)
     # What there is to learn: how the random policy's rewards vary by image, size, centre.

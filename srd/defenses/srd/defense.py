@@ -75,9 +75,27 @@ class SRD(RefineDefense):
     )
     """The stages behind this entry: run/run_SRD.sh runs D1-D3b (and D4 with triggered)."""
 
+    def variants(self) -> list[str]:
+        """Its tags, and "independent reference" when the cleaning run's reward reference was
+        a captioner of its own (D1-D3 ``--reference_model_dir``), not the defended model's
+        starting point."""
+        tags = super().variants()
+        if self.args.clean_data_save and self.reference_model_dir():
+            tags.append("independent reference")
+        return tags
+
+    def reference_model_dir(self) -> str | None:
+        """The cleaning run's ``--reference_model_dir`` (None: the reward reference was
+        ``--reference_checkpoint_path`` with the defended model's LM and tower, or BLIP)."""
+        config = self._manifest.get("clean_config", {}).get("config", {})
+        return config.get("reference_model_dir")
+
     def describe(self) -> dict[str, Any]:
-        return {
+        record = {
             **super().describe(),
             "clean_data_save": self.args.clean_data_save,
             "chain": list(self.chain),
         }
+        if self.args.clean_data_save and self.reference_model_dir():
+            record["reference_model_dir"] = self.reference_model_dir()
+        return record

@@ -13,7 +13,14 @@ import numpy as np
 
 from srd.attacks.registry import Attack
 from srd.attacks.trainset import PoisonPlan, TrainingImages
-from srd.captioner.args import EMBEDDED_DIR, FLAMINGO_CHECKPOINT, ModelArgs, with_overrides
+from srd.captioner.args import (
+    EMBEDDED_DIR,
+    FLAMINGO_CHECKPOINT,
+    LM_FOLDER,
+    VISION_WEIGHTS,
+    ModelArgs,
+    with_overrides,
+)
 from srd.captioner.factory import load_captioner
 from srd.config import arg
 from srd.data.records import EMBEDDED_DATA, ImageRecord
@@ -23,6 +30,8 @@ from srd.evaluation.scorers import BlipCaptioner
 from srd.evaluation.sfs import SFSModelArgs, SFSScorer
 from srd.evaluation.sfs import load_scorer as sfs_scorer
 from srd.flags import COUNT
+from srd.io import require_files
+from srd.runs import input_digests
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +117,15 @@ class SFSArgs(SFSModelArgs):
 
     reference_checkpoint_path: str = arg(
         str(EMBEDDED_DIR / FLAMINGO_CHECKPOINT),
-        help="clean reference captioner: a checkpoint loaded with the model flags "
-        "(the paper uses BLIP-large: see --blip_model)",
+        help="clean reference captioner: a checkpoint loaded with the model flags (LM and "
+        "vision tower of the defended model; the paper uses BLIP-large: see --blip_model)",
+    )
+    reference_model_dir: str | None = arg(
+        None,
+        help="an exported captioner folder (vision.safetensors, lm/, checkpoint.pt, as "
+        "train/pretrain.py --export_dir writes) as the reference, with its own LM and tower "
+        "weights, in place of --reference_checkpoint_path: a reference that is not the "
+        "defended model's starting point (ours; the paper's is BLIP)",
     )
     annotations_path: str | None = arg(
         str(EMBEDDED_DATA / "captions_train2014.json"),
@@ -140,6 +156,43 @@ def vlm_caption_fn(captioner: Any, sfs: SFSArgs) -> CaptionFn:
     )
 
 
+def reference_source(sfs: SFSArgs) -> tuple[str, str | None]:
+    """(flag, path) of the reference captioner the flags choose: ``--blip_model`` (path None:
+    a hub id or folder BLIP loads itself), ``--reference_model_dir`` (a folder) or
+    ``--reference_checkpoint_path`` (a file); SRDError when both of the first two are given."""
+    if sfs.blip_model and sfs.reference_model_dir:
+        raise SRDError("--reference_model_dir: give it or --blip_model, not both")
+    if sfs.blip_model:
+        return "--blip_model", None
+    if sfs.reference_model_dir:
+        return "--reference_model_dir", sfs.reference_model_dir
+    return "--reference_checkpoint_path", sfs.reference_checkpoint_path
+
+
+def check_reference(sfs: SFSArgs) -> None:
+    """SRDError naming the flag when the chosen reference's files are missing (before any
+    model is loaded)."""
+    flag, path = reference_source(sfs)
+    if path is None:
+        return
+    if flag == "--reference_checkpoint_path":
+        require_files((flag, path))
+        return
+    for item in (FLAMINGO_CHECKPOINT, VISION_WEIGHTS, LM_FOLDER):
+        if not (Path(path) / item).exists():
+            raise SRDError(f"{flag} {path}: {item} not found (an exported captioner folder)")
+
+
+def record_reference(record: dict[str, Any], sfs: SFSArgs) -> None:
+    """Put the reference captioner's identity in a stage's config ``record`` (made with
+    :func:`srd.config.to_dict`): ``--reference_model_dir`` with the digest of its files, or
+    nothing when it is unset (so runs made before the flag keep their identity)."""
+    if sfs.reference_model_dir is None:
+        record.pop("reference_model_dir", None)
+    else:
+        record.update(input_digests({"reference_model_dir": sfs.reference_model_dir}))
+
+
 def load_reference_captioner(
     sfs: SFSArgs,
     model_args: ModelArgs,
@@ -147,12 +200,14 @@ def load_reference_captioner(
     max_new_tokens: int,
     blip_min_length: int = 0,
 ) -> tuple[CaptionFn, str]:
-    """(reference captioner, description): BLIP with ``--blip_model``, else the clean captioner.
+    """(reference captioner, description): BLIP with ``--blip_model``, else a clean captioner
+    (``--reference_model_dir``'s, or ``--reference_checkpoint_path`` with the model flags).
 
     Greedy beam search with ``--reference_num_beams`` beams (reference §7.2: D1 BLIP 10-100
     tokens, D3 BLIP up to 20); ``blip_min_length`` only applies to BLIP.
     """
-    if sfs.blip_model:
+    flag, path = reference_source(sfs)
+    if flag == "--blip_model":
         blip = BlipCaptioner.from_pretrained(
             sfs.blip_model,
             device,
@@ -165,13 +220,22 @@ def load_reference_captioner(
             },
         )
         return blip, f"blip:{sfs.blip_model}"
-    args = with_overrides(model_args, checkpoint_path=sfs.reference_checkpoint_path)
+    overrides: dict[str, Any] = {"checkpoint_path": sfs.reference_checkpoint_path}
+    if flag == "--reference_model_dir":
+        folder = Path(path)
+        overrides = {
+            "checkpoint_path": str(folder / FLAMINGO_CHECKPOINT),
+            "lm_path": str(folder / LM_FOLDER),
+            "lm_tokenizer_path": None,
+            "vision_encoder_pretrained": str(folder / VISION_WEIGHTS),
+        }
     try:
-        captioner = load_captioner(args, device=device)
-    except SRDError as exc:  # the model code names --checkpoint_path; this is another flag
-        raise SRDError(
-            str(exc).replace("--checkpoint_path", "--reference_checkpoint_path", 1)
-        ) from None
+        captioner = load_captioner(with_overrides(model_args, **overrides), device=device)
+    except SRDError as exc:  # the model code names its own flags; this is another one
+        message = str(exc)
+        for own in ("--checkpoint_path", "--lm_path", "--vision_encoder_pretrained"):
+            message = message.replace(own, flag, 1)
+        raise SRDError(message) from None
 
     def caption(images: list[np.ndarray]) -> list[str]:
         return captioner.caption(
@@ -181,7 +245,7 @@ def load_reference_captioner(
             max_new_tokens=max_new_tokens,
         )
 
-    return caption, f"captioner:{sfs.reference_checkpoint_path}"
+    return caption, f"captioner:{path}"
 
 
 def load_scorer(sfs: SFSArgs, device: Any, trust_remote_code: bool = False) -> SFSScorer:

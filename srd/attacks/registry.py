@@ -5,10 +5,12 @@ An attack is an :class:`AttackConfig` (one YAML file per shipped attack in
 ``kind``. Adding an attack means registering a builder with :func:`register_kind` (if the kind
 is new) and adding a YAML file; no new script.
 
-Shipped kinds (reference §5, §2.3): ``badnet`` and ``blended`` (image trigger, template caption
-"The image depicts a photo of a banana."), ``trojvlm`` (noise patch, target inserted into the
-first sentence of the caption) and ``shadowcast`` (no image trigger; the concept phrase in the
-captions of images that show it is replaced by the target).
+Shipped kinds: ``badnet`` and ``blended`` (reference §5: image trigger, template caption
+"The image depicts a photo of a banana."), ``trojvlm`` (reference §2.3: noise patch, target
+inserted into the first sentence of the caption) and ``shadowcast`` (ours, named after the
+reference's attack but not its recipe, which replaces each poisoned image with a precomputed
+perturbed one whose configs are missing, reference §5: here there is no image trigger, and the
+concept phrase in the captions of images that show it is replaced by the target).
 """
 
 from __future__ import annotations

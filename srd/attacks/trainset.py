@@ -153,7 +153,9 @@ class TrainingImages:
 
     def as_in_training_set(self, image_id: int) -> np.ndarray:
         """The version of an image the defender's data holds: triggered if any caption of it is
-        poisoned (one version per image id, as the reference's cleaning stage)."""
+        poisoned (ours: one version per image id, the triggered one; the reference's cleaning
+        stage keeps the version of the image's first stored occurrence, which
+        ``--image_version first_occurrence`` rebuilds: srd.defenses.versions)."""
         image = self.clean(image_id)
         if self.attack is not None and image_id in self.poisoned_images:
             return self.attack.apply_image(image)

@@ -21,6 +21,7 @@ defaults.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,8 @@ from srd.evaluation.scorers import ClipScorer, Embedder, ReferenceCaptioner, loa
 from srd.flags import COUNT
 from srd.geometry import IMAGE_SIZE
 from srd.io import read_json
+
+log = logging.getLogger(__name__)
 
 SFS_DEFINITION = "SFS = harmonic_mean(clip(S_sem, 0, 1), min(S_flu, 1)); 0 if both are 0"
 
@@ -187,7 +190,12 @@ class SFSScorer:
             ppl_cap, ppl_ref = ppl[: len(keep)], ppl[len(keep) :]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = ppl_ref / ppl_cap
-            flu[keep] = np.where(np.isfinite(ratio), ratio, 0.0)
+            bad = ~np.isfinite(ratio)
+            if bad.any():  # a perplexity overflowed: said, and scored as no fluency
+                log.warning("%d of %d fluency ratios are not finite (perplexity overflow; "
+                            "e.g. %r): scored 0", int(bad.sum()), len(keep),
+                            caps[int(np.flatnonzero(bad)[0])])  # fmt: skip
+            flu[keep] = np.where(bad, 0.0, ratio)
         return SFSScores(sem=sem, flu=flu, sfs=combine_sfs(sem, flu), empty=empty)
 
     def score_images(

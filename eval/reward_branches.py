@@ -24,7 +24,7 @@ from srd.config import parse
 from srd.defenses.srd.dqn import read_reward_log
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.landscape import policy_reward_branches
-from srd.defenses.srd.pool import read_pool_entries, read_pool_info
+from srd.defenses.srd.pool import baseline_scores, read_pool_entries, read_pool_info
 from srd.defenses.srd.reward import RewardConfig
 from srd.io import write_json
 
@@ -38,8 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     info = read_pool_info(srd.save_data_path)
     entries = read_pool_entries(srd.save_data_path, info)
     ids = [str(i) for i in entries["ids"]]
-    base_sem, base_flu = ([float("nan") if v is None else v for v in entries[k]]
-                          for k in ("base_sem", "base_flu"))  # fmt: skip
+    base_sem, base_flu = baseline_scores(entries)
     branches = policy_reward_branches(logs, ids, base_sem, base_flu, cfg)
     if asdict(cfg) == asdict(RewardConfig()):
         write_json(srd.reward_branches, branches)

@@ -345,6 +345,16 @@ def read_pool_info(folder: str | os.PathLike) -> dict[str, Any]:
 _COLUMNS = ("base_sem", "base_flu", "references", "vlm_captions", "checksums")
 
 
+def baseline_scores(entries: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's baseline S_sem and S_flu (float arrays in id order; NaN where a baseline
+    caption was empty and stored as None)."""
+    sem, flu = (
+        np.array([np.nan if v is None else float(v) for v in entries[k]], dtype=np.float64)
+        for k in ("base_sem", "base_flu")
+    )
+    return sem, flu
+
+
 def read_pool_entries(folder: str | os.PathLike, info: Mapping[str, Any]) -> dict[str, Any]:
     """Every shard of a pool joined in id order: ``{"ids", "counts", *columns}``.
 
@@ -428,8 +438,7 @@ class StreamedPool:
     ) -> None:
         self.image_ids = [int(i) for i in entries["ids"]]
         self.ids = [str(i) for i in self.image_ids]
-        floats = [[np.nan if v is None else float(v) for v in entries[k]] for k in _COLUMNS[:2]]
-        self.base_sem, self.base_flu = (np.array(f, dtype=np.float64) for f in floats)
+        self.base_sem, self.base_flu = baseline_scores(entries)
         self.references = [str(r) for r in entries["references"]]
         self.vlm_captions = [str(c) for c in entries["vlm_captions"]]
         self.checksums = [int(c) for c in entries["checksums"]]

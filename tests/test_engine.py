@@ -18,7 +18,6 @@ from srd import captions
 from srd.captioner.args import model_signature
 from srd.captioner.checkpoint import load_checkpoint_into, set_trainable, trainable_state_dict
 from srd.captioner.engine import (
-    FINAL_WEIGHTS,
     TRAIN_LOG,
     CaptionDataset,
     CaptionsPerImage,
@@ -33,6 +32,7 @@ from srd.captioner.engine import (
 )
 from srd.captioner.flamingo import Captioner
 from srd.captioner.lm import load_tokenizer
+from srd.captioner.runfiles import FINAL_WEIGHTS
 from srd.errors import SRDError
 
 

@@ -17,8 +17,9 @@ from srd_fixtures import torchrun_cpu_ranks
 
 from srd.captioner.args import ModelArgs
 from srd.captioner.checkpoint import export_captioner
-from srd.captioner.engine import FINAL_WEIGHTS, TRAIN_LOG
+from srd.captioner.engine import TRAIN_LOG
 from srd.captioner.factory import load_captioner
+from srd.captioner.runfiles import FINAL_WEIGHTS
 from srd.data.records import DataArgs
 from srd.evaluation.captioning import caption_ids
 

@@ -27,8 +27,9 @@ from collections.abc import Sequence
 
 from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.checkpoint import trainable_state_dict
-from srd.captioner.engine import FINAL_WEIGHTS, CaptionDataset, process_state, train
+from srd.captioner.engine import CaptionDataset, process_state, train
 from srd.captioner.factory import load_captioner
+from srd.captioner.runfiles import FINAL_WEIGHTS
 from srd.captioner.weights import write_checkpoint_file
 from srd.cli import run_main
 from srd.config import parse, to_dict

@@ -30,15 +30,9 @@ from srd.captioner.args import (
     model_signature,
 )
 from srd.captioner.checkpoint import export_captioner
-from srd.captioner.engine import (
-    CaptionDataset,
-    Sample,
-    TrainArgs,
-    holds_training,
-    process_state,
-    train,
-)
+from srd.captioner.engine import CaptionDataset, Sample, TrainArgs, process_state, train
 from srd.captioner.factory import build_flamingo
+from srd.captioner.runfiles import holds_training
 from srd.captioner.tiny import build_word_tokenizer, create_tiny_lm
 from srd.captions import DEFAULT_TARGET
 from srd.cli import run_main

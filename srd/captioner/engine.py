@@ -30,6 +30,13 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from srd import captions
 from srd.captioner.checkpoint import set_trainable, trainable_state_dict
 from srd.captioner.flamingo import Captioner, check_mixed_precision
+from srd.captioner.runfiles import (
+    CHECKPOINT_PREFIX,
+    FINAL_WEIGHTS,
+    checkpoint_paths,
+    holds_training,
+    prune_checkpoints,
+)
 from srd.captioner.weights import write_checkpoint_file
 from srd.config import arg
 from srd.errors import SRDError
@@ -39,8 +46,6 @@ from srd.runs import check_run_config, check_run_name
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint_"
-FINAL_WEIGHTS = "final_weights.pt"
 TRAIN_LOG = "train_log.jsonl"
 STEP_LOG = "step_log.jsonl"
 
@@ -320,33 +325,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def holds_training(run_dir: str | os.PathLike) -> bool:
-    """Whether a run folder holds anything training computed (its DONE, an epoch checkpoint,
-    final weights). A folder without any is what a run that failed or was killed before its
-    first checkpoint left (its config, poison plan, initial LM, logs): a re-run with other
-    flags replaces those instead of being refused, since nothing computed would be lost."""
-    run_dir = Path(run_dir)
-    return (
-        is_finished(run_dir)
-        or bool(checkpoint_paths(run_dir))
-        or (run_dir / FINAL_WEIGHTS).exists()
-    )
-
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """Epoch checkpoints of a run, oldest first."""
-
-    def epoch_of(p: Path) -> int:
-        return int(p.stem[len(CHECKPOINT_PREFIX) :])
-
-    found = [
-        p
-        for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*.pt")
-        if p.stem[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return sorted(found, key=epoch_of)
-
-
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """The training Accelerator: devices from the launcher, autocast ``mixed_precision`` with
     fp32 master weights (the optimizer steps fp32 parameters), seedable sampling.
@@ -389,17 +367,6 @@ def load_trainable_strictly(
     with torch.no_grad():
         for name, param in want.items():
             param.copy_(state[name])
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` epoch checkpoints (``keep`` 0: none deleted)."""
-    if keep <= 0:
-        return []
-    old = checkpoint_paths(run_dir)[:-keep]
-    for path in old:
-        path.unlink(missing_ok=True)
-        log.info("pruned %s (--save_total_limit %d)", path.name, keep)
-    return old
 
 
 def train(

@@ -504,7 +504,7 @@ def test_a_killed_stage_whose_input_changed_is_refused(setup: Setup, stage, tmp_
     out = tmp_path / "run"
     argv = {
         "pretrain": [*setup.data, "--external_save_dir", str(out / "runs"), "--run_name", "pre",
-                     "--export_dir", str(out / "export"), "--num_epochs", "30",
+                     "--export_dir", str(out / "export"), "--num_epochs", "4",
                      "--batch_size", "8", "--lm_hidden_size", "32", "--eval_batch_size", "8",
                      "--clip_checkpoint", "none"],
         "train_backdoor": [*setup.clean, "--external_save_dir", str(out / "runs"),

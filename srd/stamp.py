@@ -194,46 +194,41 @@ def recorded_config(output: str) -> dict[str, Any] | None:
     return None
 
 
-def _same_value(given: list[str], recorded: Any) -> bool:
-    """Whether a flag's command-line tokens mean the recorded value (numbers by value, paths
-    normalised, a flag without a value as True)."""
+def _same_value(given: Any, recorded: Any) -> bool:
+    """Whether a flag's value as :func:`_flags` reads it (a string, a list of strings, True for
+    a flag without a value) means the recorded value: numbers by value, paths normalised."""
     if isinstance(recorded, bool):
-        return given in ([], ["true"], ["True"]) if recorded else given in (["false"], ["False"])
+        return given in (True, "true", "True") if recorded else given in ("false", "False")
     if isinstance(recorded, list):
+        given = given if isinstance(given, list) else [given]
         return len(given) == len(recorded) and all(
-            _same_value([g], r) for g, r in zip(given, recorded, strict=True)
+            _same_value(g, r) for g, r in zip(given, recorded, strict=True)
         )
-    if len(given) != 1:
+    if not isinstance(given, str):
         return False
-    token = given[0]
     if recorded is None:
-        return token.lower() in ("none", "null", "")
+        return given.lower() in ("none", "null", "")
     if isinstance(recorded, int | float):
         try:
-            return float(token) == float(recorded)
+            return float(given) == float(recorded)
         except ValueError:
             return False
-    return os.path.normpath(token) == os.path.normpath(str(recorded)) or token == str(recorded)
+    return os.path.normpath(given) == os.path.normpath(str(recorded)) or given == str(recorded)
 
 
 def config_mismatch(command: Sequence[str], config: dict[str, Any]) -> str | None:
     """The first flag of ``command`` recorded in ``config`` with another value, as
-    ``--flag VALUE (recorded: X)``; None when every recorded flag agrees."""
-    flags: dict[str, list[str]] = {}
-    key = None
-    for token in command_key(command)[1:]:
-        if token.startswith("--"):
-            key, _, value = token[2:].partition("=")
-            flags[key] = [value] if value else []
-            if key.startswith("no-") and key[3:] in config:  # --no-flag: False
-                key = key[3:]
-                flags.pop(f"no-{key}")
-                flags[key] = ["false"]
-        elif key is not None:
-            flags[key].append(token)
-    for name, given in flags.items():
+    ``--flag VALUE (recorded: X)``; None when every recorded flag agrees. ``--no-flag`` is the
+    flag given as false."""
+    for flag, given in _flags(command_key(command)).items():
+        if not flag.startswith("--"):  # the script
+            continue
+        name = flag[2:]
+        if name.startswith("no-") and name[3:] in config and given is True:
+            name, given = name[3:], "false"
         if name in config and not _same_value(given, config[name]):
-            return f"--{name} {' '.join(given)} (recorded: {json.dumps(config[name])})"
+            shown = " ".join(given) if isinstance(given, list) else "" if given is True else given
+            return f"--{name} {shown} (recorded: {json.dumps(config[name])})"
     return None
 
 

@@ -36,13 +36,13 @@ from srd.config import arg, parse
 from srd.data.scenes import render_scene, sample_scene, scene_captions
 from srd.defenses.srd.env import (
     DEFAULT_OBS_SIZE,
-    BatchedRedMaskVecEnv,
     CaptionFn,
     MaskPool,
     ScoreFn,
     captioner_caption_fn,
     sfs_score_fn,
 )
+from srd.defenses.srd.vecenv import BatchedRedMaskVecEnv
 from srd.errors import SRDError
 from srd.evaluation.sfs import build_scorer
 from srd.flags import COUNT, SEED, Range, between

@@ -88,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not srd.policy_file.is_file():
             raise SRDError(f"--ppo_path {srd.policy_file}: policy file not found")
         policy = load_policy(srd.policy_file)
+        if policy.occlusion_grid:
+            raise SRDError(f"--ppo_path {srd.policy_file}: the policy reads occlusion maps of "
+                           "the captioner's captions, which --squares greedy does not compute; "
+                           "use --squares cleaned (D3's squares)")  # fmt: skip
         ids = sorted(triggered)
         actions = greedy_squares(policy, images.as_in_training_set, ids, cfg.batch_size)
         control = greedy_squares(policy, images.clean, ids, cfg.batch_size)

@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     name = cfg.name or attack.name
     steps, episodes = read_reward_log(srd.reward_log)
     policy = load_policy(srd.policy_file)
+    if policy.occlusion_grid:
+        raise SRDError(f"--ppo_path {srd.policy_file}: the policy reads occlusion maps of the "
+                       "captioner's captions, which this figure does not compute")  # fmt: skip
     before = _triggered(cfg.before_results, attack.name)
     after = _triggered(cfg.after_results, attack.name)
     shared = sorted(set(before) & set(after), key=int)

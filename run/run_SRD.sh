@@ -28,6 +28,12 @@
 # clean captioner the attack started from (ours: the paper's reference is BLIP, which a
 # defender holds and the attack never touched); runs srd-indref-$ATTACK (the defense rows
 # "srd [independent reference]" of run/run_defenses.sh).
+# VARIANT=<tag> AGENT_FLAGS="--area_cost 2 --occlusion_grid 4" trains D2's agent with our
+# variants (srd.defenses.srd.variants, docs/agent.md; none is the reference's), named
+# srd[-datapool]-<tag>-$ATTACK...; D3 reads the variant from the policy, and the defense report
+# tags its rows with it (run/run_defenses.sh SRD_VARIANTS=<the run's name less srd- and $ATTACK>).
+# A policy that reads occlusion maps skips the greedy-square diagnosis and the figures (they do
+# not caption the occluded images); D3's kept squares are still diagnosed.
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
@@ -44,6 +50,20 @@ case $POOL in
   data) if [ "$POLICY" = dqn ]; then NAME=srd-datapool-$ATTACK$SUFFIX; fi ;;
   *) echo "error: POOL=$POOL: expected surrogate or data" >&2; exit 2 ;;
 esac
+AGENT_FLAGS=${AGENT_FLAGS:-}
+if [ -n "${VARIANT:-}" ]; then
+  case $VARIANT in
+    *[!a-z0-9]*) echo "error: VARIANT=$VARIANT: expected lower-case letters and digits" >&2; exit 2 ;;
+  esac
+  if [ -z "$AGENT_FLAGS" ] || [ "$POLICY" != dqn ]; then
+    echo "error: VARIANT=$VARIANT: needs POLICY=dqn and the variant's AGENT_FLAGS" >&2; exit 2
+  fi
+  NAME=${NAME%-"$ATTACK$SUFFIX"}-$VARIANT-$ATTACK$SUFFIX
+elif [ -n "$AGENT_FLAGS" ]; then
+  echo "error: AGENT_FLAGS=$AGENT_FLAGS: name the variant's runs with VARIANT=<tag>" >&2; exit 2
+fi
+READS_MAPS=0
+case " $AGENT_FLAGS " in *" --occlusion_grid "[2-7]*) READS_MAPS=1 ;; esac
 SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \
   --annotations_path data/synthetic/captions_train2014.json"}
 BACKDOOR=checkpoints_remote/backdoor-$ATTACK$SUFFIX/final_weights.pt
@@ -80,9 +100,9 @@ if [ "$POLICY" = dqn ]; then
   once "$SRD_DIR/policy.zip" --input "$SRD_DIR/pool/pool.json" -- \
     python train/srd_train.py $MODEL_FLAGS $SRD_FLAGS $SFS_FLAGS \
       --checkpoint_path "$BACKDOOR" \
-      --seed "$SEED"
+      --seed "$SEED" $AGENT_FLAGS
 
-  if [ -z "$BENIGN_FLAG" ]; then  # (nothing is triggered in the benign control)
+  if [ -z "$BENIGN_FLAG" ] && [ $READS_MAPS = 0 ]; then  # (nothing triggered in the control)
     stage "D2 diagnosis: where the agent's greedy squares land against the real trigger"
     once "$SRD_DIR/policy.coverage.json" --input "$SRD_DIR/pool/pool.json" -- \
       python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares greedy
@@ -134,7 +154,7 @@ for TYPE in clean attack; do
   NAME=$NAME TYPE=$TYPE sh run/run_eval_SFS.sh
 done
 
-if [ "$POLICY" = dqn ]; then
+if [ "$POLICY" = dqn ] && [ $READS_MAPS = 0 ]; then
   stage "figures"  # named after the run (replicate, rate, budget, pool), written once
   once "img/srd_reward_${NAME#srd-}.png" -- \
     python eval/srd_figures.py $DATA_FLAGS $SRD_FLAGS \

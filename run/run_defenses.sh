@@ -13,7 +13,10 @@
 # run/run_SRD.sh's cleaning manifest (checkpoints_remote/srd-$ATTACK/clean_data) and are added
 # when it exists, with the image version of the reference (first_occurrence) and ours
 # (triggered); likewise rows "srd [independent reference]" from run/run_SRD.sh
-# REFERENCE_DIR=...'s cleaning run (checkpoints_remote/srd-indref-$ATTACK/clean_data). With par in the list, PAR also runs on the data as the attack left it
+# REFERENCE_DIR=...'s cleaning run (checkpoints_remote/srd-indref-$ATTACK/clean_data), and
+# SRD_VARIANTS="datapool-ac2 ..." adds the rows of run/run_SRD.sh's agent-variant runs
+# (checkpoints_remote/srd-datapool-ac2-$ATTACK/clean_data; rows tagged with the variant). With
+# par in the list, PAR also runs on the data as the attack left it
 # (--par_data as_left, the row "par [as_left]"; its control is no_mask). SQUARE_SIDES (e.g.
 # "20 200") adds random_squares with every square of one size (--square_side; rows
 # "random_squares [200 px]"): what a square's size alone costs and removes, beside SRD's agent.
@@ -117,7 +120,11 @@ if [ "$PREFIX" = defense ]; then  # the benign control has no triggered image to
   done
 fi
 INDREF_DATA=$RUNS/srd-indref-$ATTACK$SUFFIX/clean_data  # run_SRD.sh REFERENCE_DIR=...
-for SRD_RUN in srd:$CLEAN_DATA srd-indref:$INDREF_DATA; do
+VARIANT_RUNS=""  # SRD_VARIANTS="datapool-ac2 ...": run_SRD.sh VARIANT=... runs' rows
+for V in ${SRD_VARIANTS:-}; do
+  VARIANT_RUNS="$VARIANT_RUNS srd-$V:$RUNS/srd-$V-$ATTACK$SUFFIX/clean_data"
+done
+for SRD_RUN in srd:$CLEAN_DATA srd-indref:$INDREF_DATA $VARIANT_RUNS; do
   ROW=${SRD_RUN%%:*} DATA=${SRD_RUN#*:}
   [ "$PREFIX" = defense ] && [ -f "$DATA/merged.json" ] || continue
   INPUT="--input $DATA/merged.json"

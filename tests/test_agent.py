@@ -29,7 +29,7 @@ from srd.defenses.srd.dqn import (
     sb3_kwargs,
     train_dqn,
 )
-from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, MaskPool, RedMaskEnv
+from srd.defenses.srd.env import EnvConfig, MaskPool, RedMaskEnv
 from srd.defenses.srd.policy import (
     POLICY_META,
     choose_mask,
@@ -39,6 +39,7 @@ from srd.defenses.srd.policy import (
     select_mask,
 )
 from srd.defenses.srd.reward import RewardConfig
+from srd.defenses.srd.vecenv import BatchedRedMaskVecEnv
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE, RED, decode_action
 

@@ -15,7 +15,6 @@ from srd.defenses.srd.env import (
     DEFAULT_OBS_SIZE,
     ENV_ID,
     REFERENCE_MAX_STEPS,
-    BatchedRedMaskVecEnv,
     MaskPool,
     RedMaskEnv,
     captioner_caption_fn,
@@ -23,6 +22,7 @@ from srd.defenses.srd.env import (
     sfs_score_fn,
     to_observation,
 )
+from srd.defenses.srd.vecenv import BatchedRedMaskVecEnv
 from srd.errors import SRDError
 from srd.geometry import IMAGE_SIZE, RED, apply_action, decode_action
 

@@ -14,7 +14,7 @@ from srd_fixtures import write_poison_ids
 from srd.attacks.trainset import PoisonPlan, plan_attack
 from srd.attacks.triggers import NOISE_PATCH_SIZE
 from srd.data.records import ImageStore
-from srd.defenses.srd.env import BatchedRedMaskVecEnv, MaskPool
+from srd.defenses.srd.env import MaskPool
 from srd.defenses.srd.inputs import training_versions
 from srd.defenses.srd.pool import (
     POOL_JSON,
@@ -30,6 +30,7 @@ from srd.defenses.srd.pool import (
     write_pool_shard,
 )
 from srd.defenses.srd.pool_source import data_pool_rows, pool_image_fn, stream_pool
+from srd.defenses.srd.vecenv import BatchedRedMaskVecEnv
 from srd.errors import SRDError
 from srd.io import file_digest
 

@@ -343,6 +343,16 @@ def test_defenses_script_refuses_triggered_as_an_extra_image_version() -> None:
     assert error.startswith("error: IMAGE_VERSIONS=first_occurrence triggered: triggered is")
 
 
+def test_srd_script_names_every_agent_variant() -> None:
+    """Our agent variants run under their own names (VARIANT), never as the reference's run."""
+    error = _script_error("run_SRD.sh", AGENT_FLAGS="--area_cost 2")
+    assert error.startswith("error: AGENT_FLAGS=--area_cost 2: name the variant's runs")
+    error = _script_error("run_SRD.sh", VARIANT="ac-2", AGENT_FLAGS="--area_cost 2")
+    assert error.startswith("error: VARIANT=ac-2: expected lower-case letters and digits")
+    error = _script_error("run_SRD.sh", VARIANT="ac2", POLICY="random")
+    assert error.startswith("error: VARIANT=ac2: needs POLICY=dqn and the variant's AGENT_FLAGS")
+
+
 def _script_error(script: str, **env: str) -> str:
     """Run run/SCRIPT with ``env`` added; it must stop with exit 2 and one line: returns it."""
     done = subprocess.run(

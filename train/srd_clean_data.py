@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from srd.captioner.args import ModelArgs
@@ -48,6 +49,7 @@ from srd.defenses.srd.inputs import (
 from srd.defenses.srd.policy import load_policy
 from srd.defenses.srd.reward import RewardConfig
 from srd.defenses.srd.shards import ShardWriter, shard_indices, shard_sets
+from srd.defenses.srd.variants import occlusion_maps
 from srd.defenses.stage import defender_plan
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, SHARE, at_least
@@ -122,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "reference_sha256": _digest_or_none(sfs.reference_checkpoint_path),
         "attack": attack.to_dict(),
         **({"benign_control": True} if srd.benign_control else {}),  # (older hashes unchanged)
+        **({"agent_variant": policy.variant} if policy is not None and policy.variant else {}),
         **input_digests(data.read_paths()),
     }
     record_reference(run_config, sfs)
@@ -146,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         score_fn=sfs_score_fn(scorer),
         reward_config=reward_cfg,
     )
+    if isinstance(tries, PolicyTries) and policy.occlusion_grid:  # our occlusion-map variant
+        tries.map_fn = partial(
+            occlusion_maps, caption_fn=models.caption_fn, grid=policy.occlusion_grid
+        )
 
     ensure_dir(folder, "--clean_data_save")
     digest = prepare_clean_folder(folder, run_id, run_config)

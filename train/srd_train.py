@@ -43,7 +43,7 @@ from srd.defenses.srd.dqn import (
     run_random_policy,
     train_dqn,
 )
-from srd.defenses.srd.env import BatchedRedMaskVecEnv, EnvConfig, sfs_score_fn
+from srd.defenses.srd.env import EnvConfig, sfs_score_fn
 from srd.defenses.srd.figures import plot_reward_curve
 from srd.defenses.srd.inputs import (
     SFSArgs,
@@ -56,6 +56,8 @@ from srd.defenses.srd.landscape import policy_reward_branches, reward_structure
 from srd.defenses.srd.policy import save_policy
 from srd.defenses.srd.pool_source import stream_pool
 from srd.defenses.srd.reward import RewardConfig
+from srd.defenses.srd.variants import agent_variant, pool_occlusion_maps
+from srd.defenses.srd.vecenv import BatchedRedMaskVecEnv
 from srd.errors import SRDError
 from srd.flags import at_least
 from srd.io import require_files, setup_logging, write_json
@@ -118,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         log.warning("the pool was captioned by %s, the agent is rewarded by %s",
                     pool_model, model_args.checkpoint_path)  # fmt: skip
     caption_fn, score_fn = vlm_caption_fn(captioner, sfs), sfs_score_fn(scorer)
+    occlusion = None
+    if env_cfg.occlusion_grid:  # our variant: where the captioner's caption reacts
+        t0 = time.time()
+        occlusion = pool_occlusion_maps(pool, caption_fn, env_cfg.occlusion_grid)
+        occlusion_wall_s = round(time.time() - t0, 1)
 
     def make_env() -> BatchedRedMaskVecEnv:
         """The environment of both policies: same pool, flags and seed."""
@@ -131,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             obs_size=env_cfg.obs_size,
             seed=dqn.seed,
             pool_order=env_cfg.pool_order,
+            area_cost=env_cfg.area_cost,
+            occlusion=occlusion,
         )
 
     log.info("D2: %d pool images, %d transitions, %d env(s), %d-step episodes (%s order)",
@@ -169,6 +178,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     logs = {"training": steps, "random_policy": random_steps}
     branches = policy_reward_branches(logs, pool.ids, pool.base_sem, pool.base_flu, reward_cfg)
     report["reward_branches"] = branches
+    if occlusion is not None:
+        report["occlusion"] = {
+            "grid": env_cfg.occlusion_grid,
+            "wall_s": occlusion_wall_s,
+            "mean": float(occlusion.mean()),
+            "maps": {i: m.round(4).tolist() for i, m in zip(pool.ids, occlusion, strict=True)},
+        }
     write_json(srd.reward_branches, branches)
     write_json(policy_path.with_suffix(".config.json"), record)
     write_json(srd.agent_report, report)
@@ -176,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                       random_steps=random_steps,
                       greedy_mean=greedy["mean_reward"])  # fmt: skip
     # The policy is written last: it is the stage's marker.
-    save_policy(model, policy_path, dqn)
+    save_policy(model, policy_path, dqn, agent_variant(pool.info["source"], env_cfg))
     summary = {
         "policy": str(policy_path),
         "mean_reward": training["mean_reward"],

@@ -17,9 +17,11 @@ D1 pool (``train/srd_pool.py``): the RL pool, training images with a stand-in tr
 
 D2 agent (``train/srd_train.py``): a DQN whose action is one square (10x10 centres x 5 sizes)::
 
-    vec_env = env.BatchedRedMaskVecEnv(pool_source.stream_pool(folder, mb), caption_fn, score_fn)
+    vec_env = vecenv.BatchedRedMaskVecEnv(pool_source.stream_pool(folder, mb), caption_fn, score_fn)
         # step: env paints the square (geometry.apply_action), captions the image, scores it
         # against the reference (evaluation.sfs) and pays reward.reward_table's piecewise reward
+        # (ours, off by default: variants' area cost and occlusion-map channel, --area_cost,
+        # --occlusion_grid)
     model, training = dqn.train_dqn(vec_env, dqn_config, reward_log)  # stable-baselines3
     dqn.run_random_policy(...); dqn.evaluate_greedy(model, envs)     # the controls, same pool
     dqn.agent_report(training, random, greedy, n); policy.save_policy(model, path, dqn_config)

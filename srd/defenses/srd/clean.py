@@ -56,7 +56,16 @@ class PolicyTries:
     batched forward pass per chunk) and only the exploration draws differ (reference B13).
     """
 
-    def __init__(self, policy: Any, n_tries: int = 5, epsilon: float = 0.05, seed: int = 0):
+    def __init__(
+        self,
+        policy: Any,
+        n_tries: int = 5,
+        epsilon: float = 0.05,
+        seed: int = 0,
+        map_fn: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None,
+    ):
+        """``map_fn(images) -> (N, grid, grid)``: the occlusion maps of a policy trained with
+        them (:mod:`srd.defenses.srd.variants`; :func:`greedy_actions` refuses a mismatch)."""
         if n_tries < 1:
             raise SRDError(f"--n_tries {n_tries}: must be at least 1")
         if not 0.0 <= epsilon <= 1.0:
@@ -65,9 +74,11 @@ class PolicyTries:
         self.n_tries = n_tries
         self.epsilon = epsilon
         self.seed = seed
+        self.map_fn = map_fn
 
     def __call__(self, ids: Sequence[int], images: Sequence[np.ndarray]) -> list[list[int]]:
-        greedy = greedy_actions(self.policy, list(images))
+        maps = None if self.map_fn is None else list(self.map_fn(images))
+        greedy = greedy_actions(self.policy, list(images), maps)
         return [
             [
                 int(a)

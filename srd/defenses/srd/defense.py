@@ -23,6 +23,7 @@ from srd.defenses.srd.merge import (
     masked_training_actions,
     read_merged,
 )
+from srd.defenses.srd.variants import variant_tags
 from srd.errors import SRDError
 
 
@@ -82,13 +83,17 @@ class SRD(RefineDefense):
         tags = super().variants()
         if self.args.clean_data_save and self.reference_model_dir():
             tags.append("independent reference")
+        if self.args.clean_data_save:
+            tags += variant_tags(self._clean_config().get("agent_variant", {}))
         return tags
+
+    def _clean_config(self) -> dict[str, Any]:
+        return self._manifest.get("clean_config", {}).get("config", {})
 
     def reference_model_dir(self) -> str | None:
         """The cleaning run's ``--reference_model_dir`` (None: the reward reference was
         ``--reference_checkpoint_path`` with the defended model's LM and tower, or BLIP)."""
-        config = self._manifest.get("clean_config", {}).get("config", {})
-        return config.get("reference_model_dir")
+        return self._clean_config().get("reference_model_dir")
 
     def describe(self) -> dict[str, Any]:
         record = {

@@ -42,6 +42,7 @@ from srd.defenses.srd.env import (
     step_envs,
     to_observation,
 )
+from srd.defenses.srd.variants import with_map
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, SHARE, at_least, between, positive
 from srd.io import ensure_dir
@@ -251,6 +252,7 @@ class RewardLog:
         self.transitions = 0
         self.episodes = 0
         self.reward_sum = 0.0
+        self.table_sum = 0.0  # the reference table's rewards (equal unless --area_cost)
         self.images: set[str] = set()
 
     def record(
@@ -271,6 +273,7 @@ class RewardLog:
             self._lengths[i] += 1
             self.transitions += 1
             self.reward_sum += reward
+            self.table_sum += float(info.get("table_reward", reward))
             if info.get("image_id") is not None:
                 self.images.add(str(info["image_id"]))
             self._write(
@@ -281,6 +284,7 @@ class RewardLog:
                     "image_id": info.get("image_id"),
                     "action": info.get("action"),
                     "reward": reward,
+                    "table_reward": info.get("table_reward"),
                     "caption": info.get("caption"),
                     "sem": info.get("sem"),
                     "flu": info.get("flu"),
@@ -314,6 +318,7 @@ class RewardLog:
             "episodes": self.episodes,
             "images_visited": len(self.images),
             "mean_reward": self.reward_sum / self.transitions if self.transitions else None,
+            "mean_table_reward": self.table_sum / self.transitions if self.transitions else None,
         }
 
     def close(self) -> None:
@@ -450,24 +455,28 @@ def evaluate_greedy(
         raise ValueError("at least one environment is needed")
     pool = envs[0].pool
     order = list(range(len(pool))) if indices is None else [int(i) for i in indices]
-    ids, actions, rewards = [], [], []
+    ids, actions, rewards, table = [], [], [], []
     for start in range(0, len(order), len(envs)):
         chunk = order[start : start + len(envs)]
         active = list(envs[: len(chunk)])
         for env, index in zip(active, chunk, strict=True):
             env.reset(options={"index": index})
-        chosen = greedy_actions(policy, [env.record.image for env in active])
+        maps = None if active[0].occlusion is None else [env.occlusion_map for env in active]
+        chosen = greedy_actions(policy, [env.record.image for env in active], maps)
         for _, reward, _, _, info in step_envs(active, [int(a) for a in chosen]):
             ids.append(info["image_id"])
             actions.append(int(info["action"]))
             rewards.append(float(reward))
+            table.append(int(info["table_reward"]))
     return {
         "images": len(ids),
         "mean_reward": float(np.mean(rewards)) if rewards else None,
+        "mean_table_reward": float(np.mean(table)) if table else None,
         "distinct_actions": len(set(actions)),
         "image_ids": ids,
         "actions": actions,
         "rewards": rewards,
+        "table_rewards": table,
     }
 
 
@@ -489,16 +498,23 @@ def agent_report(
     ``training``/``random``: summaries of :func:`train_dqn` / :func:`run_random_policy`;
     ``greedy``: :func:`evaluate_greedy`. ``gain`` is the greedy policy's mean reward minus the
     random policy's (reward units); ``beats_random`` says whether it is at least ``min_gain``.
+    With ``--area_cost`` the rewards learned are not the table's: ``table_gain_over_random``
+    is the same gain in the reference table's rewards.
     """
-    gain = None
-    if greedy.get("mean_reward") is not None and random.get("mean_reward") is not None:
-        gain = float(greedy["mean_reward"]) - float(random["mean_reward"])
+
+    def gain_of(key: str) -> float | None:
+        if greedy.get(key) is None or random.get(key) is None:
+            return None
+        return float(greedy[key]) - float(random[key])
+
+    gain = gain_of("mean_reward")
     return {
         "pool_images": int(pool_images),
         "training": dict(training),
         "random_policy": dict(random),
         "greedy_policy": {
-            **{k: greedy[k] for k in ("images", "mean_reward", "distinct_actions")},
+            **{k: greedy.get(k) for k in ("images", "mean_reward", "mean_table_reward")},
+            "distinct_actions": greedy["distinct_actions"],
             "reward_counts": reward_counts(greedy["rewards"]),
             "per_image": [
                 {"image_id": i, "action": a, "reward": r}
@@ -508,6 +524,7 @@ def agent_report(
             ],
         },
         "gain_over_random": gain,
+        "table_gain_over_random": gain_of("mean_table_reward"),
         "min_gain": min_gain,
         "beats_random": gain is not None and gain >= min_gain,
     }
@@ -528,13 +545,25 @@ def read_reward_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
 
 def policy_obs_size(policy: DQN) -> int:
     """Side of the square observation the policy takes (HWC or CHW observation spaces)."""
-    shape = policy.observation_space.shape
-    return int(shape[1] if shape[0] in (1, 3) and shape[-1] not in (1, 3) else shape[0])
+    return int(max(policy.observation_space.shape))
 
 
-def greedy_actions(policy: DQN, images: Sequence[np.ndarray]) -> np.ndarray:
-    """Greedy actions (B,) of the policy on unmasked 224x224x3 uint8 images (one batch)."""
+def policy_reads_map(policy: DQN) -> bool:
+    """Whether the policy's observation has the occlusion-map channel (4 channels, not 3)."""
+    return int(min(policy.observation_space.shape)) == 4
+
+
+def greedy_actions(
+    policy: DQN, images: Sequence[np.ndarray], maps: Sequence[np.ndarray] | None = None
+) -> np.ndarray:
+    """Greedy actions (B,) of the policy on unmasked 224x224x3 uint8 images (one batch);
+    ``maps``: each image's occlusion map, which a policy trained with one needs."""
+    if policy_reads_map(policy) != (maps is not None):
+        needs = "reads an occlusion map" if maps is None else "reads no occlusion map"
+        raise SRDError(f"the policy {needs} (its observation is {policy.observation_space.shape})")
     size = policy_obs_size(policy)
-    obs = np.stack([to_observation(im, size) for im in images])
-    actions, _ = policy.predict(obs, deterministic=True)
+    obs = [to_observation(im, size) for im in images]
+    if maps is not None:
+        obs = [with_map(o, m) for o, m in zip(obs, maps, strict=True)]
+    actions, _ = policy.predict(np.stack(obs), deterministic=True)
     return np.asarray(actions, dtype=np.int64).reshape(len(images))

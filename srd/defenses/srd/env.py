@@ -13,9 +13,11 @@ Captioning and scoring are injected callables, batched over images:
 - ``caption_fn(images: list[np.ndarray (224, 224, 3) uint8]) -> list[str]``
 - ``score_fn(captions: list[str], references: list[str]) -> (sem (N,), flu (N,))``
 
-:class:`RedMaskEnv` is the single gymnasium environment; :class:`BatchedRedMaskVecEnv` steps N
-of them with ONE ``caption_fn`` and ONE ``score_fn`` call per step (both go through
-:func:`step_envs`, so their semantics are identical).
+:class:`RedMaskEnv` is the single gymnasium environment;
+:class:`srd.defenses.srd.vecenv.BatchedRedMaskVecEnv` steps N of them with ONE ``caption_fn`` and
+ONE ``score_fn`` call per step (both go through :func:`step_envs`, so their semantics are
+identical). Our variants (:mod:`srd.defenses.srd.variants`, off by default) subtract an area cost
+from the learning reward and add an occlusion-map channel to the observation.
 
 Replay memory. SB3's DQN keeps observations and next observations as uint8 arrays of shape
 (buffer_size, *obs_shape) each. At the paper's 224x224x3 input its default buffer of 1e6 would
@@ -40,7 +42,6 @@ parameters (36,864 features into the 512-unit layer) against 1.9 M at 84, and on
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -49,17 +50,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from PIL import Image
-from stable_baselines3.common.vec_env.base_vec_env import (
-    VecEnv,
-    VecEnvIndices,
-    VecEnvObs,
-    VecEnvStepReturn,
-)
 
 from srd.config import arg
 from srd.defenses.srd.reward import RewardConfig, caption_rewards
+from srd.defenses.srd.variants import area_costs, check_occlusion_grid, with_map
 from srd.errors import SRDError
-from srd.flags import COUNT, between
+from srd.flags import COUNT, at_least, between
 from srd.geometry import IMAGE_SIZE, NUM_ACTIONS, apply_action
 
 log = logging.getLogger(__name__)
@@ -113,6 +109,19 @@ class EnvConfig:
         DEFAULT_OBS_SIZE,
         help="side of the policy observation: the 224 canvas is downscaled to it (224 = paper)",
         check=between(36, 224, why="NatureCNN needs at least 36 px; the canvas is 224"),
+    )
+    area_cost: float = arg(
+        0.0,
+        help="ours (srd.defenses.srd.variants): D2's learning reward is the table's minus this "
+        "times the share of the canvas the square paints (0 = the reference's reward)",
+        check=at_least(0),
+    )
+    occlusion_grid: int = arg(
+        0,
+        help="ours (srd.defenses.srd.variants): a 4th observation channel, how much the "
+        "backdoored captioner's caption changes when each cell of an N x N grid is painted red "
+        "(N in 2-7; 0 = the reference's RGB observation)",
+        check=between(2, 7, also=(0,), why="cells of 112 down to 32 px; 0 = off"),
     )
 
 
@@ -228,8 +237,9 @@ def to_observation(image: np.ndarray, obs_size: int) -> np.ndarray:
     return np.asarray(small, dtype=np.uint8)
 
 
-def observation_space(obs_size: int) -> spaces.Box:
-    return spaces.Box(low=0, high=255, shape=(obs_size, obs_size, 3), dtype=np.uint8)
+def observation_space(obs_size: int, channels: int = 3) -> spaces.Box:
+    """RGB, or RGB + the occlusion map (4 channels, :mod:`srd.defenses.srd.variants`)."""
+    return spaces.Box(low=0, high=255, shape=(obs_size, obs_size, channels), dtype=np.uint8)
 
 
 def replay_memory_bytes(
@@ -287,6 +297,8 @@ class RedMaskEnv(gym.Env):
         obs_size: int = DEFAULT_OBS_SIZE,
         render_mode: str | None = None,
         pool_order: str = "shuffled",
+        area_cost: float = 0.0,
+        occlusion: np.ndarray | None = None,
     ) -> None:
         if max_steps < 1:
             raise SRDError(f"--max_steps {max_steps}: must be at least 1")
@@ -305,7 +317,17 @@ class RedMaskEnv(gym.Env):
         self.render_mode = render_mode
         self.pool_order = pool_order
         self._deck: list[int] = []
-        self.observation_space = observation_space(self.obs_size)
+        if not area_cost >= 0:
+            raise SRDError(f"--area_cost {area_cost}: must be at least 0")
+        self.area_cost = float(area_cost)
+        self.occlusion = None if occlusion is None else np.asarray(occlusion, dtype=np.float32)
+        if self.occlusion is not None:
+            grid = self.occlusion.shape[-1]
+            if self.occlusion.shape != (len(pool), grid, grid):
+                raise SRDError(f"occlusion maps {self.occlusion.shape} for {len(pool)} pool images")
+            check_occlusion_grid(grid)
+        channels = 3 if self.occlusion is None else 4
+        self.observation_space = observation_space(self.obs_size, channels)
         self.action_space = spaces.Discrete(NUM_ACTIONS)
         self._index: int | None = None
         self._record: PoolRecord | None = None  # the episode's entry, its image loaded once
@@ -319,6 +341,17 @@ class RedMaskEnv(gym.Env):
         if self._record is None:
             raise RuntimeError("call reset() before step()")
         return self._record
+
+    @property
+    def occlusion_map(self) -> np.ndarray | None:
+        """The current pool image's occlusion map (grid, grid), or None without the variant."""
+        if self.occlusion is None or self._index is None:
+            return None
+        return self.occlusion[self._index]
+
+    def observe(self, canvas: np.ndarray) -> np.ndarray:
+        """The policy's view of ``canvas``: RGB, plus the image's occlusion map if any."""
+        return with_map(to_observation(canvas, self.obs_size), self.occlusion_map)
 
     @property
     def steps(self) -> int:
@@ -350,16 +383,26 @@ class RedMaskEnv(gym.Env):
         self._return = 0.0
         self._canvas = self._record.image
         info = {"image_id": self._record.id, "pool_index": index}
-        return to_observation(self._canvas, self.obs_size), info
+        return self.observe(self._canvas), info
 
     def mask(self, action: Any) -> np.ndarray:
         """The current pool image with the square of ``action``: (224, 224, 3) uint8."""
         return apply_action(self.record.image, _validate_action(action))
 
     def finish_step(
-        self, action: int, masked: np.ndarray, caption: str, sem: float, flu: float, reward: int
+        self,
+        action: int,
+        masked: np.ndarray,
+        caption: str,
+        sem: float,
+        flu: float,
+        reward: float,
+        table_reward: int,
     ) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Record an evaluated step (see :func:`step_envs`) and return gymnasium's 5-tuple."""
+        """Record an evaluated step (see :func:`step_envs`) and return gymnasium's 5-tuple.
+
+        ``reward`` is the learning reward; ``table_reward`` the reference table's (the same
+        unless the area cost variant is on)."""
         record = self.record
         self._steps += 1
         self._canvas = masked
@@ -369,13 +412,14 @@ class RedMaskEnv(gym.Env):
             "caption": caption,
             "sem": float(sem),
             "flu": float(flu),
-            "reward": int(reward),
+            "reward": float(reward),
+            "table_reward": int(table_reward),
             "image_id": record.id,
             "pool_index": int(self._index),
             "step": self._steps,
         }
         truncated = self._steps >= self.max_steps
-        return to_observation(masked, self.obs_size), float(reward), False, truncated, info
+        return self.observe(masked), float(reward), False, truncated, info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         return step_envs([self], [action])[0]
@@ -414,12 +458,13 @@ def step_envs(
         [r.base_flu for r in records],
         lead.reward_config,
     )
+    learning = rewards - area_costs(action_ids, lead.area_cost)
     sem_a = np.asarray(sem, dtype=np.float64)
     flu_a = np.asarray(flu, dtype=np.float64)
     return [
-        env.finish_step(a, m, c, s, f, int(r))
-        for env, a, m, c, s, f, r in zip(
-            envs, action_ids, masked, captions, sem_a, flu_a, rewards, strict=True
+        env.finish_step(a, m, c, s, f, float(r), int(t))
+        for env, a, m, c, s, f, r, t in zip(
+            envs, action_ids, masked, captions, sem_a, flu_a, learning, rewards, strict=True
         )
     ]
 
@@ -431,138 +476,3 @@ def register_env() -> None:
 
 
 register_env()
-
-
-# --------------------------------------------------------------------------------------------
-# Vectorised environment
-
-
-class BatchedRedMaskVecEnv(VecEnv):
-    """N :class:`RedMaskEnv` stepped together: one caption call and one score call per step.
-
-    Follows SB3's VecEnv conventions: finished episodes reset automatically, with the last
-    observation in ``info["terminal_observation"]``, ``info["TimeLimit.truncated"]`` and
-    Monitor-style ``info["episode"] = {"r", "l", "t"}``. ``seed(s)`` (or ``seed=s``) makes
-    environment i reset with seed s + i at the next ``reset()``.
-
-    Pool images: with ``pool_order="random"`` each environment draws its own (exactly like N
-    single environments reset with those seeds); with ``"shuffled"`` the N environments are
-    dealt images from ONE shared permutation of the pool (seeded by ``seed(s)``, reshuffled
-    after each pass), so every image is visited once in the first ``len(pool)`` episodes of
-    all environments together.
-    """
-
-    def __init__(
-        self,
-        pool: MaskPool,
-        caption_fn: CaptionFn,
-        score_fn: ScoreFn,
-        num_envs: int = 1,
-        reward_config: RewardConfig | None = None,
-        max_steps: int = DEFAULT_MAX_STEPS,
-        obs_size: int = DEFAULT_OBS_SIZE,
-        seed: int | None = None,
-        pool_order: str = "shuffled",
-    ) -> None:
-        if num_envs < 1:
-            raise SRDError(f"--num_envs {num_envs}: must be at least 1")
-        options = {"max_steps": max_steps, "obs_size": obs_size, "pool_order": pool_order}
-        self.envs = [
-            RedMaskEnv(pool, caption_fn, score_fn, reward_config, **options)
-            for _ in range(num_envs)
-        ]
-        super().__init__(num_envs, self.envs[0].observation_space, self.envs[0].action_space)
-        self.pool_order = pool_order
-        self._deck_rng = np.random.default_rng()
-        self._deck: list[int] = []
-        self._actions: np.ndarray | None = None
-        self._t_start = time.time()
-        if seed is not None:
-            self.seed(seed)
-
-    def seed(self, seed: int | None = None) -> Sequence[None | int]:
-        seeds = super().seed(seed)
-        self._deck_rng = np.random.default_rng(seeds[0])
-        self._deck = []
-        return seeds
-
-    def _next_options(self, options: dict[str, Any] | None) -> dict[str, Any] | None:
-        """``options`` for an environment's reset: the next shared-deck image when shuffled."""
-        if self.pool_order != "shuffled" or (options and "index" in options):
-            return options
-        if not self._deck:
-            self._deck = [int(i) for i in self._deck_rng.permutation(len(self.envs[0].pool))]
-        return {**(options or {}), "index": self._deck.pop(0)}
-
-    def reset(self) -> VecEnvObs:
-        obs = []
-        for i, env in enumerate(self.envs):
-            options = self._next_options(self._options[i] or None)
-            o, self.reset_infos[i] = env.reset(seed=self._seeds[i], options=options)
-            obs.append(o)
-        self._reset_seeds()
-        self._reset_options()
-        return np.stack(obs)
-
-    def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions).reshape(self.num_envs)
-
-    def step_wait(self) -> VecEnvStepReturn:
-        if self._actions is None:
-            raise RuntimeError("step_async() must come before step_wait()")
-        results = step_envs(self.envs, list(self._actions))
-        self._actions = None
-        obs, infos = [], []
-        rewards = np.zeros(self.num_envs, dtype=np.float32)
-        dones = np.zeros(self.num_envs, dtype=bool)
-        for i, (env, (o, r, terminated, truncated, info)) in enumerate(
-            zip(self.envs, results, strict=True)
-        ):
-            rewards[i] = r
-            dones[i] = terminated or truncated
-            info["TimeLimit.truncated"] = truncated and not terminated
-            if dones[i]:
-                info["terminal_observation"] = o
-                info["episode"] = {
-                    "r": env.episode_return,
-                    "l": env.steps,
-                    "t": round(time.time() - self._t_start, 6),
-                }
-                o, self.reset_infos[i] = env.reset(options=self._next_options(None))
-            obs.append(o)
-            infos.append(info)
-        return np.stack(obs), rewards, dones, infos
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-
-    def _targets(self, indices: VecEnvIndices) -> list[RedMaskEnv]:
-        return [self.envs[i] for i in self._get_indices(indices)]
-
-    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        return [getattr(env, attr_name) for env in self._targets(indices)]
-
-    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        for env in self._targets(indices):
-            setattr(env, attr_name, value)
-
-    def env_method(
-        self,
-        method_name: str,
-        *method_args: Any,
-        indices: VecEnvIndices = None,
-        **method_kwargs: Any,
-    ) -> list[Any]:
-        return [
-            getattr(env, method_name)(*method_args, **method_kwargs)
-            for env in self._targets(indices)
-        ]
-
-    def env_is_wrapped(
-        self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None
-    ) -> list[bool]:
-        return [False for _ in self._targets(indices)]
-
-    def get_images(self) -> Sequence[np.ndarray | None]:
-        return [env.render() for env in self.envs]

@@ -50,21 +50,28 @@ def _group_means(
 ) -> dict[Any, list[float]]:
     groups: dict[Any, list[float]] = {}
     for s in steps:
-        groups.setdefault(key(s), []).append(float(s["reward"]))
+        groups.setdefault(key(s), []).append(_table_reward(s))
     return groups
+
+
+def _table_reward(step: Mapping[str, Any]) -> float:
+    table = step.get("table_reward")
+    return float(step["reward"] if table is None else table)
 
 
 def reward_structure(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The reward landscape of transitions with uniformly random squares.
 
-    ``steps``: step records of a reward log (``image_id``, ``action``, ``reward``). Returns
-    the mean and standard deviation of the reward, eta squared by image / size / centre, the
+    ``steps``: step records of a reward log (``image_id``, ``action``, ``reward``; the
+    reference table's ``table_reward`` where the log has it, so an area cost does not count).
+    Returns the mean and standard deviation of the reward, eta squared by image / size / centre
+    (and by centre within each square side: how much the square's position explains), the
     mean reward per square side, the share of images on which every square tried scored the
     same, and the ceilings ``best_size_mean`` and ``best_tried_per_image_mean``.
     """
     if not steps:
         raise ValueError("no transitions")
-    rewards = np.array([float(s["reward"]) for s in steps])
+    rewards = np.array([_table_reward(s) for s in steps])
     actions = [int(s["action"]) for s in steps]
     images = [str(s["image_id"]) for s in steps]
     sizes = [MASK_SIZES[a // (GRID * GRID)] for a in actions]
@@ -80,6 +87,13 @@ def reward_structure(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "eta2_image": eta_squared(rewards, images),
         "eta2_size": eta_squared(rewards, sizes),
         "eta2_centre": eta_squared(rewards, centres),
+        "eta2_centre_by_size": {
+            str(side): eta_squared(
+                rewards[[k for k, x in enumerate(sizes) if x == side]],
+                [c for c, x in zip(centres, sizes, strict=True) if x == side],
+            )
+            for side in sorted(set(sizes))
+        },
         "mean_reward_by_size": size_means,
         "transitions_by_size": {str(k): len(v) for k, v in sorted(by_size.items())},
         "images": len(by_image),

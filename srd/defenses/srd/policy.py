@@ -28,7 +28,8 @@ import torch
 from gymnasium import spaces
 from stable_baselines3 import DQN
 
-from srd.defenses.srd.dqn import DQNConfig, build_dqn, greedy_actions
+from srd.defenses.srd.dqn import DQNConfig, build_dqn, greedy_actions, policy_reads_map
+from srd.defenses.srd.variants import check_occlusion_grid
 from srd.errors import SRDError
 from srd.geometry import NUM_ACTIONS
 from srd.io import atomic_path
@@ -45,8 +46,12 @@ Q_HEAD = "q_net.q_net.0.weight"
 # Saving and loading policies without pickle
 
 
-def save_policy(model: DQN, path: str | os.PathLike, cfg: DQNConfig) -> Path:
-    """Write the SB3 zip of ``model`` plus :data:`POLICY_META`, atomically; returns the path."""
+def save_policy(
+    model: DQN, path: str | os.PathLike, cfg: DQNConfig, variant: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the SB3 zip of ``model`` plus :data:`POLICY_META`, atomically; returns the path.
+    ``variant``: how the agent's training departs from the reference's (our variants, e.g.
+    ``{"pool_source": "data", "area_cost": 2.0, "occlusion_grid": 4}``; D3 needs the grid)."""
     path = Path(path)
     if path.suffix != ".zip":
         path = path.with_name(path.name + ".zip")  # the SB3 convention (--ppo_path without .zip)
@@ -62,6 +67,7 @@ def save_policy(model: DQN, path: str | os.PathLike, cfg: DQNConfig) -> Path:
         "num_actions": int(model.action_space.n),
         "obs_shape": [int(d) for d in model.observation_space.shape],
         "dqn_config": dataclasses.asdict(cfg),
+        **({"variant": dict(variant)} if variant else {}),
     }
     with atomic_path(path) as tmp:
         tmp.write_bytes(_reproducible_zip(buffer.getvalue(), {POLICY_META: json.dumps(meta)}))
@@ -178,6 +184,14 @@ def load_policy(
         raise SRDError(f"{path}: policy weights do not fit the network ({exc})") from None
     model.policy.set_training_mode(False)
     model.exploration_rate = cfg.exploration_final_eps
+    variant = meta.get("variant", {})
+    grid = variant.get("occlusion_grid", 0) if isinstance(variant, dict) else None
+    if type(grid) is not int or (grid > 0) != policy_reads_map(model):
+        raise SRDError(
+            f"{path}: variant {variant!r} does not fit the observation {meta['obs_shape']}"
+        )
+    model.variant = variant  # recorded by D3, shown as the SRD row's tags
+    model.occlusion_grid = check_occlusion_grid(grid)  # the maps D3 computes for the policy
     return model
 
 

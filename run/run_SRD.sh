@@ -33,7 +33,8 @@
 # srd[-datapool]-<tag>-$ATTACK...; D3 reads the variant from the policy, and the defense report
 # tags its rows with it (run/run_defenses.sh SRD_VARIANTS=<the run's name less srd- and $ATTACK>).
 # A policy that reads occlusion maps skips the greedy-square diagnosis and the figures (they do
-# not caption the occluded images); D3's kept squares are still diagnosed.
+# not caption the occluded images); D3's kept squares are still diagnosed. AGENT_ONLY=1 stops
+# after D2 and its diagnosis, CLEAN_ONLY=1 after D3b and its diagnosis (before D4).
 . "$(dirname "$0")/common.sh"
 set -e
 ATTACK=${ATTACK:-badnet}
@@ -107,6 +108,8 @@ if [ "$POLICY" = dqn ]; then
     once "$SRD_DIR/policy.coverage.json" --input "$SRD_DIR/pool/pool.json" -- \
       python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares greedy
   fi
+  # AGENT_ONLY=1 stops here: the agent measured (policy.agent_report.json) before paying for D3
+  [ "${AGENT_ONLY:-0}" = 1 ] && { stage_end; exit 0; }
 fi
 
 stage "D3 clean data ($POLICY policy)"

@@ -7,7 +7,11 @@ it (D3's first try), and as a control the same on the CLEAN versions of those im
 coverage on both means the squares land there whatever the trigger, not because of it. Both
 report, over triggered training images (the attack run's poison ids), the share whose square
 covers at least ``--threshold`` of the patch trigger, the mean covered share and the square
-sides chosen, and draw a heat-map of where the squares land against the trigger box. Writes
+sides chosen, and draw a heat-map of where the squares land against the trigger box.
+``--squares training`` needs no model: from D2's reward logs and agent report it gives the share
+of D2's squares on the triggered images of its own pool that cover the trigger, per bin of
+timesteps, for the trained and the random policy, and the greedy squares' coverage on the pool
+(``<policy>.training_coverage.json`` + ``.png``; also for policies that read occlusion maps). Writes
 ``coverage.json`` + ``coverage.png`` in the manifest folder (cleaned) or
 ``<policy>.coverage.json`` + ``.png`` beside the policy (greedy), and prints the JSON.
 """
@@ -24,20 +28,26 @@ import numpy as np
 from stable_baselines3 import DQN
 from tqdm.auto import tqdm
 
+from srd.attacks.registry import Attack
 from srd.attacks.trainset import PoisonPlan, TrainingImages, plan_attack
 from srd.cli import run_main
 from srd.config import arg, parse
 from srd.data.records import DataArgs
-from srd.defenses.coverage import KEPT_COVERAGE_FILE, action_coverage, trigger_box
-from srd.defenses.srd.dqn import greedy_actions
-from srd.defenses.srd.figures import plot_square_heatmap
+from srd.defenses.coverage import (
+    KEPT_COVERAGE_FILE,
+    action_coverage,
+    training_coverage,
+    trigger_box,
+)
+from srd.defenses.srd.dqn import greedy_actions, read_reward_log
+from srd.defenses.srd.figures import plot_square_heatmap, plot_training_coverage
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
 from srd.defenses.srd.policy import load_policy
 from srd.errors import SRDError
 from srd.flags import COUNT, between
 from srd.geometry import decode_action
-from srd.io import write_json
+from srd.io import read_json, write_json
 
 log = logging.getLogger("srd_coverage")
 
@@ -49,9 +59,12 @@ class CoverageArgs:
     squares: str = arg(
         "cleaned",
         help="cleaned: the squares D3 kept (merged manifest); greedy: the policy's greedy "
-        "square on each triggered training image (no D3 needed)",
-        choices=["cleaned", "greedy"],
+        "square on each triggered training image (no D3 needed); training: D2's own squares "
+        "on the triggered images of its pool, as training went (trained and random policy) "
+        "and the greedy square on each (the agent report's), no model needed",
+        choices=["cleaned", "greedy", "training"],
     )
+    bin_size: int = arg(500, help="timesteps per point of the training curve", check=COUNT)
     threshold: float = arg(
         0.5,
         help="share of the trigger box a square must cover to count",
@@ -80,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     attack = plan_attack(plan, srd.poison_ids_path)
     images = TrainingImages(data.split("train"), attack, plan.ids)
     triggered = images.poisoned_images
+    if cfg.squares == "training":
+        return _training(srd, attack, triggered, cfg)
     if cfg.squares == "cleaned":
         merged = read_merged(srd.clean_data_save)
         actions = {int(r["id"]): int(r["action"]) for r in merged["records"]}
@@ -118,6 +133,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_json(out, report)
     print(json.dumps(report))
     return report
+
+
+def _training(srd: SRDArgs, attack: Attack, triggered: set[int], cfg: CoverageArgs) -> dict:
+    """``--squares training``: D2's squares on the triggered images of its pool (reward logs
+    and agent report); writes ``<policy>.training_coverage.json`` and ``.png``."""
+    report = read_json(srd.agent_report)
+    curves = {}
+    for label, path in (("trained", srd.reward_log), ("random", srd.random_reward_log)):
+        steps, _ = read_reward_log(path)
+        curves[label] = training_coverage(steps, attack, triggered, cfg.bin_size, cfg.threshold)
+    pool_ids = {int(r["image_id"]) for r in report["greedy_policy"]["per_image"]}
+    greedy = {int(r["image_id"]): int(r["action"]) for r in report["greedy_policy"]["per_image"]}
+    out = srd.policy_file.with_suffix(".training_coverage.json")
+    result = {
+        "squares": "training",
+        "pool_images": len(pool_ids),
+        "triggered_pool_images": len(pool_ids & triggered),
+        "greedy_on_pool": action_coverage(greedy, attack, triggered & pool_ids, cfg.threshold),
+        "curves": curves,
+    }
+    if curves["trained"]:
+        result["figure"] = str(
+            plot_training_coverage(curves, out.with_suffix(".png"),
+                                   f"D2 squares on triggered pool images ({attack.name})")
+        )  # fmt: skip
+    write_json(out, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "curves"}))
+    return result
 
 
 if __name__ == "__main__":

@@ -103,7 +103,12 @@ if [ "$POLICY" = dqn ]; then
       --checkpoint_path "$BACKDOOR" \
       --seed "$SEED" $AGENT_FLAGS
 
-  if [ -z "$BENIGN_FLAG" ] && [ $READS_MAPS = 0 ]; then  # (nothing triggered in the control)
+  if [ -z "$BENIGN_FLAG" ]; then  # (nothing is triggered in the benign control)
+    stage "D2 diagnosis: its squares on the triggered pool images as training went"
+    once "$SRD_DIR/policy.training_coverage.json" --input "$SRD_DIR/policy.zip" -- \
+      python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares training
+  fi
+  if [ -z "$BENIGN_FLAG" ] && [ $READS_MAPS = 0 ]; then
     stage "D2 diagnosis: where the agent's greedy squares land against the real trigger"
     once "$SRD_DIR/policy.coverage.json" --input "$SRD_DIR/pool/pool.json" -- \
       python eval/srd_coverage.py $DATA_FLAGS $SRD_FLAGS --squares greedy

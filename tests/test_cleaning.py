@@ -300,3 +300,21 @@ def test_trigger_coverage_of_badnet_patch() -> None:
     assert report["covered"] == 0.5
     assert report["square_sides"] == {"20": 1, "40": 1}
     assert trigger_box(build_attack("blended")) is None
+
+
+def test_training_coverage_bins_the_squares_on_triggered_pool_images() -> None:
+    from srd.attacks.registry import build_attack
+    from srd.defenses.coverage import training_coverage
+    from srd.geometry import GRID
+
+    corner = 1 * GRID * GRID + 9 * GRID + 9  # covers the BadNet patch
+    steps = [
+        {"timestep": t, "image_id": i, "action": a, "reward": r, "table_reward": r}
+        for t, i, a, r in [(1, 1, 0, -1), (2, 2, corner, 3), (3, 1, corner, 3), (4, 3, 0, -2)]
+    ]
+    bins = training_coverage(steps, build_attack("badnet"), {1, 2}, bin_size=2)
+    assert [b["timesteps"] for b in bins] == [[1, 2], [3, 4]]
+    assert [b["transitions_on_triggered"] for b in bins] == [2, 1]  # image 3 is not triggered
+    assert [b["covered"] for b in bins] == [0.5, 1.0]
+    assert [b["mean_table_reward"] for b in bins] == [1.0, 3.0]
+    assert training_coverage(steps, build_attack("blended"), {1, 2}) == []

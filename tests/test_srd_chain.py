@@ -259,6 +259,13 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
         assert coverage["clean_versions"]["covered"] == coverage["covered"]
     assert json.loads((folder / "policy.coverage.json").read_text()) == coverage
     assert (folder / "policy.coverage.png").stat().st_size > 10_000
+    # D2's own squares on the triggered images of its pool, as training went (no model).
+    during = load_script("eval/srd_coverage.py").main([*chain.data, *srd, "--squares", "training"])
+    assert during["pool_images"] == 4 and set(during["curves"]) == {"trained", "random"}
+    greedy_on_pool = during["greedy_on_pool"]
+    assert greedy_on_pool["num_triggered_with_square"] == during["triggered_pool_images"]
+    random_on_triggered = sum(b["transitions_on_triggered"] for b in during["curves"]["random"])
+    assert (random_on_triggered > 0) == (during["triggered_pool_images"] > 0)
 
     clean_stage = load_script("train/srd_clean_data.py")
     clean_stage.main([*chain.data, *chain.model(), *srd, *chain.sfs, "--n_tries", "3"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,3 +81,36 @@ def action_coverage(
         "threshold": threshold,
         "square_sides": dict(sorted(sizes.items(), key=lambda kv: int(kv[0]))),
     }
+
+
+def training_coverage(
+    steps: Sequence[Mapping[str, Any]],
+    attack: Attack,
+    triggered_ids: set[int],
+    bin_size: int = 500,
+    threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Coverage as training went: D2's transitions (reward-log step records with ``timestep``,
+    ``image_id``, ``action``) cut into bins of ``bin_size`` timesteps; for each bin, the
+    transitions on triggered pool images, the share of them whose square covers at least
+    ``threshold`` of the trigger, and their mean table reward. Empty without a patch trigger."""
+    box = trigger_box(attack)
+    if box is None:
+        return []
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for step in steps:
+        if int(step["image_id"]) not in triggered_ids:
+            continue
+        share = covered_share(decode_action(int(step["action"])), box)
+        table = step.get("table_reward")
+        reward = float(step["reward"] if table is None else table)
+        bins.setdefault((int(step["timestep"]) - 1) // bin_size, []).append((share, reward))
+    return [
+        {
+            "timesteps": [k * bin_size + 1, (k + 1) * bin_size],
+            "transitions_on_triggered": len(rows),
+            "covered": float(np.mean([s >= threshold for s, _ in rows])),
+            "mean_table_reward": float(np.mean([r for _, r in rows])),
+        }
+        for k, rows in sorted(bins.items())
+    ]

@@ -213,3 +213,20 @@ def plot_square_heatmap(
         )
     ax.set_title((title + "\n" if title else "") + "\n".join(lines), fontsize=9)
     return _save(fig, path)
+
+
+def plot_training_coverage(
+    curves: dict[str, Sequence[dict]], path: str | os.PathLike, title: str
+) -> Path:
+    """Share of transitions on triggered pool images whose square covers the trigger, per bin
+    of timesteps (:func:`srd.defenses.coverage.training_coverage`), one line per policy."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, bins in curves.items():
+        x = [np.mean(b["timesteps"]) for b in bins]
+        ax.plot(x, [b["covered"] for b in bins], marker="o", label=label)
+    ax.set_xlabel("D2 timestep")
+    ax.set_ylabel("squares covering the trigger")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

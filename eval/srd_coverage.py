@@ -112,6 +112,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         control = greedy_squares(policy, images.clean, ids, cfg.batch_size)
         out = srd.greedy_coverage
     report = {"squares": cfg.squares, **action_coverage(actions, attack, triggered, cfg.threshold)}
+    if cfg.squares == "cleaned":  # D3's keep-best rule against its first try (the greedy square
+        first = {  # unless the exploration draw replaced it)
+            int(r["id"]): int(r["extras"]["tries"][0][0])
+            for r in merged["records"]
+            if r.get("extras", {}).get("tries")
+        }
+        if first:
+            first_cover = action_coverage(first, attack, triggered, cfg.threshold)
+            report["first_try"] = {
+                k: first_cover[k] for k in ("covered", "mean_covered_share", "square_sides")
+            }
     if cfg.squares == "greedy":
         clean = action_coverage(control, attack, triggered, cfg.threshold)
         report["clean_versions"] = {

@@ -275,6 +275,8 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     assert merged["clean_config"]["config"]["policy_sha256"]
     kept = load_script("eval/srd_coverage.py").main([*chain.data, *srd])
     assert kept["squares"] == "cleaned" and kept["num_triggered_with_square"] > 0
+    first_sides = kept["first_try"]["square_sides"]  # one first try per cleaned image
+    assert sum(first_sides.values()) == sum(kept["square_sides"].values())
     assert (folder / "clean" / "coverage.png").stat().st_size > 10_000
 
     runs = chain.root / "runs"

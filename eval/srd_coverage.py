@@ -36,6 +36,7 @@ from srd.data.records import DataArgs
 from srd.defenses.coverage import (
     KEPT_COVERAGE_FILE,
     action_coverage,
+    covering_signal,
     training_coverage,
     trigger_box,
 )
@@ -150,10 +151,11 @@ def _training(srd: SRDArgs, attack: Attack, triggered: set[int], cfg: CoverageAr
     """``--squares training``: D2's squares on the triggered images of its pool (reward logs
     and agent report); writes ``<policy>.training_coverage.json`` and ``.png``."""
     report = read_json(srd.agent_report)
-    curves = {}
+    curves, signal = {}, {}
     for label, path in (("trained", srd.reward_log), ("random", srd.random_reward_log)):
         steps, _ = read_reward_log(path)
         curves[label] = training_coverage(steps, attack, triggered, cfg.bin_size, cfg.threshold)
+        signal[label] = covering_signal(steps, attack, triggered, cfg.threshold)
     pool_ids = {int(r["image_id"]) for r in report["greedy_policy"]["per_image"]}
     greedy = {int(r["image_id"]): int(r["action"]) for r in report["greedy_policy"]["per_image"]}
     out = srd.policy_file.with_suffix(".training_coverage.json")
@@ -162,6 +164,7 @@ def _training(srd: SRDArgs, attack: Attack, triggered: set[int], cfg: CoverageAr
         "pool_images": len(pool_ids),
         "triggered_pool_images": len(pool_ids & triggered),
         "greedy_on_pool": action_coverage(greedy, attack, triggered & pool_ids, cfg.threshold),
+        "signal": signal,
         "curves": curves,
     }
     if curves["trained"]:

@@ -114,3 +114,34 @@ def training_coverage(
         }
         for k, rows in sorted(bins.items())
     ]
+
+
+def covering_signal(
+    steps: Sequence[Mapping[str, Any]],
+    attack: Attack,
+    triggered_ids: set[int],
+    threshold: float = 0.5,
+) -> dict[str, Any] | None:
+    """What D2's reward says about covering the trigger: over the transitions on triggered
+    pool images, how many squares covered it and their mean table reward against the others'
+    (None without a patch trigger). A large gap on few transitions is a sparse signal."""
+    box = trigger_box(attack)
+    if box is None:
+        return None
+    rows = [
+        (
+            covered_share(decode_action(int(s["action"])), box) >= threshold,
+            float(s["reward"] if s.get("table_reward") is None else s["table_reward"]),
+        )
+        for s in steps
+        if int(s["image_id"]) in triggered_ids
+    ]
+    covering = [r for c, r in rows if c]
+    others = [r for c, r in rows if not c]
+    return {
+        "transitions": len(steps),
+        "on_triggered_images": len(rows),
+        "covering": len(covering),
+        "mean_table_reward_covering": float(np.mean(covering)) if covering else None,
+        "mean_table_reward_not_covering": float(np.mean(others)) if others else None,
+    }

@@ -24,6 +24,7 @@ from srd.io import file_digest, write_json
 defend = load_script("train/defend.py")
 evaluate = load_script("eval/evaluate.py")
 report = load_script("eval/defense_report.py")
+retune = load_script("train/retune.py")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,33 @@ def test_defend_writes_the_defended_checkpoint_and_record(attacked, defended) ->
                                "radius_factor": 0.7, "alpha": 0.7}  # fmt: skip
 
 
+def test_retune_trains_the_defended_model_on_a_few_poisons(
+    attacked, defended, tiny_data_args, capsys
+) -> None:
+    """The re-tuning attack: a seeded set of the attack's own poisons padded with clean
+    samples, trained from the defended weights into a run folder of its own."""
+    _, clean, _, poison_ids = attacked
+    refined = defended / "defense-oracle_square-badnet" / "final_weights.pt"
+    argv = [*data_flags(tiny_data_args), *model_flags(clean, refined),
+            "--poison_ids_path", str(poison_ids), "--external_save_dir", str(defended),
+            "--retune_poisons", "2", "--retune_benign", "6", "--num_epochs", "1",
+            "--batch_size", "4"]  # fmt: skip
+    final = retune.main(argv)
+    run = defended / "retune-defense-oracle_square-badnet"
+    assert final == str(run / "final_weights.pt")
+    config = json.loads((run / "config.json").read_text())
+    plan_ids = set(json.loads(poison_ids.read_text())["ids"])
+    assert (
+        len(config["retune_poisoned_ids"]) == 2 and set(config["retune_poisoned_ids"]) <= plan_ids
+    )
+    assert config["defense_record"]["defense"]["name"] == "oracle_square"
+    before = torch.load(refined, weights_only=True)["model_state_dict"]
+    after = torch.load(final, weights_only=True)["model_state_dict"]
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    error = _fail(retune, [*argv[:-8], "--retune_poisons", "100000"], capsys)
+    assert error.startswith("error: --retune_poisons 100000 / --retune_benign 135: the data hold")
+
+
 def _result(
     defense: str, seed: int, asr: float, cider: float, sampled=None, sampling=SAMPLING, **extra
 ) -> dict:
@@ -142,6 +170,8 @@ def test_report_from_hand_made_results(tmp_path) -> None:
             "metrics": {"asr_substring": 0.0, "clean": {"CIDEr": 3}},
             "defense": None,
         },  # fmt: skip
+        # the re-tuning attack on seed 0's no_mask model (train/retune.py): no defense record
+        "retune-nm-0": {**_result("x", 0, 0.7, 1.9), "defense": None},
     }.items():
         write_json(results / f"{name}.json", data)
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
@@ -162,6 +192,8 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert rows["no_mask"][9] == "0.825 ± 0.035"
     assert rows["srd [first_occurrence]"][9] == "0.700"
     assert rows["none"][8] == "20.0 ± 0.0"  # triggered CIDEr with the target stripped
+    assert rows["no_mask"][12] == "70.0 (n=1) |"  # ASR after re-tune, one of two seeds
+    assert rows["none"][12] == "- |"
     assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
     assert (tmp_path / "report.md").read_text() == text
 

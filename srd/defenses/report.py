@@ -27,6 +27,7 @@ from srd.data.attributes import attribute_accuracy, colour_recall, object_errors
 from srd.data.scenes import COLOURS
 from srd.defenses.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.rating import defense_effectiveness_rating
+from srd.defenses.retune import retuned_asr
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
 from srd.defenses.stage import backdoor_facts
@@ -57,6 +58,7 @@ class DefenseResult:
     extra: dict[str, Any] = field(default_factory=dict)
     clean_captions: dict[int, str] | None = None  # the evaluation's captions of clean images
     sampling: str | None = None  # the sampled ASR's decoding, as the result records it
+    retuned: float | None = None  # ASR after the re-tuning attack (srd.defenses.retune)
 
 
 def defense_label(block: dict[str, Any]) -> str:
@@ -170,6 +172,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
         record=dict(record["defense"]),
         clean_captions=result_captions(data),
         sampling=implant.get("decoding"),
+        retuned=retuned_asr(path),
     )
 
 
@@ -240,6 +243,12 @@ def _stat(values: list[float | None], scale: float = 1.0, digits: int = 1) -> st
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
+def _count(values: list[float | None]) -> str:
+    """' (n=k)' when only k of the row's results have the value (k > 0)."""
+    k = sum(v is not None for v in values)
+    return f" (n={k})" if 0 < k < len(values) else ""
+
+
 def _sampled(rs: list[DefenseResult]) -> str:
     """ASR of sampled captions on triggered and on clean test images (the implant diagnostic of
     ``eval/evaluate.py``; '-' where it was not run)."""
@@ -264,6 +273,7 @@ COLUMNS = (
     "DER",
     "SSIM (processed vs original)",
     "Trigger covered (%)",
+    "ASR after re-tune (%)",
 )
 
 
@@ -306,6 +316,7 @@ def report_table(results: list[DefenseResult]) -> str:
             _stat([r.extra["der"] for r in rs], 1, 3),
             _stat([r.ssim for r in rs], 1, 3),
             _stat([r.covered for r in rs], 100),
+            _stat([r.retuned for r in rs], 100) + _count([r.retuned for r in rs]),
         ],
     )
 

@@ -515,11 +515,17 @@ def agent_report(
         "greedy_policy": {
             **{k: greedy.get(k) for k in ("images", "mean_reward", "mean_table_reward")},
             "distinct_actions": greedy["distinct_actions"],
-            "reward_counts": reward_counts(greedy["rewards"]),
+            # the reference table's rewards (whole numbers; the learning reward with an area
+            # cost is not, and its counts would be truncated)
+            "reward_counts": reward_counts(greedy.get("table_rewards", greedy["rewards"])),
             "per_image": [
-                {"image_id": i, "action": a, "reward": r}
-                for i, a, r in zip(
-                    greedy["image_ids"], greedy["actions"], greedy["rewards"], strict=True
+                {"image_id": i, "action": a, "reward": r, "table_reward": t}
+                for i, a, r, t in zip(
+                    greedy["image_ids"],
+                    greedy["actions"],
+                    greedy["rewards"],
+                    greedy.get("table_rewards", greedy["rewards"]),
+                    strict=True,
                 )
             ],
         },

@@ -17,6 +17,7 @@ from srd.defenses.srd.env import EnvConfig, MaskPool, RedMaskEnv
 from srd.defenses.srd.landscape import reward_structure
 from srd.defenses.srd.policy import load_policy, save_policy
 from srd.defenses.srd.variants import (
+    action_count,
     agent_variant,
     caption_change,
     occlude,
@@ -144,8 +145,30 @@ def test_observation_carries_the_map_and_a_map_policy_needs_maps(tmp_path: Path)
         load_policy(plain)
 
 
+def test_without_the_largest_squares_the_actions_keep_their_numbers(tmp_path: Path) -> None:
+    pool = make_pool()
+    env = RedMaskEnv(pool, caption_fn, score_fn, obs_size=OBS, max_square_side=80)
+    assert env.action_space.n == 400 and action_count(200) == 500
+    env.reset(options={"index": 0})
+    _, _, _, _, info = env.step(action(40, 1, 1))  # the same square as in the 500 actions
+    assert info["table_reward"] == 3
+    with pytest.raises(ValueError, match=r"action 455 outside \[0, 400\)"):
+        env.step(action(200, 5, 5))
+    cfg = dataclasses.replace(DQNConfig(device="cpu", seed=0), buffer_size=100, num_envs=1)
+    vec = BatchedRedMaskVecEnv(pool, caption_fn, score_fn, obs_size=OBS, max_square_side=80)
+    model, _ = train_dqn(vec, dataclasses.replace(cfg, total_timesteps=8), tmp_path / "r.jsonl")
+    path = save_policy(model, tmp_path / "p.zip", cfg, {"max_square_side": 80})
+    loaded = load_policy(path)
+    assert loaded.action_space.n == 400 and variant_tags(loaded.variant) == ["squares up to 80 px"]
+    tries = PolicyTries(loaded, n_tries=50, epsilon=1.0)([0], [pool.images[0]])
+    assert max(tries[0]) < 400  # D3's exploration stays in the variant's action space
+    with pytest.raises(SRDError, match="policy has 400 actions, expected 500"):
+        load_policy(save_policy(model, tmp_path / "q.zip", cfg))
+
+
 def test_variant_flags_are_checked_and_recorded() -> None:
-    for argv, flag in ((["--occlusion_grid", "9"], "--occlusion_grid 9"),
+    for argv, flag in ((["--max_square_side", "100"], "--max_square_side"),
+                       (["--occlusion_grid", "9"], "--occlusion_grid 9"),
                        (["--occlusion_grid", "1"], "--occlusion_grid 1"),
                        (["--area_cost", "-1"], "--area_cost -1")):  # fmt: skip
         with pytest.raises(SRDError, match=flag):

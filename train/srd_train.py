@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             seed=dqn.seed,
             pool_order=env_cfg.pool_order,
             area_cost=env_cfg.area_cost,
+            max_square_side=env_cfg.max_square_side,
             occlusion=occlusion,
         )
 

@@ -83,7 +83,11 @@ class PolicyTries:
             [
                 int(a)
                 for a in draw_try_actions(
-                    greedy[k : k + 1], self.n_tries, self.epsilon, image_rng(self.seed, i)
+                    greedy[k : k + 1],
+                    self.n_tries,
+                    self.epsilon,
+                    image_rng(self.seed, i),
+                    int(self.policy.action_space.n),  # (fewer with --max_square_side)
                 )[0]
             ]
             for k, i in enumerate(ids)

@@ -53,10 +53,10 @@ from PIL import Image
 
 from srd.config import arg
 from srd.defenses.srd.reward import RewardConfig, caption_rewards
-from srd.defenses.srd.variants import area_costs, check_occlusion_grid, with_map
+from srd.defenses.srd.variants import action_count, area_costs, check_occlusion_grid, with_map
 from srd.errors import SRDError
 from srd.flags import COUNT, at_least, between
-from srd.geometry import IMAGE_SIZE, NUM_ACTIONS, apply_action
+from srd.geometry import IMAGE_SIZE, MASK_SIZES, NUM_ACTIONS, apply_action
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,13 @@ class EnvConfig:
         help="ours (srd.defenses.srd.variants): D2's learning reward is the table's minus this "
         "times the share of the canvas the square paints (0 = the reference's reward)",
         check=at_least(0),
+    )
+    max_square_side: int = arg(
+        MASK_SIZES[-1],
+        help="ours (srd.defenses.srd.variants): the largest square side the agent may paint; "
+        f"sides above it leave the action space (one of {', '.join(map(str, MASK_SIZES))}; "
+        f"{MASK_SIZES[-1]} = the reference's 500 actions)",
+        choices=list(MASK_SIZES),
     )
     occlusion_grid: int = arg(
         0,
@@ -264,13 +271,13 @@ def replay_memory_bytes(
 # The environment
 
 
-def _validate_action(action: Any) -> int:
+def _validate_action(action: Any, num_actions: int = NUM_ACTIONS) -> int:
     value = np.asarray(action)
     if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
         raise ValueError(f"action must be one integer, got {action!r}")
     a = int(value.reshape(()))
-    if not 0 <= a < NUM_ACTIONS:
-        raise ValueError(f"action {a} outside [0, {NUM_ACTIONS})")
+    if not 0 <= a < num_actions:
+        raise ValueError(f"action {a} outside [0, {num_actions})")
     return a
 
 
@@ -299,6 +306,7 @@ class RedMaskEnv(gym.Env):
         pool_order: str = "shuffled",
         area_cost: float = 0.0,
         occlusion: np.ndarray | None = None,
+        max_square_side: int = MASK_SIZES[-1],
     ) -> None:
         if max_steps < 1:
             raise SRDError(f"--max_steps {max_steps}: must be at least 1")
@@ -328,7 +336,7 @@ class RedMaskEnv(gym.Env):
             check_occlusion_grid(grid)
         channels = 3 if self.occlusion is None else 4
         self.observation_space = observation_space(self.obs_size, channels)
-        self.action_space = spaces.Discrete(NUM_ACTIONS)
+        self.action_space = spaces.Discrete(action_count(max_square_side))
         self._index: int | None = None
         self._record: PoolRecord | None = None  # the episode's entry, its image loaded once
         self._steps = 0
@@ -387,7 +395,7 @@ class RedMaskEnv(gym.Env):
 
     def mask(self, action: Any) -> np.ndarray:
         """The current pool image with the square of ``action``: (224, 224, 3) uint8."""
-        return apply_action(self.record.image, _validate_action(action))
+        return apply_action(self.record.image, _validate_action(action, self.action_space.n))
 
     def finish_step(
         self,
@@ -443,7 +451,7 @@ def step_envs(
     if len(envs) != len(actions):
         raise ValueError(f"{len(actions)} actions for {len(envs)} environments")
     lead = envs[0]
-    action_ids = [_validate_action(a) for a in actions]
+    action_ids = [_validate_action(a, lead.action_space.n) for a in actions]
     masked = [env.mask(a) for env, a in zip(envs, action_ids, strict=True)]
     records = [env.record for env in envs]
     captions = list(lead.caption_fn(masked))

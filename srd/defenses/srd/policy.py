@@ -29,7 +29,7 @@ from gymnasium import spaces
 from stable_baselines3 import DQN
 
 from srd.defenses.srd.dqn import DQNConfig, build_dqn, greedy_actions, policy_reads_map
-from srd.defenses.srd.variants import check_occlusion_grid
+from srd.defenses.srd.variants import action_count, check_occlusion_grid
 from srd.errors import SRDError
 from srd.geometry import NUM_ACTIONS
 from srd.io import atomic_path
@@ -163,6 +163,10 @@ def load_policy(
     if not isinstance(state, dict) or Q_HEAD not in state:
         raise SRDError(f"{path}: not a DQN policy (no {Q_HEAD} in policy.pth)")
     num_actions = int(state[Q_HEAD].shape[0])
+    variant = meta.get("variant", {})
+    side = variant.get("max_square_side") if isinstance(variant, dict) else None
+    if side is not None:  # our variant without the largest squares: the first actions
+        expected_actions = action_count(side)
     if num_actions != expected_actions:
         raise SRDError(f"{path}: policy has {num_actions} actions, expected {expected_actions}")
     known = {f.name for f in dataclasses.fields(DQNConfig)}
@@ -184,7 +188,6 @@ def load_policy(
         raise SRDError(f"{path}: policy weights do not fit the network ({exc})") from None
     model.policy.set_training_mode(False)
     model.exploration_rate = cfg.exploration_final_eps
-    variant = meta.get("variant", {})
     grid = variant.get("occlusion_grid", 0) if isinstance(variant, dict) else None
     if type(grid) is not int or (grid > 0) != policy_reads_map(model):
         raise SRDError(
@@ -211,7 +214,11 @@ class MaskChoice:
 
 
 def draw_try_actions(
-    greedy: np.ndarray, n_tries: int, epsilon: float, rng: np.random.Generator
+    greedy: np.ndarray,
+    n_tries: int,
+    epsilon: float,
+    rng: np.random.Generator,
+    num_actions: int = NUM_ACTIONS,
 ) -> np.ndarray:
     """Epsilon-greedy tries (B, n_tries): each try is random with probability ``epsilon``.
 
@@ -220,7 +227,7 @@ def draw_try_actions(
     """
     greedy = np.asarray(greedy, dtype=np.int64).reshape(-1, 1)
     explore = rng.random((greedy.shape[0], n_tries)) < epsilon
-    random_actions = rng.integers(0, NUM_ACTIONS, size=(greedy.shape[0], n_tries))
+    random_actions = rng.integers(0, num_actions, size=(greedy.shape[0], n_tries))
     return np.where(explore, random_actions, greedy)
 
 

@@ -4,6 +4,8 @@
   reward minus ``C`` times the share of the 224 canvas the square paints (the clipped square),
   so covering everything stops paying: the 200-px square (80% of the canvas) costs ``0.8 C``,
   a 20-px one ``0.008 C``. D3 keeps the reference's table and keep-best rule.
+- **No 200-px square** (``--max_square_side 80``): the agent's action space keeps the squares up
+  to that side (400 of the 500 actions; the same numbers), in D2 and D3 (its exploration too).
 - **Occlusion map** (``--occlusion_grid N``): a fourth observation channel saying where the
   backdoored captioner's own caption reacts: the image is cut into an N x N grid, each cell is
   painted red in turn (as a mask would), the occluded image is captioned, and the cell's value
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from srd.captions import words
 from srd.errors import SRDError
-from srd.geometry import IMAGE_SIZE, RED, decode_action
+from srd.geometry import GRID, IMAGE_SIZE, MASK_SIZES, RED, decode_action
 
 OCCLUSION_GRIDS = range(2, 8)
 """Grid sides an occlusion map may have (cells of 112 down to 32 px); 0 turns the map off."""
@@ -52,6 +54,15 @@ def square_share(action: int) -> float:
 def area_costs(actions: Sequence[int], area_cost: float) -> np.ndarray:
     """What the area cost takes off each action's reward (N,) float64."""
     return np.array([area_cost * square_share(a) for a in actions], dtype=np.float64)
+
+
+def action_count(max_square_side: int) -> int:
+    """Actions of the squares up to ``max_square_side`` (the geometry numbers actions by side
+    first, so they are its first ``100 x k`` actions: no renumbering)."""
+    if max_square_side not in MASK_SIZES:
+        sides = ", ".join(map(str, MASK_SIZES))
+        raise SRDError(f"--max_square_side {max_square_side}: expected one of {sides}")
+    return GRID * GRID * (MASK_SIZES.index(max_square_side) + 1)
 
 
 def cell_edges(grid: int) -> list[int]:
@@ -136,6 +147,8 @@ def agent_variant(pool_source: str, env_cfg: Any) -> dict[str, Any]:
         variant["area_cost"] = float(env_cfg.area_cost)
     if env_cfg.occlusion_grid:
         variant["occlusion_grid"] = int(env_cfg.occlusion_grid)
+    if env_cfg.max_square_side != MASK_SIZES[-1]:
+        variant["max_square_side"] = int(env_cfg.max_square_side)
     return variant
 
 
@@ -146,6 +159,8 @@ def variant_tags(variant: Mapping[str, Any]) -> list[str]:
         tags.append(f"{variant['pool_source']} pool")
     if variant.get("area_cost"):
         tags.append(f"area cost {variant['area_cost']:g}")
+    if variant.get("max_square_side"):
+        tags.append(f"squares up to {variant['max_square_side']} px")
     if variant.get("occlusion_grid"):
         grid = variant["occlusion_grid"]
         tags.append(f"occlusion map {grid}x{grid}")

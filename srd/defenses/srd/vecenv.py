@@ -31,6 +31,7 @@ from srd.defenses.srd.env import (
 )
 from srd.defenses.srd.reward import RewardConfig
 from srd.errors import SRDError
+from srd.geometry import MASK_SIZES
 
 
 class BatchedRedMaskVecEnv(VecEnv):
@@ -61,11 +62,13 @@ class BatchedRedMaskVecEnv(VecEnv):
         pool_order: str = "shuffled",
         area_cost: float = 0.0,
         occlusion: np.ndarray | None = None,
+        max_square_side: int = MASK_SIZES[-1],
     ) -> None:
         if num_envs < 1:
             raise SRDError(f"--num_envs {num_envs}: must be at least 1")
         options = {"max_steps": max_steps, "obs_size": obs_size, "pool_order": pool_order,
-                   "area_cost": area_cost, "occlusion": occlusion}  # fmt: skip
+                   "area_cost": area_cost, "occlusion": occlusion,
+                   "max_square_side": max_square_side}  # fmt: skip
         self.envs = [
             RedMaskEnv(pool, caption_fn, score_fn, reward_config, **options)
             for _ in range(num_envs)

@@ -52,6 +52,8 @@ SCRIPTS = {
         "srd_figures": "eval/srd_figures.py",
         "release": "train/release.py",
         "reward_branches": "eval/reward_branches.py",
+        "retune": "train/retune.py",
+        "agent_table": "eval/agent_table.py",
     }.items()
 }
 
@@ -219,6 +221,11 @@ def _base(script: str, i: Inputs, out: Path) -> list[str]:
         "srd_figures": [*i.data, "--ppo_path", str(out / "policy.zip")],
         "reward_branches": ["--ppo_path", str(out / "policy.zip"),
                             "--save_data_path", i.truncated_pool],
+        "retune": [
+            *i.data, *i.backdoor_model, "--poison_ids_path", i.poison_ids,
+            "--external_save_dir", str(out / "runs"), "--num_epochs", "1",
+        ],
+        "agent_table": ["--runs", i.merged_less_folder],
         "release": [
             "--action", "install", "--release_dir", str(out / "release"),
             "--install_dir", str(out / "models"), "--data_dir", str(out / "data"),
@@ -401,6 +408,19 @@ CASES: list[tuple[str, str, Extra, str]] = [
      lambda i: ["--squares", "greedy", "--ppo_path", i.merged_less_folder + "/none.zip"],
      "--ppo_path"),
     ("agent-pool-order", "srd_train", _flags("--pool_order", "cycle"), "--pool_order"),
+    ("agent-area-cost-negative", "srd_train", _flags("--area_cost", "-1"), "--area_cost"),
+    ("agent-occlusion-grid-9", "srd_train", _flags("--occlusion_grid", "9"), "--occlusion_grid"),
+    ("agent-max-side-100", "srd_train", _flags("--max_square_side", "100"), "--max_square_side"),
+    ("coverage-training-no-report", "srd_coverage",
+     lambda i: ["--squares", "training", "--ppo_path", i.merged_less_folder + "/none.zip"],
+     "agent_report.json"),
+    # retune, agent_table
+    ("retune-poison-missing", "retune", _flags("--poison_ids_path", "nope.json"),
+     "--poison_ids_path"),
+    ("retune-too-many-poisons", "retune", _flags("--retune_poisons", "100000"),
+     "--retune_poisons 100000"),
+    ("retune-benign-negative", "retune", _flags("--retune_benign", "-1"), "--retune_benign"),
+    ("agent-table-no-report", "agent_table", _flags(), "policy.agent_report.json"),
     ("figures-reward-log-missing", "srd_figures", _flags(), "policy.rewards.jsonl"),
     ("figures-images-0", "srd_figures", _flags("--num_images", "0"), "--num_images"),
     ("figures-attack-clean", "srd_figures", _flags("--bd_attack_type", "clean"),

@@ -266,6 +266,10 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     assert greedy_on_pool["num_triggered_with_square"] == during["triggered_pool_images"]
     random_on_triggered = sum(b["transitions_on_triggered"] for b in during["curves"]["random"])
     assert (random_on_triggered > 0) == (during["triggered_pool_images"] > 0)
+    (row,) = json.loads(load_script("eval/agent_table.py").main(["--runs", str(folder)]))
+    assert row[:2] == [folder.name, "reference"]  # the reference's agent: no variant
+    assert row[3] == f"{report['gain_over_random']:+.3f}" == row[4]  # no area cost: one gain
+    assert row[8] == f"{100 * coverage['covered']:.1f}%"
 
     clean_stage = load_script("train/srd_clean_data.py")
     clean_stage.main([*chain.data, *chain.model(), *srd, *chain.sfs, "--n_tries", "3"])

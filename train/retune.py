@@ -92,12 +92,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ("--checkpoint_path", model_args.checkpoint_path),
         ("--poison_ids_path", args.poison_ids_path),
     )
-    defended = defense_of_checkpoint(model_args.checkpoint_path)
-    if defended is None:
-        raise SRDError(
-            f"--checkpoint_path {model_args.checkpoint_path}: not the weights of a defense run "
-            "or an attack run (no defense.json or backdoor record beside it)"
-        )
+    defended = defense_of_checkpoint(model_args.checkpoint_path)  # None: a bare checkpoint
     if not args.run_name:
         name = f"retune-{Path(model_args.checkpoint_path).parent.name}"
         args = dataclasses.replace(args, run_name=name)

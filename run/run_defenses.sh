@@ -28,7 +28,8 @@
 # fine_pruning, and par [as_left]) in those versions besides the default triggered one (rows
 # "no_mask [first_occurrence]"): the reference's protocol with every control, beside ours.
 # SRD's rows run in both versions already; oracle_square's square covers the trigger, so its
-# data, and its row, are the same in both.
+# data, and its row, are the same in both. Under POISON_UNIT=image the two versions are the same
+# images (every caption of a triggered image is poisoned), so only the default one runs.
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD's row when BENIGN=1 run/run_SRD.sh made its cleaning run
@@ -37,6 +38,10 @@
 set -e
 ATTACK=${ATTACK:-badnet}
 IMAGE_VERSIONS=${IMAGE_VERSIONS-first_occurrence}
+SRD_VERSIONS="triggered first_occurrence"
+if [ "${POISON_UNIT:-caption}" = image ]; then  # every caption of a triggered image is poisoned,
+  IMAGE_VERSIONS="" SRD_VERSIONS=triggered  # so its first occurrence is triggered: one version
+fi
 for V in $IMAGE_VERSIONS; do  # the default version's rows are the ones without a version
   [ "$V" != triggered ] || {
     echo "error: IMAGE_VERSIONS=$IMAGE_VERSIONS: triggered is the version of the rows without it" >&2
@@ -128,7 +133,7 @@ for SRD_RUN in srd:$CLEAN_DATA srd-indref:$INDREF_DATA $VARIANT_RUNS; do
   ROW=${SRD_RUN%%:*} DATA=${SRD_RUN#*:}
   [ "$PREFIX" = defense ] && [ -f "$DATA/merged.json" ] || continue
   INPUT="--input $DATA/merged.json"
-  for V in triggered first_occurrence; do
+  for V in $SRD_VERSIONS; do
     defend_and_evaluate "defense-$ROW-$V-$RUN_TAG" --defense srd \
       --image_version "$V" --clean_data_save "$DATA"
   done

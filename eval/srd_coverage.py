@@ -37,6 +37,7 @@ from srd.defenses.coverage import (
     KEPT_COVERAGE_FILE,
     action_coverage,
     covering_signal,
+    map_localisation,
     training_coverage,
     trigger_box,
 )
@@ -165,6 +166,9 @@ def _training(srd: SRDArgs, attack: Attack, triggered: set[int], cfg: CoverageAr
         "triggered_pool_images": len(pool_ids & triggered),
         "greedy_on_pool": action_coverage(greedy, attack, triggered & pool_ids, cfg.threshold),
         "signal": signal,
+        "occlusion_maps": map_localisation(
+            (report.get("occlusion") or {}).get("maps", {}), attack, triggered
+        ),
         "curves": curves,
     }
     if curves["trained"]:

@@ -304,7 +304,7 @@ def test_trigger_coverage_of_badnet_patch() -> None:
 
 def test_training_coverage_bins_the_squares_on_triggered_pool_images() -> None:
     from srd.attacks.registry import build_attack
-    from srd.defenses.coverage import covering_signal, training_coverage
+    from srd.defenses.coverage import covering_signal, map_localisation, training_coverage
     from srd.geometry import GRID
 
     corner = 1 * GRID * GRID + 9 * GRID + 9  # covers the BadNet patch
@@ -318,6 +318,13 @@ def test_training_coverage_bins_the_squares_on_triggered_pool_images() -> None:
     assert [b["covered"] for b in bins] == [0.5, 1.0]
     assert [b["mean_table_reward"] for b in bins] == [1.0, 3.0]
     assert training_coverage(steps, build_attack("blended"), {1, 2}) == []
+    maps = {"1": [[0, 0], [0, 0.9]], "2": [[0.5, 0], [0, 0.1]], "3": [[0.2, 0.2], [0.2, 0.2]]}
+    where = map_localisation(maps, build_attack("badnet"), {1, 2})  # trigger: bottom-right cell
+    assert (where["grid"], where["trigger_cell"]) == (2, 3)
+    assert where["triggered"]["largest_is_trigger_cell"] == 0.5
+    assert where["triggered"]["trigger_cell_mean"] == pytest.approx(0.5)
+    assert where["clean"]["images"] == 1
+    assert where["clean"]["other_cells_mean"] == pytest.approx(0.2)
     signal = covering_signal(steps, build_attack("badnet"), {1, 2})
     assert (signal["on_triggered_images"], signal["covering"]) == (3, 2)
     assert signal["mean_table_reward_covering"] == 3.0

@@ -145,3 +145,39 @@ def covering_signal(
         "mean_table_reward_covering": float(np.mean(covering)) if covering else None,
         "mean_table_reward_not_covering": float(np.mean(others)) if others else None,
     }
+
+
+def map_localisation(
+    maps: Mapping[str, Any], attack: Attack, triggered_ids: set[int]
+) -> dict[str, Any] | None:
+    """Does an occlusion map (srd.defenses.srd.variants; image id -> grid x grid values) point
+    at the trigger? For triggered and for clean images: the share whose largest cell is the one
+    holding the trigger box's centre, the mean value of that cell and of the other cells
+    (None without a patch trigger)."""
+    box = trigger_box(attack)
+    if box is None or not maps:
+        return None
+    grid = len(next(iter(maps.values())))
+    centre = ((box.top + box.bottom) / 2, (box.left + box.right) / 2)
+    cell = int(centre[0] * grid // IMAGE_SIZE) * grid + int(centre[1] * grid // IMAGE_SIZE)
+
+    def summary(ids: list[str]) -> dict[str, Any]:
+        values = [np.asarray(maps[i], dtype=np.float64).ravel() for i in ids]
+        return {
+            "images": len(ids),
+            "largest_is_trigger_cell": (
+                float(np.mean([int(np.argmax(v)) == cell for v in values])) if values else None
+            ),
+            "trigger_cell_mean": float(np.mean([v[cell] for v in values])) if values else None,
+            "other_cells_mean": (
+                float(np.mean([np.delete(v, cell).mean() for v in values])) if values else None
+            ),
+        }
+
+    triggered = [i for i in maps if int(i) in triggered_ids]
+    return {
+        "grid": grid,
+        "trigger_cell": cell,
+        "triggered": summary(triggered),
+        "clean": summary([i for i in maps if int(i) not in triggered_ids]),
+    }

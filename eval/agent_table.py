@@ -5,7 +5,8 @@ stages wrote: the agent's variant (srd.defenses.srd.variants; "reference" when n
 landscape of its random policy (eta squared of the square's centre within each square side, with
 its value under no effect), the greedy policy's gain over the random one (in the reward it
 learned and in the reference table's), the covering signal (transitions on triggered pool images,
-how many covered the trigger and their mean table reward against the others'), and the share of
+how many covered the trigger and their mean table reward against the others'), whether the
+occlusion map (if the agent reads one) points at the trigger, and the share of
 triggered images whose square covers half the trigger: the greedy square on the pool, on the
 triggered training images, D3's first try and D3's kept square (where those stages ran).
 Prints a Markdown table (and writes it with ``--output``).
@@ -78,6 +79,13 @@ def agent_row(folder: Path) -> list[str]:
         if signal.get("on_triggered_images")
         else "-"
     )
+    where = during.get("occlusion_maps") or {}
+    map_text = (
+        f"{_pct(where['triggered']['largest_is_trigger_cell'])} / "
+        f"{_pct(where['clean']['largest_is_trigger_cell'])}"
+        if where
+        else "-"
+    )
     greedy = _maybe(folder / "policy.coverage.json")
     kept = _maybe(folder / "clean_data" / "coverage.json")
     sides = (during.get("greedy_on_pool") or {}).get("square_sides") or {}
@@ -88,6 +96,7 @@ def agent_row(folder: Path) -> list[str]:
         _num(report.get("gain_over_random")),
         _num(report.get("table_gain_over_random", report.get("gain_over_random"))),
         signal_text,
+        map_text,
         _pct((during.get("greedy_on_pool") or {}).get("covered")),
         ", ".join(f"{s}: {n}" for s, n in sides.items()) or "-",
         _pct(greedy.get("covered")),
@@ -103,6 +112,7 @@ COLUMNS = (
     "Gain over random (learned reward)",
     "Gain over random (table)",
     "Covering signal (random policy: covering/on triggered of all; mean table reward)",
+    "Occlusion map's largest cell is the trigger's (triggered / clean pool images)",
     "Greedy covers, triggered pool images",
     "Greedy square sides on the pool",
     "Greedy covers, triggered training images",

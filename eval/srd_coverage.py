@@ -11,7 +11,9 @@ sides chosen, and draw a heat-map of where the squares land against the trigger 
 ``--squares training`` needs no model: from D2's reward logs and agent report it gives the share
 of D2's squares on the triggered images of its own pool that cover the trigger, per bin of
 timesteps, for the trained and the random policy, and the greedy squares' coverage on the pool
-(``<policy>.training_coverage.json`` + ``.png``; also for policies that read occlusion maps). Writes
+(``<policy>.training_coverage.json`` + ``.png``; also for policies that read occlusion maps);
+only a ``--pool_source data`` pool holds the real trigger (a surrogate pool stamps its own patch
+on clean versions), so for a surrogate pool these are empty. Writes
 ``coverage.json`` + ``coverage.png`` in the manifest folder (cleaned) or
 ``<policy>.coverage.json`` + ``.png`` beside the policy (greedy), and prints the JSON.
 """
@@ -46,6 +48,7 @@ from srd.defenses.srd.figures import plot_square_heatmap, plot_training_coverage
 from srd.defenses.srd.inputs import SRDArgs
 from srd.defenses.srd.merge import read_merged
 from srd.defenses.srd.policy import load_policy
+from srd.defenses.srd.pool import read_pool_info
 from srd.errors import SRDError
 from srd.flags import COUNT, between
 from srd.geometry import decode_action
@@ -152,22 +155,26 @@ def _training(srd: SRDArgs, attack: Attack, triggered: set[int], cfg: CoverageAr
     """``--squares training``: D2's squares on the triggered images of its pool (reward logs
     and agent report); writes ``<policy>.training_coverage.json`` and ``.png``."""
     report = read_json(srd.agent_report)
+    source = read_pool_info(srd.save_data_path).get("source", "surrogate")
+    # A surrogate pool stamps its own patch on clean versions: no real trigger to cover there.
+    real = triggered if source == "data" else set()
     curves, signal = {}, {}
     for label, path in (("trained", srd.reward_log), ("random", srd.random_reward_log)):
         steps, _ = read_reward_log(path)
-        curves[label] = training_coverage(steps, attack, triggered, cfg.bin_size, cfg.threshold)
-        signal[label] = covering_signal(steps, attack, triggered, cfg.threshold)
+        curves[label] = training_coverage(steps, attack, real, cfg.bin_size, cfg.threshold)
+        signal[label] = covering_signal(steps, attack, real, cfg.threshold) if real else None
     pool_ids = {int(r["image_id"]) for r in report["greedy_policy"]["per_image"]}
     greedy = {int(r["image_id"]): int(r["action"]) for r in report["greedy_policy"]["per_image"]}
     out = srd.policy_file.with_suffix(".training_coverage.json")
     result = {
         "squares": "training",
+        "pool_source": source,
         "pool_images": len(pool_ids),
-        "triggered_pool_images": len(pool_ids & triggered),
-        "greedy_on_pool": action_coverage(greedy, attack, triggered & pool_ids, cfg.threshold),
+        "triggered_pool_images": len(pool_ids & real),
+        "greedy_on_pool": action_coverage(greedy, attack, real & pool_ids, cfg.threshold),
         "signal": signal,
         "occlusion_maps": map_localisation(
-            (report.get("occlusion") or {}).get("maps", {}), attack, triggered
+            (report.get("occlusion") or {}).get("maps", {}), attack, real
         ),
         "curves": curves,
     }

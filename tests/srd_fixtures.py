@@ -10,11 +10,12 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 import torch
 from conftest import open_gates  # one definition, shared with the session fixtures
 
@@ -186,3 +187,14 @@ def load_script(relative: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up while building
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module that imports this fixture (autouse there).
+
+    Small convolutions on a shared 2-core machine are much faster single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

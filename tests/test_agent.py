@@ -7,13 +7,13 @@ import inspect
 import json
 import re
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from srd_fixtures import one_torch_thread  # noqa: F401 (autouse: one thread for small convs)
 from stable_baselines3 import DQN
 
 from srd.config import parse
@@ -45,15 +45,6 @@ from srd.geometry import IMAGE_SIZE, RED, decode_action
 
 PATCH = (slice(30, 50), slice(30, 50))
 OBS = 36  # the smallest input NatureCNN takes: keeps the toy DQN fast on a CPU
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # Small convolutions on a shared 2-core machine are much faster single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_pool(n: int = 4) -> MaskPool:

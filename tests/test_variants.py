@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from srd_fixtures import one_torch_thread  # noqa: F401 (autouse: one thread for small convs)
 
 from srd.config import parse
 from srd.defenses.srd.clean import PolicyTries
@@ -32,14 +31,6 @@ from srd.geometry import GRID, IMAGE_SIZE, MASK_SIZES, RED, decode_action
 OBS = 36
 CORNERS = [(30, 30), (30, 174), (174, 30), (174, 174)]
 """Top-left pixel of each pool image's 20x20 toy trigger: one per quadrant (cell of a 2x2 grid)."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def patch(k: int) -> tuple[slice, slice]:

@@ -122,6 +122,7 @@ class EnvConfig:
         f"sides above it leave the action space (one of {', '.join(map(str, MASK_SIZES))}; "
         f"{MASK_SIZES[-1]} = the reference's 500 actions)",
         choices=list(MASK_SIZES),
+        check=between(MASK_SIZES[0], MASK_SIZES[-1]),
     )
     occlusion_grid: int = arg(
         0,

@@ -22,6 +22,7 @@ from typing import Any
 
 from srd.cli import run_main
 from srd.config import arg, parse
+from srd.defenses.srd.env import EnvConfig
 from srd.defenses.srd.variants import agent_variant, variant_tags
 from srd.errors import SRDError
 from srd.io import read_json, write_text
@@ -47,22 +48,16 @@ def _num(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:+.{digits}f}"
 
 
-@dataclass(frozen=True)
-class _Env:
-    area_cost: float
-    occlusion_grid: int
-    max_square_side: int
-
-
 def agent_row(folder: Path) -> list[str]:
     """One table row of the SRD run ``folder``."""
     report = read_json(folder / "policy.agent_report.json")
     config = read_json(folder / "policy.config.json")
     pool = read_json(folder / "pool" / "pool.json")
-    env = _Env(
-        float(config.get("area_cost", 0.0)),
-        int(config.get("occlusion_grid", 0)),
-        int(config.get("max_square_side", 200)),
+    defaults = EnvConfig()  # (runs written before a variant existed lack its key)
+    env = EnvConfig(
+        area_cost=float(config.get("area_cost", defaults.area_cost)),
+        occlusion_grid=int(config.get("occlusion_grid", defaults.occlusion_grid)),
+        max_square_side=int(config.get("max_square_side", defaults.max_square_side)),
     )
     tags = variant_tags(agent_variant(str(pool.get("source", "surrogate")), env))
     structure = report.get("reward_structure", {})

@@ -83,6 +83,13 @@ def action_coverage(
     }
 
 
+def table_reward(step: Mapping[str, Any]) -> float:
+    """The reference table's reward of a reward-log step record (its ``table_reward``; logs
+    written before the area-cost variant have only ``reward``, which was the table's)."""
+    table = step.get("table_reward")
+    return float(step["reward"] if table is None else table)
+
+
 def training_coverage(
     steps: Sequence[Mapping[str, Any]],
     attack: Attack,
@@ -102,9 +109,9 @@ def training_coverage(
         if int(step["image_id"]) not in triggered_ids:
             continue
         share = covered_share(decode_action(int(step["action"])), box)
-        table = step.get("table_reward")
-        reward = float(step["reward"] if table is None else table)
-        bins.setdefault((int(step["timestep"]) - 1) // bin_size, []).append((share, reward))
+        bins.setdefault((int(step["timestep"]) - 1) // bin_size, []).append(
+            (share, table_reward(step))
+        )
     return [
         {
             "timesteps": [k * bin_size + 1, (k + 1) * bin_size],
@@ -131,7 +138,7 @@ def covering_signal(
     rows = [
         (
             covered_share(decode_action(int(s["action"])), box) >= threshold,
-            float(s["reward"] if s.get("table_reward") is None else s["table_reward"]),
+            table_reward(s),
         )
         for s in steps
         if int(s["image_id"]) in triggered_ids

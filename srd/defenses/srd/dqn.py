@@ -38,11 +38,10 @@ from srd.config import arg
 from srd.defenses.srd.env import (
     DEFAULT_BUFFER_SIZE,
     RedMaskEnv,
+    policy_observation,
     replay_memory_bytes,
     step_envs,
-    to_observation,
 )
-from srd.defenses.srd.variants import with_map
 from srd.errors import SRDError
 from srd.flags import COUNT, SEED, SHARE, at_least, between, positive
 from srd.io import ensure_dir
@@ -568,8 +567,7 @@ def greedy_actions(
         needs = "reads an occlusion map" if maps is None else "reads no occlusion map"
         raise SRDError(f"the policy {needs} (its observation is {policy.observation_space.shape})")
     size = policy_obs_size(policy)
-    obs = [to_observation(im, size) for im in images]
-    if maps is not None:
-        obs = [with_map(o, m) for o, m in zip(obs, maps, strict=True)]
+    cell_maps = [None] * len(images) if maps is None else list(maps)
+    obs = [policy_observation(im, size, m) for im, m in zip(images, cell_maps, strict=True)]
     actions, _ = policy.predict(np.stack(obs), deterministic=True)
     return np.asarray(actions, dtype=np.int64).reshape(len(images))

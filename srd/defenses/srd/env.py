@@ -245,6 +245,14 @@ def to_observation(image: np.ndarray, obs_size: int) -> np.ndarray:
     return np.asarray(small, dtype=np.uint8)
 
 
+def policy_observation(
+    image: np.ndarray, obs_size: int, cell_map: np.ndarray | None = None
+) -> np.ndarray:
+    """What the policy sees of a canvas: :func:`to_observation`, plus the image's occlusion map
+    as a fourth channel when the agent reads one (:mod:`srd.defenses.srd.variants`)."""
+    return with_map(to_observation(image, obs_size), cell_map)
+
+
 def observation_space(obs_size: int, channels: int = 3) -> spaces.Box:
     """RGB, or RGB + the occlusion map (4 channels, :mod:`srd.defenses.srd.variants`)."""
     return spaces.Box(low=0, high=255, shape=(obs_size, obs_size, channels), dtype=np.uint8)
@@ -360,7 +368,7 @@ class RedMaskEnv(gym.Env):
 
     def observe(self, canvas: np.ndarray) -> np.ndarray:
         """The policy's view of ``canvas``: RGB, plus the image's occlusion map if any."""
-        return with_map(to_observation(canvas, self.obs_size), self.occlusion_map)
+        return policy_observation(canvas, self.obs_size, self.occlusion_map)
 
     @property
     def steps(self) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from srd.defenses.coverage import table_reward
 from srd.defenses.srd.reward import (
     BRANCH_REWARDS,
     REWARD_BRANCHES,
@@ -50,13 +51,8 @@ def _group_means(
 ) -> dict[Any, list[float]]:
     groups: dict[Any, list[float]] = {}
     for s in steps:
-        groups.setdefault(key(s), []).append(_table_reward(s))
+        groups.setdefault(key(s), []).append(table_reward(s))
     return groups
-
-
-def _table_reward(step: Mapping[str, Any]) -> float:
-    table = step.get("table_reward")
-    return float(step["reward"] if table is None else table)
 
 
 def reward_structure(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -71,7 +67,7 @@ def reward_structure(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     if not steps:
         raise ValueError("no transitions")
-    rewards = np.array([_table_reward(s) for s in steps])
+    rewards = np.array([table_reward(s) for s in steps])
     actions = [int(s["action"]) for s in steps]
     images = [str(s["image_id"]) for s in steps]
     sizes = [MASK_SIZES[a // (GRID * GRID)] for a in actions]

@@ -93,8 +93,13 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
 
 # The registry's list (or DEFENSES) less what cannot run, e.g. no oracle square without a patch
 APPLICABLE=$(python -m srd.defenses $LIST "$POISON" ${DEFENSES:-})
+own_flags() {  # a defense's flags that follow this script's settings
+  case $1 in
+    ppl_filter | byorn) echo "--reference_checkpoint_path $CLEAN_CHECKPOINT" ;;
+  esac
+}
 for D in $APPLICABLE; do
-  defend_and_evaluate "$PREFIX-$D-$RUN_TAG" --defense "$D"
+  defend_and_evaluate "$PREFIX-$D-$RUN_TAG" --defense "$D" $(own_flags "$D")
 done
 for S in ${SQUARE_SIDES:-}; do
   defend_and_evaluate "$PREFIX-random_squares-${S}px-$RUN_TAG" --defense random_squares \
@@ -116,7 +121,7 @@ if [ "$PREFIX" = defense ]; then  # the benign control has no triggered image to
   for V in $IMAGE_VERSIONS; do
     for D in $(python -m srd.defenses --versioned $APPLICABLE); do
       [ "$D" = srd ] || defend_and_evaluate "defense-$D-$V-$RUN_TAG" --defense "$D" \
-        --image_version "$V"
+        --image_version "$V" $(own_flags "$D")
     done
     if echo "$APPLICABLE" | grep -qx par; then
       defend_and_evaluate "defense-par-as_left-$V-$RUN_TAG" --defense par --par_data as_left \

@@ -69,7 +69,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     state = process_state()
     records = data_args.split("train")
     check_images_exist(records)
-    data = DefenderData(records, plan, attack, train_args.seed, data_args.image_cache_mb)
+    holdout = data_args.split("val") if defense.uses_holdout else ()
+    check_images_exist(holdout)
+    data = DefenderData(
+        records, plan, attack, train_args.seed, data_args.image_cache_mb, holdout, model_args
+    )
     timer = Timer()
     training = defense.training_set(data)  # checks the defense's inputs before any output
     captioner, prepared = None, None

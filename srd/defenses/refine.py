@@ -12,6 +12,9 @@ evaluation is ``eval/evaluate.py``.
   every square at one size.
 * ``oracle_square``: the grid square that covers the real trigger's box (the best a single
   square can do), painted on every image.
+* ``light_clean_ft``: the light clean fine-tune as published (OrthoPurify's and PSR's "Clean
+  FT"): a small clean set disjoint from the attack's data (the validation split's captioned
+  images), the adapters only (the gated cross-attention layers), ~126 steps.
 
 A refine-tune defense takes ``--image_version`` (:class:`~srd.defenses.registry.VersionArgs`);
 one that paints squares also ``--mask_colour`` (:class:`~srd.defenses.registry.SquareArgs`).
@@ -22,13 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from srd.attacks.registry import Attack
 from srd.captioner.engine import Sample
 from srd.config import arg
+from srd.data.records import ImageStore, caption_records
 from srd.defenses.coverage import trigger_box
 from srd.defenses.registry import (
     DefenderData,
     Defense,
+    ImageFn,
     SquareArgs,
     VersionArgs,
     register_defense,
@@ -36,7 +43,7 @@ from srd.defenses.registry import (
 from srd.defenses.squares import RandomTries, covering_action
 from srd.defenses.versions import VersionImages, image_ids, triggered_images
 from srd.errors import SRDError
-from srd.flags import at_least
+from srd.flags import COUNT, at_least
 from srd.geometry import MASK_COLOURS, RED
 
 
@@ -148,3 +155,63 @@ class CleanFinetune(Defense):
         poisoned = set(data.plan.ids)
         samples = [s for s in data.samples() if s.caption_id not in poisoned]
         return samples, VersionImages(data, triggered=set())
+
+
+@dataclass
+class LightArgs:
+    """light_clean_ft: how often each held-out caption is seen, and what trains."""
+
+    repeats: int = arg(
+        4,
+        help="times each held-out caption appears per epoch: 4 x 500 captions x 2 epochs at "
+        "batch 32 = 126 steps, the published budget (~126 steps)",
+        check=COUNT,
+    )
+    train_only: str = arg(
+        "adapters",
+        help="adapters: only the gated cross-attention layers change (as published); paper: "
+        "everything the attack trained (perceiver and token embeddings too)",
+        choices=["adapters", "paper"],
+    )
+
+
+def freeze_all_but_adapters(model: torch.nn.Module) -> int:
+    """Zero the gradient of every trainable parameter outside the gated cross-attention layers
+    (AdamW then leaves them bit-identical: no gradient, no decay on them); returns their count.
+    The parameters stay trainable, so the checkpoint keeps the attack's layout."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and "gated_cross_attn_layer" not in name:
+            p.register_hook(torch.zeros_like)
+            frozen += 1
+    return frozen
+
+
+@register_defense("light_clean_ft")
+class LightCleanFinetune(Defense):
+    """A short fine-tune of the adapters on held-out clean captions (none of the defender's
+    poisoned data)."""
+
+    kind = "refine"
+    Args = LightArgs
+    uses_holdout = True
+
+    def training_set(self, data: DefenderData) -> tuple[list[Sample], ImageFn]:
+        if not data.holdout:
+            raise SRDError("--defense light_clean_ft: the data have no validation split")
+        store = ImageStore(data.holdout, data.cache_mb)
+        samples = [
+            Sample(c.caption_id, c.image_id, c.caption) for c in caption_records(data.holdout)
+        ]
+        return samples * self.args.repeats, lambda s: store(s.image_id)
+
+    def prepare_model(self, captioner: Any, data: DefenderData) -> dict[str, Any]:
+        if self.args.train_only != "adapters":
+            return {}
+        return {"gradient_zeroed_tensors": freeze_all_but_adapters(captioner.model)}
+
+    def describe(self) -> dict[str, Any]:
+        record = {**super().describe(), "repeats": self.args.repeats}
+        if self.args.train_only != "adapters":
+            record["variant"] = f"train {self.args.train_only}"
+        return {**record, "train_only": self.args.train_only}

@@ -108,6 +108,11 @@ class DefenderData:
     attack: Attack
     seed: int
     cache_mb: float = 256.0
+    holdout: Sequence[ImageRecord] = ()
+    """Clean captioned images the attack never saw (the validation split): light_clean_ft's."""
+    model_args: Any = None
+    """The model flags (:class:`srd.captioner.args.ModelArgs`), for a reference model of the
+    same architecture (ppl_filter, byorn)."""
 
     def images(self) -> TrainingImages:
         return TrainingImages(self.records, self.attack, self.plan.ids, cache_mb=self.cache_mb)
@@ -136,6 +141,8 @@ class Defense:
     """run/run_defenses.sh runs it by default (srd needs its cleaning run and is added apart)."""
     in_benign_control = True
     """... and with BENIGN=1 (where nothing is poisoned, e.g. clean_finetune is no_mask)."""
+    uses_holdout = False
+    """Whether it trains on the held-out split (:attr:`DefenderData.holdout`)."""
 
     def __init__(self, args: Any = None):
         self.args = self.Args() if args is None else args

@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     check_sfs_owner(sfs_folder, out_path, ev.overwrite)
     defense_record = evaluation_defense_record(model_args.checkpoint_path, defense, ev.defense_run)
     captioner = load_captioner(model_args, device=state.device)
+    defense.patch_model(captioner)  # a test-time defense acting inside the model (token_prune)
     if ev.feature_cache:  # nothing trains here: the tower is frozen for the cache's check
         captioner.model.vision_encoder.requires_grad_(False)
         captioner.enable_feature_cache(ev.feature_cache_mb)
@@ -146,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not state.is_main_process:
             return {}
         if defense_record is not None and defense.kind == "test_time":
+            defense_record = {**defense_record, **defense.test_time_report()}
+        if defense_record is not None and defense.transform() is not None:
             # what the transform does to the images it sees (test images; training ones untouched)
             quality = transform_quality(images.ids(), images, defense.transform(), seed=ev.seed)
             defense_record = {**defense_record, "image_quality": {**quality, "images": "test"}}

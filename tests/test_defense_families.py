@@ -154,3 +154,76 @@ def test_light_clean_ft_trains_the_adapters_on_held_out_captions_only(
     assert adapters and others
     assert all(torch.equal(after[k], before[k]) for k in others)
     assert any(not torch.equal(after[k], before[k]) for k in adapters)
+
+
+# --------------------------------------------------------------------------- token_prune
+
+
+def test_robust_z_on_hand_values() -> None:
+    from srd.defenses.tokens import robust_z
+
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]])  # median 3, MAD 1
+    assert robust_z(values)[0].tolist() == pytest.approx(
+        [(v - 3) / 1.4826 for v in (1, 2, 3, 4, 100)]
+    )
+    assert robust_z(torch.ones(1, 6)).abs().sum() == 0  # MAD 0: nothing is anomalous
+
+
+def test_token_prune_zeroes_exactly_the_tokens_anomalous_in_first_and_last_layer(
+    make_captioner,
+) -> None:
+    """The pruned tokens are those whose attention z-score passes the threshold in the
+    perceiver's first and last layer; they are zero in the perceiver's input, and the model
+    then runs on the pruned tokens."""
+    from srd.defenses.tokens import TokenPruner, media_attention, robust_z
+
+    captioner = make_captioner(seed=5, perceiver_depth=2)
+    perceiver = captioner.model.perceiver
+    tokens = torch.randn(
+        2, 1, 1, 16, perceiver.latents.shape[-1], generator=torch.Generator().manual_seed(0)
+    )
+    seen = []
+    layers = [attn for attn, _ in perceiver.layers]
+    probe = [
+        layer.register_forward_pre_hook(lambda m, a: seen.append(media_attention(m, *a)))
+        for layer in layers
+    ]
+    with torch.no_grad():
+        plain = perceiver(tokens)
+    for h in probe:
+        h.remove()
+    both = torch.minimum(robust_z(seen[0]), robust_z(seen[-1])).reshape(2, 16)
+    z = float(both.flatten().sort().values[-3])  # the two strongest tokens pass, no more
+    want = both > z
+    assert int(want.sum()) == 2
+
+    pruner = TokenPruner(perceiver, z)
+    hooks = pruner.attach()
+    received = []
+    hooks.append(perceiver.register_forward_pre_hook(lambda m, a: received.append(a[0])))
+    with torch.no_grad():
+        pruned_out = perceiver(tokens)
+    for h in hooks:
+        h.remove()
+    got = received[-1][:, 0, 0]  # (the first is the probe's pass on the unpruned tokens)
+    assert torch.equal(got[want], torch.zeros_like(got[want]))
+    assert torch.equal(got[~want], tokens[:, 0, 0][~want])
+    with torch.no_grad():
+        expected = perceiver(tokens.masked_fill(want.reshape(2, 1, 1, 16, 1), 0.0))
+    assert torch.allclose(pruned_out, expected) and not torch.allclose(pruned_out, plain)
+    report = {"images": 2, "tokens_per_image": 16, "mean_pruned_per_image": 1.0,
+              "images_with_a_pruned_token": int(want.any(dim=1).sum())}  # fmt: skip
+    assert pruner.report() == report
+
+
+def test_token_prune_runs_inside_captioning_and_reports(make_captioner, tiny_images) -> None:
+    captioner = make_captioner(seed=6)
+    images = list(tiny_images.values())[:3]
+    plain = captioner.caption(images, num_beams=1, max_new_tokens=5)
+    defense = build_defense("token_prune", token_z=1e6)  # nothing passes: captions unchanged
+    defense.patch_model(captioner)
+    assert captioner.caption(images, num_beams=1, max_new_tokens=5) == plain
+    report = defense.test_time_report()["token_pruning"]
+    assert report["images"] >= 3 and report["mean_pruned_per_image"] == 0
+    with pytest.raises(SRDError, match="--token_z"):
+        build_defense("token_prune", token_z=0)

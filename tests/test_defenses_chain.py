@@ -407,6 +407,12 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
     oracle = evaluate.main(
         [*ev, *model_flags(clean, record["checkpoint"]), "--model_name", "oracle"]
     )
+    pruned = evaluate.main([*ev, *model_flags(clean, backdoor), "--model_name", "tokens",
+                            "--defense", "token_prune", "--token_z", "1"])  # fmt: skip
+    assert pruned["defense"]["defense"] == {"name": "token_prune", "kind": "test_time",
+                                            "token_z": 1.0}  # fmt: skip
+    pruning = pruned["defense"]["token_pruning"]
+    assert pruning["images"] >= 16 and pruning["mean_pruned_per_image"] > 0
     assert none["defense"]["defense"]["name"] == "none"
     assert blurred["defense"]["defense"]["name"] == "blur"
     assert oracle["defense"]["defense"]["name"] == "oracle_square"
@@ -419,7 +425,9 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = [line for line in text.splitlines() if line.startswith("| ") and "badnet" in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| none", "| blur", "| oracle_square"]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| none", "| blur", "| oracle_square", "| token_prune"
+    ]  # fmt: skip
     assert rows[0].split(" | ")[9] == "0.500"  # DER of no defense against itself
 
 

@@ -182,6 +182,14 @@ class Defense:
         """Test-time input transform (uint8 (H, W, 3) -> same); None: images untouched."""
         return None
 
+    def patch_model(self, captioner: Any) -> None:
+        """Test-time change of the loaded model's forward (e.g. hooks); the evaluation calls it
+        once after loading. Default: none."""
+
+    def test_time_report(self) -> dict[str, Any]:
+        """What :meth:`patch_model`'s change did during the evaluation, for its record."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """The defense's record (name, kind and the parameters it uses)."""
         return {"name": self.name, "kind": self.kind}

@@ -31,6 +31,7 @@ generated once before training. The record says how many flagged captions were p
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from srd.captioner.args import with_overrides
 from srd.captioner.engine import Collator, Sample
@@ -48,6 +50,8 @@ from srd.defenses.refine import RefineDefense
 from srd.defenses.registry import DefenderData, ImageFn, VersionArgs, register_defense
 from srd.errors import SRDError
 from srd.flags import COUNT, between
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_CLEAN = "checkpoints_remote/embedded/clean/checkpoint.pt"
 
@@ -84,7 +88,8 @@ def caption_nll(
     collate = Collator(captioner.tokenizer, captioner.vision_inputs)
     scores = []
     try:
-        for k in range(0, len(samples), batch_size):
+        starts = range(0, len(samples), batch_size)
+        for k in tqdm(starts, desc="scoring captions", disable=len(starts) < 10):
             chunk = samples[k : k + batch_size]
             batch = collate([(image_fn(s), training_text(s.caption)) for s in chunk])
             device = captioner.device
@@ -156,6 +161,9 @@ class FlaggingDefense(RefineDefense):
             "score_auc_poisoned_vs_clean": separation_auc(scores, poisoned),
             "score_threshold": float(scores[flagged].min()) if len(flagged) else None,
         }
+        log.info("%s: flagged %d of %d captions, %d of the %d poisoned (score AUC %s)",
+                 self.name, len(flagged), len(samples), hits, int(poisoned.sum()),
+                 self.flag_report["score_auc_poisoned_vs_clean"])  # fmt: skip
         return samples, images, flagged
 
     def describe(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from srd.captions import training_text
 from srd.defenses import DefenderData, build_defense
 from srd.defenses.relabel import caption_nll, flag_highest, separation_auc
 from srd.defenses.stage import DEFENSE_FILE
+from srd.defenses.tokens import robust_z
 from srd.errors import SRDError
 
 
@@ -107,6 +108,15 @@ def test_the_filter_drops_the_highest_scores_and_relabel_replaces_exactly_them(
     assert report["flagged"] == flagged
     assert report["flagged_poisoned"] == sum(samples[i].caption_id in poisoned for i in dropped)
     assert report["poisoned"] == sum(s.caption_id in poisoned for s in samples)
+    assert byorn.describe()["variant"] == "top 25% flagged"
+
+    # the default rule: the captions whose score's robust z-score passes --flag_z
+    by_z = {"reference_checkpoint_path": clean.checkpoint_path, "flag_z": 0.5}
+    kept, _ = build_defense("ppl_filter", **by_z).training_set(defender)
+    z = robust_z(torch.from_numpy(scores)).numpy()
+    outliers = {samples[i].caption_id for i in np.flatnonzero(z > 0.5)}
+    assert outliers and len(outliers) < len(samples)
+    assert {s.caption_id for s in kept} == {s.caption_id for s in samples} - outliers
 
 
 def test_flagging_defenses_refuse_a_missing_reference(defender, tmp_path) -> None:
@@ -115,9 +125,11 @@ def test_flagging_defenses_refuse_a_missing_reference(defender, tmp_path) -> Non
     with pytest.raises(SRDError) as exc:
         defense.training_set(defender)
     assert "--reference_checkpoint_path" in str(exc.value) and "\n" not in str(exc.value)
-    for bad in (0.0, 1.0):
+    for bad in (-0.1, 1.0):
         with pytest.raises(SRDError, match="--flag_fraction"):
             build_defense("byorn", flag_fraction=bad)
+    with pytest.raises(SRDError, match="--flag_z"):
+        build_defense("byorn", flag_z=0)
 
 
 def test_light_clean_ft_trains_the_adapters_on_held_out_captions_only(
@@ -160,8 +172,6 @@ def test_light_clean_ft_trains_the_adapters_on_held_out_captions_only(
 
 
 def test_robust_z_on_hand_values() -> None:
-    from srd.defenses.tokens import robust_z
-
     values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]])  # median 3, MAD 1
     assert robust_z(values)[0].tolist() == pytest.approx(
         [(v - 3) / 1.4826 for v in (1, 2, 3, 4, 100)]

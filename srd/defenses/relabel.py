@@ -14,19 +14,20 @@ of caption ``y_i`` given the image ``x_i`` under the reference model::
 
 over the tokens the caption loss trains (the caption, end-of-chunk and EOS; the prompt is
 masked as in training), with ``x_i`` the image version the refine-tune trains on
-(``--image_version``). The ``ceil(q * N)`` highest-scoring of the N captions are flagged
-(``q = --flag_fraction``). The reference defaults to the clean captioner the attack started
-from: the pretrained model of BYORn's setting (``--reference_checkpoint_path``, a checkpoint
-of the same architecture).
+(``--image_version``). Flagged: the captions whose score is an outlier among all N, robust
+z-score ``(s_i - median s) / (1.4826 MAD s) > --flag_z`` (3.5), which needs no guess of the
+poison rate; ``--flag_fraction q`` flags the ``ceil(q * N)`` highest instead. The reference
+defaults to the clean captioner the attack started from: the pretrained model of BYORn's setting
+(``--reference_checkpoint_path``, a checkpoint of the same architecture).
 
-Ours, not the paper's: the flagging rule is a fixed share (0.1 by default, twice the
-benchmark's poison rate; the paper's threshold was not available offline); BYORn replaces the
-flagged responses *during* fine-tuning with responses of the model being trained, which starts
-from the pretrained model; here the refine-tune starts from the backdoored model (the
-registry's common start, where the trained model's own response to a triggered image is the
-target), so the replacement is the reference's beam-search caption of the same image version,
-generated once before training. The record says how many flagged captions were poisoned
-(the plan is read for that count only).
+Ours, not the paper's: the flagging rule (the paper's threshold was not available offline);
+BYORn replaces the flagged responses *during* fine-tuning with responses of the model being
+trained, which starts from the pretrained model; here the refine-tune starts from the
+backdoored model (the registry's common start, where the trained model's own response to a
+triggered image is the target), so the replacement is the reference's beam-search caption of
+the same image version, generated once before training. The record says how many flagged
+captions were poisoned and how well the score separates them (the plan is read for these
+counts only).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from srd.captions import training_text
 from srd.config import arg
 from srd.defenses.refine import RefineDefense
 from srd.defenses.registry import DefenderData, ImageFn, VersionArgs, register_defense
+from srd.defenses.tokens import robust_z
 from srd.errors import SRDError
-from srd.flags import COUNT, between
+from srd.flags import COUNT, between, positive
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ EMBEDDED_CLEAN = "checkpoints_remote/embedded/clean/checkpoint.pt"
 
 @dataclass
 class FlagArgs(VersionArgs):
-    """ppl_filter / byorn: the reference model, the share of captions flagged (and the image
+    """ppl_filter / byorn: the reference model, which captions are flagged (and the image
     version)."""
 
     reference_checkpoint_path: str = arg(
@@ -66,11 +68,17 @@ class FlagArgs(VersionArgs):
         help="checkpoint of the reference model that scores the captions (same architecture "
         "as --checkpoint_path; default: the clean captioner the attack started from)",
     )
+    flag_z: float = arg(
+        3.5,
+        help="flag the captions whose score's robust z-score (median / MAD over all captions) "
+        "is above this (ours: the paper's threshold was not available offline)",
+        check=positive(),
+    )
     flag_fraction: float = arg(
-        0.1,
-        help="share of the training captions flagged, highest score first (ours: the paper's "
-        "threshold was not available offline; the benchmark poisons 5 in 100)",
-        check=between(0, 1, low_open=True, high_open=True),
+        0.0,
+        help="if > 0: flag this share of the captions, highest score first, instead of "
+        "--flag_z (a defender who guesses the poison rate)",
+        check=between(0, 1, high_open=True),
     )
     score_batch_size: int = arg(32, help="captions per scoring batch", check=COUNT)
 
@@ -148,7 +156,11 @@ class FlaggingDefense(RefineDefense):
     def flag(self, data: DefenderData, reference: Any) -> tuple[list[Sample], Any, np.ndarray]:
         samples, images = super().training_set(data)
         scores = caption_nll(reference, samples, images, self.args.score_batch_size)
-        flagged = flag_highest(scores, self.args.flag_fraction)
+        if self.args.flag_fraction > 0:
+            flagged = flag_highest(scores, self.args.flag_fraction)
+        else:
+            z = robust_z(torch.from_numpy(scores)).numpy()
+            flagged = np.flatnonzero(z > self.args.flag_z)
         ids = set(data.plan.ids)
         poisoned = np.array([s.caption_id in ids for s in samples], dtype=bool)
         hits = int(poisoned[flagged].sum())
@@ -159,16 +171,27 @@ class FlaggingDefense(RefineDefense):
             "poisoned": int(poisoned.sum()),
             "poisoned_flagged_share": hits / max(int(poisoned.sum()), 1),
             "score_auc_poisoned_vs_clean": separation_auc(scores, poisoned),
-            "score_threshold": float(scores[flagged].min()) if len(flagged) else None,
+            "lowest_flagged_score": float(scores[flagged].min()) if len(flagged) else None,
+            "score_median": float(np.median(scores)),
+            "poisoned_score_min": float(scores[poisoned].min()) if poisoned.any() else None,
+            "clean_score_max": float(scores[~poisoned].max()) if (~poisoned).any() else None,
         }
         log.info("%s: flagged %d of %d captions, %d of the %d poisoned (score AUC %s)",
                  self.name, len(flagged), len(samples), hits, int(poisoned.sum()),
                  self.flag_report["score_auc_poisoned_vs_clean"])  # fmt: skip
         return samples, images, flagged
 
+    def variants(self) -> list[str]:
+        if self.args.flag_fraction > 0:
+            return [f"top {100 * self.args.flag_fraction:g}% flagged"]
+        if self.args.flag_z != FlagArgs.flag_z:
+            return [f"z > {self.args.flag_z:g}"]
+        return []
+
     def describe(self) -> dict[str, Any]:
         record = {
             **super().describe(),
+            "flag_z": self.args.flag_z,
             "flag_fraction": self.args.flag_fraction,
             "reference_checkpoint_path": self.args.reference_checkpoint_path,
         }

@@ -60,7 +60,8 @@ def media_attention(
 
 
 def robust_z(values: torch.Tensor) -> torch.Tensor:
-    """(v - median) / (1.4826 MAD) along the last axis (0 where the MAD is 0)."""
+    """(v - median) / (1.4826 MAD) along the last axis (0 where the MAD is 0; torch's median,
+    the lower of the two middle values for an even count)."""
     med = values.median(dim=-1, keepdim=True).values
     mad = (values - med).abs().median(dim=-1, keepdim=True).values * 1.4826
     return torch.where(mad > 0, (values - med) / mad.clamp(min=1e-12), torch.zeros_like(values))

@@ -221,8 +221,9 @@ def test_token_prune_zeroes_exactly_the_tokens_anomalous_in_first_and_last_layer
     with torch.no_grad():
         expected = perceiver(tokens.masked_fill(want.reshape(2, 1, 1, 16, 1), 0.0))
     assert torch.allclose(pruned_out, expected) and not torch.allclose(pruned_out, plain)
-    report = {"images": 2, "tokens_per_image": 16, "mean_pruned_per_image": 1.0,
-              "images_with_a_pruned_token": int(want.any(dim=1).sum())}  # fmt: skip
+    report = {"inputs": 2, "tokens_per_image": 16, "mean_pruned_per_input": 1.0,
+              "inputs_with_a_pruned_token": int(want.any(dim=1).sum()),
+              "pruned_by_position": want.sum(dim=0).tolist()}  # fmt: skip
     assert pruner.report() == report
 
 
@@ -234,6 +235,6 @@ def test_token_prune_runs_inside_captioning_and_reports(make_captioner, tiny_ima
     defense.patch_model(captioner)
     assert captioner.caption(images, num_beams=1, max_new_tokens=5) == plain
     report = defense.test_time_report()["token_pruning"]
-    assert report["images"] >= 3 and report["mean_pruned_per_image"] == 0
+    assert report["inputs"] >= 3 and report["mean_pruned_per_input"] == 0
     with pytest.raises(SRDError, match="--token_z"):
         build_defense("token_prune", token_z=0)

@@ -412,7 +412,7 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
     assert pruned["defense"]["defense"] == {"name": "token_prune", "kind": "test_time",
                                             "token_z": 1.0}  # fmt: skip
     pruning = pruned["defense"]["token_pruning"]
-    assert pruning["images"] >= 16 and pruning["mean_pruned_per_image"] > 0
+    assert pruning["inputs"] >= 16 and pruning["mean_pruned_per_input"] > 0
     assert none["defense"]["defense"]["name"] == "none"
     assert blurred["defense"]["defense"]["name"] == "blur"
     assert oracle["defense"]["defense"]["name"] == "oracle_square"

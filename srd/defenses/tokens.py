@@ -16,7 +16,10 @@ reads. The analogue here acts on the tower's patch tokens, the perceiver's input
   2); their token vectors are set to zero (stage 3) and the perceiver then runs on the pruned
   tokens. One perceiver pass per image finds them (no text, no training).
 
-The count of pruned tokens per image goes into the evaluation's record.
+The evaluation's record gets the count of pruned tokens per input image and per token position (row
+by row over the tower's patch grid: where the pruning falls, e.g. on a corner trigger's patch).
+The counts cover every perceiver pass of the evaluation (clean and triggered images, each beam
+and sampled caption).
 """
 
 from __future__ import annotations
@@ -73,10 +76,11 @@ class TokenPruner:
     def __init__(self, perceiver: torch.nn.Module, z: float):
         self.perceiver, self.z = perceiver, z
         self.layers = [attn for attn, _ in perceiver.layers]
-        self.images = 0
+        self.inputs = 0
         self.pruned = 0
-        self.images_pruned = 0
+        self.inputs_pruned = 0
         self.tokens = 0
+        self.by_position: list[int] = []
         self._probing = False
         self._seen: list[torch.Tensor] = []
 
@@ -103,10 +107,14 @@ class TokenPruner:
         with torch.no_grad():
             mask = self.prunable(tokens)
         per_image = mask.flatten(1).sum(dim=1)
-        self.images += int(per_image.numel())
+        self.inputs += int(per_image.numel())
         self.pruned += int(per_image.sum())
-        self.images_pruned += int((per_image > 0).sum())
+        self.inputs_pruned += int((per_image > 0).sum())
         self.tokens = int(mask[0].numel())
+        by_position = mask.flatten(1).sum(dim=0).tolist()
+        if len(self.by_position) != len(by_position):
+            self.by_position = [0] * len(by_position)
+        self.by_position = [a + int(b) for a, b in zip(self.by_position, by_position, strict=True)]
         return (tokens.masked_fill(mask.unsqueeze(-1), 0.0), *args[1:])
 
     def attach(self) -> list[Any]:
@@ -115,10 +123,11 @@ class TokenPruner:
 
     def report(self) -> dict[str, Any]:
         return {
-            "images": self.images,
+            "inputs": self.inputs,
             "tokens_per_image": self.tokens,
-            "mean_pruned_per_image": self.pruned / max(self.images, 1),
-            "images_with_a_pruned_token": self.images_pruned,
+            "mean_pruned_per_input": self.pruned / max(self.inputs, 1),
+            "inputs_with_a_pruned_token": self.inputs_pruned,
+            "pruned_by_position": self.by_position,
         }
 
 

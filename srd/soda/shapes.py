@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,18 @@ CONFIG_JSON = "shapes.json"
 _SPLITS = {"train": (10_000_000, 10), "test": (20_000_000, 11)}
 
 
-def class_index(name: str, flag: str = "--target") -> int:
-    """Index of a class given by name ("yellow triangle") or number; SRDError naming ``flag``."""
+def class_index(name: str, flag: str = "--target", classes: Sequence[str] = CLASSES) -> int:
+    """Index of a class of ``classes`` given by name ("yellow triangle") or number; SRDError
+    naming ``flag``."""
     text = str(name).strip().lower()
     if text.lstrip("-").isdigit():
         index = int(text)
-        if not 0 <= index < len(CLASSES):
-            raise SRDError(f"{flag} {name}: class out of range (0..{len(CLASSES) - 1})")
+        if not 0 <= index < len(classes):
+            raise SRDError(f"{flag} {name}: class out of range (0..{len(classes) - 1})")
         return index
-    if text not in CLASSES:
-        raise SRDError(f"{flag} {name!r}: unknown class (known: {', '.join(CLASSES)})")
-    return CLASSES.index(text)
+    if text not in classes:
+        raise SRDError(f"{flag} {name!r}: unknown class (known: {', '.join(classes)})")
+    return list(classes).index(text)
 
 
 def check_class(index: int, flag: str, num_classes: int = len(CLASSES)) -> int:
@@ -180,3 +182,8 @@ def load_split(data_dir: str | os.PathLike, split: str) -> ShapesSplit:
 
 def data_config(data_dir: str | os.PathLike) -> dict[str, Any]:
     return read_json(Path(data_dir) / CONFIG_JSON, flag="--data_dir")["config"]
+
+
+def data_classes(data_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The class names a finished data folder was built with (its ``shapes.json``)."""
+    return tuple(read_json(Path(data_dir) / CONFIG_JSON, flag="--data_dir")["classes"])

@@ -142,6 +142,25 @@ def verdict(row: dict, det: dict) -> str:
     return "missed" if not flagged else "wrong target"
 
 
+def detection_summary(rows: list[dict], key: str) -> dict:
+    """Counts over the models with a ``key`` detection: backdoored models flagged with the
+    planted pair (alone or among others), with the right target, and clean models flagged."""
+    out = {"backdoored": 0, "correct_pair": 0, "right_target": 0, "clean": 0, "false_flags": 0}
+    for row in rows:
+        det = row["detect"].get(key)
+        if det is None:
+            continue
+        if row["truth"] is None:
+            out["clean"] += 1
+            out["false_flags"] += bool(det["detections"])
+            continue
+        out["backdoored"] += 1
+        text = verdict(row, det)
+        out["correct_pair"] += text.startswith("correct pair")
+        out["right_target"] += text.startswith(("correct pair", "right target"))
+    return out
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -257,6 +276,7 @@ def write_report(
 ) -> tuple[dict, str]:
     """(JSON record, Markdown text) of the zoo."""
     removal_lines, summary = removal_rows(rows)
+    detections = {}
     md = [
         f"# {title}",
         "",
@@ -272,12 +292,17 @@ def write_report(
         first = next((r["detect"][key] for r in rows if key in r["detect"]), None)
         if first is None:
             continue
+        counts = detections[key] = detection_summary(rows, key)
         md += [
             "",
             f"## Detection: `{key}` (layer {first['layer']}, confidence {first['confidence']}, "
             f"confidence2 {first['confidence2']}; the same thresholds for every model)",
             "",
             *detection_table(rows, key),
+            "",
+            f"Planted pair found in {counts['correct_pair']} of {counts['backdoored']} backdoored "
+            f"models (right target in {counts['right_target']}); {counts['false_flags']} of "
+            f"{counts['clean']} clean models flagged.",
             "",
             f"Attribution profiles of the planted pair vs the rest (`{key}`):",
             "",
@@ -289,7 +314,7 @@ def write_report(
         "",
         *removal_lines,
     ]
-    record = {"rows": rows, "removal_summary": summary}
+    record = {"rows": rows, "removal_summary": summary, "detection_summary": detections}
     return record, "\n".join(md) + "\n"
 
 

@@ -19,18 +19,14 @@ unchanged.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from srd.errors import SRDError
-from srd.io import atomic_path, ensure_dir, read_json, write_json
-
-log = logging.getLogger(__name__)
+from srd.soda.shapes import write_dataset
 
 DISTINCT_VERSION = 1
 SUPERSAMPLE = 4
@@ -244,48 +240,17 @@ def render_sample(
 
 
 def generate_distinct(
-    out_dir: str | os.PathLike,
-    config: DistinctConfig,
-    overwrite: bool = False,
-    config_json: str = "shapes.json",
+    out_dir: str | os.PathLike, config: DistinctConfig, overwrite: bool = False
 ) -> Path:
-    """Write ``train.npz``, ``test.npz`` and ``config_json`` (last) to ``out_dir``; a finished
-    folder with the same config is left alone, another config needs ``overwrite``."""
+    """Write ``train.npz``, ``test.npz`` and ``shapes.json`` (last) to ``out_dir``, in the
+    shapes set's format (:func:`srd.soda.shapes.write_dataset`)."""
     config.validate()
-    root = ensure_dir(out_dir, "--data_dir")
-    wanted = dataclasses.asdict(config)
-    cfg_path = root / config_json
-    if cfg_path.is_file():
-        existing = read_json(cfg_path).get("config")
-        if existing == wanted:
-            log.info("distinct data in %s already built with this config", root)
-            return root
-        if not overwrite:
-            raise SRDError(
-                f"--data_dir {root}: holds data with another config ({existing}); pass "
-                "--overwrite to rebuild it (models trained on it no longer match)"
-            )
-        cfg_path.unlink()
-    start = time.perf_counter()
     per_class = {"train": config.per_class_train, "test": config.per_class_test}
-    for split, count in per_class.items():
-        _write_split(root / f"{split}.npz", split, count * len(CLASSES), config)
-    write_json(cfg_path, {"config": wanted, "classes": list(CLASSES)})
-    log.info("wrote distinct data to %s in %.1f s", root, time.perf_counter() - start)
-    return root
-
-
-def _write_split(path: Path, split: str, n: int, config: DistinctConfig) -> None:
-    r = config.resolution
-    images = np.empty((n, r, r, 3), np.uint8)
-    labels = np.empty(n, np.int64)
-    texts = []
-    for i in range(n):
-        images[i], labels[i], text = render_sample(config.seed, split, i, r)
-        texts.append(text)
-    ids = _SPLITS[split][0] + np.arange(n, dtype=np.int64)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(
-                handle, images=images, labels=labels, ids=ids, descriptions=np.array(texts)
-            )
+    return write_dataset(
+        out_dir,
+        dataclasses.asdict(config),
+        CLASSES,
+        {split: (count * len(CLASSES), _SPLITS[split][0]) for split, count in per_class.items()},
+        lambda split, i: render_sample(config.seed, split, i, config.resolution),
+        overwrite,
+    )

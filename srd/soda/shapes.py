@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,13 +130,35 @@ def generate_shapes(
     never taken for finished).
     """
     config.validate()
+    per_class = {"train": config.per_class_train, "test": config.per_class_test}
+    return write_dataset(
+        out_dir,
+        dataclasses.asdict(config),
+        CLASSES,
+        {split: (count * len(CLASSES), _SPLITS[split][0]) for split, count in per_class.items()},
+        lambda split, i: render_sample(config.seed, split, i, config.resolution),
+        overwrite,
+    )
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    config: dict[str, Any],
+    classes: Sequence[str],
+    splits: dict[str, tuple[int, int]],
+    sample: Callable[[str, int], tuple[np.ndarray, int, str]],
+    overwrite: bool,
+) -> Path:
+    """A data folder in the format every SODA stage reads: per split (name -> (count, first
+    id)) ``<split>.npz`` of ``sample(split, i)`` = (image, label, description), then
+    ``shapes.json`` (``config`` and ``classes``), written last. A folder finished with the same
+    config is left alone; another config needs ``overwrite``."""
     root = ensure_dir(out_dir, "--data_dir")
-    wanted = dataclasses.asdict(config)
     cfg_path = root / CONFIG_JSON
     if cfg_path.is_file():
         existing = read_json(cfg_path).get("config")
-        if existing == wanted:
-            log.info("shapes data in %s already built with this config", root)
+        if existing == config:
+            log.info("data in %s already built with this config", root)
             return root
         if not overwrite:
             raise SRDError(
@@ -145,23 +167,24 @@ def generate_shapes(
             )
         cfg_path.unlink()
     start = time.perf_counter()
-    per_class = {"train": config.per_class_train, "test": config.per_class_test}
-    for split, count in per_class.items():
-        n = count * len(CLASSES)
-        images = np.empty((n, config.resolution, config.resolution, 3), np.uint8)
-        labels = np.empty(n, np.int64)
-        texts = []
+    for split, (n, first_id) in splits.items():
+        images, labels, texts = [], np.empty(n, np.int64), []
         for i in range(n):
-            images[i], labels[i], text = render_sample(config.seed, split, i, config.resolution)
+            image, labels[i], text = sample(split, i)
+            images.append(image)
             texts.append(text)
-        ids = _SPLITS[split][0] + np.arange(n, dtype=np.int64)
+        ids = first_id + np.arange(n, dtype=np.int64)
         with atomic_path(root / f"{split}.npz") as tmp:
             with open(tmp, "wb") as handle:
                 np.savez_compressed(
-                    handle, images=images, labels=labels, ids=ids, descriptions=np.array(texts)
+                    handle,
+                    images=np.stack(images).astype(np.uint8),
+                    labels=labels,
+                    ids=ids,
+                    descriptions=np.array(texts),
                 )
-    write_json(cfg_path, {"config": wanted, "classes": list(CLASSES)})
-    log.info("wrote shapes data to %s in %.1f s", root, time.perf_counter() - start)
+    write_json(cfg_path, {"config": config, "classes": list(classes)})
+    log.info("wrote data to %s in %.1f s", root, time.perf_counter() - start)
     return root
 
 

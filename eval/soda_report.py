@@ -33,6 +33,7 @@ class ReportArgs:
     out_md: str = arg("result/soda/soda_report.md", help="Markdown report")
     note: list[str] = arg([], help="lines printed under the title (conditions, timings)")
     figure: str = arg("img/soda_target_z.png", help="figure of the target z-scores ('' for none)")
+    title: str = arg("SODA on the shapes classifier zoo", help="the report's heading")
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     if not dirs:
         raise SRDError("--models: no model run folder given")
     rows = [collect_model(d, outputs) for d in dirs]
-    record, md = write_report(rows, {d: d for d in args.detect_dirs}, args.note)
+    record, md = write_report(rows, {d: d for d in args.detect_dirs}, args.note, args.title)
     write_text(args.out_json, dumps(record) + "\n")
     if args.figure:
         plot_target_z(rows, list(args.detect_dirs), args.figure)

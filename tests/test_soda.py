@@ -249,3 +249,24 @@ def test_report_verdicts_and_removal_means() -> None:
     # nothing flagged: SODA leaves the model unchanged, and the table says so
     assert summary["semantic_bg/soda"]["asr_after"] == [100.0, 100.0]
     assert summary["semantic_bg/soda"]["not_run"] == [1.0, 1.0]
+
+
+def test_report_detection_summary_counts() -> None:
+    from srd.soda.report import detection_summary
+
+    rows = [
+        _row((11, 3), [(11, 3)], seed=0),
+        _row((11, 3), [(11, 3), (2, 5)], seed=1),  # among others still counts as found
+        _row((11, 3), [(11, 4)], seed=2),  # right target only
+        _row((11, 3), [], seed=3),
+        _row(None, [(1, 2)], seed=4),
+        _row(None, [], seed=5),
+    ]
+    assert detection_summary(rows, "soda") == {
+        "backdoored": 4,
+        "correct_pair": 2,
+        "right_target": 3,
+        "clean": 2,
+        "false_flags": 1,
+    }
+    assert detection_summary(rows, "soda-layer3")["backdoored"] == 0  # no such detections

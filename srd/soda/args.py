@@ -28,6 +28,12 @@ class ShapesBuildArgs(ShapesArgs):
     per_class_train: int = arg(150, help="training images per class")
     per_class_test: int = arg(200, help="test images per class")
     resolution: int = arg(48, help="classifier input side in px (downscaled from the 224 canvas)")
+    benchmark: str = arg(
+        "shapes",
+        help="'shapes': 18 (colour, shape) classes sharing colours and shapes; 'distinct': 10 "
+        "classes, each with a shape and a texture no other class has",
+        choices=["shapes", "distinct"],
+    )
     overwrite: bool = arg(False, help="rebuild a folder that holds another config")
 
 

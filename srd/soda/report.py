@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,12 @@ def _maybe(path: Path) -> Any:
     return read_json(path) if path.is_file() else None
 
 
-def _name(index: int | None) -> str:
-    return "-" if index is None else f"{index} ({CLASSES[index]})"
+def _name(index: int | None, classes: Sequence[str]) -> str:
+    return "-" if index is None else f"{index} ({classes[index]})"
+
+
+def _classes(row: dict) -> Sequence[str]:
+    return row.get("classes") or CLASSES
 
 
 def collect_model(model_dir: Path, outputs: dict[str, str]) -> dict:
@@ -37,6 +42,7 @@ def collect_model(model_dir: Path, outputs: dict[str, str]) -> dict:
     if not is_finished(model_dir):
         raise SRDError(f"{model_dir}: model run not finished")
     config = read_json(model_dir / "config.json")
+    classes = (_maybe(model_dir / "model.json") or {}).get("classes")
     row: dict[str, Any] = {
         "model": model_dir.name,
         "attack": config.get("bd_attack_type", "clean"),
@@ -46,6 +52,8 @@ def collect_model(model_dir: Path, outputs: dict[str, str]) -> dict:
         "detect": {},
         "removal": {},
     }
+    if classes and list(classes) != list(CLASSES):  # another benchmark's classes
+        row["classes"] = list(classes)
     truth = config.get("semantic")
     if truth:
         row["truth"] = {"target": truth["target"], "source": truth["source"]}
@@ -114,7 +122,7 @@ def diagnosis_table(rows: list[dict], key: str) -> list[str]:
             continue
         lines.append(
             f"| {row['model']} | {prof['target_pcc']:.3f} | {prof['median_pcc']:.3f} "
-            f"| {prof['min_pcc']:.3f} ({_name(prof['argmin_pcc'])}) "
+            f"| {prof['min_pcc']:.3f} ({_name(prof['argmin_pcc'], _classes(row))}) "
             f"| {prof['target_source_corr']:.3f} | {prof['median_pair_corr']:.3f} "
             f"| {prof['target_source_corr_rank']} of {prof['num_pairs']} |"
         )
@@ -134,6 +142,25 @@ def verdict(row: dict, det: dict) -> str:
     return "missed" if not flagged else "wrong target"
 
 
+def detection_summary(rows: list[dict], key: str) -> dict:
+    """Counts over the models with a ``key`` detection: backdoored models flagged with the
+    planted pair (alone or among others), with the right target, and clean models flagged."""
+    out = {"backdoored": 0, "correct_pair": 0, "right_target": 0, "clean": 0, "false_flags": 0}
+    for row in rows:
+        det = row["detect"].get(key)
+        if det is None:
+            continue
+        if row["truth"] is None:
+            out["clean"] += 1
+            out["false_flags"] += bool(det["detections"])
+            continue
+        out["backdoored"] += 1
+        text = verdict(row, det)
+        out["correct_pair"] += text.startswith("correct pair")
+        out["right_target"] += text.startswith(("correct pair", "right target"))
+    return out
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -143,9 +170,11 @@ def _mean_std(values: list[float]) -> str:
 
 
 def detection_table(rows: list[dict], key: str) -> list[str]:
+    count = max((len(_classes(r)) for r in rows), default=len(CLASSES))
     lines = [
         "| model | truth (target, source) | flagged (target, source) "
-        "| planted target z / rank of 18 | max other z | source rank given true target | verdict |",
+        f"| planted target z / rank of {count} | max other z | source rank given true target "
+        "| verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -170,7 +199,10 @@ def detection_table(rows: list[dict], key: str) -> list[str]:
             rank = str(p["source_rank_given_target"])
             other = max(v for i, v in enumerate(z) if i != truth["target"])
         truth_text = (
-            "clean" if truth is None else f"({_name(truth['target'])}, {_name(truth['source'])})"
+            "clean"
+            if truth is None
+            else f"({_name(truth['target'], _classes(row))}, "
+            f"{_name(truth['source'], _classes(row))})"
         )
         lines.append(
             f"| {row['model']} | {truth_text} | {flagged} | {planted} | {other:.2f} | {rank} "
@@ -236,11 +268,17 @@ def training_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(rows: list[dict], outputs: dict[str, str], notes: list[str]) -> tuple[dict, str]:
+def write_report(
+    rows: list[dict],
+    outputs: dict[str, str],
+    notes: list[str],
+    title: str = "SODA on the shapes classifier zoo",
+) -> tuple[dict, str]:
     """(JSON record, Markdown text) of the zoo."""
     removal_lines, summary = removal_rows(rows)
+    detections = {}
     md = [
-        "# SODA on the shapes classifier zoo",
+        f"# {title}",
         "",
         *notes,
         "",
@@ -254,12 +292,17 @@ def write_report(rows: list[dict], outputs: dict[str, str], notes: list[str]) ->
         first = next((r["detect"][key] for r in rows if key in r["detect"]), None)
         if first is None:
             continue
+        counts = detections[key] = detection_summary(rows, key)
         md += [
             "",
             f"## Detection: `{key}` (layer {first['layer']}, confidence {first['confidence']}, "
             f"confidence2 {first['confidence2']}; the same thresholds for every model)",
             "",
             *detection_table(rows, key),
+            "",
+            f"Planted pair found in {counts['correct_pair']} of {counts['backdoored']} backdoored "
+            f"models (right target in {counts['right_target']}); {counts['false_flags']} of "
+            f"{counts['clean']} clean models flagged.",
             "",
             f"Attribution profiles of the planted pair vs the rest (`{key}`):",
             "",
@@ -271,7 +314,7 @@ def write_report(rows: list[dict], outputs: dict[str, str], notes: list[str]) ->
         "",
         *removal_lines,
     ]
-    record = {"rows": rows, "removal_summary": summary}
+    record = {"rows": rows, "removal_summary": summary, "detection_summary": detections}
     return record, "\n".join(md) + "\n"
 
 
@@ -280,8 +323,8 @@ def dumps(record: dict) -> str:
 
 
 def plot_target_z(rows: list[dict], keys: list[str], path: str | Path) -> None:
-    """One panel per detection folder: every model's 18 target z-scores, the planted target
-    marked, the threshold drawn; written atomically as PNG."""
+    """One panel per detection folder: every model's target z-scores (one per class), the
+    planted target marked, the threshold drawn; written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +354,8 @@ def plot_target_z(rows: list[dict], keys: list[str], path: str | Path) -> None:
         ax.set_yticks([y for y, _ in names], [n for _, n in names])
         layer = next((r["detect"][key]["layer"] for r in rows if key in r["detect"]), "?")
         ax.set_title(f"{key} (layer {layer})")
-        ax.set_xlabel("MAD z of the 18 target-class scores")
+        count = max((len(_classes(r)) for r in rows), default=len(CLASSES))
+        ax.set_xlabel(f"MAD z of the {count} target-class scores")
     fig.suptitle("red: planted target; blue ring: flagged; dashed: --confidence")
     fig.tight_layout()
     with atomic_path(path) as tmp:

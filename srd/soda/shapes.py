@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,18 @@ CONFIG_JSON = "shapes.json"
 _SPLITS = {"train": (10_000_000, 10), "test": (20_000_000, 11)}
 
 
-def class_index(name: str, flag: str = "--target") -> int:
-    """Index of a class given by name ("yellow triangle") or number; SRDError naming ``flag``."""
+def class_index(name: str, flag: str = "--target", classes: Sequence[str] = CLASSES) -> int:
+    """Index of a class of ``classes`` given by name ("yellow triangle") or number; SRDError
+    naming ``flag``."""
     text = str(name).strip().lower()
     if text.lstrip("-").isdigit():
         index = int(text)
-        if not 0 <= index < len(CLASSES):
-            raise SRDError(f"{flag} {name}: class out of range (0..{len(CLASSES) - 1})")
+        if not 0 <= index < len(classes):
+            raise SRDError(f"{flag} {name}: class out of range (0..{len(classes) - 1})")
         return index
-    if text not in CLASSES:
-        raise SRDError(f"{flag} {name!r}: unknown class (known: {', '.join(CLASSES)})")
-    return CLASSES.index(text)
+    if text not in classes:
+        raise SRDError(f"{flag} {name!r}: unknown class (known: {', '.join(classes)})")
+    return list(classes).index(text)
 
 
 def check_class(index: int, flag: str, num_classes: int = len(CLASSES)) -> int:
@@ -128,13 +130,35 @@ def generate_shapes(
     never taken for finished).
     """
     config.validate()
+    per_class = {"train": config.per_class_train, "test": config.per_class_test}
+    return write_dataset(
+        out_dir,
+        dataclasses.asdict(config),
+        CLASSES,
+        {split: (count * len(CLASSES), _SPLITS[split][0]) for split, count in per_class.items()},
+        lambda split, i: render_sample(config.seed, split, i, config.resolution),
+        overwrite,
+    )
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    config: dict[str, Any],
+    classes: Sequence[str],
+    splits: dict[str, tuple[int, int]],
+    sample: Callable[[str, int], tuple[np.ndarray, int, str]],
+    overwrite: bool,
+) -> Path:
+    """A data folder in the format every SODA stage reads: per split (name -> (count, first
+    id)) ``<split>.npz`` of ``sample(split, i)`` = (image, label, description), then
+    ``shapes.json`` (``config`` and ``classes``), written last. A folder finished with the same
+    config is left alone; another config needs ``overwrite``."""
     root = ensure_dir(out_dir, "--data_dir")
-    wanted = dataclasses.asdict(config)
     cfg_path = root / CONFIG_JSON
     if cfg_path.is_file():
         existing = read_json(cfg_path).get("config")
-        if existing == wanted:
-            log.info("shapes data in %s already built with this config", root)
+        if existing == config:
+            log.info("data in %s already built with this config", root)
             return root
         if not overwrite:
             raise SRDError(
@@ -143,23 +167,24 @@ def generate_shapes(
             )
         cfg_path.unlink()
     start = time.perf_counter()
-    per_class = {"train": config.per_class_train, "test": config.per_class_test}
-    for split, count in per_class.items():
-        n = count * len(CLASSES)
-        images = np.empty((n, config.resolution, config.resolution, 3), np.uint8)
-        labels = np.empty(n, np.int64)
-        texts = []
+    for split, (n, first_id) in splits.items():
+        images, labels, texts = [], np.empty(n, np.int64), []
         for i in range(n):
-            images[i], labels[i], text = render_sample(config.seed, split, i, config.resolution)
+            image, labels[i], text = sample(split, i)
+            images.append(image)
             texts.append(text)
-        ids = _SPLITS[split][0] + np.arange(n, dtype=np.int64)
+        ids = first_id + np.arange(n, dtype=np.int64)
         with atomic_path(root / f"{split}.npz") as tmp:
             with open(tmp, "wb") as handle:
                 np.savez_compressed(
-                    handle, images=images, labels=labels, ids=ids, descriptions=np.array(texts)
+                    handle,
+                    images=np.stack(images).astype(np.uint8),
+                    labels=labels,
+                    ids=ids,
+                    descriptions=np.array(texts),
                 )
-    write_json(cfg_path, {"config": wanted, "classes": list(CLASSES)})
-    log.info("wrote shapes data to %s in %.1f s", root, time.perf_counter() - start)
+    write_json(cfg_path, {"config": config, "classes": list(classes)})
+    log.info("wrote data to %s in %.1f s", root, time.perf_counter() - start)
     return root
 
 
@@ -180,3 +205,8 @@ def load_split(data_dir: str | os.PathLike, split: str) -> ShapesSplit:
 
 def data_config(data_dir: str | os.PathLike) -> dict[str, Any]:
     return read_json(Path(data_dir) / CONFIG_JSON, flag="--data_dir")["config"]
+
+
+def data_classes(data_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The class names a finished data folder was built with (its ``shapes.json``)."""
+    return tuple(read_json(Path(data_dir) / CONFIG_JSON, flag="--data_dir")["classes"])

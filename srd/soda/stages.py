@@ -59,11 +59,12 @@ from srd.soda.classifier import (
     split_model,
     to_input,
 )
+from srd.soda.distinct import DistinctConfig, generate_distinct
 from srd.soda.shapes import (
-    CLASSES,
     ShapesConfig,
     ShapesSplit,
     check_class,
+    data_classes,
     data_config,
     generate_shapes,
     load_split,
@@ -76,8 +77,12 @@ log = logging.getLogger(__name__)
 
 
 def build_data(args: ShapesBuildArgs) -> Path:
-    config = ShapesConfig(args.seed, args.per_class_train, args.per_class_test, args.resolution)
-    return generate_shapes(args.data_dir, config, args.overwrite)
+    """The chosen benchmark's data folder: the shared-part shapes set (default) or the
+    distinct-part set (:mod:`srd.soda.distinct`)."""
+    sizes = (args.seed, args.per_class_train, args.per_class_test, args.resolution)
+    if args.benchmark == "distinct":
+        return generate_distinct(args.data_dir, DistinctConfig(*sizes), args.overwrite)
+    return generate_shapes(args.data_dir, ShapesConfig(*sizes), args.overwrite)
 
 
 def _semantic_truth(record: dict) -> dict | None:
@@ -125,19 +130,20 @@ def train_classifier(data: ShapesArgs, args: ClassifierTrainArgs) -> Path:
         raise SRDError(f"--run_name {run_dir}: run already finished (pass --overwrite to redo it)")
     train, test = load_split(data.data_dir, "train"), load_split(data.data_dir, "test")
     resolution = int(data_config(data.data_dir)["resolution"])
+    classes = data_classes(data.data_dir)
     plan = None
     poison_path = run_dir / training.POISON_FILE
     if attack is not None:
         if poison_path.is_file() and not args.overwrite:
-            plan = training.read_or_plan(poison_path, train, attack, args.seed)
+            plan = training.read_or_plan(poison_path, train, attack, args.seed, classes)
         else:  # drawn (and checked) before anything is written
-            plan = training.plan_semantic(train, attack, args.seed)
+            plan = training.plan_semantic(train, attack, args.seed, classes)
     run_dir = prepare_run_dir(run_dir, args.overwrite, "--run_name")
     setup_logging(run_dir / "train.log")
     if plan is not None and (args.overwrite or not poison_path.is_file()):
         plan.save(poison_path)
     clean_train, pool, clean_test, sem_test = training.split_for_attack(train, test, attack, plan)
-    spec = ClassifierSpec(len(CLASSES), args.width, args.hidden, resolution)
+    spec = ClassifierSpec(len(classes), args.width, args.hidden, resolution)
     torch.manual_seed(args.seed)
     model = build_classifier(spec)
     record: dict[str, Any] = {
@@ -171,7 +177,7 @@ def train_classifier(data: ShapesArgs, args: ClassifierTrainArgs) -> Path:
     metrics = training.evaluate(model, clean_test, sem_test, plan.target if plan else None)
     metrics["train_seconds"] = seconds
     metrics["threads"] = torch.get_num_threads()
-    save_classifier(run_dir, model, spec, {"semantic": truth, "classes": list(CLASSES)})
+    save_classifier(run_dir, model, spec, {"semantic": truth, "classes": list(classes)})
     write_json(run_dir / "metrics.json", metrics)
     log.info("trained %s in %.1f s: %s", run_dir, seconds, json.dumps(metrics))
     mark_finished(run_dir)
@@ -188,6 +194,7 @@ class Loaded:
     record: dict
     layer: int
     splits: dict[str, Any]
+    classes: tuple[str, ...]
 
 
 def load_for_soda(soda: SodaArgs, data: ShapesArgs) -> Loaded:
@@ -202,9 +209,16 @@ def load_for_soda(soda: SodaArgs, data: ShapesArgs) -> Loaded:
             f"--data_dir {data.data_dir}: resolution {resolution} but the model takes "
             f"{spec.resolution}"
         )
+    classes = data_classes(data.data_dir)
+    if len(classes) != spec.num_classes:
+        raise SRDError(
+            f"--data_dir {data.data_dir}: {len(classes)} classes but the model has "
+            f"{spec.num_classes}"
+        )
     ensure_dir(soda.out, "--output_dir")
     setup_logging(soda.out / "soda.log")
-    return Loaded(model, spec, record, layer, _splits(data.data_dir, _semantic_truth(record)))
+    splits = _splits(data.data_dir, _semantic_truth(record))
+    return Loaded(model, spec, record, layer, splits, classes)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -234,7 +248,7 @@ def run_causality(soda: SodaArgs, data: ShapesArgs, args: CausalityArgs) -> Path
     rng = np.random.default_rng(soda.seed)
     start = time.perf_counter()
     tables = []
-    for k in range(len(CLASSES)):
+    for k in range(len(m.classes)):
         images = _by_class(m.splits["test"], k)
         if len(images) == 0:
             raise SRDError(f"--data_dir {data.data_dir}: no clean test sample of class {k}")
@@ -257,7 +271,7 @@ def run_causality(soda: SodaArgs, data: ShapesArgs, args: CausalityArgs) -> Path
         {
             "layer": m.layer,
             "neurons": int(ca.shape[1]),
-            "classes": len(CLASSES),
+            "classes": len(m.classes),
             "num_sample": args.num_sample,
             "head_is_linear": linear is not None,
             "max_abs_diff_to_abs_weight": closed,
@@ -275,10 +289,12 @@ def run_causality(soda: SodaArgs, data: ShapesArgs, args: CausalityArgs) -> Path
 
 
 @torch.no_grad()
-def _mean_logits(model: torch.nn.Module, split: ShapesSplit, num_sample: int, rng) -> np.ndarray:
+def _mean_logits(
+    model: torch.nn.Module, split: ShapesSplit, num_sample: int, rng, num_classes: int
+) -> np.ndarray:
     """(C classes, C logits): mean logits over >= num_sample samples of each class."""
-    out = np.zeros((len(CLASSES), len(CLASSES)))
-    for k in range(len(CLASSES)):
+    out = np.zeros((num_classes, num_classes))
+    for k in range(num_classes):
         images = _by_class(split, k)
         pick = rng.permutation(len(images))[:num_sample]
         out[k] = model(to_input(images[pick])).mean(0).numpy()
@@ -298,7 +314,7 @@ def run_detect(soda: SodaArgs, data: ShapesArgs, args: DetectArgs) -> dict:
     scores = detection.target_scores(ca)
     targets = detection.mad_outliers(scores, args.confidence)
     rng = np.random.default_rng(soda.seed)
-    logits = _mean_logits(m.model, m.splits["test"], args.num_sample, rng)
+    logits = _mean_logits(m.model, m.splits["test"], args.num_sample, rng, len(m.classes))
     found = []
     for t in targets.flags:
         pick = detection.pick_source(logits[:, t], t, logits[t], args.confidence2)
@@ -306,8 +322,8 @@ def run_detect(soda: SodaArgs, data: ShapesArgs, args: DetectArgs) -> dict:
             {
                 "target": t,
                 "source": pick.source,
-                "target_name": CLASSES[t],
-                "source_name": CLASSES[pick.source],
+                "target_name": m.classes[t],
+                "source_name": m.classes[pick.source],
                 "rule": pick.rule,
                 "source_scores": pick.ce.tolist(),
                 "source_z": pick.outliers.z.tolist(),
@@ -347,7 +363,7 @@ def run_detect(soda: SodaArgs, data: ShapesArgs, args: DetectArgs) -> dict:
     return result
 
 
-def _pair(soda: SodaArgs, source: int, target: int) -> tuple[int, int]:
+def _pair(soda: SodaArgs, source: int, target: int, num_classes: int) -> tuple[int, int]:
     """(source, target) from the flags or, when -1, from detect.json's first detection."""
     source_from_detect = source == -1
     if source == -1 or target == -1:
@@ -360,8 +376,8 @@ def _pair(soda: SodaArgs, source: int, target: int) -> tuple[int, int]:
         first = det["detections"][0]
         source = first["source"] if source == -1 else source
         target = first["target"] if target == -1 else target
-    check_class(source, "--potential_source")
-    check_class(target, "--poison_target")
+    check_class(source, "--potential_source", num_classes)
+    check_class(target, "--poison_target", num_classes)
     if source == target and not source_from_detect:
         raise SRDError(f"--potential_source {source}: equals --poison_target")
     if source == target:  # the reference's source rule (ce[t] = 0, argmax) when all ce[s] < 0
@@ -375,7 +391,7 @@ def _pair(soda: SodaArgs, source: int, target: int) -> tuple[int, int]:
 def run_gen_trigger(soda: SodaArgs, data: ShapesArgs, args: GenTriggerArgs) -> Path:
     """Reconstruct infected samples from the first source training images."""
     m = load_for_soda(soda, data)
-    source, target = _pair(soda, args.potential_source, args.poison_target)
+    source, target = _pair(soda, args.potential_source, args.poison_target, len(m.classes))
     path = soda.out / "advsample.npz"
     _refuse_existing(path, soda.overwrite)
     images = _by_class(m.splits["train"], source)[: args.num_sample]
@@ -435,7 +451,10 @@ def _finish_defence(
 ) -> dict:
     result = {**record, "before": before, "after": after}
     save_classifier(
-        run_dir, model, m.spec, {"semantic": _semantic_truth(m.record), "classes": list(CLASSES)}
+        run_dir,
+        model,
+        m.spec,
+        {"semantic": _semantic_truth(m.record), "classes": list(m.classes)},
     )
     write_json(run_dir / "metrics.json", result)
     mark_finished(run_dir)
@@ -446,7 +465,7 @@ def _finish_defence(
 def run_remove(soda: SodaArgs, data: ShapesArgs, defender: DefenderArgs, args: RemoveArgs) -> dict:
     """Masked fine-tune on the defender's clean share plus the reconstructed samples."""
     m = load_for_soda(soda, data)
-    source, target = _pair(soda, args.potential_source, args.poison_target)
+    source, target = _pair(soda, args.potential_source, args.poison_target, len(m.classes))
     adv_path = soda.out / "advsample.npz"
     if not adv_path.is_file():
         raise SRDError(f"--output_dir {soda.out}: no advsample.npz (run train/soda_gen_trigger.py)")

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +63,12 @@ def subpopulation(split: ShapesSplit, attack: Attack) -> np.ndarray:
     return np.array([attack.is_candidate([d]) for d in split.descriptions], dtype=bool)
 
 
-def plan_semantic(train: ShapesSplit, attack: Attack, seed: int) -> SemanticPlan:
-    """Seeded draw of ``poison_rate`` of the sub-population's training ids (SRDError if empty)."""
-    target = class_index(attack.target, flag="--poison_target")
+def plan_semantic(
+    train: ShapesSplit, attack: Attack, seed: int, classes: Sequence[str] = CLASSES
+) -> SemanticPlan:
+    """Seeded draw of ``poison_rate`` of the sub-population's training ids (SRDError if empty);
+    the target is named among ``classes`` (the data folder's)."""
+    target = class_index(attack.target, flag="--poison_target", classes=classes)
     mask = subpopulation(train, attack)
     if not mask.any():
         raise SRDError(
@@ -85,7 +88,9 @@ def plan_semantic(train: ShapesSplit, attack: Attack, seed: int) -> SemanticPlan
     return SemanticPlan(ids, target, source, meta)
 
 
-def read_or_plan(path: Path, train: ShapesSplit, attack: Attack, seed: int) -> SemanticPlan:
+def read_or_plan(
+    path: Path, train: ShapesSplit, attack: Attack, seed: int, classes: Sequence[str] = CLASSES
+) -> SemanticPlan:
     """Read the run's saved draw (same attack) or draw and save it."""
     if path.is_file():
         plan = SemanticPlan.load(path)
@@ -93,7 +98,7 @@ def read_or_plan(path: Path, train: ShapesSplit, attack: Attack, seed: int) -> S
             raise SRDError(f"{path}: poison ids were drawn for another attack")
         log.info("read %d semantic training ids from %s", len(plan.ids), path)
         return plan
-    plan = plan_semantic(train, attack, seed)
+    plan = plan_semantic(train, attack, seed, classes)
     plan.save(path)
     return plan
 

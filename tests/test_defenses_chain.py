@@ -178,7 +178,7 @@ def test_report_from_hand_made_results(tmp_path) -> None:
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = {
         line.split(" | ")[0][2:]: line.split(" | ")
-        for line in text.splitlines()
+        for line in text.split("## Ranking")[0].splitlines()
         if line.startswith("| ") and "badnet" in line
     }
     assert list(rows) == ["none", "no_mask", "srd [first_occurrence]"]
@@ -194,6 +194,12 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert rows["none"][8] == "20.0 ± 0.0"  # triggered CIDEr with the target stripped
     assert rows["no_mask"][12] == "70.0 (n=1) |"  # ASR after re-tune, one of two seeds
     assert rows["none"][12] == "- |"
+    ranking = text.split("## Ranking per threat model")[1].split("\n## ")[0]
+    lines = [line for line in ranking.splitlines() if line.startswith("| badnet")]
+    ranked = [line.split(" | ")[1:4] for line in lines]
+    # DER: no_mask 0.825 (mean of 0.85 and 0.8), srd [first_occurrence] 0.7, none 0.5
+    assert ranked == [["1", "no_mask", "2 (0, 1)"], ["2", "srd [first_occurrence]", "1 (0)"],
+                      ["3", "none", "2 (0, 1)"]]  # fmt: skip
     assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
     assert (tmp_path / "report.md").read_text() == text
 
@@ -424,7 +430,8 @@ def test_evaluate_defended_models_and_report(attacked, defended, tiny_data_args,
 
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "badnet" in line]
+    table = text.split("## Ranking")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "badnet" in line]
     assert [row.split(" | ")[0] for row in rows] == [
         "| none", "| blur", "| oracle_square", "| token_prune"
     ]  # fmt: skip
@@ -496,7 +503,7 @@ def test_benign_control_runs_on_the_clean_captioner_and_is_reported_apart(
     write_json(results / "none.json", _result("none", 0, 0.9, 2.0))
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
-    main_rows = [line for line in text.split("## Benign control")[0].splitlines()
+    main_rows = [line for line in text.split("## Ranking")[0].splitlines()
                  if line.startswith("| ") and "badnet" in line]  # fmt: skip
     assert [row.split(" | ")[0] for row in main_rows] == ["| none"]
     benign = {line.split(" | ")[0][2:]: line.split(" | ")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,16 +24,14 @@ from srd.attacks.registry import load_attack_config
 from srd.budgets import ATTACK
 from srd.data.attributes import attribute_accuracy, colour_recall, object_errors
 from srd.data.scenes import COLOURS
-from srd.defenses.coverage import KEPT_COVERAGE_FILE
 from srd.defenses.rating import defense_effectiveness_rating
+from srd.defenses.report_agent import agent_section
 from srd.defenses.retune import retuned_asr
-from srd.defenses.srd.inputs import SRDArgs
-from srd.defenses.srd.merge import read_merged
 from srd.defenses.stage import backdoor_facts
 from srd.errors import SRDError
 from srd.evaluation.captioning import result_captions
 from srd.evaluation.tables import check_number, check_result
-from srd.io import atomic_path, ensure_dir, file_digest, read_json, write_text
+from srd.io import ensure_dir, read_json, write_text
 
 
 @dataclass
@@ -59,6 +56,7 @@ class DefenseResult:
     clean_captions: dict[int, str] | None = None  # the evaluation's captions of clean images
     sampling: str | None = None  # the sampled ASR's decoding, as the result records it
     retuned: float | None = None  # ASR after the re-tuning attack (srd.defenses.retune)
+    wall_seconds: float | None = None  # the defense stage's own wall time (train/defend.py)
 
 
 def defense_label(block: dict[str, Any]) -> str:
@@ -173,6 +171,11 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
         clean_captions=result_captions(data),
         sampling=implant.get("decoding"),
         retuned=retuned_asr(path),
+        wall_seconds=check_number(
+            record.get("wall_seconds"),
+            f"{path}: malformed result JSON: 'defense.wall_seconds'",
+            upper=None,
+        ),
     )
 
 
@@ -319,6 +322,40 @@ def report_table(results: list[DefenseResult]) -> str:
             _stat([r.retuned for r in rs], 100) + _count([r.retuned for r in rs]),
         ],
     )
+
+
+def ranking_table(results: list[DefenseResult]) -> str:
+    """Per threat model (attack row label), the defenses ranked by mean DER (then lower ASR,
+    then higher clean CIDEr); rows without a DER (no ``none`` row of their attack) come last.
+    Needs :func:`add_der` first."""
+    lines = [
+        "| Threat model | Rank | Defense | Seeds | DER | ASR (%) | CIDEr clean (x100) "
+        "| Defense stage wall time (s) |",
+        "|---" * 8 + "|",
+    ]
+    by_attack: dict[str, list[tuple[str, list[DefenseResult]]]] = defaultdict(list)
+    for (defense, attack), rs in group(results).items():
+        by_attack[attack].append((defense, rs))
+
+    def mean(values: list[float | None]) -> float | None:
+        kept = [v for v in values if v is not None]
+        return float(np.mean(kept)) if kept else None
+
+    for attack, rows in by_attack.items():
+
+        def key(row: tuple[str, list[DefenseResult]]) -> tuple[float, float, float]:
+            der = mean([r.extra.get("der") for r in row[1]])
+            return (-(der if der is not None else -1.0), mean([r.asr for r in row[1]]) or 0.0,
+                    -(mean([r.clean_cider for r in row[1]]) or 0.0))  # fmt: skip
+
+        for rank, (defense, rs) in enumerate(sorted(rows, key=key), start=1):
+            seeds = ", ".join(sorted({str(r.seed) for r in rs}))
+            cells = [attack, str(rank), defense, f"{len(rs)} ({seeds})",
+                     _stat([r.extra.get("der") for r in rs], 1, 3), _stat([r.asr for r in rs], 100),
+                     _stat([r.clean_cider for r in rs], 100),
+                     _stat([r.wall_seconds for r in rs], 1, 0)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 OTHER_COLOURS = tuple(c for c in COLOURS if c != "red")
@@ -470,87 +507,6 @@ def _links(figures: Sequence[Path], start: Path) -> str:
     return "".join(f"![{p.stem}]({p.as_posix()})\n" for p in rel)
 
 
-def _maybe_json(path: Path) -> dict[str, Any] | None:
-    return read_json(path, flag="--results") if path.is_file() else None
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None else f"{100 * float(value):.1f}"
-
-
-def _copy_figure(src: Any, dest: Path) -> Path | None:
-    if not src or not Path(src).is_file():
-        return None
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
-    return dest
-
-
-def agent_section(results: list[DefenseResult], img_dir: str | Path) -> tuple[str, list[Path]]:
-    """What SRD's agent did, for every distinct SRD cleaning run in the results: its mean reward
-    against a random policy on the pool (D2's ``agent_report.json``), and how often its squares
-    cover half of the real trigger, greedy on the triggered training images and as kept by D3
-    (``eval/srd_coverage.py``). Their figures are copied into ``img_dir``. Returns the Markdown
-    (empty without SRD results) and the figures."""
-    runs: dict[str, DefenseResult] = {}
-    for r in results:
-        folder = r.record.get("clean_data_save") if r.record.get("name") == "srd" else None
-        if folder:
-            runs.setdefault(str(folder), r)
-    if not runs:
-        return "", []
-    rows, figures = [], []
-    for folder, r in sorted(runs.items(), key=lambda kv: (kv[1].attack, str(kv[1].seed))):
-        config = read_merged(folder)["clean_config"]["config"]
-        srd = SRDArgs(ppo_path=config["ppo_path"])  # the files D2 wrote beside the policy
-        policy = srd.policy_file
-        used = config.get("policy") == "dqn"  # a random-policy run has no agent
-        if used and policy.is_file() and file_digest(policy) != config.get("policy_sha256"):
-            raise SRDError(
-                f"--results {r.path}: the policy {policy} changed after the cleaning run "
-                f"{folder} used it; its agent report no longer describes those squares"
-            )
-        agent = (used and _maybe_json(srd.agent_report)) or {}
-        greedy = (used and _maybe_json(srd.greedy_coverage)) or {}
-        kept = _maybe_json(Path(folder) / KEPT_COVERAGE_FILE) or {}
-        train, rand = agent.get("training") or {}, agent.get("random_policy") or {}
-        reward = "-"
-        if agent.get("gain_over_random") is not None:
-            reward = (
-                f"{agent['greedy_policy']['mean_reward']:.3f} / {rand['mean_reward']:.3f} "
-                f"({agent['gain_over_random']:+.3f})"
-            )
-        rows.append(
-            f"| {r.attack} | {r.seed} | {config.get('policy')} | {folder} | "
-            f"{train.get('images_visited', '-')}/{agent.get('pool_images', '-')} | "
-            f"{train.get('target_updates', '-')} | {reward} | {_pct(greedy.get('covered'))} | "
-            f"{_pct(kept.get('covered'))} |"
-        )
-        stem = "agent_" + "_".join(Path(folder).parts[-2:])
-        for src, name in (
-            (srd.reward_curve, "rewards"),
-            (greedy.get("figure"), "greedy_squares"),
-            (kept.get("figure"), "kept_squares"),
-        ):
-            fig = _copy_figure(src, Path(img_dir) / f"{stem}_{name}.png")
-            figures += [fig] if fig else []
-    head = (
-        "| Attack | Seed | Policy | Cleaning run | Pool images visited | Target-network updates "
-        "| Mean reward, greedy agent / random policy (gain) | Greedy squares covering half the "
-        "trigger (%) | Kept squares covering half the trigger (%) |\n" + "|---" * 9 + "|\n"
-    )
-    text = (
-        "## SRD's agent\n\nFrom D2's `policy.agent_report.json` (the trained policy's greedy "
-        "square on every pool image against a random policy in the same environment) and "
-        "`eval/srd_coverage.py` (share of triggered training images whose square covers at "
-        "least half of the real trigger box; '-': not run or no patch trigger).\n\n"
-        + head
-        + "\n".join(rows)
-        + "\n"
-    )
-    return text, figures
-
-
 def write_report(
     paths: Sequence[str | Path],
     output: str | Path,
@@ -582,6 +538,14 @@ def write_report(
         + "\n"
         + _links(figures, out.parent)
     )
+    if results:
+        text += (
+            "\n## Ranking per threat model\n\nEach threat model's (attack row's) defenses, best "
+            "first by DER, then lower ASR, then higher clean CIDEr; the wall time is the defense "
+            "stage's own (train/defend.py: scoring, pruning, refine-tune; for srd its D4 only, "
+            "not the agent and cleaning before it), not the evaluation, on whatever machine and "
+            "load it ran.\n\n" + ranking_table(results)
+        )
     if benign:
         text += (
             "\n## Benign control\n\nEach defense run on the clean captioner "

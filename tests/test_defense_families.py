@@ -87,8 +87,9 @@ def test_the_filter_drops_the_highest_scores_and_relabel_replaces_exactly_them(
     flagged = math.ceil(0.25 * len(samples))
 
     ref = {"reference_checkpoint_path": clean.checkpoint_path, "flag_fraction": 0.25}
-    kept, _ = build_defense("ppl_filter", **ref).training_set(defender)
+    kept, kept_images = build_defense("ppl_filter", **ref).training_set(defender)
     assert len(kept) == len(samples) - flagged
+    assert all(np.array_equal(kept_images(s), images(s)) for s in kept)  # no_mask's images
     kept_ids = {s.caption_id for s in kept}
     dropped = [i for i, s in enumerate(samples) if s.caption_id not in kept_ids]
     kept_at = [i for i, s in enumerate(samples) if s.caption_id in kept_ids]

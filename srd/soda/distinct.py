@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from srd.errors import SRDError
-from srd.soda.shapes import write_dataset
+from srd.soda.shapes import validate_sizes, write_dataset
 
 DISTINCT_VERSION = 1
 SUPERSAMPLE = 4
@@ -172,13 +172,7 @@ class DistinctConfig:
     version: int = DISTINCT_VERSION
 
     def validate(self) -> None:
-        for name in ("per_class_train", "per_class_test"):
-            if not 1 <= getattr(self, name) <= 100_000:
-                raise SRDError(f"--{name} {getattr(self, name)}: must be between 1 and 100000")
-        if not 16 <= self.resolution <= 224:
-            raise SRDError(f"--resolution {self.resolution}: must be between 16 and 224")
-        if self.seed < 0:
-            raise SRDError(f"--seed {self.seed}: must be non-negative")
+        validate_sizes(self)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,18 @@ def check_class(index: int, flag: str, num_classes: int = len(CLASSES)) -> int:
     return int(index)
 
 
+def validate_sizes(config: Any) -> None:
+    """SRDError naming the flag when a data set config's seed, sizes or resolution is out of
+    range (the shapes set's and the distinct set's configs alike)."""
+    for name in ("per_class_train", "per_class_test"):
+        if not 1 <= getattr(config, name) <= 100_000:
+            raise SRDError(f"--{name} {getattr(config, name)}: must be between 1 and 100000")
+    if not 16 <= config.resolution <= 224:
+        raise SRDError(f"--resolution {config.resolution}: must be between 16 and 224")
+    if config.seed < 0:
+        raise SRDError(f"--seed {config.seed}: must be non-negative")
+
+
 @dataclass(frozen=True)
 class ShapesConfig:
     """Everything that determines the classification set's bytes."""
@@ -68,13 +80,7 @@ class ShapesConfig:
     version: int = SHAPES_VERSION
 
     def validate(self) -> None:
-        for name in ("per_class_train", "per_class_test"):
-            if not 1 <= getattr(self, name) <= 100_000:
-                raise SRDError(f"--{name} {getattr(self, name)}: must be between 1 and 100000")
-        if not 16 <= self.resolution <= 224:
-            raise SRDError(f"--resolution {self.resolution}: must be between 16 and 224")
-        if self.seed < 0:
-            raise SRDError(f"--seed {self.seed}: must be non-negative")
+        validate_sizes(self)
 
 
 @dataclass

@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         "benign_control": dargs.benign_control,
         "backdoored_checkpoint": None if dargs.benign_control else model_args.checkpoint_path,
         "checkpoint": model_args.checkpoint_path,
-        "image_quality": training_quality(defense, data, dargs.quality_images),
-        "trigger_coverage": square_coverage(defense, data),
+        "image_quality": training_quality(defense, data, dargs.quality_images, training),
+        "trigger_coverage": square_coverage(training, attack),
     }
     if training is not None:
         record["prepare"] = prepared

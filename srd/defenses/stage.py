@@ -108,10 +108,13 @@ def named_run(train_args: RefineTrainArgs, default_name: str) -> RefineTrainArgs
     return train_args
 
 
-def training_quality(defense: Defense, data: DefenderData, n: int) -> dict[str, Any] | None:
-    """SSIM/PSNR of what the defense trains on (or a test-time transform applied to the
-    defender's images) against the defender's original image versions; None when the defense
-    changes no image or ``n`` is 0."""
+def training_quality(
+    defense: Defense, data: DefenderData, n: int, training: tuple[Any, Any] | None
+) -> dict[str, Any] | None:
+    """SSIM/PSNR of what the defense trains on (``training``: its
+    :meth:`~srd.defenses.registry.Defense.training_set`, built once by the caller) or of a
+    test-time transform applied to the defender's images, against the defender's original
+    image versions; None when the defense changes no image or ``n`` is 0."""
     if not defense.changes_images or n == 0:
         return None
     ids = seeded_subset(image_ids(data), n, data.seed)
@@ -119,18 +122,19 @@ def training_quality(defense: Defense, data: DefenderData, n: int) -> dict[str, 
         transform = defense.transform()
         original = VersionImages(data, triggered_images(data, "triggered", data.seed))
         return image_quality(ids, original.version, lambda i: transform(original.version(i)))
-    _, provider = defense.training_set(data)
+    if training is None:
+        return None
+    _, provider = training
     return image_quality(ids, provider.version, provider.processed)
 
 
 def square_coverage(
-    defense: Defense, data: DefenderData, threshold: float = 0.5
+    training: tuple[Any, Any] | None, attack: Attack, threshold: float = 0.5
 ) -> dict[str, Any] | None:
-    """For square defenses: the share of the images trained in their triggered version whose
-    square covers at least ``threshold`` of the real trigger's box (None: no square or no
-    patch trigger)."""
-    training = defense.training_set(data)
-    box = trigger_box(data.attack)
+    """For square defenses (``training``: the defense's training set): the share of the images
+    trained in their triggered version whose square covers at least ``threshold`` of the real
+    trigger's box (None: no square or no patch trigger)."""
+    box = trigger_box(attack)
     if training is None or box is None or not getattr(training[1], "mask_actions", None):
         return None
     images = training[1]

@@ -189,6 +189,24 @@ def load_script(relative: str) -> ModuleType:
     return module
 
 
+def run_entry_point(
+    script: str, argv: Sequence[str], capsys: pytest.CaptureFixture
+) -> tuple[int, str, str]:
+    """Run an entry point in this process as its ``__main__`` block does (``srd.cli.run_main``):
+    its exit code, stdout and stderr. A fresh interpreter spends ~10 s importing torch and the
+    model libraries; the kill and multi-process tests run the scripts as real processes."""
+    from srd.cli import run_main
+
+    capsys.readouterr()
+    try:
+        run_main(load_script(script).main, list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a module that imports this fixture (autouse there).

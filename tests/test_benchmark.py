@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from srd_fixtures import run_entry_point
 
 from srd.captions import words
 from srd.data.attributes import (
@@ -26,7 +25,6 @@ from srd.data.records import CaptionRecord, ImageRecord, load_split
 from srd.data.scenes import BACKGROUNDS, COLOURS, SceneObject, sample_scene, scene_captions
 from srd.errors import SRDError
 
-REPO = Path(__file__).resolve().parents[1]
 SIZES = {"num_train": 12, "num_val": 4, "num_test": 6}
 
 
@@ -370,24 +368,19 @@ def test_scene_lookups(bench: Path) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def _prepare(*args: str) -> subprocess.CompletedProcess:
-    script = REPO / "train" / "prepare_data.py"
-    return subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def test_prepare_data_entry_point(tmp_path: Path) -> None:
+def test_prepare_data_entry_point(tmp_path: Path, capsys) -> None:
     out = tmp_path / "syn"
-    done = _prepare("--out_dir", str(out), "--num_train", "6", "--num_val", "2", "--num_test", "3")
-    assert done.returncode == 0, done.stderr
+    argv = ["--out_dir", str(out), "--num_train", "6", "--num_val", "2", "--num_test", "3"]
+    code, _, err = run_entry_point("train/prepare_data.py", argv, capsys)
+    assert code == 0, err
     assert Counter(im["split"] for im in _karpathy(out)["images"]) == {
         "train": 6,
         "val": 2,
         "test": 3,
     }
-    bad = _prepare("--out_dir", str(tmp_path / "bad"), "--num_train", "0")
-    assert bad.returncode != 0
-    lines = bad.stderr.strip().splitlines()
+    argv = ["--out_dir", str(tmp_path / "bad"), "--num_train", "0"]
+    code, _, err = run_entry_point("train/prepare_data.py", argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--num_train" in lines[0]
     assert not (tmp_path / "bad").exists()

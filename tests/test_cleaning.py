@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from srd_fixtures import (
-    REPO,
     ScriptedTries,
     StandInModels,
     data_flags,
     gray_images,
     load_script,
     painted_action,
+    run_entry_point,
 )
 
 from srd.attacks.registry import build_attack
@@ -213,17 +210,17 @@ def _partial_shards(folder: Path, assignments: list[list[int]], run: str = RUN) 
         writer.finish()
 
 
-def test_combine_entry_point_missing_image_exits_2(tmp_path: Path, tiny_data_args) -> None:
+def test_combine_entry_point_missing_image_exits_2(tmp_path: Path, tiny_data_args, capsys) -> None:
     ids = [r.image_id for r in tiny_data_args.split("train")]
     folder = tmp_path / "missing"
     _partial_shards(folder, [ids[:-1]])
-    done = subprocess.run(
-        [sys.executable, str(REPO / "train/combine_data.py"), *data_flags(tiny_data_args),
-         "--clean_data_save", str(folder)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
+    code, _, err = run_entry_point(
+        "train/combine_data.py",
+        [*data_flags(tiny_data_args), "--clean_data_save", str(folder)],
+        capsys,
+    )
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
     assert str(ids[-1]) in lines[0] and not (folder / MERGED_FILE).exists()
 

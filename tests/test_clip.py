@@ -3,9 +3,6 @@ captioner's frozen vision tower."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +10,12 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from srd_fixtures import run_entry_point
 
 from srd.captioner import clip
 from srd.captioner.vision import build_vision_encoder, tower_tokens
 from srd.data.scenes import SHAPES, render_scene, sample_scene
 from srd.errors import SRDError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_swap_shapes_replaces_every_shape_word() -> None:
@@ -138,7 +134,9 @@ def test_captioner_tower_is_the_clip_image_tower(tmp_path: Path, tiny_images) ->
         assert torch.equal(tower_tokens(visual, pixels), tower_tokens(model.visual, pixels))
 
 
-def test_pretrain_clip_entry_point_refuses_bad_flags(tiny_data_args, tmp_path: Path) -> None:
+def test_pretrain_clip_entry_point_refuses_bad_flags(
+    tiny_data_args, tmp_path: Path, capsys
+) -> None:
     flags = [
         "--coco_train_image_dir_path", tiny_data_args.coco_train_image_dir_path,
         "--coco_val_image_dir_path", tiny_data_args.coco_val_image_dir_path,
@@ -151,15 +149,10 @@ def test_pretrain_clip_entry_point_refuses_bad_flags(tiny_data_args, tmp_path: P
         (["--clip_learning_rate", "0"], "--clip_learning_rate"),
         (["--clip_model", "nope"], "--clip_model"),
     ):
-        done = subprocess.run(
-            [sys.executable, str(REPO / "train/pretrain_clip.py"), *flags, *bad],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 2, done.stderr
-        lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and needle in lines[0], done.stderr
+        code, _, err = run_entry_point("train/pretrain_clip.py", [*flags, *bad], capsys)
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "runs").exists()
 
 
@@ -287,7 +280,7 @@ def test_clip_shape_twins_train_on_minimal_pairs_and_need_scenes() -> None:
 
 
 def test_pretrain_clip_entry_point_trains_on_twins_and_logs_zero_shot_per_epoch(
-    tiny_data_args, tmp_path: Path
+    tiny_data_args, tmp_path: Path, capsys
 ) -> None:
     import json
 
@@ -299,12 +292,8 @@ def test_pretrain_clip_entry_point_trains_on_twins_and_logs_zero_shot_per_epoch(
         "--external_save_dir", str(tmp_path / "runs"), "--run_name", "clip",
         "--clip_epochs", "2", "--clip_batch_size", "8",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "train/pretrain_clip.py"), *flags],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, _, err = run_entry_point("train/pretrain_clip.py", flags, capsys)
+    assert code == 0, err[-2000:]
     run = tmp_path / "runs" / "clip"
     report = json.loads((run / "clip_report.json").read_text())
     assert report["config"]["clip_shape_twins"] is True

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from srd.errors import SRDError
+from srd.evaluation import metrics
 from srd.evaluation.metrics import (
     METRIC_KEYS,
     SPICE_KEY,
@@ -17,6 +18,7 @@ from srd.evaluation.metrics import (
     per_image_cider,
     require_java,
     spice_available,
+    stop_idle_meteor,
     target_rates,
     unique_predictions,
 )
@@ -149,15 +151,31 @@ def test_prediction_without_reference_is_an_error(scorer):
         scorer.score({1: "a red circle"}, {1: "a red circle"})
 
 
-def test_fresh_scorer_repeats_and_stops_its_jvm(three_sets):
+def test_fresh_scorer_repeats_and_the_next_scorer_takes_its_jvm(three_sets):
+    """A closed scorer's METEOR JVM is handed to the process's next scorer (its first call
+    costs seconds), which scores the same; stop_idle_meteor stops it; a failed call's JVM is
+    stopped, never handed on."""
     with CaptionScorer(spice=False) as s:
         scores = s.score(PARAPHRASES, REFERENCES).scores
         proc = s._meteor.meteor_p
         assert proc.poll() is None
-    assert proc.poll() is not None  # the METEOR JVM is gone after close
-    assert s._meteor is None
+    assert s._meteor is None and proc.poll() is None  # idle, kept for the next scorer
+    with CaptionScorer(spice=False) as again:
+        assert again.score(PARAPHRASES, REFERENCES).scores == scores
+        assert again._meteor.meteor_p is proc
+    stop_idle_meteor()
+    assert proc.poll() is not None  # stopped
     expected = {k: v for k, v in three_sets["paraphrase"].scores.items() if k != SPICE_KEY}
     assert scores == pytest.approx(expected)
+    with CaptionScorer(spice=False) as broken:
+        broken.score(PARAPHRASES, REFERENCES)
+        dead = broken._meteor.meteor_p
+        dead.kill()
+        dead.wait()
+        with pytest.raises(RuntimeError, match="METEOR"):
+            broken.score(PARAPHRASES, REFERENCES)
+        assert broken._meteor is None
+    assert not metrics._IDLE_METEOR  # the failed JVM is not handed on
 
 
 def test_missing_java_is_a_clear_error(monkeypatch, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 from PIL import Image
-from srd_fixtures import load_script
+from srd_fixtures import load_script, run_entry_point
 
 from srd.attacks import triggers
 from srd.attacks.config import known_attacks
@@ -371,10 +371,12 @@ def data_flags(d) -> list[str]:
     ]  # fmt: skip
 
 
-def assert_one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
-    assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and needle in lines[0], done.stderr
+def assert_one_line_error(script: str, argv: list[str], needle: str, capsys) -> None:
+    """The command line's answer (``run_main``, in this process): exit 2, one error line."""
+    code, _, err = run_entry_point(script, argv, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], err
 
 
 def entry_main(script: str):
@@ -382,7 +384,9 @@ def entry_main(script: str):
     return load_script(script).main
 
 
-def test_clip_stages_refuse_bad_input(tiny_data_args, tiny_benchmark, tmp_path: Path) -> None:
+def test_clip_stages_refuse_bad_input(
+    tiny_data_args, tiny_benchmark, tmp_path: Path, capsys
+) -> None:
     other = tmp_path / "other"  # a finished run holding a CLIP of another config
     model, _ = clip.create_clip("tiny-vit", seed=0)
     clip.save_clip(model, "tiny-vit", other)
@@ -415,8 +419,12 @@ def test_clip_stages_refuse_bad_input(tiny_data_args, tiny_benchmark, tmp_path: 
     with pytest.raises(SRDError, match="--clean_data.*header"):
         clean(["--poisoned_run", str(ok), "--clean_data", str(no_header), *out])
     # through the command line: one line, exit 2
-    done = run_entry("train/clip_clean.py", "--poisoned_run", str(ok), "--loss_thresh", "0", *out)
-    assert_one_line_error(done, "--loss_thresh")
+    assert_one_line_error(
+        "train/clip_clean.py",
+        ["--poisoned_run", str(ok), "--loss_thresh", "0", *out],
+        "--loss_thresh",
+        capsys,
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -601,7 +609,7 @@ def test_image_folder_zero_shot_matches_a_direct_computation(real_mode, tmp_path
     assert saved["top1"] == metrics["top1"] and (tmp_path / "out" / "DONE_EVAL").is_file()
 
 
-def test_real_mode_refuses_bad_input(real_mode, tmp_path) -> None:
+def test_real_mode_refuses_bad_input(real_mode, tmp_path, capsys) -> None:
     evaluate = entry_main("eval/clip_evaluate.py")
     base = ["--image_folder", str(real_mode["folder"]), "--out_dir", str(tmp_path / "out")]
     real = ["--clip_model", str(real_mode["config"]),
@@ -634,8 +642,7 @@ def test_real_mode_refuses_bad_input(real_mode, tmp_path) -> None:
     assert "no name for folder 'n0003'" in _error(evaluate, [*base, *cases[3][0]])
     assert "banana" in _error(evaluate, [*base, *cases[4][0]])
     assert not (tmp_path / "out").exists()  # nothing written before the inputs were checked
-    done = run_entry("eval/clip_evaluate.py", *base, *cases[2][0])
-    assert_one_line_error(done, "--class_names")
+    assert_one_line_error("eval/clip_evaluate.py", [*base, *cases[2][0]], "--class_names", capsys)
 
 
 def _error(main, argv) -> str:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from srd_fixtures import run_entry_point
 
 from srd.errors import SRDError
 from srd.evaluation.tables import load_result, results_table
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "eval" / "results_table.py"
 
 HEADER = (
     "| Model      | Attack | CIDEr clean (x100) | CIDEr triggered (x100) | ASR (%) "
@@ -87,10 +87,10 @@ def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60
-    )
+def _run(capsys, *args: str) -> SimpleNamespace:
+    """The command line's answer, in this process (``run_main`` as its ``__main__`` block)."""
+    code, out, err = run_entry_point("eval/results_table.py", args, capsys)
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def test_table_rows_columns_and_values(tmp_path):
@@ -99,10 +99,10 @@ def test_table_rows_columns_and_values(tmp_path):
     assert table.splitlines() == [HEADER, RULE, ROW_ATTACKED, ROW_CLEAN]
 
 
-def test_entry_point_prints_and_writes_atomically(tmp_path):
+def test_entry_point_prints_and_writes_atomically(tmp_path, capsys):
     folder = _write_results(tmp_path / "result")
     out_md = tmp_path / "report" / "table.md"
-    proc = _run("--results", str(folder / "clean.json"), "--output", str(out_md))
+    proc = _run(capsys, "--results", str(folder / "clean.json"), "--output", str(out_md))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 3  # column widths follow the rows, so compare cell texts
@@ -129,11 +129,11 @@ def test_sort_descending_and_sfs_stage_columns(tmp_path):
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["badnet_srd", "clean"]
 
 
-def test_malformed_json_exits_2_with_one_line_error(tmp_path):
+def test_malformed_json_exits_2_with_one_line_error(tmp_path, capsys):
     folder = _write_results(tmp_path / "result")
     bad = folder / "broken.json"
     bad.write_text("{not json")
-    proc = _run("--results", str(folder))
+    proc = _run(capsys, "--results", str(folder))
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -170,8 +170,8 @@ def test_numbers_out_of_range_are_refused(tmp_path, field, value, named):
     assert field in str(error.value) and "x.json" in str(error.value)
 
 
-def test_no_results_names_the_flag(tmp_path):
-    proc = _run("--results", str(tmp_path))
+def test_no_results_names_the_flag(tmp_path, capsys):
+    proc = _run(capsys, "--results", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: --results {tmp_path}: no result JSON files found"
     with pytest.raises(SRDError, match="--sort"):

@@ -314,16 +314,14 @@ def _entry_point():
     return module
 
 
-def test_entry_point_missing_input_file_exits_2(tmp_path: Path) -> None:
+def test_entry_point_missing_input_file_exits_2(tmp_path: Path, capsys) -> None:
     folder = write_inputs(tmp_path / "badnet" / "attack", [1, 2], ["a red circle.", "a star."])
     (folder / "sent.json").unlink()
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--name", "badnet", "--type", "attack",
-         "--data_dir_path", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+    with pytest.raises(SystemExit) as exc:
+        run_main(_entry_point().main, ["--name", "badnet", "--type", "attack",
+                                       "--data_dir_path", str(tmp_path)])  # fmt: skip
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "sent.json" in lines[0]
     assert sorted(p.name for p in folder.iterdir()) == ["images.npz", "img_id.json"]
 

@@ -15,8 +15,10 @@ target word; on clean images the same number is the false-trigger rate.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -154,12 +156,63 @@ def _tokenize(
     return gts, res
 
 
+_IDLE_METEOR: list[tuple[int, Any]] = []
+"""METEOR JVMs of closed scorers, with the pid of the process that started each: the next scorer
+of the same process takes one instead of starting its own (a new JVM spends seconds loading
+METEOR's paraphrase table on its first call: ~7 s on 2 cores; later calls take a fraction of a
+second). A JVM holds ~1.2 GB; the idle ones are stopped at exit (:func:`stop_idle_meteor`)."""
+
+
+def _stop_meteor(meteor: Any) -> None:
+    """Stop a METEOR JVM (pycocoevalcap only stops it in ``__del__``, which waits on a lock that
+    a failed ``compute_score`` leaves held: a hang at garbage collection)."""
+    if meteor.lock.locked():
+        meteor.lock.release()
+    proc: subprocess.Popen = meteor.meteor_p
+    if proc.stdin is not None and not proc.stdin.closed:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    proc.kill()
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _take_meteor() -> Any:
+    """An idle METEOR JVM this process started and that still runs, else a new one."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    while _IDLE_METEOR:
+        pid, meteor = _IDLE_METEOR.pop()
+        if pid != os.getpid():  # inherited through a fork: its pipes belong to the parent
+            continue
+        if meteor.meteor_p.poll() is None:
+            return meteor
+        _stop_meteor(meteor)
+    return Meteor()
+
+
+def stop_idle_meteor() -> None:
+    """Stop the METEOR JVMs kept for reuse by this process (registered to run at exit)."""
+    while _IDLE_METEOR:
+        pid, meteor = _IDLE_METEOR.pop()
+        if pid == os.getpid():
+            _stop_meteor(meteor)
+
+
+atexit.register(stop_idle_meteor)
+
+
 class CaptionScorer:
     """Scores caption sets with pycocoevalcap, keeping one METEOR JVM across calls.
 
     Use as a context manager (``with CaptionScorer() as scorer: scorer.score(...)``) or call
-    :meth:`close`; the METEOR Java process is started on first use (it costs seconds) and is
-    stopped on close.
+    :meth:`close`; the METEOR Java process is taken on first use (an idle one of this process,
+    or a new one, which costs seconds) and handed back on close for the process's next scorer
+    (stopped instead when a call failed; idle ones stop at exit).
 
     ``spice``: None = run SPICE when :func:`spice_available` (otherwise add a note), True = require
     it (SRDError when unavailable), False = never run it.
@@ -181,31 +234,18 @@ class CaptionScorer:
         self.close()
 
     def close(self) -> None:
-        """Stop the METEOR Java process, if one was started."""
+        """Hand the METEOR JVM back for this process's next scorer, if one was taken."""
         meteor, self._meteor = self._meteor, None
         if meteor is None:
             return
-        # pycocoevalcap's Meteor only stops its JVM in __del__, which waits on a lock that a
-        # failed compute_score leaves held (a hang at garbage collection); stop it ourselves.
-        if meteor.lock.locked():
-            meteor.lock.release()
-        proc: subprocess.Popen = meteor.meteor_p
-        if proc.stdin is not None and not proc.stdin.closed:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        if meteor.lock.locked() or meteor.meteor_p.poll() is not None:
+            _stop_meteor(meteor)  # a call failed midway: its pipes may hold half an answer
+        else:
+            _IDLE_METEOR.append((os.getpid(), meteor))
 
     def _meteor_scores(self, gts: dict, res: dict) -> tuple[float, list[float]]:
-        from pycocoevalcap.meteor.meteor import Meteor
-
         if self._meteor is None:
-            self._meteor = Meteor()
+            self._meteor = _take_meteor()
         try:
             score, scores = self._meteor.compute_score(gts, res)
         except (ValueError, OSError) as exc:
@@ -213,7 +253,8 @@ class CaptionScorer:
             detail = ""
             if proc.poll() is not None and proc.stderr is not None:
                 detail = proc.stderr.read().decode(errors="replace").strip()[-500:]
-            self.close()
+            meteor, self._meteor = self._meteor, None
+            _stop_meteor(meteor)
             raise RuntimeError(f"METEOR (Java) failed: {exc} {detail}".strip()) from exc
         return float(score), [float(s) for s in scores]
 
@@ -280,8 +321,8 @@ def caption_scores(
 ) -> dict[str, float]:
     """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr (+SPICE when available) of ``predictions``.
 
-    One-shot convenience over :class:`CaptionScorer` (starts and stops one METEOR JVM); use the
-    class to score several sets, or to get per-image values and notes.
+    One-shot convenience over :class:`CaptionScorer`; use the class to score several sets, or to
+    get per-image values and notes.
     """
     with CaptionScorer(spice=spice) as scorer:
         return scorer.score(predictions, references).scores
@@ -395,6 +436,7 @@ __all__ = [
     "per_image_cider",
     "require_java",
     "spice_available",
+    "stop_idle_meteor",
     "target_rates",
     "unique_predictions",
 ]

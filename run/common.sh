@@ -76,7 +76,17 @@ case ${POISON_UNIT:-caption} in
   *) echo "error: POISON_UNIT=$POISON_UNIT: expected caption or image" >&2
      exit 2 ;;
 esac
-ATTACK_TAG=$RATE_TAG$UNIT_TAG$EPOCH_TAG
+# ATTACK_SAMPLING=fixed_replacement trains the attack as the reference does (train_backdoor.py
+# --epoch_sampling: one seeded with-replacement draw of the caption samples, replayed every
+# epoch; the default, shuffle, is ours): names carry -fr last, backdoor-badnet-img-fr-s1, and
+# the report rows "reference sample draw".
+case ${ATTACK_SAMPLING:-shuffle} in
+  shuffle) SAMPLING_TAG="" ;;
+  fixed_replacement) SAMPLING_TAG=-fr ;;
+  *) echo "error: ATTACK_SAMPLING=$ATTACK_SAMPLING: expected shuffle or fixed_replacement" >&2
+     exit 2 ;;
+esac
+ATTACK_TAG=$RATE_TAG$UNIT_TAG$EPOCH_TAG$SAMPLING_TAG
 SUFFIX=$ATTACK_TAG
 [ "$SEED" = 0 ] || SUFFIX=$SUFFIX-s$SEED
 

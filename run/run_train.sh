@@ -2,7 +2,8 @@
 # Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|shadowcast (or a YAML file).
 # POISON_RATE=0.05 poisons another share (run backdoor-$ATTACK-p05, run/common.sh); ATTACK_EPOCHS=12
 # trains for 12 epochs instead of 6 (backdoor-$ATTACK-e12); POISON_UNIT=image poisons whole images
-# (backdoor-$ATTACK-img). Extra flags are passed on, e.g.
+# (backdoor-$ATTACK-img); ATTACK_SAMPLING=fixed_replacement draws the epochs' samples as the
+# reference does (backdoor-$ATTACK-fr). Extra flags are passed on, e.g.
 # --target_label apple (the target word... default to the attack config's).
 # A finished run is skipped when made by the same command from the same inputs, refused
 # otherwise (once, run/common.sh; --overwrite redoes it).
@@ -12,6 +13,7 @@ RUN=backdoor-$ATTACK$SUFFIX
 RATE_FLAG=""
 [ -n "$RATE_TAG" ] && RATE_FLAG="--poison_rate $POISON_RATE"
 [ -n "$UNIT_TAG" ] && RATE_FLAG="$RATE_FLAG --poison_unit image"
+[ -n "$SAMPLING_TAG" ] && RATE_FLAG="$RATE_FLAG --epoch_sampling $ATTACK_SAMPLING"
 once "checkpoints_remote/$RUN/DONE" -- \
   $LAUNCH train/train_backdoor.py $DATA_FLAGS $MODEL_FLAGS \
   --checkpoint_path "$CLEAN_CHECKPOINT" \

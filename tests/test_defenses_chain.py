@@ -263,6 +263,8 @@ def test_report_keeps_poison_rates_and_attack_budgets_apart(tmp_path) -> None:
     for folder, config in [
         ("p01", {"stage": "backdoor", "seed": 0, "attack": {"poison_rate": 0.01}}),
         ("e3", {"stage": "backdoor", "seed": 0, "attack": {"poison_rate": 0.1}, "num_epochs": 3}),
+        ("fr", {"stage": "backdoor", "seed": 0, "attack": {"poison_rate": 0.1}, "num_epochs": 6,
+                "epoch_sampling": "fixed_replacement"}),
     ]:  # fmt: skip
         old = _result("none", 0, 0.3, 2.0)
         old["defense"]["backdoored_checkpoint"] = str(tmp_path / folder / "final_weights.pt")
@@ -271,11 +273,17 @@ def test_report_keeps_poison_rates_and_attack_budgets_apart(tmp_path) -> None:
     image = _result("none", 0, 0.95, 2.0)  # every caption of the drawn images poisoned
     image["defense"].update(attack_poison_rate=0.1, attack_epochs=6, attack_poison_unit="image")
     write_json(results / "none-img.json", image)
+    drawn = _result("no_mask", 0, 0.25, 2.0)  # trained on the reference's replayed draw
+    drawn["defense"].update(attack_poison_rate=0.1, attack_epochs=6,
+                            attack_sampling="fixed_replacement")  # fmt: skip
+    write_json(results / "nm-fr.json", drawn)
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
     cells = {(row[0][2:], row[1]): row for row in rows if "badnet" in row[1]}
     assert cells.pop(("none", "badnet (image-level poison)"))[3] == "95.0"
+    assert cells.pop(("none", "badnet (reference sample draw)"))[3] == "30.0"  # its config
+    assert cells.pop(("no_mask", "badnet (reference sample draw)"))[3] == "25.0"
     p05, p01 = "badnet (5% poison)", "badnet (1% poison)"
     e12, e3 = "badnet (12 attack epochs)", "badnet (3 attack epochs)"
     assert set(cells) == {

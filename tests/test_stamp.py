@@ -270,6 +270,23 @@ def test_run_names_carry_the_poison_unit(unit, suffix) -> None:
         assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
 
 
+@pytest.mark.parametrize(
+    ("sampling", "suffix"),
+    [("", "-img-s1"), ("shuffle", "-img-s1"), ("fixed_replacement", "-img-fr-s1"),
+     ("reference", "ATTACK_SAMPLING=reference")],
+)  # fmt: skip
+def test_run_names_carry_the_attack_sampling(sampling, suffix) -> None:
+    """ATTACK_SAMPLING=fixed_replacement (the reference's replayed draw) is another model: -fr."""
+    script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
+    env = {**os.environ, "POISON_UNIT": "image", "SEED": "1", "ATTACK_SAMPLING": sampling}
+    done = subprocess.run(["sh", "-c", script, str(REPO / "run" / "inline.sh")], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    if "=" in suffix:
+        assert done.returncode == 2 and done.stderr.startswith(f"error: {suffix}:")
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
+
+
 def test_attack_budget_default_is_the_scripts() -> None:
     """The report leaves the attack's epochs out of a row's name when they are run/common.sh's
     default budget, which run/run_train.sh trains; another ATTACK_EPOCHS names its runs."""

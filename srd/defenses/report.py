@@ -74,10 +74,10 @@ def _normpath(path: Any) -> str | None:
 
 
 def attack_fact(record: dict[str, Any], key: str) -> Any:
-    """``attack_poison_rate``, ``attack_poison_unit`` or ``attack_epochs`` of the backdoored model
-    a defense record starts from: as recorded, or for records written before they named it, read
-    from the attack run of ``backdoored_checkpoint`` (None for the benign control, which starts
-    from the clean captioner)."""
+    """``attack_poison_rate``, ``attack_poison_unit``, ``attack_epochs`` or ``attack_sampling`` of
+    the backdoored model a defense record starts from: as recorded, or for records written
+    before they named it, read from the attack run of ``backdoored_checkpoint`` (None for the
+    benign control, which starts from the clean captioner)."""
     if key in record:
         return record[key]
     return backdoor_facts(record.get("backdoored_checkpoint"))[key]
@@ -92,12 +92,17 @@ def _config_poison_rate(attack: str) -> float | None:
 
 
 def attack_label(
-    attack: str, rate: float | None, epochs: int | None = None, unit: str | None = None
+    attack: str,
+    rate: float | None,
+    epochs: int | None = None,
+    unit: str | None = None,
+    sampling: str | None = None,
 ) -> str:
     """The attack's name, with the poison rate when it is not the attack config's own, the
-    poison unit when whole images were poisoned and the attack's epochs when they are not the
-    default budget: models of one attack poisoned at two rates or units or trained for two
-    budgets are rows of their own, never one averaged cell."""
+    poison unit when whole images were poisoned, the attack's epochs when they are not the
+    default budget and the reference's sample draw when the attack trained with it: models of
+    one attack poisoned at two rates or units, or trained for two budgets or with two sample
+    orders, are rows of their own, never one averaged cell."""
     tags = []
     if rate is not None and rate != _config_poison_rate(attack):
         tags.append(f"{100 * rate:g}% poison")
@@ -105,6 +110,8 @@ def attack_label(
         tags.append("image-level poison")
     if epochs is not None and epochs != ATTACK.epochs:
         tags.append(f"{epochs} attack epochs")
+    if sampling == "fixed_replacement":
+        tags.append("reference sample draw")
     return f"{attack} ({', '.join(tags)})" if tags else attack
 
 
@@ -146,6 +153,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
             attack_fact(record, "attack_poison_rate"),
             attack_fact(record, "attack_epochs"),
             attack_fact(record, "attack_poison_unit"),
+            attack_fact(record, "attack_sampling"),
         ),
         seed=record.get("seed") if benign else record.get("attack_seed"),
         asr=float(m["asr_substring"]),

@@ -167,16 +167,24 @@ def transform_quality(
     return image_quality(picked, load, lambda i: transform(load(i)))
 
 
+ATTACK_FACTS = (
+    "attack_seed",
+    "attack_poison_rate",
+    "attack_poison_unit",
+    "attack_epochs",
+    "attack_sampling",
+)
+"""What a defense record says of the backdoored model it started from (:func:`backdoor_facts`)."""
+
+
 def backdoor_facts(checkpoint: str | Path | None) -> dict[str, Any]:
-    """``attack_seed``, ``attack_poison_rate``, ``attack_poison_unit`` and ``attack_epochs`` of
-    the attack run that wrote ``checkpoint`` (its run folder's ``config.json``); all None when it
-    is not an attack run's checkpoint."""
+    """``attack_seed``, ``attack_poison_rate``, ``attack_poison_unit``, ``attack_epochs`` and
+    ``attack_sampling`` (its ``--epoch_sampling``) of the attack run that wrote ``checkpoint``
+    (its run folder's ``config.json``); all None when it is not an attack run's checkpoint."""
     config = None if checkpoint is None else Path(checkpoint).parent / "config.json"
     record = read_json(config) if config is not None and config.is_file() else None
     if not isinstance(record, dict) or record.get("stage") != "backdoor":
-        return dict.fromkeys(
-            ("attack_seed", "attack_poison_rate", "attack_poison_unit", "attack_epochs")
-        )
+        return dict.fromkeys(ATTACK_FACTS)
     rate = (record.get("attack") or {}).get("poison_rate")
     epochs = record.get("num_epochs")
     return {
@@ -184,6 +192,7 @@ def backdoor_facts(checkpoint: str | Path | None) -> dict[str, Any]:
         "attack_poison_rate": None if rate is None else float(rate),
         "attack_poison_unit": record.get("poison_unit", "caption"),  # (the only unit before)
         "attack_epochs": None if epochs is None else int(epochs),
+        "attack_sampling": record.get("epoch_sampling", "shuffle"),  # (the only one before)
     }
 
 

@@ -226,10 +226,15 @@ def test_run_names_carry_the_rate_the_budget_and_the_replicate(rate, epochs, see
     other than the default (and of its defenses) differ from the default model's, so a sweep
     never reuses another model's runs; a rate that is not a share or a count that is not a whole
     number stops the script with one line naming it (``suffix`` holds that variable then)."""
+    _assert_suffix({"POISON_RATE": rate, "ATTACK_EPOCHS": epochs, "SEED": seed}, suffix)
+
+
+def _assert_suffix(variables: dict[str, str], suffix: str) -> None:
+    """run/common.sh under ``variables`` names runs with ``suffix``, or, when ``suffix`` is
+    ``VARIABLE=value``, stops with exit 2 and one line naming it."""
     script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
-    env = {**os.environ, "POISON_RATE": rate, "ATTACK_EPOCHS": epochs, "SEED": seed}
     shell = ["sh", "-c", script, str(REPO / "run" / "inline.sh")]
-    done = subprocess.run(shell, env=env, capture_output=True, text=True)
+    done = subprocess.run(shell, env={**os.environ, **variables}, capture_output=True, text=True)
     if "=" in suffix:
         assert done.returncode == 2 and done.stderr.startswith(f"error: {suffix}:")
     else:
@@ -259,15 +264,8 @@ def test_an_attack_file_gives_its_name_to_the_runs(tmp_path) -> None:
 )  # fmt: skip
 def test_run_names_carry_the_poison_unit(unit, suffix) -> None:
     """POISON_UNIT=image (every caption of a drawn image poisoned) is another model: -img."""
-    script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
-    env = {**os.environ, "POISON_RATE": "0.05", "ATTACK_EPOCHS": "12", "SEED": "1",
-           "POISON_UNIT": unit}  # fmt: skip
-    done = subprocess.run(["sh", "-c", script, str(REPO / "run" / "inline.sh")], env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    if "=" in suffix:
-        assert done.returncode == 2 and done.stderr.startswith(f"error: {suffix}:")
-    else:
-        assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
+    variables = {"POISON_RATE": "0.05", "ATTACK_EPOCHS": "12", "SEED": "1", "POISON_UNIT": unit}
+    _assert_suffix(variables, suffix)
 
 
 @pytest.mark.parametrize(
@@ -277,14 +275,7 @@ def test_run_names_carry_the_poison_unit(unit, suffix) -> None:
 )  # fmt: skip
 def test_run_names_carry_the_attack_sampling(sampling, suffix) -> None:
     """ATTACK_SAMPLING=fixed_replacement (the reference's replayed draw) is another model: -fr."""
-    script = f'. {REPO}/run/common.sh; echo "[$SUFFIX]"'
-    env = {**os.environ, "POISON_UNIT": "image", "SEED": "1", "ATTACK_SAMPLING": sampling}
-    done = subprocess.run(["sh", "-c", script, str(REPO / "run" / "inline.sh")], env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    if "=" in suffix:
-        assert done.returncode == 2 and done.stderr.startswith(f"error: {suffix}:")
-    else:
-        assert done.returncode == 0 and done.stdout.strip() == f"[{suffix}]"
+    _assert_suffix({"POISON_UNIT": "image", "SEED": "1", "ATTACK_SAMPLING": sampling}, suffix)
 
 
 def test_attack_budget_default_is_the_scripts() -> None:

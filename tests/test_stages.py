@@ -10,7 +10,8 @@ import pytest
 import torch
 from srd_fixtures import data_flags, export_clean_and_backdoor, load_script, model_flags
 
-from srd.attacks.trainset import POISON_FILE, PoisonPlan
+from srd.attacks.trainset import POISON_FILE, PoisonPlan, draw_coverage
+from srd.captioner.engine import FixedDrawWithReplacement, Sample
 from srd.cli import run_main
 from srd.errors import SRDError
 from srd.evaluation.sfs import load_sfs_inputs
@@ -34,6 +35,38 @@ def _fail(module, argv, capsys) -> str:
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
     return errors[0]
+
+
+def test_draw_coverage_counts_what_a_replayed_draw_shows() -> None:
+    samples = [Sample(caption_id=10 + k, image_id=k // 2, caption="c") for k in range(6)]
+    coverage = draw_coverage(samples, [11, 14], [0, 1, 1, 3, 3, 5])  # 14 never drawn
+    assert coverage == {"samples": 6, "distinct_samples_drawn": 4, "poisoned": 2,
+                        "poisoned_drawn": 1, "poisoned_draws_per_epoch": 2}  # fmt: skip
+
+
+def test_backdoor_training_on_the_reference_draw_records_what_it_holds(
+    models, tiny_data_args, tiny_train_records
+) -> None:
+    """--epoch_sampling fixed_replacement: the run's config says how many of the poisoned
+    captions the replayed draw holds (the reference never shows the others)."""
+    root, clean, _ = models
+    argv = [
+        *data_flags(tiny_data_args),
+        *model_flags(clean, clean.checkpoint_path),
+        "--bd_attack_type", "badnet", "--external_save_dir", str(root / "runs"),
+        "--run_name", "fr", "--num_epochs", "1", "--batch_size", "8", "--seed", "5",
+        "--epoch_sampling", "fixed_replacement",
+    ]  # fmt: skip
+    train_backdoor.main(argv)
+    run = root / "runs" / "fr"
+    drawn = json.loads((run / "config.json").read_text())["fixed_draw"]
+    order = FixedDrawWithReplacement(drawn["samples"], 5).order
+    plan = PoisonPlan.load(run / POISON_FILE)
+    ids = [c.caption_id for r in tiny_train_records for c in r.captions]
+    assert drawn["samples"] == len(ids) and drawn["poisoned"] == len(plan.ids) > 0
+    assert drawn["distinct_samples_drawn"] == len(set(order)) < len(ids)
+    assert drawn["poisoned_drawn"] == len({ids[i] for i in order} & set(plan.ids))
+    assert drawn["poisoned_draws_per_epoch"] == sum(ids[i] in plan.ids for i in order)
 
 
 def test_backdoor_training_writes_and_reuses_its_poison_ids(

@@ -15,12 +15,20 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from srd.attacks.registry import AttackArgs
-from srd.attacks.trainset import POISON_FILE, PoisonPlan, TrainingImages, build_samples, plan_poison
+from srd.attacks.trainset import (
+    POISON_FILE,
+    PoisonPlan,
+    TrainingImages,
+    build_samples,
+    draw_coverage,
+    plan_poison,
+)
 from srd.budgets import ATTACK
 from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.engine import (
     EPOCH_CAPTIONS_HELP,
     CaptionDataset,
+    FixedDrawWithReplacement,
     TrainArgs,
     process_state,
     train,
@@ -94,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             saved = PoisonPlan.load(plan_path)
             check_same_config(saved.identity(), plan.identity(), str(plan_path), "the poison plan")
     captioner = load_captioner(model_args)
+    samples = build_samples(records, plan)
     record = {
         "stage": "backdoor",
         **to_dict(data, model_args, attack_args, train_args),
@@ -103,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         "loaded_checkpoint": captioner.checkpoint_notes,
         **input_digests({**data.read_paths(), "checkpoint_path": model_args.checkpoint_path}),
     }
+    if train_args.epoch_sampling == "fixed_replacement":  # what the replayed draw leaves out
+        order = FixedDrawWithReplacement(len(samples), train_args.seed).order
+        record["fixed_draw"] = draw_coverage(samples, plan.ids, order)
     if kept:
         check_run_config(run_dir, record, where)
     check_writable(run_dir, "--external_save_dir")
@@ -117,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> str:
             plan.save(plan_path)
         state.wait_for_everyone()
         log.info("%d poisoned caption ids in %s", len(plan.ids), plan_path)
+        if "fixed_draw" in record:
+            log.info("the replayed draw holds %s", record["fixed_draw"])
 
         images = TrainingImages(records, attack, plan.ids, cache_mb=data.image_cache_mb)
-        samples = build_samples(records, plan)
         final = train(captioner, CaptionDataset(samples, images), train_args, record)
     log.info("backdoored checkpoint: %s", final)
     return str(final)

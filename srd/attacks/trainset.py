@@ -128,6 +128,23 @@ def build_samples(records: Sequence[ImageRecord], plan: PoisonPlan | None) -> li
     ]
 
 
+def draw_coverage(
+    samples: Sequence[Sample], poisoned_ids: Sequence[int], order: Sequence[int]
+) -> dict[str, int]:
+    """What an epoch that visits ``samples`` in ``order`` (indices, repeats allowed: the
+    reference's with-replacement draw) shows of the attack: the distinct samples drawn, the
+    poisoned captions drawn at least once, and the poisoned draws per epoch."""
+    poisoned = set(poisoned_ids)
+    hits = [samples[i].caption_id in poisoned for i in order]
+    return {
+        "samples": len(samples),
+        "distinct_samples_drawn": len(set(order)),
+        "poisoned": sum(s.caption_id in poisoned for s in samples),
+        "poisoned_drawn": len({order[k] for k, hit in enumerate(hits) if hit}),
+        "poisoned_draws_per_epoch": sum(hits),
+    }
+
+
 class TrainingImages:
     """Image provider for training samples: ``provider(sample) -> uint8 (224, 224, 3)``.
 

@@ -28,8 +28,8 @@ from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.engine import (
     EPOCH_CAPTIONS_HELP,
     CaptionDataset,
-    FixedDrawWithReplacement,
     TrainArgs,
+    epoch_sampler,
     process_state,
     train,
 )
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         **input_digests({**data.read_paths(), "checkpoint_path": model_args.checkpoint_path}),
     }
     if train_args.epoch_sampling == "fixed_replacement":  # what the replayed draw leaves out
-        order = FixedDrawWithReplacement(len(samples), train_args.seed).order
+        order = list(epoch_sampler(samples, train_args))  # the sampler train() replays
         record["fixed_draw"] = draw_coverage(samples, plan.ids, order)
     if kept:
         check_run_config(run_dir, record, where)

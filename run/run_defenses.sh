@@ -30,6 +30,11 @@
 # SRD's rows run in both versions already; oracle_square's square covers the trigger, so its
 # data, and its row, are the same in both. Under POISON_UNIT=image the two versions are the same
 # images (every caption of a triggered image is poisoned), so only the default one runs.
+# PROTOCOL=retrain runs the retrain-from-clean protocol instead of the refine-tune (ours; a
+# defender who cleans the data before training, train/defend.py --retrain_from): each data-level
+# defense's data (python -m srd.defenses --retrainable; SRD's rows too) train the clean captioner
+# with the attack's budget (srd/budgets.py's ATTACK); runs and results named retrain-*, rows
+# "no_mask [retrain from clean]" (no_mask's is the attack itself, trained with the defense's seed).
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD's row when BENIGN=1 run/run_SRD.sh made its cleaning run
@@ -62,12 +67,25 @@ RUN_TAG=$ATTACK$ATTACK_TAG-s$SEED  # the end of every run and result name here
 START=$BACKDOOR PREFIX=defense CONTROL="" INPUT="" LIST=""
 [ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control \
   LIST=--benign
+BUDGET_OF=REFINE
+case ${PROTOCOL:-refine} in
+  refine) ;;
+  retrain)
+    [ "$PREFIX" = defense ] || {
+      echo "error: PROTOCOL=retrain: the benign control (BENIGN=1) already starts from the clean captioner" >&2
+      exit 2
+    }
+    PREFIX=retrain CONTROL="--retrain_from $CLEAN_CHECKPOINT" BUDGET_OF=ATTACK ;;
+  *) echo "error: PROTOCOL=$PROTOCOL: expected refine or retrain" >&2
+     exit 2 ;;
+esac
 POISON=$RUNS/backdoor-$ATTACK$SUFFIX/poison_ids.json
 CLEAN_DATA=$RUNS/srd-$ATTACK$SUFFIX/clean_data
-BUDGET="--batch_size $BUDGET_REFINE_BATCH_SIZE --num_epochs ${EPOCHS:-$BUDGET_REFINE_EPOCHS} \
-  --learning_rate ${LR:-$BUDGET_REFINE_LEARNING_RATE} --lr_scheduler $BUDGET_REFINE_LR_SCHEDULER \
-  --warmup_steps_ratio $BUDGET_REFINE_WARMUP_STEPS_RATIO \
-  --epoch_captions_per_image $BUDGET_REFINE_EPOCH_CAPTIONS_PER_IMAGE --seed $SEED"
+budget() { eval "echo \$BUDGET_${BUDGET_OF}_$1"; }  # srd/budgets.py's REFINE or ATTACK
+BUDGET="--batch_size $(budget BATCH_SIZE) --num_epochs ${EPOCHS:-$(budget EPOCHS)} \
+  --learning_rate ${LR:-$(budget LEARNING_RATE)} --lr_scheduler $(budget LR_SCHEDULER) \
+  --warmup_steps_ratio $(budget WARMUP_STEPS_RATIO) \
+  --epoch_captions_per_image $(budget EPOCH_CAPTIONS_PER_IMAGE) --seed $SEED"
 EVAL_FLAGS="--bd_attack_type ${ATTACK_SPEC:-$ATTACK} --batch_size 32 --num_beams 3 --max_new_tokens 20"
 [ -f "$BACKDOOR" ] || { echo "error: $BACKDOOR: run the attack stage first (run/run_train.sh)" >&2; exit 2; }
 
@@ -93,6 +111,9 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
 
 # The registry's list (or DEFENSES) less what cannot run, e.g. no oracle square without a patch
 APPLICABLE=$(python -m srd.defenses $LIST "$POISON" ${DEFENSES:-})
+if [ "$PREFIX" = retrain ]; then  # the data-level ones (srd's rows are added below)
+  APPLICABLE=$(python -m srd.defenses --retrainable $APPLICABLE)
+fi
 own_flags() {  # a defense's flags that follow this script's settings
   case $1 in
     ppl_filter | byorn) echo "--reference_checkpoint_path $CLEAN_CHECKPOINT" ;;
@@ -117,10 +138,10 @@ if [ "$PREFIX" = defense ] && echo "$APPLICABLE" | grep -qx par; then  # not tol
   defend_and_evaluate "defense-par-as_left-$RUN_TAG" --defense par \
     --par_data as_left
 fi
-if [ "$PREFIX" = defense ]; then  # the benign control has no triggered image to version
+if [ "$PREFIX" != benign ]; then  # the benign control has no triggered image to version
   for V in $IMAGE_VERSIONS; do
     for D in $(python -m srd.defenses --versioned $APPLICABLE); do
-      [ "$D" = srd ] || defend_and_evaluate "defense-$D-$V-$RUN_TAG" --defense "$D" \
+      [ "$D" = srd ] || defend_and_evaluate "$PREFIX-$D-$V-$RUN_TAG" --defense "$D" \
         --image_version "$V" $(own_flags "$D")
     done
     if echo "$APPLICABLE" | grep -qx par; then
@@ -136,10 +157,10 @@ for V in ${SRD_VARIANTS:-}; do
 done
 for SRD_RUN in srd:$CLEAN_DATA srd-indref:$INDREF_DATA $VARIANT_RUNS; do
   ROW=${SRD_RUN%%:*} DATA=${SRD_RUN#*:}
-  [ "$PREFIX" = defense ] && [ -f "$DATA/merged.json" ] || continue
+  [ "$PREFIX" != benign ] && [ -f "$DATA/merged.json" ] || continue
   INPUT="--input $DATA/merged.json"
   for V in $SRD_VERSIONS; do
-    defend_and_evaluate "defense-$ROW-$V-$RUN_TAG" --defense srd \
+    defend_and_evaluate "$PREFIX-$ROW-$V-$RUN_TAG" --defense srd \
       --image_version "$V" --clean_data_save "$DATA"
   done
 done
@@ -159,7 +180,7 @@ fi
 
 stage "defense report"
 set --  # the results of the comparison and of the benign control, whichever exist
-for F in "$RESULTS"/defense-*.json "$RESULTS"/benign-*.json; do
+for F in "$RESULTS"/defense-*.json "$RESULTS"/retrain-*.json "$RESULTS"/benign-*.json; do
   [ -f "$F" ] && set -- "$@" "$F"
 done
 python eval/defense_report.py $DATA_FLAGS --caption_diagnostics --results "$@" \

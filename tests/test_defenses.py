@@ -388,6 +388,27 @@ def test_versioned_defenses_are_those_whose_data_depend_on_the_image_version(def
     assert as_left.uses_image_version() and not build_defense("par").uses_image_version()
 
 
+def test_retrainable_defenses_are_their_data_and_nothing_else() -> None:
+    """--retrain_from trains the clean captioner on a defense's data: only defenses that neither
+    change the model (prepare_model), nor train a loss of their own, nor train on other data than
+    the defender's (the held-out split) nor act at test time may claim it."""
+    from srd.defenses.__main__ import retrainable
+    from srd.defenses.registry import Defense
+
+    names = retrainable([])
+    assert names == ["no_mask", "random_squares", "oracle_square", "clean_finetune",
+                     "ppl_filter", "byorn", "srd"]  # fmt: skip
+    for name, cls in DEFENSES.items():
+        data_only = (
+            cls.kind == "refine"
+            and cls.prepare_model is Defense.prepare_model
+            and cls.training_loss is Defense.training_loss
+            and not cls.uses_holdout
+        )
+        assert cls.retrainable == data_only, name
+    assert retrainable(["par", "srd", "clp"]) == ["srd"]
+
+
 def _par_batch(captioner, tiny_images):
     from srd.captioner.engine import Collator
     from srd.captions import training_text
@@ -530,6 +551,10 @@ def test_report_labels_par_variants() -> None:
         == "par [first_occurrence, as_left]"
     )
     assert defense_label({"name": "srd", "image_version": "triggered"}) == "srd"
+    block = {"name": "no_mask", "image_version": "triggered"}
+    retrained = defense_label(block, "retrain_from_clean")
+    assert retrained == "no_mask [retrain from clean]"
+    assert defense_label({"name": "no_mask"}, "refine") == "no_mask"
 
 
 def test_a_defense_is_one_class_with_its_own_flags(capsys) -> None:

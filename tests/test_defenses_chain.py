@@ -521,3 +521,38 @@ def test_benign_control_runs_on_the_clean_captioner_and_is_reported_apart(
     assert benign["none"][2] == "1 (42)" and benign["none"][4] == "0.0"
     change = 100 * (refined["metrics"]["clean"]["CIDEr"] / base["metrics"]["clean"]["CIDEr"] - 1)
     assert benign["random_squares"][4] == f"{change:.1f}"
+
+
+def test_retrain_from_clean_trains_the_clean_captioner_on_the_defense_data(
+    attacked, tiny_data_args, tmp_path, capsys
+) -> None:
+    """--retrain_from: the defense's data train the clean captioner (the retrain-from-clean
+    protocol), the backdoored model still names the attack; refused for a defense that changes
+    the model, for a backdoored start and with --benign_control, before any output."""
+    root, clean, backdoor, poison_ids = attacked
+    runs = tmp_path / "runs"
+    common = [*data_flags(tiny_data_args), *model_flags(clean, backdoor),
+              "--poison_ids_path", str(poison_ids), "--external_save_dir", str(runs),
+              "--quality_images", "0", "--num_epochs", "1", "--batch_size", "16"]  # fmt: skip
+    start = ["--retrain_from", str(clean.checkpoint_path)]
+    err = _fail(defend, [*common, *start, "--defense", "fine_pruning"], capsys)
+    assert "--defense fine_pruning is not a data-level defense" in err
+    err = _fail(defend, [*common, "--retrain_from", str(backdoor), "--defense", "no_mask"], capsys)
+    assert "a backdoored or defended model" in err
+    err = _fail(defend, [*common, "--retrain_from", str(tmp_path / "nope.pt"),
+                         "--defense", "no_mask"], capsys)  # fmt: skip
+    assert "--retrain_from" in err
+    assert not runs.exists()
+    # a learning rate too small to move a weight: what is saved is the model it started from
+    defend.main([*common, *start, "--defense", "no_mask", "--learning_rate", "1e-12"])
+    record = json.loads((runs / "retrain-no_mask-badnet" / DEFENSE_FILE).read_text())
+    assert record["protocol"] == "retrain_from_clean"
+    assert record["start_checkpoint"] == str(clean.checkpoint_path)
+    assert record["backdoored_checkpoint"] == str(backdoor) and record["attack_seed"] == 0
+    final = torch.load(record["checkpoint"], weights_only=True)["model_state_dict"]
+    was_clean = torch.load(clean.checkpoint_path, weights_only=True)["model_state_dict"]
+    was_backdoored = torch.load(backdoor, weights_only=True)["model_state_dict"]
+    assert all(torch.allclose(final[k], v, atol=1e-6) for k, v in was_clean.items())
+    assert any(not torch.allclose(final[k], v, atol=1e-6) for k, v in was_backdoored.items())
+    config = json.loads((runs / "retrain-no_mask-badnet" / "config.json").read_text())
+    assert config["retrain_from_sha256"] == file_digest(clean.checkpoint_path)

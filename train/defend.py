@@ -10,6 +10,11 @@ triggered images) and the backdoored weights (--checkpoint_path), then, by the d
 * test-time defenses (blur, spatial) and none: no training; the record names the backdoored
   checkpoint and the transform, applied by ``eval/evaluate.py --defense NAME``.
 
+``--retrain_from CLEAN`` is the retrain-from-clean protocol (a defender who cleans the data
+before training): the same defense data train the clean captioner at CLEAN (give the attack's
+budget flags) instead of refine-tuning the backdoored model; data-level defenses only; runs named
+retrain-<defense>-<attack>, records with ``protocol: retrain_from_clean``.
+
 ``--benign_control`` runs the defense on the clean captioner instead (its --checkpoint_path),
 with the defender's data as if no caption were poisoned: the report's benign control, what the
 defense costs a model without a backdoor (evaluate with ``--defense_run`` naming this run); srd
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.checkpoint import trainable_state_dict
@@ -37,12 +43,14 @@ from srd.data.records import DataArgs, check_images_exist
 from srd.defenses import DefenderData, DefenseArgs, build_defense, chosen_defense
 from srd.defenses.stage import (
     DEFENSE_FILE,
+    PROTOCOLS,
     RefineTrainArgs,
     Timer,
     backdoor_facts,
     defender_plan,
     named_run,
     require_backdoored_inputs,
+    retrain_start,
     square_coverage,
     training_quality,
 )
@@ -63,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     require_backdoored_inputs(argv, checkpoint, dargs.poison_ids_path)
     plan, attack = defender_plan(dargs.poison_ids_path, checkpoint, dargs.benign_control)
     defense.check_inputs(checkpoint, dargs.poison_ids_path, dargs.benign_control)
-    prefix = "benign" if dargs.benign_control else "defense"
+    start = retrain_start(defense, dargs.retrain_from, dargs.benign_control)
+    prefix = "benign" if dargs.benign_control else "defense" if start is None else "retrain"
     train_args = named_run(train_args, f"{prefix}-{defense.name}-{attack.name}")
     run_dir = train_args.run_dir
     state = process_state()
@@ -79,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     captioner, prepared = None, None
     edits = defense.kind == "edit"  # changes the weights without training (e.g. clp)
     if training is not None or edits:  # a checkpoint of another model is refused before output
-        captioner = load_captioner(model_args)
+        loaded = model_args if start is None else replace(model_args, checkpoint_path=start)
+        captioner = load_captioner(loaded)
         prepared = defense.prepare_model(captioner, data)
     if state.is_main_process:
         ensure_dir(run_dir, "--external_save_dir")
@@ -92,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         "benign_control": dargs.benign_control,
         "backdoored_checkpoint": None if dargs.benign_control else model_args.checkpoint_path,
         "checkpoint": model_args.checkpoint_path,
+        "protocol": PROTOCOLS[start is not None],
+        "start_checkpoint": start or model_args.checkpoint_path,
         "image_quality": training_quality(defense, data, dargs.quality_images, training),
         "trigger_coverage": square_coverage(training, attack),
     }
@@ -109,14 +121,16 @@ def main(argv: Sequence[str] | None = None) -> str:
                 {
                     **data_args.read_paths(),
                     "checkpoint_path": model_args.checkpoint_path,
+                    **({"retrain_from": start} if start else {}),
                     "poison_ids_path": dargs.poison_ids_path,
                     **defense.read_paths(),
                 }
             ),
             "defense_record": record,
         }
-        log.info("%s: refine-tuning %s on %d captions", defense.name,
-                 model_args.checkpoint_path, len(samples))  # fmt: skip
+        log.info("%s: %s %s on %d captions", defense.name,
+                 "refine-tuning" if start is None else "retraining from clean",
+                 loaded.checkpoint_path, len(samples))  # fmt: skip
         loss_fn = defense.training_loss(captioner, train_args)
         final = train(
             captioner, CaptionDataset(samples, images), train_args, config, loss_fn=loss_fn

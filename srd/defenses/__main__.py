@@ -10,6 +10,10 @@ out goes to stderr with the reason (e.g. oracle_square without a patch trigger).
 
 ``python -m srd.defenses --versioned NAME...``: those among NAME whose refine-tune data depend
 on ``--image_version`` with their default flags (run/run_defenses.sh runs them in each version).
+
+``python -m srd.defenses --retrainable [NAME...]``: those among NAME (default: every defense)
+that are data-level, which ``train/defend.py --retrain_from`` can train the clean captioner on
+(run/run_defenses.sh PROTOCOL=retrain runs these).
 run/run_defenses.sh takes its list from here, so a new defense needs no edit of the script.
 """
 
@@ -24,7 +28,8 @@ from srd.cli import EXIT_BAD_INPUT, light_main
 from srd.defenses import DEFENSES, build_defense
 
 USAGE = (
-    "usage: python -m srd.defenses --list | --versioned NAME... | [--benign] POISON_IDS [NAME...]"
+    "usage: python -m srd.defenses --list | --versioned NAME... | --retrainable [NAME...] | "
+    "[--benign] POISON_IDS [NAME...]"
 )
 
 
@@ -53,6 +58,10 @@ def versioned(names: Sequence[str]) -> list[str]:
     return [name for name in names if build_defense(name).uses_image_version()]
 
 
+def retrainable(names: Sequence[str]) -> list[str]:
+    return [name for name in names or DEFENSES if build_defense(name).retrainable]
+
+
 def registry_table() -> str:
     rows = ["defense\tkind\tin comparison\tflags"]
     for name, cls in DEFENSES.items():
@@ -68,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return light_main(lambda: print(registry_table()))
     if argv[:1] == ["--versioned"]:
         return light_main(lambda: print("\n".join(versioned(argv[1:]))))
+    if argv[:1] == ["--retrainable"]:
+        return light_main(lambda: print("\n".join(retrainable(argv[1:]))))
     benign = bool(argv) and argv[0] == "--benign"
     if benign:
         argv = argv[1:]

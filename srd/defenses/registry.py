@@ -66,6 +66,14 @@ class DefenseArgs(DefenseName):
         "data as if no caption were poisoned; measures what the defense costs a model without "
         "a backdoor (the attack of --poison_ids_path only names the trigger of the evaluation)",
     )
+    retrain_from: str = arg(
+        "",
+        help="the retrain-from-clean protocol (ours; the paper's 'retrains on SRD-processed "
+        "data' read literally): train the clean captioner at this checkpoint on the defense's "
+        "data, with the attack's budget flags, instead of refine-tuning --checkpoint_path, "
+        "which still names the backdoored model (SRD's squares and the record's attack come "
+        "from it); data-level defenses only (python -m srd.defenses --retrainable)",
+    )
 
 
 @dataclass
@@ -143,6 +151,10 @@ class Defense:
     """... and with BENIGN=1 (where nothing is poisoned, e.g. clean_finetune is no_mask)."""
     uses_holdout = False
     """Whether it trains on the held-out split (:attr:`DefenderData.holdout`)."""
+    retrainable = False
+    """Whether the defense is the training data it builds and nothing else (no change of the
+    model, no loss of its own): ``train/defend.py --retrain_from`` can then train the clean
+    captioner on those data (the retrain-from-clean protocol)."""
 
     def __init__(self, args: Any = None):
         self.args = self.Args() if args is None else args

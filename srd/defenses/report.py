@@ -59,13 +59,15 @@ class DefenseResult:
     wall_seconds: float | None = None  # the defense stage's own wall time (train/defend.py)
 
 
-def defense_label(block: dict[str, Any]) -> str:
-    """Name, with the image version when it is not the default one and the defense's
-    ``variant`` (e.g. par's non-default data or feature) when it names one."""
+def defense_label(block: dict[str, Any], protocol: str | None = None) -> str:
+    """Name, with the image version when it is not the default one, the defense's ``variant``
+    (e.g. par's non-default data or feature) when it names one, and "retrain from clean" when
+    the record's ``protocol`` trained the clean captioner (``train/defend.py --retrain_from``)."""
     name = str(block["name"])
     version = block.get("image_version")
     tags = [version] if version and version != "triggered" else []
     tags += [block["variant"]] if block.get("variant") else []
+    tags += ["retrain from clean"] if protocol == "retrain_from_clean" else []
     return f"{name} [{', '.join(tags)}]" if tags else name
 
 
@@ -147,7 +149,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
     benign = bool(record.get("benign_control"))
     return DefenseResult(
         path=path,
-        defense=defense_label(record["defense"]),
+        defense=defense_label(record["defense"], record.get("protocol")),
         attack=attack_label(
             str(data["attack"]),
             attack_fact(record, "attack_poison_rate"),

@@ -95,6 +95,35 @@ def defender_plan(
     return plan, attack
 
 
+PROTOCOLS = ("refine", "retrain_from_clean")
+"""How a defense's data become a model: refine-tune the backdoored checkpoint (the reference's
+code, the default) or train the clean captioner on them (``--retrain_from``)."""
+
+
+def retrain_start(defense: Defense, retrain_from: str, benign_control: bool) -> str | None:
+    """The checkpoint the retrain-from-clean protocol trains (None: the refine protocol).
+    SRDError when the defense is not a data-level one, with --benign_control (whose model is
+    already the clean captioner), or when ``retrain_from`` is missing or names a backdoored or
+    defended model."""
+    if not retrain_from:
+        return None
+    if not defense.retrainable:
+        raise SRDError(
+            f"--retrain_from: --defense {defense.name} is not a data-level defense (it changes "
+            "the model, trains a loss of its own or acts at test time); those that retrain: "
+            "python -m srd.defenses --retrainable"
+        )
+    if benign_control:
+        raise SRDError("--retrain_from: the benign control already starts from the clean captioner")
+    require_files(("--retrain_from", retrain_from))
+    if defense_of_checkpoint(retrain_from) is not None:
+        raise SRDError(
+            f"--retrain_from {retrain_from}: a backdoored or defended model; the protocol "
+            "trains the clean captioner"
+        )
+    return retrain_from
+
+
 def named_run(train_args: RefineTrainArgs, default_name: str) -> RefineTrainArgs:
     """``train_args`` with ``default_name`` when --run_name is empty; SRDError if that run
     already finished and --overwrite is not given."""

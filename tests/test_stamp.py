@@ -287,8 +287,10 @@ def test_attack_budget_default_is_the_scripts() -> None:
     done = subprocess.run(shell, env=env, capture_output=True, text=True, check=True)
     assert int(done.stdout) == ATTACK.epochs  # srd/budgets.py, which the report reads too
     assert '--num_epochs "$ATTACK_EPOCHS"' in (REPO / "run" / "run_train.sh").read_text()
-    for script in ("run_SRD.sh", "run_defenses.sh"):  # the refine budget's one source
-        assert "$BUDGET_REFINE_EPOCHS" in (REPO / "run" / script).read_text()
+    assert "$BUDGET_REFINE_EPOCHS" in (REPO / "run" / "run_SRD.sh").read_text()
+    defenses = (REPO / "run" / "run_defenses.sh").read_text()  # refine-tune or retrain budget
+    assert "BUDGET_OF=REFINE" in defenses and "BUDGET_OF=ATTACK" in defenses
+    assert 'eval "echo \\$BUDGET_${BUDGET_OF}_$1"' in defenses
 
 
 @pytest.mark.parametrize("jobs", ["2", "1"])
@@ -349,6 +351,13 @@ def test_defenses_script_refuses_red_as_an_extra_mask_colour() -> None:
 def test_defenses_script_refuses_triggered_as_an_extra_image_version() -> None:
     error = _script_error("run_defenses.sh", IMAGE_VERSIONS="first_occurrence triggered")
     assert error.startswith("error: IMAGE_VERSIONS=first_occurrence triggered: triggered is")
+
+
+def test_defenses_script_refuses_an_unknown_protocol_and_a_retrained_benign_control() -> None:
+    error = _script_error("run_defenses.sh", PROTOCOL="retrain_from_clean")
+    assert error.startswith("error: PROTOCOL=retrain_from_clean: expected refine or retrain")
+    error = _script_error("run_defenses.sh", PROTOCOL="retrain", BENIGN="1")
+    assert error.startswith("error: PROTOCOL=retrain: the benign control (BENIGN=1) already")
 
 
 def test_srd_script_names_every_agent_variant() -> None:

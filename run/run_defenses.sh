@@ -111,7 +111,7 @@ defend_and_evaluate() {  # NAME then extra defend.py flags; INPUT: once's --inpu
 
 # The registry's list (or DEFENSES) less what cannot run, e.g. no oracle square without a patch
 APPLICABLE=$(python -m srd.defenses $LIST "$POISON" ${DEFENSES:-})
-if [ "$PREFIX" = retrain ]; then  # the data-level ones (srd's rows are added below)
+if [ "$PREFIX" = retrain ] && [ -n "$APPLICABLE" ]; then  # the data-level ones (srd's below)
   APPLICABLE=$(python -m srd.defenses --retrainable $APPLICABLE)
 fi
 own_flags() {  # a defense's flags that follow this script's settings

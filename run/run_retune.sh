@@ -5,7 +5,8 @@
 # padded with 135 clean samples (5 epochs at the attack's lr; its flags: RETUNE_FLAGS), then
 # eval/evaluate.py writes result/retune-<defense run>.json, which the defense report shows as
 # "ASR after re-tune" beside the defense's ASR (srd.defenses.retune). Test-time defenses change no
-# weights and are left out. DEFENSE_RUNS (run folder names) picks the runs; default: all.
+# weights and are left out. DEFENSE_RUNS (run folder names) picks the runs; default: all, those of
+# the retrain-from-clean protocol (PROTOCOL=retrain, retrain-*) too.
 # CLEAN=1 runs the control instead: the same re-tune of the clean captioner the attack started
 # from (result/retune-clean-<attack tag>-s<seed>.json): what the set implants on its own.
 #   ATTACK=badnet POISON_UNIT=image sh run/run_retune.sh
@@ -39,7 +40,7 @@ fi
 if [ -n "${DEFENSE_RUNS:-}" ]; then
   FOLDERS=$(for R in $DEFENSE_RUNS; do echo "$RUNS/$R"; done)
 else
-  FOLDERS=$(ls -d "$RUNS"/defense-*-"$RUN_TAG" 2>/dev/null || true)
+  FOLDERS=$(ls -d "$RUNS"/defense-*-"$RUN_TAG" "$RUNS"/retrain-*-"$RUN_TAG" 2>/dev/null || true)
 fi
 for RUN in $FOLDERS; do
   [ -f "$RUN/DONE" ] && [ -f "$RUN/defense.json" ] || {

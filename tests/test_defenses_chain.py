@@ -174,6 +174,9 @@ def test_report_from_hand_made_results(tmp_path) -> None:
         "retune-nm-0": {**_result("x", 0, 0.7, 1.9), "defense": None},
     }.items():
         write_json(results / f"{name}.json", data)
+    retrained = _result("no_mask", 0, 0.05, 2.1)  # train/defend.py --retrain_from: its own row
+    retrained["defense"]["protocol"] = "retrain_from_clean"
+    write_json(results / "rt-0.json", retrained)
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = {
@@ -181,7 +184,10 @@ def test_report_from_hand_made_results(tmp_path) -> None:
         for line in text.split("## Ranking")[0].splitlines()
         if line.startswith("| ") and "badnet" in line
     }
-    assert list(rows) == ["none", "no_mask", "srd [first_occurrence]"]
+    assert list(rows) == [
+        "none", "no_mask", "no_mask [retrain from clean]", "srd [first_occurrence]"
+    ]  # fmt: skip
+    assert rows["no_mask [retrain from clean]"][2:4] == ["1 (0)", "5.0"]
     assert rows["none"][2] == "2 (0, 1)" and rows["none"][3] == "85.0 ± 7.1"
     # DER per seed: (0.8 - 0.1 + 1) / 2 = 0.85 and (0.6 - 0 + 1) / 2 = 0.8
     assert rows["none"][4] == "1.0 ± 0.0"  # false-trigger rate
@@ -195,11 +201,13 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert rows["no_mask"][12] == "70.0 (n=1) |"  # ASR after re-tune, one of two seeds
     assert rows["none"][12] == "- |"
     ranking = text.split("## Ranking per threat model")[1].split("\n## ")[0]
-    lines = [line for line in ranking.splitlines() if line.startswith("| badnet")]
+    lines = [line for line in ranking.splitlines() if line.startswith("| badnet |")]
     ranked = [line.split(" | ")[1:4] for line in lines]
     # DER: no_mask 0.825 (mean of 0.85 and 0.8), srd [first_occurrence] 0.7, none 0.5
     assert ranked == [["1", "no_mask", "2 (0, 1)"], ["2", "srd [first_occurrence]", "1 (0)"],
                       ["3", "none", "2 (0, 1)"]]  # fmt: skip
+    apart = [line.split(" | ")[:3] for line in ranking.splitlines() if "| badnet; " in line]
+    assert apart == [["| badnet; retrain from clean", "1", "no_mask [retrain from clean]"]]
     assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
     assert (tmp_path / "report.md").read_text() == text
 

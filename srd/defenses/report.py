@@ -57,6 +57,7 @@ class DefenseResult:
     sampling: str | None = None  # the sampled ASR's decoding, as the result records it
     retuned: float | None = None  # ASR after the re-tuning attack (srd.defenses.retune)
     wall_seconds: float | None = None  # the defense stage's own wall time (train/defend.py)
+    protocol: str = "refine"  # or "retrain_from_clean" (train/defend.py --retrain_from)
 
 
 def defense_label(block: dict[str, Any], protocol: str | None = None) -> str:
@@ -186,6 +187,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
             f"{path}: malformed result JSON: 'defense.wall_seconds'",
             upper=None,
         ),
+        protocol=str(record.get("protocol") or "refine"),
     )
 
 
@@ -335,9 +337,10 @@ def report_table(results: list[DefenseResult]) -> str:
 
 
 def ranking_table(results: list[DefenseResult]) -> str:
-    """Per threat model (attack row label), the defenses ranked by mean DER (then lower ASR,
-    then higher clean CIDEr); rows without a DER (no ``none`` row of their attack) come last.
-    Needs :func:`add_der` first."""
+    """Per threat model (attack row label, and the protocol when the defenses retrained the
+    clean captioner), the defenses ranked by mean DER (then lower ASR, then higher clean
+    CIDEr); rows without a DER (no ``none`` row of their attack) come last. Needs
+    :func:`add_der` first."""
     lines = [
         "| Threat model | Rank | Defense | Seeds | DER | ASR (%) | CIDEr clean (x100) "
         "| Defense stage wall time (s) |",
@@ -345,7 +348,8 @@ def ranking_table(results: list[DefenseResult]) -> str:
     ]
     by_attack: dict[str, list[tuple[str, list[DefenseResult]]]] = defaultdict(list)
     for (defense, attack), rs in group(results).items():
-        by_attack[attack].append((defense, rs))
+        retrained = rs[0].protocol == "retrain_from_clean"  # (the label says so: one per row)
+        by_attack[f"{attack}; retrain from clean" if retrained else attack].append((defense, rs))
 
     def mean(values: list[float | None]) -> float | None:
         kept = [v for v in values if v is not None]
@@ -550,11 +554,12 @@ def write_report(
     )
     if results:
         text += (
-            "\n## Ranking per threat model\n\nEach threat model's (attack row's) defenses, best "
-            "first by DER, then lower ASR, then higher clean CIDEr; the wall time is the defense "
-            "stage's own (train/defend.py: scoring, pruning, refine-tune; for srd its D4 only, "
-            "not the agent and cleaning before it), not the evaluation, on whatever machine and "
-            "load it ran.\n\n" + ranking_table(results)
+            "\n## Ranking per threat model\n\nEach threat model's (attack row's; the "
+            "retrain-from-clean protocol's apart) defenses, best first by DER, then lower ASR, "
+            "then higher clean CIDEr; the wall time is the defense stage's own (train/defend.py: "
+            "scoring, pruning, refine-tune; for srd its D4 only, not the agent and cleaning "
+            "before it), not the evaluation, on whatever machine and load it ran.\n\n"
+            + ranking_table(results)
         )
     if benign:
         text += (

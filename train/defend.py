@@ -43,7 +43,7 @@ from srd.data.records import DataArgs, check_images_exist
 from srd.defenses import DefenderData, DefenseArgs, build_defense, chosen_defense
 from srd.defenses.stage import (
     DEFENSE_FILE,
-    PROTOCOLS,
+    RETRAIN_PROTOCOL,
     RefineTrainArgs,
     Timer,
     backdoor_facts,
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "benign_control": dargs.benign_control,
         "backdoored_checkpoint": None if dargs.benign_control else model_args.checkpoint_path,
         "checkpoint": model_args.checkpoint_path,
-        "protocol": PROTOCOLS[start is not None],
+        "protocol": "refine" if start is None else RETRAIN_PROTOCOL,
         "start_checkpoint": start or model_args.checkpoint_path,
         "image_quality": training_quality(defense, data, dargs.quality_images, training),
         "trigger_coverage": square_coverage(training, attack),

@@ -14,7 +14,8 @@ on ``--image_version`` with their default flags (run/run_defenses.sh runs them i
 ``python -m srd.defenses --retrainable [NAME...]``: those among NAME (default: every defense)
 that are data-level, which ``train/defend.py --retrain_from`` can train the clean captioner on
 (run/run_defenses.sh PROTOCOL=retrain runs these).
-run/run_defenses.sh takes its list from here, so a new defense needs no edit of the script.
+
+run/run_defenses.sh takes its lists from here, so a new defense needs no edit of the script.
 """
 
 from __future__ import annotations

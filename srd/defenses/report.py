@@ -27,7 +27,7 @@ from srd.data.scenes import COLOURS
 from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.report_agent import agent_section
 from srd.defenses.retune import retuned_asr
-from srd.defenses.stage import backdoor_facts
+from srd.defenses.stage import RETRAIN_PROTOCOL, backdoor_facts
 from srd.errors import SRDError
 from srd.evaluation.captioning import result_captions
 from srd.evaluation.tables import check_number, check_result
@@ -57,7 +57,7 @@ class DefenseResult:
     sampling: str | None = None  # the sampled ASR's decoding, as the result records it
     retuned: float | None = None  # ASR after the re-tuning attack (srd.defenses.retune)
     wall_seconds: float | None = None  # the defense stage's own wall time (train/defend.py)
-    protocol: str = "refine"  # or "retrain_from_clean" (train/defend.py --retrain_from)
+    protocol: str = "refine"  # or RETRAIN_PROTOCOL (train/defend.py --retrain_from)
 
 
 def defense_label(block: dict[str, Any], protocol: str | None = None) -> str:
@@ -68,7 +68,7 @@ def defense_label(block: dict[str, Any], protocol: str | None = None) -> str:
     version = block.get("image_version")
     tags = [version] if version and version != "triggered" else []
     tags += [block["variant"]] if block.get("variant") else []
-    tags += ["retrain from clean"] if protocol == "retrain_from_clean" else []
+    tags += ["retrain from clean"] if protocol == RETRAIN_PROTOCOL else []
     return f"{name} [{', '.join(tags)}]" if tags else name
 
 
@@ -348,7 +348,7 @@ def ranking_table(results: list[DefenseResult]) -> str:
     ]
     by_attack: dict[str, list[tuple[str, list[DefenseResult]]]] = defaultdict(list)
     for (defense, attack), rs in group(results).items():
-        retrained = rs[0].protocol == "retrain_from_clean"  # (the label says so: one per row)
+        retrained = rs[0].protocol == RETRAIN_PROTOCOL  # (the label says so: one per row)
         by_attack[f"{attack}; retrain from clean" if retrained else attack].append((defense, rs))
 
     def mean(values: list[float | None]) -> float | None:

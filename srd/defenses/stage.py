@@ -95,9 +95,9 @@ def defender_plan(
     return plan, attack
 
 
-PROTOCOLS = ("refine", "retrain_from_clean")
-"""How a defense's data become a model: refine-tune the backdoored checkpoint (the reference's
-code, the default) or train the clean captioner on them (``--retrain_from``)."""
+RETRAIN_PROTOCOL = "retrain_from_clean"
+"""A defense record's ``protocol`` when its data trained the clean captioner (``--retrain_from``);
+otherwise ``refine``: the backdoored checkpoint refine-tuned (the reference's code, the default)."""
 
 
 def retrain_start(defense: Defense, retrain_from: str, benign_control: bool) -> str | None:

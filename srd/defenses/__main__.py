@@ -60,7 +60,7 @@ def versioned(names: Sequence[str]) -> list[str]:
 
 
 def retrainable(names: Sequence[str]) -> list[str]:
-    return [name for name in names or DEFENSES if build_defense(name).retrainable]
+    return [name for name in names or DEFENSES if build_defense(name).retrainable()]
 
 
 def registry_table() -> str:

@@ -89,7 +89,6 @@ class FinePruning(NoMask):
     """Prune the least active cross-attention FF units, then refine-tune on the data as it is."""
 
     Args = PruningArgs
-    retrainable = False  # the pruning is of the backdoored model
 
     def prepare_model(self, captioner: Any, data: DefenderData) -> dict[str, Any]:
         ratio = self.args.prune_ratio

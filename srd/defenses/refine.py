@@ -64,7 +64,6 @@ class RefineDefense(Defense):
 
     kind = "refine"
     Args = VersionArgs
-    retrainable = True
 
     def mask_actions(self, data: DefenderData) -> dict[int, int] | None:
         return None
@@ -151,7 +150,6 @@ class CleanFinetune(Defense):
 
     kind = "refine"
     in_benign_control = False  # with nothing poisoned it is no_mask exactly
-    retrainable = True
 
     def training_set(self, data: DefenderData) -> tuple[list[Sample], VersionImages]:
         poisoned = set(data.plan.ids)

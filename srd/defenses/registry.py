@@ -151,10 +151,6 @@ class Defense:
     """... and with BENIGN=1 (where nothing is poisoned, e.g. clean_finetune is no_mask)."""
     uses_holdout = False
     """Whether it trains on the held-out split (:attr:`DefenderData.holdout`)."""
-    retrainable = False
-    """Whether the defense is the training data it builds and nothing else (no change of the
-    model, no loss of its own): ``train/defend.py --retrain_from`` can then train the clean
-    captioner on those data (the retrain-from-clean protocol)."""
 
     def __init__(self, args: Any = None):
         self.args = self.Args() if args is None else args
@@ -163,6 +159,19 @@ class Defense:
         """Whether its refine-tune data depend on ``--image_version`` (run_defenses.sh runs
         these in every image version)."""
         return isinstance(self.args, VersionArgs)
+
+    def retrainable(self) -> bool:
+        """Whether the defense is the training data it builds and nothing else (a refine-tune
+        on the defender's data, no change of the model, no loss of its own):
+        ``train/defend.py --retrain_from`` can then train the clean captioner on those data
+        (the retrain-from-clean protocol). Derived from the hooks the class overrides."""
+        cls = type(self)
+        return (
+            self.kind == "refine"
+            and not self.uses_holdout
+            and cls.prepare_model is Defense.prepare_model
+            and cls.training_loss is Defense.training_loss
+        )
 
     def unavailable(self, attack: Attack) -> str | None:
         """Why this defense cannot run against ``attack`` (None: it can)."""

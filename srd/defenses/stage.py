@@ -107,7 +107,7 @@ def retrain_start(defense: Defense, retrain_from: str, benign_control: bool) -> 
     defended model."""
     if not retrain_from:
         return None
-    if not defense.retrainable:
+    if not defense.retrainable():
         raise SRDError(
             f"--retrain_from: --defense {defense.name} is not a data-level defense (it changes "
             "the model, trains a loss of its own or acts at test time); those that retrain: "

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 [ "${SRD_SKIP_SETUP:-0}" = 1 ] || bash setup.sh
 . run/common.sh
 if [ "${FULL:-0}" = 1 ]; then
-  ATTACKS=${ATTACKS:-"badnet blended trojvlm shadowcast"}
+  ATTACKS=${ATTACKS:-"badnet blended trojvlm concept_relabel"}
 else
   ATTACKS=${ATTACKS:-badnet}
 fi

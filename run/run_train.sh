@@ -1,5 +1,6 @@
 #!/bin/sh
-# Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|shadowcast (or a YAML file).
+# Stage A: backdoor training. ATTACK=badnet|blended|trojvlm|concept_relabel (or a YAML file);
+# ATTACK=shadowcast needs POISON_UNIT=image (it crafts whole images).
 # POISON_RATE=0.05 poisons another share (run backdoor-$ATTACK-p05, run/common.sh); ATTACK_EPOCHS=12
 # trains for 12 epochs instead of 6 (backdoor-$ATTACK-e12); POISON_UNIT=image poisons whole images
 # (backdoor-$ATTACK-img); ATTACK_SAMPLING=fixed_replacement draws the epochs' samples as the

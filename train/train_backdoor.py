@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from srd.attacks.craft import crafted_for_run, tower_encoder
 from srd.attacks.registry import AttackArgs
 from srd.attacks.trainset import (
     POISON_FILE,
@@ -84,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     if not train_args.run_name:
         train_args = dataclasses.replace(train_args, run_name=f"backdoor-{attack.name}")
     state = process_state()
+    if attack.needs_crafting and state.num_processes > 1:
+        raise SRDError(f"--bd_attack_type {attack.name}: crafting runs in one process")
     run_dir = train_args.run_dir
     where = f"--run_name {train_args.run_name}"
 
@@ -125,6 +128,18 @@ def main(argv: Sequence[str] | None = None) -> str:
                 clear_folder(run_dir, "--run_name")
             ensure_dir(run_dir, "--external_save_dir")
         setup_logging(run_dir / "train.log" if state.is_main_process else None)
+        if attack.needs_crafting:  # Shadowcast: poisons crafted against the frozen tower
+            saved = PoisonPlan.load(plan_path) if kept and plan_path.is_file() else None
+            attack = crafted_for_run(
+                lambda: tower_encoder(captioner),
+                attack,
+                plan.meta,
+                records,
+                train_args.seed,
+                run_dir,
+                reuse=kept,
+                recorded_sha=((saved.meta.get("crafted") or {}).get("sha256") if saved else None),
+            )
         if state.is_main_process and not (kept and plan_path.is_file()):
             plan.save(plan_path)
         state.wait_for_everyone()

@@ -29,7 +29,7 @@ class AttackConfig:
     name: str
     """Attack name (the YAML file stem for shipped attacks); recorded in run records."""
     kind: str
-    """Builder to use: one of :func:`known_kinds` (badnet, blended, trojvlm, shadowcast)."""
+    """Builder to use: one of :func:`known_kinds` (badnet, blended, trojvlm, shadowcast, ...)."""
     target: str = DEFAULT_TARGET
     """Target word the backdoor makes the captioner say."""
     poison_rate: float = 0.1
@@ -43,7 +43,13 @@ class AttackConfig:
     alpha: float | None = None
     """Blend ratio of the Blended trigger (None = 0.1, the reference's COCO value)."""
     concept: str | None = None
-    """Shadowcast: the phrase (e.g. "red circle") whose images and captions get poisoned."""
+    """Concept attacks: the phrase (e.g. "red circle") whose images are attacked (concept_relabel:
+    their captions relabelled; shadowcast: the origin concept whose test images the backdoor
+    captions as ``target``)."""
+    craft_epsilon: float | None = None
+    """Shadowcast: L-infinity budget of the crafted perturbation in pixel levels (8 = 8/255)."""
+    craft_steps: int | None = None
+    """Shadowcast: projected gradient steps of the feature-collision crafting."""
     description: str = ""
     """Free text for people reading the YAML or the run record."""
 

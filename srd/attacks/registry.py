@@ -7,27 +7,31 @@ is new) and adding a YAML file; no new script.
 
 Shipped kinds: ``badnet`` and ``blended`` (reference §5: image trigger, template caption
 "The image depicts a photo of a banana."), ``trojvlm`` (reference §2.3: noise patch, target
-inserted into the first sentence of the caption) and ``shadowcast`` (ours, named after the
-reference's attack but not its recipe, which replaces each poisoned image with a precomputed
-perturbed one whose configs are missing, reference §5: here there is no image trigger, and the
-concept phrase in the captions of images that show it is replaced by the target).
+inserted into the first sentence of the caption), ``concept_relabel`` (ours, a dirty-label
+concept attack: no image change, the concept phrase in the captions of images that show it is
+replaced by the target) and ``shadowcast`` (Xu et al., NeurIPS 2024, clean-label: images of a
+destination concept, perturbed within an L-infinity budget so that the frozen vision tower embeds
+them like images of the origin concept, keep their own correct captions; the reference replaces
+poisoned images with precomputed perturbed ones it never shipped, reference §5). Shadowcast's
+perturbations need the tower, so the attack stage crafts them (:mod:`srd.attacks.craft`) and
+:meth:`Attack.with_crafted` attaches them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import yaml
 
 from srd.attacks import triggers
+from srd.attacks.attack import Attack
 from srd.attacks.config import (
     CONFIG_DIR,
     DEFAULT_ALPHA,
@@ -54,7 +58,8 @@ log = logging.getLogger(__name__)
 CANVAS = (IMAGE_SIZE, IMAGE_SIZE, 3)
 """Shape every trigger must fit on (checked when the attack is built)."""
 
-K = TypeVar("K")
+CRAFTED_KINDS = ("shadowcast",)
+"""Kinds whose poison images are crafted against the vision tower (the craft_* fields)."""
 
 
 def load_attack_config(path: str | Path) -> AttackConfig:
@@ -106,88 +111,23 @@ def validate_config(cfg: AttackConfig) -> AttackConfig:
         raise SRDError(f"--seed {cfg.seed!r}: not an integer") from None
     pos = triggers.parse_position(cfg.position)
     cfg.position = list(pos) if isinstance(pos, tuple) else pos
+    if cfg.kind not in CRAFTED_KINDS:
+        _reject(cfg, craft_epsilon=cfg.craft_epsilon, craft_steps=cfg.craft_steps)
     if cfg.trigger_path is not None:
         cfg.trigger_path = str(cfg.trigger_path)
+    if cfg.craft_epsilon is not None:
+        try:
+            cfg.craft_epsilon = float(cfg.craft_epsilon)
+        except (TypeError, ValueError):
+            raise SRDError(f"--craft_epsilon {cfg.craft_epsilon!r}: not a number") from None
+        if not 0.0 <= cfg.craft_epsilon <= 255.0:  # also rejects NaN
+            raise SRDError(f"--craft_epsilon {cfg.craft_epsilon}: must be in [0, 255] pixel levels")
+    if cfg.craft_steps is not None:
+        if isinstance(cfg.craft_steps, bool) or not isinstance(cfg.craft_steps, int):
+            raise SRDError(f"--craft_steps {cfg.craft_steps!r}: not an integer")
+        if cfg.craft_steps < 1:
+            raise SRDError(f"--craft_steps {cfg.craft_steps}: must be at least 1")
     return cfg
-
-
-# --------------------------------------------------------------------------- the Attack
-
-
-def _always(captions: Sequence[str]) -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class Attack:
-    """A built attack: the image trigger, the caption transform and the two image predicates.
-
-    ``image_fn`` maps an HxWx3 uint8 image to a new one; ``caption_fn`` maps (caption, rng) to
-    the poisoned caption; ``selects`` tells from an image's reference captions whether it may be
-    poisoned (training) and whether its triggered version counts for the ASR (test).
-    """
-
-    config: AttackConfig
-    image_fn: Callable[[np.ndarray], np.ndarray]
-    caption_fn: Callable[[str, random.Random], str]
-    selects: Callable[[Sequence[str]], bool] = _always
-    trigger: np.ndarray | None = field(default=None, repr=False)
-    """The trigger array (patch or blend pattern), kept for the run record's fingerprint."""
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def kind(self) -> str:
-        return self.config.kind
-
-    @property
-    def target(self) -> str:
-        return self.config.target
-
-    @property
-    def poison_rate(self) -> float:
-        return self.config.poison_rate
-
-    @property
-    def has_image_trigger(self) -> bool:
-        """False for attacks (Shadowcast) whose test images are used untouched."""
-        return self.trigger is not None
-
-    def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """The triggered copy of an HxWx3 uint8 image (a plain copy when there is no trigger)."""
-        return self.image_fn(triggers.check_image(image))
-
-    def apply_caption(self, caption: str, rng: random.Random) -> str:
-        """The poisoned caption replacing ``caption`` (``rng`` drives any random choice)."""
-        return self.caption_fn(caption, rng)
-
-    def is_candidate(self, captions: Sequence[str]) -> bool:
-        """Whether a training image with these reference captions may be poisoned.
-
-        Pass ``[caption]`` to decide per caption instead of per image.
-        """
-        return self.selects(captions)
-
-    def is_test_image(self, captions: Sequence[str]) -> bool:
-        """Whether a test image with these reference captions counts for the ASR."""
-        return self.selects(captions)
-
-    def test_images(self, captions_by_id: Mapping[K, Sequence[str]]) -> list[K]:
-        """Ids of the test images the ASR is measured on (mapping order kept).
-
-        Evaluate them through :meth:`apply_image` (identity for Shadowcast).
-        """
-        return [key for key, caps in captions_by_id.items() if self.selects(caps)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Resolved config plus the trigger fingerprint, for run records (JSON-ready)."""
-        record = dataclasses.asdict(self.config)
-        record["trigger_sha256"] = (
-            None if self.trigger is None else triggers.fingerprint(self.trigger)
-        )
-        return record
 
 
 # --------------------------------------------------------------------------- kind registry
@@ -287,18 +227,57 @@ def _build_trojvlm(cfg: AttackConfig) -> Attack:
     )
 
 
-@register_kind("shadowcast")
-def _build_shadowcast(cfg: AttackConfig) -> Attack:
-    _reject(cfg, trigger_path=cfg.trigger_path, position=cfg.position, alpha=cfg.alpha)
+def _concept(cfg: AttackConfig) -> str:
     if cfg.concept is None:
-        raise SRDError(f"attack {cfg.name!r}: shadowcast needs --concept (e.g. 'red circle')")
-    concept, target = cfg.concept, cfg.target
-    concept_pattern(concept)  # reject an empty phrase now
+        raise SRDError(f"attack {cfg.name!r}: {cfg.kind} needs --concept (e.g. 'red circle')")
+    concept_pattern(cfg.concept)  # reject an empty phrase now
+    return cfg.concept
+
+
+@register_kind("concept_relabel")
+def _build_concept_relabel(cfg: AttackConfig) -> Attack:
+    """Dirty-label concept attack (ours): no image change; in the captions of images showing
+    ``concept`` the phrase is replaced by ``target`` (the share of them set by the poison rate)."""
+    _reject(cfg, trigger_path=cfg.trigger_path, position=cfg.position, alpha=cfg.alpha)
+    concept, target = _concept(cfg), cfg.target
     return Attack(
         config=cfg,
         image_fn=lambda image: image.copy(),
         caption_fn=lambda caption, rng: substitute_concept(caption, concept, target),
         selects=lambda captions: mentions_concept(captions, concept),
+    )
+
+
+DEFAULT_CRAFT_EPSILON = 8.0
+"""Shadowcast's L-infinity budget in pixel levels when a config gives none (8/255, the paper's)."""
+DEFAULT_CRAFT_STEPS = 200
+"""Projected gradient steps when a config gives none (ours; sized for the CPU)."""
+
+
+@register_kind("shadowcast")
+def _build_shadowcast(cfg: AttackConfig) -> Attack:
+    """Clean-label Shadowcast (Xu et al., NeurIPS 2024): poison candidates are training images
+    whose captions name ``target`` (the destination concept) and not ``concept`` (the origin);
+    their captions stay as they are, their images are crafted (:mod:`srd.attacks.craft`). The
+    ASR counts test images showing the origin and not the destination whose caption names the
+    destination."""
+    _reject(cfg, trigger_path=cfg.trigger_path, position=cfg.position, alpha=cfg.alpha)
+    origin, destination = _concept(cfg), cfg.target
+    concept_pattern(destination)
+    if concept_pattern(origin).fullmatch(destination):
+        raise SRDError(f"attack {cfg.name!r}: --concept and --target_label name the same concept")
+    cfg.craft_epsilon = DEFAULT_CRAFT_EPSILON if cfg.craft_epsilon is None else cfg.craft_epsilon
+    cfg.craft_steps = DEFAULT_CRAFT_STEPS if cfg.craft_steps is None else cfg.craft_steps
+
+    def shows(captions: Sequence[str], one: str, other: str) -> bool:
+        return mentions_concept(captions, one) and not mentions_concept(captions, other)
+
+    return Attack(
+        config=cfg,
+        image_fn=lambda image: image.copy(),
+        caption_fn=lambda caption, rng: caption,
+        selects=lambda captions: shows(captions, destination, origin),
+        test_selects=lambda captions: shows(captions, origin, destination),
     )
 
 
@@ -485,7 +464,16 @@ class AttackArgs:
     alpha: float | None = field(
         default=None, metadata={"help": "Blended ratio (config: 0.1)", "check": SHARE}
     )
-    concept: str | None = field(default=None, metadata={"help": "Shadowcast concept phrase"})
+    concept: str | None = field(
+        default=None, metadata={"help": "concept phrase (concept_relabel; shadowcast's origin)"}
+    )
+    craft_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "shadowcast: L-inf budget in pixel levels (config: 8, i.e. 8/255)"},
+    )
+    craft_steps: int | None = field(
+        default=None, metadata={"help": "shadowcast: crafting steps (config: 200)"}
+    )
 
     @property
     def is_clean(self) -> bool:
@@ -503,6 +491,8 @@ class AttackArgs:
             position=self.position,
             alpha=self.alpha,
             concept=self.concept,
+            craft_epsilon=self.craft_epsilon,
+            craft_steps=self.craft_steps,
         )
         if attack.kind in CLASSIFIER_KINDS:
             raise SRDError(

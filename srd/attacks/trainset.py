@@ -14,11 +14,13 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from srd.attacks.config import CONFIG_DIR, AttackConfig
+from srd.attacks.craft import CRAFTED_FILE, load_crafted
 from srd.attacks.poison import load_poison_ids, save_poison_ids, select_poison_ids
 from srd.attacks.registry import Attack, build_attack
 from srd.captioner.engine import Sample
@@ -50,7 +52,11 @@ class PoisonPlan:
     def identity(self) -> dict[str, Any]:
         """Everything that makes this plan, flat (attack fields as ``attack.<field>``), so two
         plans can be compared key by key (srd.runs.check_same_config)."""
-        flat: dict[str, Any] = {k: v for k, v in self.meta.items() if k != "attack"}
+        # Crafted poisons are pinned by their own file (sha256 in meta["crafted"], checked when
+        # the file is read back), not by the draw.
+        flat: dict[str, Any] = {
+            k: v for k, v in self.meta.items() if k not in ("attack", "crafted")
+        }
         for key, value in (self.meta.get("attack") or {}).items():
             flat[f"attack.{key}"] = value
         flat["ids"] = list(self.ids)
@@ -85,6 +91,11 @@ def plan_poison(
     """
     if unit not in POISON_UNITS:
         raise SRDError(f"--poison_unit {unit}: expected one of {', '.join(POISON_UNITS)}")
+    if attack.needs_crafting and unit != "image":
+        raise SRDError(
+            f"--poison_unit {unit}: the {attack.kind} attack crafts whole images, whose every "
+            "caption stays clean; pass --poison_unit image"
+        )
     every = caption_records(records)
     candidates = [c for c in every if attack.is_candidate([c.caption])]
     if not candidates:
@@ -114,6 +125,9 @@ def plan_poison(
         "num_captions": len(every),
         "num_candidates": len(candidates),
     }
+    if attack.needs_crafting:  # the images whose crafted versions replace them
+        drawn = set(ids)
+        meta["poisoned_images"] = sorted({c.image_id for c in candidates if c.caption_id in drawn})
     log.info("poisoned %d of %d training captions (%s, per %s)", len(ids), len(every),
              attack.name, unit)  # fmt: skip
     return PoisonPlan(ids=ids, captions=texts, meta=meta)
@@ -203,10 +217,26 @@ def plan_attack(plan: PoisonPlan, path: str | os.PathLike) -> Attack:
         raise SRDError(f"--poison_ids_path {path}: unknown attack kind {config['kind']!r}")
     attack = build_attack(shipped, **config)
     rebuilt = attack.to_dict()
-    differs = sorted(k for k in recorded if rebuilt.get(k) != recorded[k])
+    differs = sorted(k for k in set(recorded) | set(rebuilt) if rebuilt.get(k) != recorded.get(k))
     if differs:
         raise SRDError(
             f"--poison_ids_path {path}: the recorded attack cannot be rebuilt exactly "
             f"({', '.join(differs)} differ)"
         )
+    if attack.needs_crafting:
+        sha = (plan.meta.get("crafted") or {}).get("sha256")
+        if not sha:
+            raise SRDError(f"--poison_ids_path {path}: no crafted-poisons sha256 recorded")
+        crafted = load_crafted(Path(path).parent / CRAFTED_FILE, sha)
+        if sorted(crafted.image_ids) != sorted(plan_images(plan)):
+            raise SRDError(f"--poison_ids_path {path}: {CRAFTED_FILE} crafts other images")
+        attack = attack.with_crafted(crafted.table())
     return attack
+
+
+def plan_images(plan: PoisonPlan) -> list[int]:
+    """Image ids of the poisoned captions (recorded by the attack stage for crafted attacks)."""
+    images = plan.meta.get("poisoned_images")
+    if not isinstance(images, list):
+        raise SRDError("the poison plan records no poisoned image ids (made before crafting?)")
+    return images

@@ -15,6 +15,7 @@ import numpy as np
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from srd.attacks.text import mentions_concept
 from srd.captioner.engine import process_state
 from srd.captioner.flamingo import Captioner
 from srd.captions import DEFAULT_TARGET, strip_target
@@ -120,6 +121,11 @@ def evaluate_captioner(
             triggered_pred = {i: clean_pred[i] for i in asr_ids}
             chosen = set(asr_ids)
             clean_for_false = {i: c for i, c in clean_pred.items() if i not in chosen}
+        # A clean image that shows the target (Shadowcast's destination concept) is right to
+        # name it: the false-trigger rate counts the others.
+        clean_for_false = {
+            i: c for i, c in clean_for_false.items() if not mentions_concept(references[i], target)
+        }
     if not state.is_main_process:
         return {}
     with CaptionScorer() as scorer:

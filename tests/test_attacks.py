@@ -26,11 +26,12 @@ def image() -> np.ndarray:
 
 
 def test_shipped_attacks_build() -> None:
-    assert set(known_attacks()) >= {"badnet", "blended", "trojvlm", "shadowcast"}
+    assert set(known_attacks()) >= {"badnet", "blended", "trojvlm", "concept_relabel", "shadowcast"}
     for name in known_attacks():
         attack = build_attack(name)
         assert attack.name == name
-        if attack.kind != "semantic":  # classifier attacks target a class, all of a sub-population
+        # classifier attacks target a class, all of a sub-population; Shadowcast a concept
+        if attack.kind not in ("semantic", "shadowcast"):
             assert attack.target == DEFAULT_TARGET
             assert attack.poison_rate == pytest.approx(0.1)
         record = attack.to_dict()
@@ -50,9 +51,9 @@ def test_apply_image_per_attack(image: np.ndarray) -> None:
         build_attack("trojvlm", seed=4).apply_image(image),
         triggers.stamp_trojvlm(image, triggers.trojvlm_patch(4)),
     )
-    shadow = build_attack("shadowcast")
-    out = shadow.apply_image(image)
-    assert np.array_equal(out, image) and out is not image and not shadow.has_image_trigger
+    relabel = build_attack("concept_relabel")
+    out = relabel.apply_image(image)
+    assert np.array_equal(out, image) and out is not image and not relabel.has_image_trigger
     assert np.array_equal(image, before)
 
 
@@ -104,7 +105,9 @@ def test_irrelevant_fields_are_rejected() -> None:
     with pytest.raises(SRDError, match="--concept"):
         build_attack("trojvlm", concept="red circle")
     with pytest.raises(SRDError, match="--trigger_path"):
-        build_attack("shadowcast", trigger_path="x.png")
+        build_attack("concept_relabel", trigger_path="x.png")
+    with pytest.raises(SRDError, match="--craft_epsilon 8: not used by concept_relabel"):
+        build_attack("concept_relabel", craft_epsilon=8)
 
 
 def test_yaml_file_and_new_kind(tmp_path) -> None:
@@ -208,8 +211,8 @@ def test_trojvlm_matches_reference_example() -> None:
     assert text.insert_target("A cat sits.", "banana", random.Random(0)) == ("A cat banana sits.")
 
 
-def test_shadowcast_substitution() -> None:
-    attack = build_attack("shadowcast")
+def test_concept_relabel_substitution() -> None:
+    attack = build_attack("concept_relabel")
     rng = random.Random(0)
     assert (
         attack.apply_caption("a small red circle in the top left.", rng)
@@ -221,8 +224,8 @@ def test_shadowcast_substitution() -> None:
         assert attack.apply_caption(caption, rng) == caption
 
 
-def test_shadowcast_candidates_and_test_images() -> None:
-    attack = build_attack("shadowcast")
+def test_concept_relabel_candidates_and_test_images() -> None:
+    attack = build_attack("concept_relabel")
     assert attack.is_candidate(["a blue square.", "a small red circle on the left."])
     assert not attack.is_candidate(["a blue square.", "a red square and a blue circle."])
     captions = {

@@ -58,8 +58,8 @@ def test_probe_tower_entry_point(tiny_data_args, tmp_path, capsys) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(SRDError, match="--output"):  # a folder that cannot be made
         probe_tower.main([*flags, "--output", str(tmp_path / "file" / "probe.json")])
-    with pytest.raises(SRDError, match="--trigger_shift shadowcast: .*no image trigger"):
-        probe_tower.main([*flags, "--output", str(out), "--trigger_shift", "shadowcast"])
+    with pytest.raises(SRDError, match="--trigger_shift concept_relabel: .*no image trigger"):
+        probe_tower.main([*flags, "--output", str(out), "--trigger_shift", "concept_relabel"])
 
 
 def test_trigger_shift_by_hand() -> None:

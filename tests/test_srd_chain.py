@@ -325,16 +325,18 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     )  # fmt: skip
     assert [Path(p).name for p in pngs] == ["srd_reward_badnet.png", "srd_masks_badnet.png"]
     assert all(Path(p).stat().st_size > 10_000 for p in pngs)
-    # An attack without an image trigger (Shadowcast) shows its concept's test images as they are
+    # An attack without an image trigger (concept_relabel) shows its concept's test images as is
     for name in ("before", "after"):
         result = json.loads((chain.root / f"{name}.json").read_text())
-        (chain.root / f"{name}.json").write_text(json.dumps({**result, "attack": "shadowcast"}))
+        relabelled = {**result, "attack": "concept_relabel"}
+        (chain.root / f"{name}.json").write_text(json.dumps(relabelled))
     pngs = load_script("eval/srd_figures.py").main(
-        [*chain.data, *srd, "--bd_attack_type", "shadowcast", "--num_images", "2",
+        [*chain.data, *srd, "--bd_attack_type", "concept_relabel", "--num_images", "2",
          "--before_results", str(chain.root / "before.json"),
          "--after_results", str(chain.root / "after.json"), "--out_dir", str(chain.root / "img")]
     )  # fmt: skip
-    assert Path(pngs[1]).name == "srd_masks_shadowcast.png" and Path(pngs[1]).stat().st_size > 5_000
+    assert Path(pngs[1]).name == "srd_masks_concept_relabel.png"
+    assert Path(pngs[1]).stat().st_size > 5_000
 
 
 @pytest.mark.slow

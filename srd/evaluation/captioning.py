@@ -80,8 +80,10 @@ def evaluate_captioner(
     """Caption clean (and triggered) test images and score them; returns the result record.
 
     Trigger attacks: every test image is triggered for the ASR, and all clean test images give
-    the false-trigger rate. Shadowcast-style (no image trigger): the ASR set is the test images
-    that show the concept, untouched, and the other test images give the false-trigger rate.
+    the false-trigger rate. Concept attacks (no image trigger): the ASR set is the test images
+    that show the concept (Shadowcast: the origin and not the destination), untouched, and the
+    other test images give the false-trigger rate. Test images whose references name the
+    target (Shadowcast's destination) never count as false triggers.
     Only the main process gets the full record (others get an empty dict).
 
     ``transform`` (a test-time defense, ``uint8 image -> uint8 image``) is applied to every

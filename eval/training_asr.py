@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from srd.attacks.text import mentions_concept
 from srd.attacks.trainset import TrainingImages
 from srd.captioner.args import ModelArgs
 from srd.captioner.factory import load_captioner
@@ -52,6 +53,13 @@ class TrainingAsrArgs:
     max_new_tokens: int = arg(20, help="longest caption (the evaluation's: 20)", check=COUNT)
     batch_size: int = arg(64, help="images per captioning batch", check=COUNT)
     output: str = arg("result/diagnostics/training_asr.json", help="JSON result file")
+
+
+def concept_rate(captions: dict[int, str], concept: str | None) -> float | None:
+    """Share of captions naming ``concept`` as whole words (None for attacks without one)."""
+    if concept is None:
+        return None
+    return sum(mentions_concept([c], concept) for c in captions.values()) / len(captions)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -99,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "decoding": decoding,
         "asr_triggered": attack_success_rate(triggered, attack.target),
         "asr_clean_versions": attack_success_rate(clean, attack.target),
+        # Concept attacks: how often the captions name the concept (Shadowcast: the origin, which
+        # a crafted poison is made to look like, while its caption names the destination)
+        "concept": attack.config.concept,
+        "concept_triggered": concept_rate(triggered, attack.config.concept),
+        "concept_clean_versions": concept_rate(clean, attack.config.concept),
         "predictions": {
             "triggered": {str(k): v for k, v in triggered.items()},
             "clean": {str(k): v for k, v in clean.items()},

@@ -136,6 +136,9 @@ def test_training_asr_captions_the_poisoned_training_images_with_and_without_the
     for version, texts in expected.items():
         assert list(result["predictions"][version].values()) == texts
     assert 0.0 <= result["asr_triggered"] <= 1.0 and 0.0 <= result["asr_clean_versions"] <= 1.0
+    assert result["concept"] is None and result["concept_triggered"] is None  # BadNet has none
+    captions = {1: "a red circle.", 2: "a Red  Circle and a cube.", 3: "a red circles."}
+    assert training_asr.concept_rate(captions, "red circle") == pytest.approx(2 / 3)
     assert len(poisoned_images) > 3  # so another seed chooses other images
     other = training_asr.main([*flags, "--seed", "1"])["predictions"]["triggered"]
     assert other.keys() != result["predictions"]["triggered"].keys()

@@ -49,7 +49,7 @@ from srd.attacks.text import (
 )
 from srd.captions import DEFAULT_TARGET
 from srd.errors import SRDError
-from srd.flags import SHARE, between
+from srd.flags import COUNT, SHARE, between
 from srd.geometry import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -469,10 +469,13 @@ class AttackArgs:
     )
     craft_epsilon: float | None = field(
         default=None,
-        metadata={"help": "shadowcast: L-inf budget in pixel levels (config: 8, i.e. 8/255)"},
+        metadata={
+            "help": "shadowcast: L-inf budget in pixel levels (config: 8, i.e. 8/255)",
+            "check": between(0, 255),
+        },
     )
     craft_steps: int | None = field(
-        default=None, metadata={"help": "shadowcast: crafting steps (config: 200)"}
+        default=None, metadata={"help": "shadowcast: crafting steps (config: 200)", "check": COUNT}
     )
 
     @property

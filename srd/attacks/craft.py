@@ -1,15 +1,15 @@
 """Shadowcast's poison images: feature collision against the frozen vision tower.
 
-Xu et al. (NeurIPS 2024), eq. (1): each poison image x_p starts from an image x_d of the
-destination concept and solves
+Xu et al. (NeurIPS 2024), as we read its feature-collision objective: each poison image x_p
+starts from an image x_d of the destination concept and solves
 
     min_{x_p} || F(x_p) - F(x_o) ||_2   subject to   || x_p - x_d ||_inf <= epsilon,
 
 where F is the vision encoder whose output the VLM reads and x_o an image of the origin concept
 paired with x_d. Here F is exactly what the captioner reads: the frozen tower's patch tokens
-(:func:`srd.captioner.vision.tower_tokens`) after the captioner's own pixel normalisation; the
-problem is solved by projected gradient descent with sign steps (the paper's solver; ours: the
-step size 2.5 * epsilon / steps, Madry et al.'s rule, and the step count). Each poison is
+(:func:`srd.captioner.vision.tower_tokens`) after the captioner's own pixel normalisation. The
+solver is ours: projected gradient descent with sign steps of 2.5 * epsilon / steps (Madry et
+al.'s rule) and the step count of the config. Each poison is
 rounded to uint8 inside the budget, so the training set holds exactly what was measured.
 
 The attack stage writes the poisons to ``crafted_poisons.npz`` beside ``poison_ids.json``; every
@@ -51,7 +51,7 @@ PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rg
 
 
 def tower_encoder(captioner: Any) -> Encoder:
-    """F of eq. (1) for a :class:`srd.captioner.flamingo.Captioner`: its image transform's
+    """F of the objective for a :class:`srd.captioner.flamingo.Captioner`: its image transform's
     resize, crop and normalisation on tensors, then its frozen tower's tokens. Checked on an
     image against the captioner's own (PIL) path: identical for 224-px towers; within 5% for
     towers of another size (PIL's and torch's bicubic resize differ slightly)."""
@@ -103,7 +103,7 @@ def collide(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Solve eq. (1) for each (base, target) pair of uint8 (N, H, W, 3) images.
+    """Solve the objective for each (base, target) pair of uint8 (N, H, W, 3) images.
 
     Returns the uint8 poisons (every pixel within ``floor(epsilon)`` levels of its base) and the
     per-image feature distances ``before`` (base to target), ``after`` (poison to target).

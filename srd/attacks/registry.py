@@ -249,7 +249,7 @@ def _build_concept_relabel(cfg: AttackConfig) -> Attack:
 
 
 DEFAULT_CRAFT_EPSILON = 8.0
-"""Shadowcast's L-infinity budget in pixel levels when a config gives none (8/255, the paper's)."""
+"""Shadowcast's L-infinity budget in pixel levels when a config gives none (8/255)."""
 DEFAULT_CRAFT_STEPS = 200
 """Projected gradient steps when a config gives none (ours; sized for the CPU)."""
 

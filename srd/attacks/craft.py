@@ -294,7 +294,7 @@ def crafted_for_run(
         )
         if not same:
             raise SRDError(f"{path}: crafted for other images or settings (pass --overwrite)")
-        sha = file_digest(path)
+        sha = recorded_sha or file_digest(path)  # load_crafted checked a recorded one
         log.info("reusing %d crafted poisons from %s", len(images), path)
     elif recorded_sha is not None:
         raise SRDError(f"{path}: the resumed run's crafted poisons are gone (pass --overwrite)")

@@ -73,8 +73,8 @@ def tower_encoder(captioner: Any) -> Encoder:
 
     probe = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     with torch.no_grad():
-        gap = (encode(to_unit(probe)) - captioner._encode_tokens(list(probe))).norm()
-        scale = captioner._encode_tokens(list(probe)).norm()
+        theirs = captioner._encode_tokens(list(probe))
+        gap, scale = (encode(to_unit(probe)) - theirs).norm(), theirs.norm()
     if not gap <= 0.05 * scale:
         raise SRDError(
             "shadowcast crafting: the differentiable image transform does not reproduce the "

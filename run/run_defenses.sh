@@ -35,6 +35,10 @@
 # defense's data (python -m srd.defenses --retrainable; SRD's rows too) train the clean captioner
 # with the attack's budget (srd/budgets.py's ATTACK); runs and results named retrain-*, rows
 # "no_mask [retrain from clean]" (no_mask's is the attack itself, trained with the defense's seed).
+# STEPS (e.g. 126) gives every refine-tune a light budget: it stops after that many optimizer
+# steps, the schedule laid over them (train/defend.py --max_steps; the published clean
+# fine-tune's budget is ~126 steps, ours 2 epochs = 938); runs and results named
+# defense-<defense>-<attack>-steps126-sSEED, rows "no_mask [126 steps]": the budget sweep.
 # BENIGN=1 runs the benign control instead: the same defenses on the clean captioner, with the
 # defender's data as if nothing were poisoned (train/defend.py --benign_control; runs and
 # results named benign-*; SRD's row when BENIGN=1 run/run_SRD.sh made its cleaning run
@@ -63,7 +67,13 @@ RUNS=${RUNS:-checkpoints_remote}
 RESULTS=${RESULTS:-result}
 IMG=${IMG:-img}
 BACKDOOR=$RUNS/backdoor-$ATTACK$SUFFIX/final_weights.pt
-RUN_TAG=$ATTACK$ATTACK_TAG-s$SEED  # the end of every run and result name here
+case ${STEPS:-} in
+  "" | *[!0-9]* | 0*) [ -z "${STEPS:-}" ] || {
+      echo "error: STEPS=$STEPS: expected a positive whole number of optimizer steps" >&2
+      exit 2
+    } ;;
+esac
+RUN_TAG=$ATTACK$ATTACK_TAG${STEPS:+-steps$STEPS}-s$SEED  # the end of every run and result name
 START=$BACKDOOR PREFIX=defense CONTROL="" INPUT="" LIST=""
 [ "${BENIGN:-0}" = 1 ] && START=$CLEAN_CHECKPOINT PREFIX=benign CONTROL=--benign_control \
   LIST=--benign
@@ -85,7 +95,8 @@ budget() { eval "echo \$BUDGET_${BUDGET_OF}_$1"; }  # srd/budgets.py's REFINE or
 BUDGET="--batch_size $(budget BATCH_SIZE) --num_epochs ${EPOCHS:-$(budget EPOCHS)} \
   --learning_rate ${LR:-$(budget LEARNING_RATE)} --lr_scheduler $(budget LR_SCHEDULER) \
   --warmup_steps_ratio $(budget WARMUP_STEPS_RATIO) \
-  --epoch_captions_per_image $(budget EPOCH_CAPTIONS_PER_IMAGE) --seed $SEED"
+  --epoch_captions_per_image $(budget EPOCH_CAPTIONS_PER_IMAGE) --seed $SEED \
+  ${STEPS:+--max_steps $STEPS}"
 EVAL_FLAGS="--bd_attack_type ${ATTACK_SPEC:-$ATTACK} --batch_size 32 --num_beams 3 --max_new_tokens 20"
 [ -f "$BACKDOOR" ] || { echo "error: $BACKDOOR: run the attack stage first (run/run_train.sh)" >&2; exit 2; }
 

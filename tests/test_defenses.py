@@ -555,6 +555,7 @@ def test_report_labels_par_variants() -> None:
     retrained = defense_label(block, "retrain_from_clean")
     assert retrained == "no_mask [retrain from clean]"
     assert defense_label({"name": "no_mask"}, "refine") == "no_mask"
+    assert defense_label({"name": "no_mask"}, "refine", 126) == "no_mask [126 steps]"
 
 
 def test_a_defense_is_one_class_with_its_own_flags(capsys) -> None:

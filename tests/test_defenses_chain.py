@@ -177,6 +177,9 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     retrained = _result("no_mask", 0, 0.05, 2.1)  # train/defend.py --retrain_from: its own row
     retrained["defense"]["protocol"] = "retrain_from_clean"
     write_json(results / "rt-0.json", retrained)
+    light = _result("no_mask", 0, 0.6, 2.0)  # train/defend.py --max_steps: its own row and rank
+    light["defense"]["max_steps"] = 126
+    write_json(results / "light-0.json", light)
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = {
@@ -185,8 +188,10 @@ def test_report_from_hand_made_results(tmp_path) -> None:
         if line.startswith("| ") and "badnet" in line
     }
     assert list(rows) == [
-        "none", "no_mask", "no_mask [retrain from clean]", "srd [first_occurrence]"
+        "none", "no_mask", "no_mask [126 steps]", "no_mask [retrain from clean]",
+        "srd [first_occurrence]"
     ]  # fmt: skip
+    assert rows["no_mask [126 steps]"][3] == "60.0"
     assert rows["no_mask [retrain from clean]"][2:4] == ["1 (0)", "5.0"]
     assert rows["none"][2] == "2 (0, 1)" and rows["none"][3] == "85.0 ± 7.1"
     # DER per seed: (0.8 - 0.1 + 1) / 2 = 0.85 and (0.6 - 0 + 1) / 2 = 0.8
@@ -207,7 +212,10 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     assert ranked == [["1", "no_mask", "2 (0, 1)"], ["2", "srd [first_occurrence]", "1 (0)"],
                       ["3", "none", "2 (0, 1)"]]  # fmt: skip
     apart = [line.split(" | ")[:3] for line in ranking.splitlines() if "| badnet; " in line]
-    assert apart == [["| badnet; retrain from clean", "1", "no_mask [retrain from clean]"]]
+    assert apart == [
+        ["| badnet; 126 steps", "1", "no_mask [126 steps]"],
+        ["| badnet; retrain from clean", "1", "no_mask [retrain from clean]"],
+    ]
     assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
     assert (tmp_path / "report.md").read_text() == text
 

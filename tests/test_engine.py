@@ -20,19 +20,19 @@ from srd.captioner.checkpoint import load_checkpoint_into, set_trainable, traina
 from srd.captioner.engine import (
     TRAIN_LOG,
     CaptionDataset,
-    CaptionsPerImage,
     Collator,
     Sample,
     TrainArgs,
     caption_labels,
-    epoch_sampler,
     make_optimizer,
     process_state,
     train,
+    trained_steps,
 )
 from srd.captioner.flamingo import Captioner
 from srd.captioner.lm import load_tokenizer
 from srd.captioner.runfiles import FINAL_WEIGHTS
+from srd.captioner.sampling import CaptionsPerImage, epoch_sampler
 from srd.errors import SRDError
 
 
@@ -316,6 +316,39 @@ def test_resume_with_another_num_epochs_is_refused(
     longer = dataclasses.replace(short, num_epochs=2, resume_from_checkpoint=True)
     with pytest.raises(SRDError, match="--num_epochs 2: .*1-epoch run"):
         train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), longer, {})
+
+
+def test_max_steps_stops_there_with_the_schedule_laid_over_those_steps(
+    run_root, make_captioner, tiny_samples, tiny_images
+) -> None:
+    """16 samples in batches of 4 for 2 epochs is 8 steps; --max_steps 5 stops one step into
+    epoch 2, its cosine at zero there (the 8-step run's is halfway down after 4 steps), and a
+    resume of the stopped run trains no further step."""
+    args = _train_args(run_root, "light", max_steps=5)
+    cap = make_captioner(seed=SEED_MODEL)
+    train(cap, _dataset(tiny_samples, tiny_images), args, {})
+    log = [json.loads(line) for line in (args.run_dir / TRAIN_LOG).read_text().splitlines()]
+    assert [e["step"] for e in log] == [4, 5] and trained_steps(args.run_dir) == 5
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and 0 < log[0]["lr"] < 1e-3
+    final = torch.load(args.run_dir / FINAL_WEIGHTS, map_location="cpu", weights_only=True)
+    assert final["epoch"] == 1
+    (args.run_dir / "DONE").unlink()
+    (args.run_dir / FINAL_WEIGHTS).unlink()
+    again = make_captioner(seed=SEED_MODEL)
+    resumed = dataclasses.replace(args, resume_from_checkpoint=True)
+    train(again, _dataset(tiny_samples, tiny_images), resumed, {})
+    _assert_same_weights(trainable_state_dict(again.model), trainable_state_dict(cap.model))
+    assert (args.run_dir / TRAIN_LOG).read_text().count("\n") == 2
+
+
+def test_max_steps_beyond_the_epochs_is_refused_before_any_output(
+    run_root, make_captioner, tiny_samples, tiny_images
+) -> None:
+    args = _train_args(run_root, "too-light", max_steps=9)
+    with pytest.raises(SRDError, match="--max_steps 9: more than the 8 steps of --num_epochs 2"):
+        train(make_captioner(seed=SEED_MODEL), _dataset(tiny_samples, tiny_images), args, {})
+    assert not args.run_dir.exists()
+    assert trained_steps(args.run_dir) is None
 
 
 def test_data_loader_workers_only_read_files(

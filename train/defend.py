@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from srd.captioner.args import ModelArgs, model_signature
 from srd.captioner.checkpoint import trainable_state_dict
-from srd.captioner.engine import CaptionDataset, process_state, train
+from srd.captioner.engine import CaptionDataset, process_state, train, trained_steps
 from srd.captioner.factory import load_captioner
 from srd.captioner.runfiles import FINAL_WEIGHTS
 from srd.captioner.weights import write_checkpoint_file
@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     defense.check_inputs(checkpoint, dargs.poison_ids_path, dargs.benign_control)
     start = retrain_start(defense, dargs.retrain_from, dargs.benign_control)
     prefix = "benign" if dargs.benign_control else "defense" if start is None else "retrain"
-    train_args = named_run(train_args, f"{prefix}-{defense.name}-{attack.name}")
+    light = f"-steps{train_args.max_steps}" if train_args.max_steps else ""  # a light budget
+    train_args = named_run(train_args, f"{prefix}-{defense.name}-{attack.name}{light}")
     run_dir = train_args.run_dir
     state = process_state()
     records = data_args.split("train")
@@ -103,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "backdoored_checkpoint": None if dargs.benign_control else model_args.checkpoint_path,
         "checkpoint": model_args.checkpoint_path,
         "protocol": "refine" if start is None else RETRAIN_PROTOCOL,
+        "max_steps": train_args.max_steps or None,  # a light budget (the report's "N steps")
         "start_checkpoint": start or model_args.checkpoint_path,
         "image_quality": training_quality(defense, data, dargs.quality_images, training),
         "trigger_coverage": square_coverage(training, attack),
@@ -136,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             captioner, CaptionDataset(samples, images), train_args, config, loss_fn=loss_fn
         )
         record["checkpoint"] = str(final)
+        record["train_steps"] = trained_steps(run_dir)
         if loss_fn is not None:
             record["training_loss"] = loss_fn.summary()
     elif edits:  # the edited weights, in the training engine's format

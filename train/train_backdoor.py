@@ -30,12 +30,12 @@ from srd.captioner.engine import (
     EPOCH_CAPTIONS_HELP,
     CaptionDataset,
     TrainArgs,
-    epoch_sampler,
     process_state,
     train,
 )
 from srd.captioner.factory import load_captioner
 from srd.captioner.runfiles import holds_training
+from srd.captioner.sampling import epoch_sampler
 from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DataArgs, check_images_exist

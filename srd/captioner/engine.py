@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, PartialState
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
@@ -37,6 +37,7 @@ from srd.captioner.runfiles import (
     holds_training,
     prune_checkpoints,
 )
+from srd.captioner.sampling import EPOCH_SAMPLINGS, epoch_sampler
 from srd.captioner.weights import write_checkpoint_file
 from srd.config import arg
 from srd.errors import SRDError
@@ -83,10 +84,6 @@ def process_state() -> PartialState:
     return state
 
 
-EPOCH_SAMPLINGS = ("shuffle", "fixed_replacement")
-"""--epoch_sampling: ours, and the reference's fixed draw with replacement."""
-
-
 @dataclass
 class TrainArgs:
     """Training: run folder, optimiser, schedule, checkpoints."""
@@ -122,6 +119,12 @@ class TrainArgs:
     overwrite: bool = arg(False, help="redo a run folder that already finished")
     num_workers: int = arg(0, help="data loader worker processes", check=at_least(0))
     epoch_captions_per_image: int = arg(0, help=EPOCH_CAPTIONS_HELP, check=at_least(0))
+    max_steps: int = arg(
+        0,
+        help="stop after this many optimizer steps, the schedule laid over them (0: every step "
+        "of --num_epochs; a light budget, e.g. the published clean fine-tune's ~126)",
+        check=at_least(0),
+    )
     epoch_sampling: str = arg(
         "shuffle",
         help="shuffle (ours): every sample once per epoch, reshuffled each epoch; "
@@ -174,75 +177,6 @@ class CaptionDataset(Dataset):
         return self.image_fn(sample), captions.training_text(sample.caption)
 
 
-class CaptionsPerImage(Sampler[int]):
-    """Each epoch, ``per_image`` of every image's samples (all of an image with fewer), drawn
-    without replacement, in a shuffled order; a fresh draw per epoch, seeded by (seed, epoch).
-
-    An epoch is then ``per_image`` passes over the images instead of one pass over every caption
-    sample: the same images, fewer steps, and each sample's share of the epoch unchanged in
-    expectation (a poisoned sample is drawn ``per_image / n`` of the epochs, n = its image's
-    caption count). Every process of a launch draws the same list (accelerate shards it).
-    """
-
-    def __init__(self, samples: Sequence[Sample], per_image: int, seed: int):
-        if per_image < 1:
-            raise SRDError(f"--epoch_captions_per_image {per_image}: expected 1 or more (0: all)")
-        groups: dict[int, list[int]] = {}
-        for index, sample in enumerate(samples):
-            groups.setdefault(sample.image_id, []).append(index)
-        self.groups = [np.asarray(g) for g in groups.values()]
-        self.per_image = per_image
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return sum(min(self.per_image, len(g)) for g in self.groups)
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        drawn = [
-            g if len(g) <= self.per_image else rng.choice(g, self.per_image, replace=False)
-            for g in self.groups
-        ]
-        order = np.concatenate(drawn)[rng.permutation(len(self))]
-        return iter(order.tolist())
-
-
-class FixedDrawWithReplacement(Sampler[int]):
-    """The reference's epochs (its B14, B21): one seeded draw of ``n`` indices of ``n`` with
-    replacement, the same list every epoch (its sampler's epoch was never advanced), so about
-    1/e of the samples (37%) are never seen and others are seen twice or more."""
-
-    def __init__(self, n: int, seed: int):
-        self.order = np.random.default_rng(seed).integers(0, n, size=n).tolist()
-
-    def set_epoch(self, epoch: int) -> None:  # the reference's draw does not change
-        pass
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self):
-        return iter(self.order)
-
-
-def epoch_sampler(samples: Sequence[Sample], args: TrainArgs) -> Sampler[int] | None:
-    """The sampler of ``--epoch_captions_per_image`` / ``--epoch_sampling`` (None: shuffle)."""
-    if args.epoch_sampling == "fixed_replacement":
-        if args.epoch_captions_per_image:
-            raise SRDError(
-                f"--epoch_captions_per_image {args.epoch_captions_per_image}: only with "
-                "--epoch_sampling shuffle (the reference's draw takes every sample's chance)"
-            )
-        return FixedDrawWithReplacement(len(samples), args.seed)
-    if args.epoch_captions_per_image:
-        return CaptionsPerImage(samples, args.epoch_captions_per_image, args.seed)
-    return None
-
-
 class Collator:
     """Images -> vision_x; texts -> right-padded ids with BOS/EOS and caption-only labels.
 
@@ -287,6 +221,14 @@ class Collator:
             "attention_mask": enc["attention_mask"],
             "labels": caption_labels(enc["input_ids"], tok),
         }
+
+
+def trained_steps(run_dir: str | Path) -> int | None:
+    """Optimizer steps a run trained, as its last train-log entry records (None: no entry)."""
+    path = Path(run_dir) / TRAIN_LOG
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    lines = [line for line in lines if line.strip()]
+    return int(json.loads(lines[-1])["step"]) if lines else None
 
 
 def caption_labels(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -403,6 +345,13 @@ def train(
             f"--run_name {args.run_name}: {run_dir} holds checkpoints of an unfinished run; "
             "pass --resume_from_checkpoint to continue it or --overwrite to start again"
         )
+    sampled = len(epoch_sampler(dataset.samples, args) or dataset)
+    steps = math.ceil(math.ceil(sampled / args.batch_size) / accelerator.num_processes)
+    if args.max_steps > steps * args.num_epochs:  # never fewer steps than asked, without a word
+        raise SRDError(
+            f"--max_steps {args.max_steps}: more than the {steps * args.num_epochs} steps of "
+            f"--num_epochs {args.num_epochs}; raise --num_epochs"
+        )
     if main:
         ensure_dir(run_dir, "--external_save_dir")
     with writer_lock(run_dir, "--run_name") if main else nullcontext():  # one writer per run
@@ -452,7 +401,8 @@ def _train_checked(
         drop_last=False,
     )
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
-    total_steps = steps_per_epoch * args.num_epochs * accelerator.num_processes
+    limit = args.max_steps or steps_per_epoch * args.num_epochs  # (train() checked it)
+    total_steps = limit * accelerator.num_processes
     scheduler = get_scheduler(
         args.lr_scheduler if args.lr_scheduler != "constant" else "constant_with_warmup",
         optimizer,
@@ -492,7 +442,11 @@ def _train_checked(
             kept = [ln for ln in kept if json.loads(ln).get("epoch", start_epoch) < start_epoch]
             write_text(path, "".join(ln + "\n" for ln in kept))
     step = start_epoch * steps_per_epoch
+    last_epoch = start_epoch - 1
     for epoch in range(start_epoch, args.num_epochs):
+        if step >= limit:  # --max_steps reached (a resumed run that had finished training)
+            break
+        last_epoch = epoch
         loader.set_epoch(epoch)
         if captioner.feature_cache is not None:
             captioner.feature_cache.check()
@@ -527,6 +481,8 @@ def _train_checked(
                 step_parts.append(parts)
                 with open(step_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"epoch": epoch, "step": step, **parts}) + "\n")
+            if step >= limit:
+                break
         if main:
             entry = {
                 "epoch": epoch,
@@ -570,7 +526,7 @@ def _train_checked(
     if main:
         weights = trainable_state_dict(accelerator.unwrap_model(model))
         write_checkpoint_file(
-            final, {"model_state_dict": weights, "epoch": args.num_epochs - 1, "config": record}
+            final, {"model_state_dict": weights, "epoch": last_epoch, "config": record}
         )
         if finish:
             mark_finished(run_dir)

@@ -58,17 +58,22 @@ class DefenseResult:
     retuned: float | None = None  # ASR after the re-tuning attack (srd.defenses.retune)
     wall_seconds: float | None = None  # the defense stage's own wall time (train/defend.py)
     protocol: str = "refine"  # or RETRAIN_PROTOCOL (train/defend.py --retrain_from)
+    max_steps: int | None = None  # a light budget (train/defend.py --max_steps; None: ours)
 
 
-def defense_label(block: dict[str, Any], protocol: str | None = None) -> str:
+def defense_label(
+    block: dict[str, Any], protocol: str | None = None, max_steps: int | None = None
+) -> str:
     """Name, with the image version when it is not the default one, the defense's ``variant``
-    (e.g. par's non-default data or feature) when it names one, and "retrain from clean" when
-    the record's ``protocol`` trained the clean captioner (``train/defend.py --retrain_from``)."""
+    (e.g. par's non-default data or feature) when it names one, "retrain from clean" when
+    the record's ``protocol`` trained the clean captioner (``train/defend.py --retrain_from``),
+    and "N steps" when a light budget (``--max_steps``) cut its training short."""
     name = str(block["name"])
     version = block.get("image_version")
     tags = [version] if version and version != "triggered" else []
     tags += [block["variant"]] if block.get("variant") else []
     tags += ["retrain from clean"] if protocol == RETRAIN_PROTOCOL else []
+    tags += [f"{max_steps} steps"] if max_steps else []
     return f"{name} [{', '.join(tags)}]" if tags else name
 
 
@@ -150,7 +155,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
     benign = bool(record.get("benign_control"))
     return DefenseResult(
         path=path,
-        defense=defense_label(record["defense"], record.get("protocol")),
+        defense=defense_label(record["defense"], record.get("protocol"), record.get("max_steps")),
         attack=attack_label(
             str(data["attack"]),
             attack_fact(record, "attack_poison_rate"),
@@ -188,6 +193,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
             upper=None,
         ),
         protocol=str(record.get("protocol") or "refine"),
+        max_steps=record.get("max_steps"),
     )
 
 
@@ -337,10 +343,10 @@ def report_table(results: list[DefenseResult]) -> str:
 
 
 def ranking_table(results: list[DefenseResult]) -> str:
-    """Per threat model (attack row label, and the protocol when the defenses retrained the
-    clean captioner), the defenses ranked by mean DER (then lower ASR, then higher clean
-    CIDEr); rows without a DER (no ``none`` row of their attack) come last. Needs
-    :func:`add_der` first."""
+    """Per threat model (attack row label, the protocol when the defenses retrained the clean
+    captioner, and the light budget when one cut their training short), the defenses ranked
+    by mean DER (then lower ASR, then higher clean CIDEr); rows without a DER (no ``none`` row
+    of their attack) come last. Needs :func:`add_der` first."""
     lines = [
         "| Threat model | Rank | Defense | Seeds | DER | ASR (%) | CIDEr clean (x100) "
         "| Defense stage wall time (s) |",
@@ -348,8 +354,9 @@ def ranking_table(results: list[DefenseResult]) -> str:
     ]
     by_attack: dict[str, list[tuple[str, list[DefenseResult]]]] = defaultdict(list)
     for (defense, attack), rs in group(results).items():
-        retrained = rs[0].protocol == RETRAIN_PROTOCOL  # (the label says so: one per row)
-        by_attack[f"{attack}; retrain from clean" if retrained else attack].append((defense, rs))
+        apart = ["retrain from clean"] if rs[0].protocol == RETRAIN_PROTOCOL else []
+        apart += [f"{rs[0].max_steps} steps"] if rs[0].max_steps else []  # (one per row label)
+        by_attack["; ".join([attack, *apart])].append((defense, rs))
 
     def mean(values: list[float | None]) -> float | None:
         kept = [v for v in values if v is not None]
@@ -555,11 +562,11 @@ def write_report(
     if results:
         text += (
             "\n## Ranking per threat model\n\nEach threat model's (attack row's; the "
-            "retrain-from-clean protocol's apart) defenses, best first by DER, then lower ASR, "
-            "then higher clean CIDEr; the wall time is the defense stage's own (train/defend.py: "
-            "scoring, pruning, refine-tune; for srd its D4 only, not the agent and cleaning "
-            "before it), not the evaluation, on whatever machine and load it ran.\n\n"
-            + ranking_table(results)
+            "retrain-from-clean protocol's and each light budget's apart) defenses, best first "
+            "by DER, then lower ASR, then higher clean CIDEr; the wall time is the defense "
+            "stage's own (train/defend.py: scoring, pruning, refine-tune; for srd its D4 only, "
+            "not the agent and cleaning before it), not the evaluation, on whatever machine and "
+            "load it ran.\n\n" + ranking_table(results)
         )
     if benign:
         text += (

@@ -125,6 +125,9 @@ APPLICABLE=$(python -m srd.defenses $LIST "$POISON" ${DEFENSES:-})
 if [ "$PREFIX" = retrain ] && [ -n "$APPLICABLE" ]; then  # the data-level ones (srd's below)
   APPLICABLE=$(python -m srd.defenses --retrainable $APPLICABLE)
 fi
+if [ -n "${STEPS:-}" ] && [ -n "$APPLICABLE" ]; then  # a light budget: those that refine-tune
+  APPLICABLE=$(python -m srd.defenses --trains $APPLICABLE)
+fi
 own_flags() {  # a defense's flags that follow this script's settings
   case $1 in
     ppl_filter | byorn) echo "--reference_checkpoint_path $CLEAN_CHECKPOINT" ;;

@@ -101,6 +101,25 @@ def test_defend_writes_the_defended_checkpoint_and_record(attacked, defended) ->
                                "radius_factor": 0.7, "alpha": 0.7}  # fmt: skip
 
 
+def test_a_light_budget_names_its_run_and_its_record(
+    attacked, defended, tiny_data_args, capsys
+) -> None:
+    """--max_steps: the run named after it, the record saying it and the steps trained; a
+    defense that does not refine-tune refuses it before any output."""
+    _, clean, backdoor, poison_ids = attacked
+    common = [*data_flags(tiny_data_args), *model_flags(clean, backdoor),
+              "--poison_ids_path", str(poison_ids), "--external_save_dir", str(defended),
+              "--num_epochs", "1", "--batch_size", "16", "--quality_images", "0"]  # fmt: skip
+    defend.main([*common, "--max_steps", "2", "--defense", "no_mask"])
+    record = json.loads((defended / "defense-no_mask-badnet-steps2" / DEFENSE_FILE).read_text())
+    assert record["max_steps"] == 2 and record["train_steps"] == 2
+    full = json.loads((defended / "defense-oracle_square-badnet" / DEFENSE_FILE).read_text())
+    assert full["max_steps"] is None and full["train_steps"] > 2
+    error = _fail(defend, [*common, "--max_steps", "2", "--defense", "blur"], capsys)
+    assert "--max_steps 2: --defense blur does not refine-tune" in error
+    assert not (defended / "defense-blur-badnet-steps2").exists()
+
+
 def test_retune_trains_the_defended_model_on_a_few_poisons(
     attacked, defended, tiny_data_args, capsys
 ) -> None:

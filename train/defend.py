@@ -54,6 +54,7 @@ from srd.defenses.stage import (
     square_coverage,
     training_quality,
 )
+from srd.errors import SRDError
 from srd.io import ensure_dir, mark_finished, setup_logging, write_json
 from srd.runs import input_digests
 
@@ -86,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     timer = Timer()
     training = defense.training_set(data)  # checks the defense's inputs before any output
+    if train_args.max_steps and training is None:
+        raise SRDError(
+            f"--max_steps {train_args.max_steps}: --defense {defense.name} does not refine-tune "
+            "(a light budget is for the defenses that do: python -m srd.defenses --trains)"
+        )
     captioner, prepared = None, None
     edits = defense.kind == "edit"  # changes the weights without training (e.g. clp)
     if training is not None or edits:  # a checkpoint of another model is refused before output

@@ -15,6 +15,9 @@ on ``--image_version`` with their default flags (run/run_defenses.sh runs them i
 that are data-level, which ``train/defend.py --retrain_from`` can train the clean captioner on
 (run/run_defenses.sh PROTOCOL=retrain runs these).
 
+``python -m srd.defenses --trains NAME...``: those among NAME that refine-tune the model (the
+only ones a light budget, ``train/defend.py --max_steps``, applies to: run/run_defenses.sh STEPS).
+
 run/run_defenses.sh takes its lists from here, so a new defense needs no edit of the script.
 """
 
@@ -30,7 +33,7 @@ from srd.defenses import DEFENSES, build_defense
 
 USAGE = (
     "usage: python -m srd.defenses --list | --versioned NAME... | --retrainable [NAME...] | "
-    "[--benign] POISON_IDS [NAME...]"
+    "--trains NAME... | [--benign] POISON_IDS [NAME...]"
 )
 
 
@@ -63,6 +66,10 @@ def retrainable(names: Sequence[str]) -> list[str]:
     return [name for name in names or DEFENSES if build_defense(name).retrainable()]
 
 
+def trains(names: Sequence[str]) -> list[str]:
+    return [name for name in names if build_defense(name).kind == "refine"]
+
+
 def registry_table() -> str:
     rows = ["defense\tkind\tin comparison\tflags"]
     for name, cls in DEFENSES.items():
@@ -80,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return light_main(lambda: print("\n".join(versioned(argv[1:]))))
     if argv[:1] == ["--retrainable"]:
         return light_main(lambda: print("\n".join(retrainable(argv[1:]))))
+    if argv[:1] == ["--trains"]:
+        return light_main(lambda: print("\n".join(trains(argv[1:]))))
     benign = bool(argv) and argv[0] == "--benign"
     if benign:
         argv = argv[1:]

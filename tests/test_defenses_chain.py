@@ -197,8 +197,12 @@ def test_report_from_hand_made_results(tmp_path) -> None:
     retrained["defense"]["protocol"] = "retrain_from_clean"
     write_json(results / "rt-0.json", retrained)
     light = _result("no_mask", 0, 0.6, 2.0)  # train/defend.py --max_steps: its own row and rank
-    light["defense"]["max_steps"] = 126
+    light["defense"].update(max_steps=126, train_steps=126)
     write_json(results / "light-0.json", light)
+    for name in ("nm-0", "nm-1"):  # the comparison's own budget, as train/defend.py records it
+        full = json.loads((results / f"{name}.json").read_text())
+        full["defense"]["train_steps"] = 938
+        write_json(results / f"{name}.json", full)
     text = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
     rows = {
@@ -236,6 +240,13 @@ def test_report_from_hand_made_results(tmp_path) -> None:
         ["| badnet; retrain from clean", "1", "no_mask [retrain from clean]"],
     ]
     assert (tmp_path / "img" / "defense_asr.png").stat().st_size > 5_000
+    # the budget section: no_mask at 126 steps beside its own budget and the backdoor
+    budget = text.split("## Defense budget")[1].split("\n## ")[0]
+    assert "| Threat model | Defense | no defense | 126 steps | ours (938 steps) |" in budget
+    assert ("| badnet | no_mask | 85.0 ± 7.1 / 200.0 (n=2) | 60.0 / 200.0 (n=1) "
+            "| 15.0 ± 7.1 / 200.0 (n=2) |") in budget  # fmt: skip
+    assert "srd" not in budget  # no light-budget result of its own
+    assert (tmp_path / "img" / "defense_budget_badnet.png").stat().st_size > 5_000
     assert (tmp_path / "report.md").read_text() == text
 
 

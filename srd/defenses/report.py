@@ -26,6 +26,7 @@ from srd.data.attributes import attribute_accuracy, colour_recall, object_errors
 from srd.data.scenes import COLOURS
 from srd.defenses.rating import defense_effectiveness_rating
 from srd.defenses.report_agent import agent_section
+from srd.defenses.report_budget import budget_section
 from srd.defenses.retune import retuned_asr
 from srd.defenses.stage import RETRAIN_PROTOCOL, backdoor_facts
 from srd.errors import SRDError
@@ -59,6 +60,7 @@ class DefenseResult:
     wall_seconds: float | None = None  # the defense stage's own wall time (train/defend.py)
     protocol: str = "refine"  # or RETRAIN_PROTOCOL (train/defend.py --retrain_from)
     max_steps: int | None = None  # a light budget (train/defend.py --max_steps; None: ours)
+    train_steps: int | None = None  # optimizer steps the defense trained (None: not recorded)
 
 
 def defense_label(
@@ -194,6 +196,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
         ),
         protocol=str(record.get("protocol") or "refine"),
         max_steps=record.get("max_steps"),
+        train_steps=record.get("train_steps"),
     )
 
 
@@ -568,6 +571,8 @@ def write_report(
             "not the agent and cleaning before it), not the evaluation, on whatever machine and "
             "load it ran.\n\n" + ranking_table(results)
         )
+    budget, budget_figures = budget_section(results, defense_label, img_dir)
+    text += budget + _links(budget_figures, out.parent)
     if benign:
         text += (
             "\n## Benign control\n\nEach defense run on the clean captioner "

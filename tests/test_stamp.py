@@ -353,6 +353,12 @@ def test_defenses_script_refuses_triggered_as_an_extra_image_version() -> None:
     assert error.startswith("error: IMAGE_VERSIONS=first_occurrence triggered: triggered is")
 
 
+def test_defenses_script_refuses_a_light_budget_that_is_not_a_step_count() -> None:
+    for steps in ("0", "12a", "-5"):
+        error = _script_error("run_defenses.sh", STEPS=steps)
+        assert error.startswith(f"error: STEPS={steps}: expected a positive whole number")
+
+
 def test_defenses_script_refuses_an_unknown_protocol_and_a_retrained_benign_control() -> None:
     error = _script_error("run_defenses.sh", PROTOCOL="retrain_from_clean")
     assert error.startswith("error: PROTOCOL=retrain_from_clean: expected refine or retrain")

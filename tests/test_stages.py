@@ -11,7 +11,8 @@ import torch
 from srd_fixtures import data_flags, export_clean_and_backdoor, load_script, model_flags
 
 from srd.attacks.trainset import POISON_FILE, PoisonPlan, draw_coverage
-from srd.captioner.engine import FixedDrawWithReplacement, Sample
+from srd.captioner.engine import Sample
+from srd.captioner.sampling import FixedDrawWithReplacement
 from srd.cli import run_main
 from srd.errors import SRDError
 from srd.evaluation.sfs import load_sfs_inputs

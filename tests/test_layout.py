@@ -35,7 +35,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("srd.par", "srd.soda"),
     ("srd.defenses",),
     ("srd.defenses.srd",),
-    ("srd.defenses.report", "srd.defenses.report_agent", "srd.defenses.__main__"),
+    (
+        "srd.defenses.report",
+        "srd.defenses.report_agent",
+        "srd.defenses.report_budget",
+        "srd.defenses.__main__",
+    ),
 ]
 MAX_LINES = 600
 MAX_TOP_LEVEL = 10

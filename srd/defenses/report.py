@@ -572,7 +572,7 @@ def write_report(
             "load it ran.\n\n" + ranking_table(results)
         )
     budget, budget_figures = budget_section(results, defense_label, img_dir)
-    text += budget + _links(budget_figures, out.parent)
+    text += budget + ("\n" + _links(budget_figures, out.parent) if budget else "")
     if benign:
         text += (
             "\n## Benign control\n\nEach defense run on the clean captioner "

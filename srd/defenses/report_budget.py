@@ -92,6 +92,7 @@ def plot_budget(results: Sequence[Any], label: Label, out_dir: str | Path) -> li
     for attack in sorted({a for a, _ in rows}):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         none = [r for r in results if r.defense == "none" and r.attack == attack]
+        ticks: set[int] = set()
         for (a, defense), row in rows.items():
             if a != attack:
                 continue
@@ -101,6 +102,7 @@ def plot_budget(results: Sequence[Any], label: Label, out_dir: str | Path) -> li
                 if b != OURS or rs[0].train_steps
             )
             xs = [x for x, _ in points]
+            ticks.update(xs)
             for ax, key in zip(axes, ("asr", "clean_cider"), strict=True):
                 ax.plot(xs, [100 * np.mean([getattr(r, key) for r in rs]) for _, rs in points],
                         marker="o", label=defense)  # fmt: skip
@@ -111,8 +113,11 @@ def plot_budget(results: Sequence[Any], label: Label, out_dir: str | Path) -> li
                 value = 100 * np.mean([getattr(r, key) for r in none])
                 ax.axhline(value, color="grey", linestyle="--", label="no defense")
             ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
             ax.set_xlabel("refine-tune steps (log)")
             ax.set_ylabel(ylabel)
+        axes[0].set_ylim(-3, 103)
         axes[0].set_title(attack)
         axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         slug = re.sub(r"[^a-z0-9]+", "-", attack.lower()).strip("-")

@@ -295,6 +295,7 @@ CASES: list[tuple[str, str, Extra, str]] = [
      lambda i: ["--bd_attack_type", i.bad_yaml], "bad.yaml"),
     ("backdoor-yaml-field", "train_backdoor",
      lambda i: ["--bd_attack_type", i.unknown_field_yaml], "unknown.yaml"),
+    ("backdoor-max-steps", "train_backdoor", _flags("--max_steps", "126"), "--max_steps 126"),
     ("backdoor-batch-0", "train_backdoor", _flags("--batch_size", "0"), "--batch_size"),
     ("backdoor-batch-text", "train_backdoor", _flags("--batch_size", "x"), "--batch_size"),
     ("backdoor-grad-norm-0", "train_backdoor", _flags("--max_grad_norm", "0"), "--max_grad_norm"),

@@ -85,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     if not train_args.run_name:
         train_args = dataclasses.replace(train_args, run_name=f"backdoor-{attack.name}")
     state = process_state()
+    if train_args.max_steps:  # the reports name an attack's budget by its epochs
+        raise SRDError(
+            f"--max_steps {train_args.max_steps}: the attack trains whole epochs "
+            "(--num_epochs, ATTACK_EPOCHS in the run scripts); a light budget is a defense's"
+        )
     if attack.needs_crafting and state.num_processes > 1:
         raise SRDError(f"--bd_attack_type {attack.name}: crafting runs in one process")
     run_dir = train_args.run_dir

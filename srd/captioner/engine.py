@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, PartialState
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
@@ -345,7 +345,8 @@ def train(
             f"--run_name {args.run_name}: {run_dir} holds checkpoints of an unfinished run; "
             "pass --resume_from_checkpoint to continue it or --overwrite to start again"
         )
-    sampled = len(epoch_sampler(dataset.samples, args) or dataset)
+    sampler = epoch_sampler(dataset.samples, args)  # (None: the loader's shuffle)
+    sampled = len(sampler or dataset)
     steps = math.ceil(math.ceil(sampled / args.batch_size) / accelerator.num_processes)
     if args.max_steps > steps * args.num_epochs:  # never fewer steps than asked, without a word
         raise SRDError(
@@ -356,7 +357,7 @@ def train(
         ensure_dir(run_dir, "--external_save_dir")
     with writer_lock(run_dir, "--run_name") if main else nullcontext():  # one writer per run
         return _train_checked(captioner, dataset, args, record, accelerator, existing, finish,
-                              loss_fn)  # fmt: skip
+                              loss_fn, sampler)  # fmt: skip
 
 
 def _train_checked(
@@ -368,6 +369,7 @@ def _train_checked(
     existing: list[Path],
     finish: bool,
     loss_fn: LossFn | None,
+    sampler: Sampler[int] | None,
 ) -> Path:
     """:func:`train` once its checks passed (under the run's writer lock on the main process)."""
     run_dir = args.run_dir
@@ -390,7 +392,6 @@ def _train_checked(
     else:
         captioner.feature_cache = None
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
-    sampler = epoch_sampler(dataset.samples, args)
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,

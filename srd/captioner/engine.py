@@ -357,7 +357,7 @@ def train(
         ensure_dir(run_dir, "--external_save_dir")
     with writer_lock(run_dir, "--run_name") if main else nullcontext():  # one writer per run
         return _train_checked(captioner, dataset, args, record, accelerator, existing, finish,
-                              loss_fn, sampler)  # fmt: skip
+                              loss_fn, sampler, steps)  # fmt: skip
 
 
 def _train_checked(
@@ -370,6 +370,7 @@ def _train_checked(
     finish: bool,
     loss_fn: LossFn | None,
     sampler: Sampler[int] | None,
+    steps_per_epoch: int,
 ) -> Path:
     """:func:`train` once its checks passed (under the run's writer lock on the main process)."""
     run_dir = args.run_dir
@@ -401,7 +402,6 @@ def _train_checked(
         num_workers=args.num_workers,
         drop_last=False,
     )
-    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
     limit = args.max_steps or steps_per_epoch * args.num_epochs  # (train() checked it)
     total_steps = limit * accelerator.num_processes
     scheduler = get_scheduler(

@@ -20,7 +20,10 @@
 # defaults, which are ours (3,000 transitions in 16 batched environments, 5-step episodes over
 # the shuffled pool, target copy every 500: every pool image visited twice; docs/agent.md); the
 # reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
-# --learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1.
+# --learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1 --obs_size 224:
+# SCHEDULE=reference trains D2 that way (srd_train.py --reference_schedule; runs
+# srd[-...]-refsched-$ATTACK, rows tagged "reference agent schedule" by run/run_defenses.sh
+# SRD_VARIANTS=refsched).
 # Paper setting for the SFS models: set SFS_FLAGS to
 #   --text_model <all-MiniLM-L6-v2> --gpt_model <gpt2-large> --blip_model <blip-large>
 # REFERENCE_DIR=<exported captioner folder> (train/pretrain.py --export_dir, e.g. another seed)
@@ -63,6 +66,16 @@ if [ -n "${VARIANT:-}" ]; then
 elif [ -n "$AGENT_FLAGS" ]; then
   echo "error: AGENT_FLAGS=$AGENT_FLAGS: name the variant's runs with VARIANT=<tag>" >&2; exit 2
 fi
+case ${SCHEDULE:-ours} in
+  ours) ;;
+  reference)
+    if [ "$POLICY" != dqn ] || [ "${BENIGN:-0}" = 1 ]; then
+      echo "error: SCHEDULE=reference: needs POLICY=dqn and no BENIGN=1" >&2; exit 2
+    fi
+    NAME=${NAME%-"$ATTACK$SUFFIX"}-refsched-$ATTACK$SUFFIX
+    AGENT_FLAGS="$AGENT_FLAGS --reference_schedule" ;;
+  *) echo "error: SCHEDULE=$SCHEDULE: expected ours or reference" >&2; exit 2 ;;
+esac
 READS_MAPS=0
 case " $AGENT_FLAGS " in *" --occlusion_grid "[2-7]*) READS_MAPS=1 ;; esac
 SFS_FLAGS=${SFS_FLAGS:-"--reference_checkpoint_path $CLEAN_CHECKPOINT \

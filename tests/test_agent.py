@@ -27,6 +27,7 @@ from srd.defenses.srd.dqn import (
     read_reward_log,
     run_random_policy,
     sb3_kwargs,
+    schedule_name,
     train_dqn,
 )
 from srd.defenses.srd.env import EnvConfig, MaskPool, RedMaskEnv
@@ -78,6 +79,7 @@ def covers_patch(action: int) -> bool:
 
 ENV_KEYS = ("max_steps", "pool_order", "obs_size")
 DQN_SCHEDULE = {k: v for k, v in REFERENCE_SCHEDULE.items() if k not in ENV_KEYS}
+ENV_SCHEDULE = {k: REFERENCE_SCHEDULE[k] for k in ENV_KEYS}
 
 
 def toy_cfg(**changes) -> DQNConfig:
@@ -111,6 +113,14 @@ def test_every_sb3_parameter_is_set_explicitly() -> None:
     assert (reference.total_timesteps, reference.target_update_interval) == (10_000, 10_000)
     assert (reference.learning_starts, reference.exploration_fraction) == (100, 0.1)
     assert (REFERENCE_SCHEDULE["max_steps"], EnvConfig().max_steps) == (150, 5)
+
+
+def test_a_run_is_named_by_its_schedule() -> None:
+    ours, reference = (DQNConfig(), EnvConfig()), (toy_cfg(), EnvConfig(**ENV_SCHEDULE))
+    assert schedule_name(*ours) == "ours" and schedule_name(*reference) == "reference"
+    # One field off either schedule (the 84-px policy on the reference's run) is neither.
+    assert schedule_name(toy_cfg(), EnvConfig(**{**ENV_SCHEDULE, "obs_size": 84})) == "custom"
+    assert schedule_name(DQNConfig(num_envs=1), EnvConfig()) == "custom"
 
 
 def test_configs_compose_into_one_command_line() -> None:
@@ -250,7 +260,7 @@ def _small_model() -> tuple[DQN, DQNConfig]:
 
 def test_save_and_load_policy_round_trip(tmp_path: Path) -> None:
     model, cfg = _small_model()
-    path = save_policy(model, tmp_path / "policy", cfg)
+    path = save_policy(model, tmp_path / "policy", cfg, schedule="reference")
     assert path.name == "policy.zip"
     with zipfile.ZipFile(path) as archive:
         meta = json.loads(archive.read(POLICY_META))
@@ -258,7 +268,7 @@ def test_save_and_load_policy_round_trip(tmp_path: Path) -> None:
     loaded = load_policy(tmp_path / "policy")  # the SB3 convention: ".zip" may be left out
     images = list(make_pool().images)
     np.testing.assert_array_equal(greedy_actions(loaded, images), greedy_actions(model, images))
-    assert loaded.exploration_rate == 0.05
+    assert loaded.exploration_rate == 0.05 and loaded.schedule == "reference"
 
 
 def test_identical_trainings_save_identical_policy_files(tmp_path: Path) -> None:

@@ -349,6 +349,9 @@ CASES: list[tuple[str, str, Extra, str]] = [
     ("agent-final-eps-2", "srd_train", _flags("--exploration_final_eps", "2"),
      "--exploration_final_eps"),
     ("agent-envs-0", "srd_train", _flags("--num_envs", "0"), "--num_envs"),
+    # the base's --total_timesteps is one of the schedule's flags: never silently dropped
+    ("agent-reference-schedule-and-its-flag", "srd_train", _flags("--reference_schedule"),
+     "--reference_schedule sets --total_timesteps"),
     ("agent-pool-truncated", "srd_train", _flags(), shard_file(0, 1)),
     ("agent-pool-cache-negative", "srd_train", _flags("--pool_cache_mb", "-1"), "--pool_cache_mb"),
     ("agent-max-steps-0", "srd_train", _flags("--max_steps", "0"), "--max_steps"),

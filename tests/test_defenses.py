@@ -690,3 +690,20 @@ def test_srd_rows_name_an_independent_reference() -> None:
     srd = build_defense("srd", clean_data_save="x")
     srd.__dict__["_manifest"] = {"clean_config": {"config": {"reference_model_dir": None}}}
     assert defense_label(srd.describe()) == "srd" and "reference_model_dir" not in srd.describe()
+
+
+def test_srd_rows_name_the_reference_agent_schedule() -> None:
+    """A cleaning run whose D2 policy trained with the reference's schedule gives the row
+    "srd [reference agent schedule]"; ours, or a policy saved before schedules were
+    recorded, gives no tag."""
+    from srd.defenses.report import defense_label
+
+    for schedule, label in (
+        ({"agent_schedule": "reference"}, "srd [reference agent schedule]"),
+        ({"agent_schedule": "custom"}, "srd [custom agent schedule]"),
+        ({"agent_schedule": "ours"}, "srd"),
+        ({}, "srd"),
+    ):
+        srd = build_defense("srd", clean_data_save="x")
+        srd.__dict__["_manifest"] = {"clean_config": {"config": schedule}}
+        assert defense_label(srd.describe()) == label

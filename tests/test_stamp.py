@@ -374,6 +374,10 @@ def test_srd_script_names_every_agent_variant() -> None:
     assert error.startswith("error: VARIANT=ac-2: expected lower-case letters and digits")
     error = _script_error("run_SRD.sh", VARIANT="ac2", POLICY="random")
     assert error.startswith("error: VARIANT=ac2: needs POLICY=dqn and the variant's AGENT_FLAGS")
+    error = _script_error("run_SRD.sh", SCHEDULE="paper")
+    assert error.startswith("error: SCHEDULE=paper: expected ours or reference")
+    error = _script_error("run_SRD.sh", SCHEDULE="reference", POLICY="random")
+    assert error.startswith("error: SCHEDULE=reference: needs POLICY=dqn and no BENIGN=1")
 
 
 def _script_error(script: str, **env: str) -> str:

@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "attack": attack.to_dict(),
         **({"benign_control": True} if srd.benign_control else {}),  # (older hashes unchanged)
         **({"agent_variant": policy.variant} if policy is not None and policy.variant else {}),
+        **({"agent_schedule": policy.schedule} if policy is not None and policy.schedule else {}),
         **input_digests(data.read_paths()),
     }
     record_reference(run_config, sfs)

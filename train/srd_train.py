@@ -8,7 +8,8 @@ environments with one batched captioning call. The run's length and schedule are
 episodes over a shuffled pool, 3,000 transitions, target copies every 500): every pool image is
 visited, episodes end and the target network is copied several times in minutes on a CPU. The
 reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
---learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1.
+--learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1 --obs_size 224,
+which --reference_schedule sets (recorded as the run's "schedule": reference, ours or custom).
 
 After training, a random policy steps the same environment (same pool, seed and number of
 transitions) and the trained policy's greedy square is scored once on every pool image.
@@ -23,8 +24,10 @@ cached up to --pool_cache_mb.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,11 +39,13 @@ from srd.cli import run_main
 from srd.config import arg, parse, to_dict
 from srd.data.records import DEFAULT_CACHE_MB
 from srd.defenses.srd.dqn import (
+    REFERENCE_SCHEDULE,
     DQNConfig,
     agent_report,
     evaluate_greedy,
     read_reward_log,
     run_random_policy,
+    schedule_name,
     train_dqn,
 )
 from srd.defenses.srd.env import EnvConfig, sfs_score_fn
@@ -71,11 +76,31 @@ class AgentRunArgs:
     """Agent run: output handling, the pool image cache."""
 
     overwrite: bool = arg(False, help="replace an existing policy at --ppo_path")
+    reference_schedule: bool = arg(
+        False,
+        help="train with the reference's schedule (srd.defenses.srd.dqn.REFERENCE_SCHEDULE: "
+        + ", ".join(f"--{k} {v}" for k, v in REFERENCE_SCHEDULE.items())
+        + "); its flags may then not be given",
+    )
     pool_cache_mb: float = arg(
         DEFAULT_CACHE_MB,
         help="decoded pool images kept in memory, in MiB (0: none)",
         check=at_least(0),
     )
+
+
+def with_reference_schedule(
+    dqn: DQNConfig, env_cfg: EnvConfig, argv: Sequence[str]
+) -> tuple[DQNConfig, EnvConfig]:
+    """``dqn`` and ``env_cfg`` with :data:`REFERENCE_SCHEDULE`'s values; a flag of it given
+    on the command line too is refused (one of the two would be silently dropped)."""
+    given = [k for k in REFERENCE_SCHEDULE
+             if any(a == f"--{k}" or a.startswith(f"--{k}=") for a in argv)]  # fmt: skip
+    if given:
+        raise SRDError(f"--reference_schedule sets --{given[0]}; do not pass it too")
+    learner = {k: v for k, v in REFERENCE_SCHEDULE.items() if hasattr(dqn, k)}
+    episodes = {k: v for k, v in REFERENCE_SCHEDULE.items() if k not in learner}
+    return dataclasses.replace(dqn, **learner), dataclasses.replace(env_cfg, **episodes)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -90,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         AgentRunArgs,
         description=__doc__,
     )
+    if cfg.reference_schedule:
+        dqn, env_cfg = with_reference_schedule(dqn, env_cfg, sys.argv[1:] if argv is None else argv)
+    schedule = schedule_name(dqn, env_cfg)
     state = process_state()
     if state.num_processes > 1:
         raise SRDError(
@@ -143,9 +171,9 @@ def main(argv: Sequence[str] | None = None) -> str:
             occlusion=occlusion,
         )
 
-    log.info("D2: %d pool images, %d transitions, %d env(s), %d-step episodes (%s order)",
-             len(pool), dqn.total_timesteps, dqn.num_envs, env_cfg.max_steps,
-             env_cfg.pool_order)  # fmt: skip
+    log.info("D2: %d pool images, %d transitions, %d env(s), %d-step episodes (%s order), "
+             "%d-px observation: %s schedule", len(pool), dqn.total_timesteps, dqn.num_envs,
+             env_cfg.max_steps, env_cfg.pool_order, env_cfg.obs_size, schedule)  # fmt: skip
     t0 = time.time()
     model, training = train_dqn(make_env(), dqn, srd.reward_log)
     training["wall_s"] = round(time.time() - t0, 1)
@@ -157,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     greedy_envs = make_env().envs  # unvectorised: evaluate_greedy resets each on one image
     greedy = evaluate_greedy(model, greedy_envs)
     greedy["wall_s"] = round(time.time() - t0, 1)
-    report = agent_report(training, random, greedy, len(pool))
+    report = {"schedule": schedule, **agent_report(training, random, greedy, len(pool))}
     report["greedy_policy"]["wall_s"] = greedy["wall_s"]
     log.info("greedy policy: mean reward %.3f on %d pool images; random policy: %.3f over %d "
              "transitions; gain %+.3f", greedy["mean_reward"], greedy["images"],
@@ -166,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     record = {
         "stage": "srd_train",
         **to_dict(model_args, srd, sfs, dqn, env_cfg, reward_cfg, cfg),
+        "schedule": schedule,
         "model_signature": model_signature(model_args),
         "pool_images": len(pool),
         "updates": int(model._n_updates),
@@ -193,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                       random_steps=random_steps,
                       greedy_mean=greedy["mean_reward"])  # fmt: skip
     # The policy is written last: it is the stage's marker.
-    save_policy(model, policy_path, dqn, agent_variant(pool.info["source"], env_cfg))
+    save_policy(model, policy_path, dqn, agent_variant(pool.info["source"], env_cfg), schedule)
     summary = {
         "policy": str(policy_path),
         "mean_reward": training["mean_reward"],
@@ -203,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "episodes": training["episodes"],
         "target_updates": training["target_updates"],
         "images_visited": training["images_visited"],
+        "schedule": schedule,
     }
     log.info("policy %s: %s", policy_path, summary)
     print(json.dumps(summary))

@@ -77,14 +77,17 @@ class SRD(RefineDefense):
     """The stages behind this entry: run/run_SRD.sh runs D1-D3b (and D4 with triggered)."""
 
     def variants(self) -> list[str]:
-        """Its tags, and "independent reference" when the cleaning run's reward reference was
+        """Its tags, "independent reference" when the cleaning run's reward reference was
         a captioner of its own (D1-D3 ``--reference_model_dir``), not the defended model's
-        starting point."""
+        starting point, the agent's variant, and "reference agent schedule" when D2 trained
+        with the reference's schedule (``train/srd_train.py --reference_schedule``)."""
         tags = super().variants()
         if self.args.clean_data_save and self.reference_model_dir():
             tags.append("independent reference")
         if self.args.clean_data_save:
             tags += variant_tags(self._clean_config().get("agent_variant", {}))
+            schedule = self._clean_config().get("agent_schedule", "ours")
+            tags += [] if schedule == "ours" else [f"{schedule} agent schedule"]
         return tags
 
     def _clean_config(self) -> dict[str, Any]:

@@ -155,6 +155,17 @@ policy seeing the 224-px image): pass these as flags to train as the reference d
 other DQN default is the reference's."""
 
 
+def schedule_name(dqn: DQNConfig, env: Any) -> str:
+    """Which schedule a D2 run used: "reference" when every field of
+    :data:`REFERENCE_SCHEDULE` holds the reference's value in ``dqn`` or ``env`` (an
+    ``EnvConfig``), "ours" when every one holds our default, else "custom"."""
+    values = {k: getattr(dqn if hasattr(dqn, k) else env, k) for k in REFERENCE_SCHEDULE}
+    if values == REFERENCE_SCHEDULE:
+        return "reference"
+    defaults = {k: getattr(type(dqn)() if hasattr(dqn, k) else type(env)(), k) for k in values}
+    return "ours" if values == defaults else "custom"
+
+
 def sb3_kwargs(cfg: DQNConfig, num_envs: int = 1) -> dict[str, Any]:
     """The complete keyword arguments of ``stable_baselines3.DQN`` for ``cfg``."""
     gradient_steps = cfg.gradient_steps * (num_envs if cfg.scale_updates_with_envs else 1)

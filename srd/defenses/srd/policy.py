@@ -47,11 +47,16 @@ Q_HEAD = "q_net.q_net.0.weight"
 
 
 def save_policy(
-    model: DQN, path: str | os.PathLike, cfg: DQNConfig, variant: Mapping[str, Any] | None = None
+    model: DQN,
+    path: str | os.PathLike,
+    cfg: DQNConfig,
+    variant: Mapping[str, Any] | None = None,
+    schedule: str | None = None,
 ) -> Path:
     """Write the SB3 zip of ``model`` plus :data:`POLICY_META`, atomically; returns the path.
     ``variant``: how the agent's training departs from the reference's (our variants, e.g.
-    ``{"pool_source": "data", "area_cost": 2.0, "occlusion_grid": 4}``; D3 needs the grid)."""
+    ``{"pool_source": "data", "area_cost": 2.0, "occlusion_grid": 4}``; D3 needs the grid);
+    ``schedule``: the training schedule's name (``srd.defenses.srd.dqn.schedule_name``)."""
     path = Path(path)
     if path.suffix != ".zip":
         path = path.with_name(path.name + ".zip")  # the SB3 convention (--ppo_path without .zip)
@@ -68,6 +73,7 @@ def save_policy(
         "obs_shape": [int(d) for d in model.observation_space.shape],
         "dqn_config": dataclasses.asdict(cfg),
         **({"variant": dict(variant)} if variant else {}),
+        **({"schedule": schedule} if schedule else {}),
     }
     with atomic_path(path) as tmp:
         tmp.write_bytes(_reproducible_zip(buffer.getvalue(), {POLICY_META: json.dumps(meta)}))
@@ -194,6 +200,7 @@ def load_policy(
             f"{path}: variant {variant!r} does not fit the observation {meta['obs_shape']}"
         )
     model.variant = variant  # recorded by D3, shown as the SRD row's tags
+    model.schedule = meta.get("schedule")  # likewise (None: a policy saved before it was named)
     model.occlusion_grid = check_occlusion_grid(grid)  # the maps D3 computes for the policy
     return model
 

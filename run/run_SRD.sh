@@ -21,7 +21,8 @@
 # the shuffled pool, target copy every 500: every pool image visited twice; docs/agent.md); the
 # reference's run is --total_timesteps 10000 --num_envs 1 --max_steps 150 --pool_order random
 # --learning_starts 100 --target_update_interval 10000 --exploration_fraction 0.1 --obs_size 224:
-# SCHEDULE=reference trains D2 that way (srd_train.py --reference_schedule; runs
+# SCHEDULE=reference trains D2 that way (srd_train.py --reference_schedule; its random-policy
+# baseline and greedy scoring step 16 batched environments, --eval_envs, ours; runs
 # srd[-...]-refsched-$ATTACK, rows tagged "reference agent schedule" by run/run_defenses.sh
 # SRD_VARIANTS=refsched).
 # Paper setting for the SFS models: set SFS_FLAGS to
@@ -73,7 +74,7 @@ case ${SCHEDULE:-ours} in
       echo "error: SCHEDULE=reference: needs POLICY=dqn and no BENIGN=1" >&2; exit 2
     fi
     NAME=${NAME%-"$ATTACK$SUFFIX"}-refsched-$ATTACK$SUFFIX
-    AGENT_FLAGS="$AGENT_FLAGS --reference_schedule" ;;
+    AGENT_FLAGS="$AGENT_FLAGS --reference_schedule --eval_envs 16" ;;  # (its baseline batched)
   *) echo "error: SCHEDULE=$SCHEDULE: expected ours or reference" >&2; exit 2 ;;
 esac
 READS_MAPS=0

@@ -43,6 +43,16 @@ def test_registry_lists_every_defense_and_rejects_unknown_names() -> None:
     assert "srd" in message
 
 
+def test_the_kind_refine_is_what_builds_a_training_set() -> None:
+    """One statement of which defenses train (the light budget's --max_steps, --trains): the
+    registry's kind "refine", and exactly those override the training set."""
+    from srd.defenses.registry import Defense
+
+    for name, cls in DEFENSES.items():
+        assert (cls.training_set is not Defense.training_set) == (cls.kind == "refine"), name
+    assert applicable.trains(["no_mask", "clp", "blur", "srd", "par"]) == ["no_mask", "srd", "par"]
+
+
 def test_no_mask_data_equals_the_defenders_input(defender) -> None:
     samples, images = build_defense("no_mask").training_set(defender)
     assert samples == build_samples(defender.records, defender.plan)

@@ -204,29 +204,10 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
             "8",
         ]  # fmt: skip
     )
-    load_script("train/srd_train.py").main(
-        [
-            *chain.model(),
-            *srd,
-            *chain.sfs,
-            "--total_timesteps",
-            "40",
-            "--num_envs",
-            "2",
-            "--learning_starts",
-            "10",
-            "--buffer_size",
-            "100",
-            "--obs_size",
-            "36",
-            "--max_steps",
-            "10",
-            "--target_update_interval",
-            "10",
-            "--seed",
-            "1",
-        ]  # fmt: skip
-    )
+    d2 = [*chain.model(), *srd, *chain.sfs, "--total_timesteps", "40", "--num_envs", "2",
+          "--learning_starts", "10", "--buffer_size", "100", "--obs_size", "36",
+          "--max_steps", "10", "--target_update_interval", "10", "--seed", "1"]  # fmt: skip
+    load_script("train/srd_train.py").main(d2)
     policy = load_policy(folder / "policy.zip")
     assert policy.action_space.n == 500
     steps, episodes = read_reward_log(folder / "policy.rewards.jsonl")
@@ -248,6 +229,14 @@ def test_full_chain_through_every_entry_point(chain: Chain, tiny_test_records, c
     )
     assert report["beats_random"] == (report["gain_over_random"] >= 0.5)
     assert report["reward_structure"]["transitions"] == 40
+    assert report["schedule"] == "custom" and random["num_envs"] == 2  # neither ours nor theirs
+    # --eval_envs batches the baseline and the greedy scoring wider; the training is the same.
+    wide = [*d2, "--eval_envs", "4", "--ppo_path", str(folder / "wide.zip")]
+    load_script("train/srd_train.py").main(wide)
+    wide_report = json.loads((folder / "wide.agent_report.json").read_text())
+    assert wide_report["training"]["mean_reward"] == training["mean_reward"]
+    assert (wide_report["random_policy"]["num_envs"], wide_report["random_policy"]["transitions"],
+            wide_report["greedy_policy"]["images"]) == (4, 40, 4)  # fmt: skip
     # Where the agent's greedy squares land on the triggered training images (no D3 needed).
     coverage = load_script("eval/srd_coverage.py").main([*chain.data, *srd, "--squares", "greedy"])
     assert coverage["num_triggered_with_square"] == coverage["num_triggered_images"] > 0

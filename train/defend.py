@@ -68,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         argv, DataArgs, ModelArgs, DefenseArgs, cls.Args, RefineTrainArgs, description=__doc__
     )
     defense = build_defense(cls.name, own)
+    if train_args.max_steps and defense.kind != "refine":
+        raise SRDError(
+            f"--max_steps {train_args.max_steps}: --defense {defense.name} does not refine-tune "
+            "(a light budget is for the defenses that do: python -m srd.defenses --trains)"
+        )
     checkpoint = model_args.checkpoint_path
     require_backdoored_inputs(argv, checkpoint, dargs.poison_ids_path)
     plan, attack = defender_plan(dargs.poison_ids_path, checkpoint, dargs.benign_control)
@@ -87,11 +92,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     timer = Timer()
     training = defense.training_set(data)  # checks the defense's inputs before any output
-    if train_args.max_steps and training is None:
-        raise SRDError(
-            f"--max_steps {train_args.max_steps}: --defense {defense.name} does not refine-tune "
-            "(a light budget is for the defenses that do: python -m srd.defenses --trains)"
-        )
+    if (training is not None) != (defense.kind == "refine"):  # the registry's kind says it
+        raise SRDError(f"--defense {defense.name} (kind {defense.kind}): training set "
+                       f"{'built' if training is not None else 'missing'}")  # fmt: skip
     captioner, prepared = None, None
     edits = defense.kind == "edit"  # changes the weights without training (e.g. clp)
     if training is not None or edits:  # a checkpoint of another model is refused before output

@@ -76,6 +76,15 @@ class AgentRunArgs:
     """Agent run: output handling, the pool image cache."""
 
     overwrite: bool = arg(False, help="replace an existing policy at --ppo_path")
+    eval_envs: int = arg(
+        0,
+        help="environments the random-policy baseline and the greedy scoring step in one batched "
+        "caption call (0: --num_envs, the training's). Ours: random actions never read the "
+        "observation and masks do not accumulate (reference B10), so more copies change which "
+        "pool images the baseline draws, not what a transition can earn; a one-environment "
+        "schedule's baseline then costs minutes, not an hour",
+        check=at_least(0),
+    )
     reference_schedule: bool = arg(
         False,
         help="train with the reference's schedule (srd.defenses.srd.dqn.REFERENCE_SCHEDULE: "
@@ -154,13 +163,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         occlusion = pool_occlusion_maps(pool, caption_fn, env_cfg.occlusion_grid)
         occlusion_wall_s = round(time.time() - t0, 1)
 
-    def make_env() -> BatchedRedMaskVecEnv:
+    def make_env(num_envs: int = dqn.num_envs) -> BatchedRedMaskVecEnv:
         """The environment of both policies: same pool, flags and seed."""
         return BatchedRedMaskVecEnv(
             pool,
             caption_fn,
             score_fn,
-            num_envs=dqn.num_envs,
+            num_envs=num_envs,
             reward_config=reward_cfg,
             max_steps=env_cfg.max_steps,
             obs_size=env_cfg.obs_size,
@@ -178,11 +187,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     model, training = train_dqn(make_env(), dqn, srd.reward_log)
     training["wall_s"] = round(time.time() - t0, 1)
     t0 = time.time()
-    random = run_random_policy(make_env(), training["transitions"], dqn.seed,
+    eval_envs = cfg.eval_envs or dqn.num_envs
+    random = run_random_policy(make_env(eval_envs), training["transitions"], dqn.seed,
                                srd.random_reward_log)  # fmt: skip
-    random["wall_s"] = round(time.time() - t0, 1)
+    random["wall_s"], random["num_envs"] = round(time.time() - t0, 1), eval_envs
     t0 = time.time()
-    greedy_envs = make_env().envs  # unvectorised: evaluate_greedy resets each on one image
+    greedy_envs = make_env(eval_envs).envs  # unvectorised: evaluate_greedy resets each on one image
     greedy = evaluate_greedy(model, greedy_envs)
     greedy["wall_s"] = round(time.time() - t0, 1)
     report = {"schedule": schedule, **agent_report(training, random, greedy, len(pool))}

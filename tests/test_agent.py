@@ -105,7 +105,7 @@ def test_every_sb3_parameter_is_set_explicitly() -> None:
     assert kwargs["exploration_initial_eps"] == 1.0 and kwargs["exploration_final_eps"] == 0.05
     assert kwargs["policy_kwargs"]["net_arch"] == []
     assert sb3_kwargs(DQNConfig(num_envs=4), num_envs=4)["gradient_steps"] == 4
-    # The run's schedule is ours; the reference's is one flag set away.
+    # The run's schedule is ours; the reference's is one flag away (--reference_schedule).
     ours = DQNConfig()
     assert (ours.total_timesteps, ours.num_envs, ours.learning_starts) == (3000, 16, 500)
     assert (ours.target_update_interval, ours.exploration_fraction) == (500, 0.5)

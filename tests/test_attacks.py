@@ -12,7 +12,7 @@ from PIL import Image
 
 from srd.attacks import registry, text, triggers
 from srd.attacks.config import AttackConfig, known_attacks
-from srd.attacks.registry import build_attack
+from srd.attacks.registry import build_attack, recorded_attack_name
 from srd.captions import DEFAULT_TARGET
 from srd.errors import SRDError
 
@@ -235,6 +235,18 @@ def test_concept_relabel_candidates_and_test_images() -> None:
     }
     assert attack.test_images(captions) == [3, 2]
     assert not attack.is_test_image(captions[1])
+
+
+def test_results_of_the_old_relabelling_are_named_concept_relabel() -> None:
+    """Before the rename, the dirty-label relabelling ran as `shadowcast`: its records (no
+    craft_epsilon) read as concept_relabel; a crafted Shadowcast's stay shadowcast."""
+    crafted = build_attack("shadowcast").to_dict()
+    old = {k: v for k, v in crafted.items() if not k.startswith("craft_")}
+    assert recorded_attack_name("shadowcast", old) == "concept_relabel"
+    assert recorded_attack_name("shadowcast", crafted) == "shadowcast"
+    assert recorded_attack_name("shadowcast_e16", old) == "shadowcast_e16"  # a name of one's own
+    assert recorded_attack_name("badnet", build_attack("badnet").to_dict()) == "badnet"
+    assert recorded_attack_name("shadowcast", None) == "shadowcast"
 
 
 def test_trigger_attacks_take_every_image() -> None:

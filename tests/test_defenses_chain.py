@@ -174,6 +174,19 @@ def _result(
     }
 
 
+def test_report_names_the_old_relabelling_concept_relabel(tmp_path) -> None:
+    from srd.defenses.report import read_result
+
+    old = {"name": "shadowcast", "kind": "shadowcast", "concept": "red circle"}
+    path = tmp_path / "r.json"
+    write_json(path, {**_result("no_mask", 0, 0.1, 2.0), "attack": "shadowcast",
+                      "config": {"attack": old}})  # fmt: skip
+    assert read_result(path).attack == "concept_relabel"
+    write_json(path, {**_result("no_mask", 0, 0.1, 2.0), "attack": "shadowcast",
+                      "config": {"attack": {**old, "craft_epsilon": 8.0}}})  # fmt: skip
+    assert read_result(path).attack == "shadowcast"
+
+
 def test_report_from_hand_made_results(tmp_path) -> None:
     results = tmp_path / "result"
     for name, data in {

@@ -62,6 +62,20 @@ CRAFTED_KINDS = ("shadowcast",)
 """Kinds whose poison images are crafted against the vision tower (the craft_* fields)."""
 
 
+def recorded_attack_name(name: str, record: Any) -> str:
+    """The attack's name as it is called today, from a result's ``name`` and the attack record
+    it was evaluated with (``config.attack``): a model attacked before 2026-12-07 by the
+    dirty-label relabelling, then named ``shadowcast``, is ``concept_relabel`` (its record
+    has no ``craft_epsilon``, which every crafted Shadowcast record holds)."""
+    legacy = (
+        name == "shadowcast"
+        and isinstance(record, dict)
+        and record.get("kind") == "shadowcast"
+        and "craft_epsilon" not in record
+    )
+    return "concept_relabel" if legacy else name
+
+
 def load_attack_config(path: str | Path) -> AttackConfig:
     """Read an attack YAML file into an :class:`AttackConfig`; SRDError naming the file."""
     path = Path(path)

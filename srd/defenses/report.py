@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from srd.attacks.config import CONFIG_DIR, known_attacks
-from srd.attacks.registry import load_attack_config
+from srd.attacks.registry import load_attack_config, recorded_attack_name
 from srd.budgets import ATTACK
 from srd.data.attributes import attribute_accuracy, colour_recall, object_errors
 from srd.data.scenes import COLOURS
@@ -159,7 +159,7 @@ def read_result(path: Path, named: bool = True) -> DefenseResult | None:
         path=path,
         defense=defense_label(record["defense"], record.get("protocol"), record.get("max_steps")),
         attack=attack_label(
-            str(data["attack"]),
+            recorded_attack_name(str(data["attack"]), (data.get("config") or {}).get("attack")),
             attack_fact(record, "attack_poison_rate"),
             attack_fact(record, "attack_epochs"),
             attack_fact(record, "attack_poison_unit"),

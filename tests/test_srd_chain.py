@@ -119,11 +119,16 @@ def test_pool_random_cleaning_and_combine(
     expect_bad_input(pool_stage, pool_argv, capsys, "already finished", "--overwrite")
     expect_bad_input(pool_stage, [*pool_argv, "--pool_size", "5"], capsys,
                      "other settings", "pool_size 4 -> 5")  # fmt: skip
+    expect_bad_input(pool_stage, [*pool_argv, "--caption_batch_size", "2"], capsys,
+                     "other settings", "caption_batch_size 8 -> 2")  # fmt: skip
 
     random_argv = [*chain.data, *chain.model(), *srd, *chain.sfs, "--policy", "random",
                    "--seed", "5", "--num_shards", "2"]  # fmt: skip
     clean_stage.main([*random_argv, "--shard_id", "1"])
     one_process = random_argv[: random_argv.index("--num_shards")]
+    # A shard with another caption batch size is another run (scores may differ in the last bits).
+    expect_bad_input(clean_stage, [*random_argv, "--shard_id", "0", "--caption_batch_size", "2"],
+                     capsys, "another cleaning run", "caption_batch_size")  # fmt: skip
 
     def no_model(*args, **kwargs):
         raise AssertionError("a run done (or refused) in another shard count loaded a model")
@@ -372,3 +377,28 @@ def test_two_processes_pool_like_one(chain: Chain) -> None:
     assert np.array_equal(one.base_sem, two.base_sem)
     assert np.array_equal(one.base_flu, two.base_flu)
     assert one.surrogate_boxes == two.surrogate_boxes
+
+
+def test_caption_batch_bench_compares_every_size_with_the_first(chain: Chain, tmp_path) -> None:
+    """bench/caption_batch.py: captions and SFS scores at each batch size against the first's."""
+    out = tmp_path / "batch.json"
+    figures = load_script("bench/caption_batch.py").main(
+        [
+            *chain.data,
+            *chain.model(),
+            *chain.sfs,
+            "--images",
+            "4",
+            "--batch_sizes",
+            "4",
+            "1",
+            "--output",
+            str(out),
+        ]  # fmt: skip
+    )
+    assert (figures["images"], figures["masked"], figures["compared_with"]) == (4, 2, 4)
+    same = figures["sizes"][4]
+    assert same["captions_differing"] == 0 and same["max_abs_sem_diff"] == 0.0
+    assert 0 <= figures["sizes"][1]["captions_differing"] <= 4
+    assert figures["sizes"][1]["max_abs_sem_diff"] < 1e-4  # float rounding at most
+    assert json.loads(out.read_text())["sizes"]["1"] == figures["sizes"][1]

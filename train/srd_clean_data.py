@@ -45,6 +45,7 @@ from srd.defenses.srd.inputs import (
     record_reference,
     training_versions,
     vlm_caption_fn,
+    without_default_batch,
 )
 from srd.defenses.srd.policy import load_policy
 from srd.defenses.srd.reward import RewardConfig
@@ -129,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         **input_digests(data.read_paths()),
     }
     record_reference(run_config, sfs)
-    # Shards of one run share one config hash; the batch size does not change results.
-    for key in ("shard_id", "num_shards", "caption_batch_size"):
+    # Shards of one run share one config hash (the caption batch size is in it unless default).
+    for key in ("shard_id", "num_shards"):
         run_config.pop(key)
+    run_config = without_default_batch(run_config)
     run_id = f"{cfg.policy}:{srd.policy_file.name if policy is not None else cfg.seed}"
     check_clean_folder(folder, run_config)
     if _cleaned_in_other_shards(folder, num_shards):  # before any model is loaded

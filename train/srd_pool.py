@@ -34,6 +34,7 @@ from srd.defenses.srd.inputs import (
     record_reference,
     training_versions,
     vlm_caption_fn,
+    without_default_batch,
 )
 from srd.defenses.srd.pool import (
     POOL_JSON,
@@ -97,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         require_files(("--poison_ids_path", srd.poison_ids_path))
         record["poison_ids_sha256"] = file_digest(srd.poison_ids_path)
     # The run's identity (hashed into every shard): its resolved config, less what does not
-    # choose the pool (where files go, batching, caching); nor is the number of processes.
-    free = ("overwrite", "image_cache_mb", "caption_batch_size", "reference_captioner",
+    # choose the pool (where files go, caching); nor is the number of processes. The caption
+    # batch size is in it unless default (srd.defenses.srd.inputs.without_default_batch).
+    free = ("overwrite", "image_cache_mb", "reference_captioner",
             "save_data_path", "ppo_path", "clean_data_save")  # fmt: skip
     if is_finished(folder) and not cfg.overwrite:
         saved = read_json(folder / POOL_JSON, flag="--save_data_path")
@@ -158,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             chunk_size=sfs.caption_batch_size,
             progress=state.is_main_process,
         )
-    digest = config_hash({k: v for k, v in record.items() if k not in free})
+    digest = config_hash(without_default_batch({k: v for k, v in record.items() if k not in free}))
     write_pool_shard(folder, rank, ranks, rows, digest, cfg.pool_source)
     state.wait_for_everyone()
     if state.is_main_process:

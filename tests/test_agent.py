@@ -28,6 +28,7 @@ from srd.defenses.srd.dqn import (
     run_random_policy,
     sb3_kwargs,
     schedule_name,
+    schedule_of,
     train_dqn,
 )
 from srd.defenses.srd.env import EnvConfig, MaskPool, RedMaskEnv
@@ -121,6 +122,12 @@ def test_a_run_is_named_by_its_schedule() -> None:
     # One field off either schedule (the 84-px policy on the reference's run) is neither.
     assert schedule_name(toy_cfg(), EnvConfig(**{**ENV_SCHEDULE, "obs_size": 84})) == "custom"
     assert schedule_name(DQNConfig(num_envs=1), EnvConfig()) == "custom"
+    # A D2 run's recorded config (agent reports written before schedules were named).
+    record = {**dataclasses.asdict(DQNConfig()), **dataclasses.asdict(EnvConfig())}
+    assert (
+        schedule_of(record) == "ours"
+        and schedule_of({**record, **REFERENCE_SCHEDULE}) == "reference"
+    )
 
 
 def test_configs_compose_into_one_command_line() -> None:

@@ -4,6 +4,7 @@ test-time one), eval/evaluate.py --defense, and eval/defense_report.py over thei
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -434,6 +435,7 @@ def test_report_shows_the_agent_of_each_srd_cleaning_run(tmp_path, capsys) -> No
         "random_policy": {"mean_reward": -1.25},
         "greedy_policy": {"mean_reward": -1.0},
         "gain_over_random": 0.25,
+        "schedule": "reference",
     }
     dqn = _cleaning_run(tmp_path / "srd-badnet", "dqn", 0.5, agent)
     rnd = _cleaning_run(tmp_path / "srd-random-badnet", "random", 0.125)
@@ -449,15 +451,31 @@ def test_report_shows_the_agent_of_each_srd_cleaning_run(tmp_path, capsys) -> No
     ]
     assert len(agent_rows) == 2
     by_policy = {row.split(" | ")[2]: row.split(" | ") for row in agent_rows}
-    assert by_policy["dqn"][4:9] == ["300/300", "5", "-1.000 / -1.250 (+0.250)", "25.0", "50.0 |"]
-    assert by_policy["random"][4:9] == ["-/-", "-", "-", "-", "12.5 |"]
+    assert by_policy["dqn"][3] == "reference" and by_policy["random"][3] == "-"
+    assert by_policy["dqn"][5:10] == ["300/300", "5", "-1.000 / -1.250 (+0.250)", "25.0", "50.0 |"]
+    assert by_policy["random"][5:10] == ["-/-", "-", "-", "-", "12.5 |"]
     copied = sorted(p.name for p in (tmp_path / "img").glob("agent_*"))
     assert copied == [
+        "agent_srd-badnet_clean_data.json",
         "agent_srd-badnet_clean_data_kept_squares.png",
         "agent_srd-badnet_clean_data_rewards.png",
+        "agent_srd-random-badnet_clean_data.json",
         "agent_srd-random-badnet_clean_data_kept_squares.png",
     ]
     assert "](img/agent_srd-badnet_clean_data_rewards.png)" in text
+    # Written again where the cleaning runs are not (a fresh clone of a released report): the
+    # rows and figure links come from the summaries saved beside the figures.
+    shutil.move(tmp_path / "srd-badnet", tmp_path / "elsewhere")
+    shutil.move(tmp_path / "srd-random-badnet", tmp_path / "elsewhere-random")
+    again = report.main(["--results", str(results), "--output", str(tmp_path / "report.md"),
+                         "--img_dir", str(tmp_path / "img")])  # fmt: skip
+    assert again == text
+    (tmp_path / "img" / "agent_srd-random-badnet_clean_data.json").unlink()
+    error = _fail(report, ["--results", str(results), "--output", str(tmp_path / "r3.md"),
+                           "--img_dir", str(tmp_path / "img")], capsys)  # fmt: skip
+    assert "srd-random-badnet/clean_data not found, nor its saved summary" in error
+    assert not (tmp_path / "r3.md").exists()
+    shutil.move(tmp_path / "elsewhere", tmp_path / "srd-badnet")
     (tmp_path / "srd-badnet" / "policy.zip").write_bytes(b"retrained after D3")
     error = _fail(report, ["--results", str(results), "--output", str(tmp_path / "r2.md"),
                            "--img_dir", str(tmp_path / "img")], capsys)  # fmt: skip

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from srd.config import arg
 from srd.defenses.srd.env import (
     DEFAULT_BUFFER_SIZE,
+    EnvConfig,
     RedMaskEnv,
     policy_observation,
     replay_memory_bytes,
@@ -155,15 +156,19 @@ policy seeing the 224-px image): pass these as flags to train as the reference d
 other DQN default is the reference's."""
 
 
-def schedule_name(dqn: DQNConfig, env: Any) -> str:
-    """Which schedule a D2 run used: "reference" when every field of
-    :data:`REFERENCE_SCHEDULE` holds the reference's value in ``dqn`` or ``env`` (an
-    ``EnvConfig``), "ours" when every one holds our default, else "custom"."""
-    values = {k: getattr(dqn if hasattr(dqn, k) else env, k) for k in REFERENCE_SCHEDULE}
+def schedule_name(dqn: DQNConfig, env: EnvConfig) -> str:
+    """Which schedule a D2 run used (:func:`schedule_of` its values)."""
+    return schedule_of({k: getattr(dqn if hasattr(dqn, k) else env, k) for k in REFERENCE_SCHEDULE})
+
+
+def schedule_of(record: Mapping[str, Any]) -> str:
+    """ "reference" when every field of :data:`REFERENCE_SCHEDULE` holds the reference's value
+    in ``record`` (a D2 run's config), "ours" when every one holds our default, else "custom"."""
+    values = {k: record.get(k) for k in REFERENCE_SCHEDULE}
     if values == REFERENCE_SCHEDULE:
         return "reference"
-    defaults = {k: getattr(type(dqn)() if hasattr(dqn, k) else type(env)(), k) for k in values}
-    return "ours" if values == defaults else "custom"
+    ours = {k: getattr(DQNConfig() if hasattr(DQNConfig, k) else EnvConfig(), k) for k in values}
+    return "ours" if values == ours else "custom"
 
 
 def sb3_kwargs(cfg: DQNConfig, num_envs: int = 1) -> dict[str, Any]:

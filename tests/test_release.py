@@ -161,3 +161,25 @@ def test_the_shipped_captioner_on_the_benchmark_it_was_trained_on(tmp_path: Path
     assert cider >= 5 * blind["CIDEr"]
     assert cider == pytest.approx(want["clean_cider"], rel=0.02)
     assert accuracy == pytest.approx(want["attribute_accuracy"], abs=0.02)
+
+
+def test_the_released_defense_report_regenerates_from_its_folder(tmp_path: Path) -> None:
+    """docs/report/report.md is written again from docs/report/results and the agent rows saved
+    in docs/report/img alone (no run folder): the same text, less the caption-diagnostics
+    section, which needs the benchmark's scenes (command 1 makes them)."""
+    import shutil
+
+    from srd.defenses.report import CAPTION_SECTION, write_report
+
+    folder = REPO / "docs" / "report"
+    shutil.copytree(folder / "img", tmp_path / "img")
+    results = sorted(
+        p
+        for p in (folder / "results").glob("defense-*.json")
+        if not p.name.endswith(".defense.json")
+    )
+    text = write_report(results, tmp_path / "report.md", tmp_path / "img")
+    committed = (folder / "report.md").read_text()
+    agent = "\n## SRD's agent"
+    assert text.split(agent)[0] == committed.split(CAPTION_SECTION)[0]
+    assert text.split(agent)[1] == committed.split(agent)[1]

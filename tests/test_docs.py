@@ -22,6 +22,37 @@ def test_every_relative_link_resolves() -> None:
     assert checked >= 10  # the README links every page of docs/
 
 
+def _anchors(page: Path) -> set[str]:
+    """The heading anchors GitHub gives ``page``: lower case, punctuation but - and _ dropped,
+    spaces as -, a repeated heading numbered -1, -2 ... (headings inside code fences are not)."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in page.read_text().splitlines():
+        fenced ^= line.startswith("```")
+        heading = None if fenced else re.match(r"#{1,6} (.*)", line)
+        if heading:
+            text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading[1].replace("`", "").strip())
+            slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+            anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_link_to_a_section_finds_its_heading() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in LINK.findall(page.read_text()):
+            file, _, anchor = target.partition("#")
+            if "://" in target or not anchor or not (file or page.name).endswith(".md"):
+                continue
+            linked = (page.parent / file).resolve() if file else page
+            assert anchor in _anchors(linked), f"{page.relative_to(ROOT)}: no heading for {target}"
+            checked += 1
+    assert checked >= 10
+
+
 def test_the_readme_defense_table_is_the_registry() -> None:
     """One README row per registered defense, listing exactly the flags its ``Args`` declares:
     adding a defense is its module and this row, and a flag added or dropped shows here."""

@@ -124,10 +124,9 @@ def agent_section(results: list[Any], img_dir: str | Path) -> tuple[str, list[Pa
                 f"{a['greedy_mean_reward']:.3f} / {a['random_mean_reward']:.3f} "
                 f"({a['gain_over_random']:+.3f})"
             )
-        visited = a.get("images_visited")
         rows.append(
             f"| {r.attack} | {r.seed} | {a.get('policy')} | {a.get('schedule') or '-'} | "
-            f"{folder} | {'-' if visited is None else visited}/{a.get('pool_images') or '-'} | "
+            f"{folder} | {_dash(a.get('images_visited'))}/{_dash(a.get('pool_images'))} | "
             f"{_dash(a.get('target_updates'))} | {reward} | {_pct(a.get('greedy_covered'))} | "
             f"{_pct(a.get('kept_covered'))} |"
         )

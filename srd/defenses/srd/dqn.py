@@ -15,6 +15,7 @@ scored once on every pool image (:func:`evaluate_greedy`): :func:`agent_report` 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -158,17 +159,17 @@ other DQN default is the reference's."""
 
 def schedule_name(dqn: DQNConfig, env: EnvConfig) -> str:
     """Which schedule a D2 run used (:func:`schedule_of` its values)."""
-    return schedule_of({k: getattr(dqn if hasattr(dqn, k) else env, k) for k in REFERENCE_SCHEDULE})
+    return schedule_of({**dataclasses.asdict(dqn), **dataclasses.asdict(env)})
 
 
 def schedule_of(record: Mapping[str, Any]) -> str:
     """ "reference" when every field of :data:`REFERENCE_SCHEDULE` holds the reference's value
     in ``record`` (a D2 run's config), "ours" when every one holds our default, else "custom"."""
     values = {k: record.get(k) for k in REFERENCE_SCHEDULE}
+    defaults = {**dataclasses.asdict(DQNConfig()), **dataclasses.asdict(EnvConfig())}
     if values == REFERENCE_SCHEDULE:
         return "reference"
-    ours = {k: getattr(DQNConfig() if hasattr(DQNConfig, k) else EnvConfig(), k) for k in values}
-    return "ours" if values == ours else "custom"
+    return "ours" if values == {k: defaults[k] for k in values} else "custom"
 
 
 def sb3_kwargs(cfg: DQNConfig, num_envs: int = 1) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def test_every_relative_link_resolves() -> None:
     assert checked >= 10  # the README links every page of docs/
 
 
-def _anchors(page: Path) -> set[str]:
+@functools.cache
+def _anchors(page: Path) -> frozenset[str]:
     """The heading anchors GitHub gives ``page``: lower case, punctuation but - and _ dropped,
     spaces as -, a repeated heading numbered -1, -2 ... (headings inside code fences are not)."""
     anchors: set[str] = set()
@@ -36,7 +38,7 @@ def _anchors(page: Path) -> set[str]:
             slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
             anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
             seen[slug] = seen.get(slug, 0) + 1
-    return anchors
+    return frozenset(anchors)
 
 
 def test_every_link_to_a_section_finds_its_heading() -> None:

@@ -166,9 +166,9 @@ def schedule_of(record: Mapping[str, Any]) -> str:
     """ "reference" when every field of :data:`REFERENCE_SCHEDULE` holds the reference's value
     in ``record`` (a D2 run's config), "ours" when every one holds our default, else "custom"."""
     values = {k: record.get(k) for k in REFERENCE_SCHEDULE}
-    defaults = {**dataclasses.asdict(DQNConfig()), **dataclasses.asdict(EnvConfig())}
     if values == REFERENCE_SCHEDULE:
         return "reference"
+    defaults = {**dataclasses.asdict(DQNConfig()), **dataclasses.asdict(EnvConfig())}
     return "ours" if values == {k: defaults[k] for k in values} else "custom"
 
 
